@@ -1,0 +1,143 @@
+"""Settings: a TOML file, then `LORABOX_<FIELD>` environment overrides, typed and checked.
+
+The service reads /etc/lorabox/lorabox.toml; `--config` or LORABOX_CONFIG names another file.
+Every field below carries its own documentation; `lorabox config` prints the effective values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/lorabox/lorabox.toml")
+ENV_PREFIX = "LORABOX_"
+ENGINES = ("auto", "vllm", "llamacpp")
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str = ""
+    """Base model: a local directory in Hugging Face format. Empty: the built-in demo model."""
+
+    served_model_name: str = ""
+    """Name clients use for the base model (`model` field). Empty: the model directory's name."""
+
+    engine: str = "auto"
+    """`auto` (vLLM, else llama.cpp), `vllm` or `llamacpp`."""
+
+    adapters_dir: Path = Path("/var/lib/lorabox/adapters")
+    """The drop folder: `<adapters_dir>/<tenant>/<version>/` holds one PEFT LoRA adapter."""
+
+    state_dir: Path = Path("/var/lib/lorabox")
+    """Where the SQLite database and runtime files live. Must be writable by the service."""
+
+    host: str = "127.0.0.1"
+    """Address the OpenAI-compatible API listens on. Keep it on loopback behind a proxy."""
+
+    port: int = 8400
+    """TCP port of the OpenAI-compatible API."""
+
+    max_request_bytes: int = 1 << 20
+    """Largest accepted request body; larger bodies get 413 before they are read."""
+
+    dtype: str = "auto"
+    """Weights and activations dtype for the engine (`auto`, `float32`, `bfloat16`, `float16`)."""
+
+    max_model_len: int = 4096
+    """Context length (prompt + completion) per request. 0: the model's own maximum."""
+
+    max_loras: int = 8
+    """Adapters resident on the GPU at once (vLLM `max_loras`), i.e. per batch."""
+
+    max_cpu_loras: int = 64
+    """Adapters kept in host memory, ready to swap onto the GPU without touching disk."""
+
+    max_lora_rank: int = 64
+    """Largest adapter rank the engine accepts; larger ranks are refused at registration."""
+
+    gpu_memory_utilization: float = 0.90
+    """Fraction of GPU memory vLLM may use for weights, adapters and KV cache."""
+
+    cpu_kv_cache_gib: int = 4
+    """KV cache size on CPU-only boxes (vLLM's VLLM_CPU_KVCACHE_SPACE)."""
+
+    log_level: str = "info"
+    """`debug`, `info`, `warning` or `error`."""
+
+    source: Path | None = field(default=None, compare=False)
+    """The file these settings were read from, if any (not a setting)."""
+
+    @property
+    def database_path(self) -> Path:
+        return self.state_dir / "lorabox.db"
+
+    @property
+    def base_model_name(self) -> str:
+        return self.served_model_name or (Path(self.model).name if self.model else "lorabox-demo")
+
+    def validate(self) -> Settings:
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"port must be 1-65535, not {self.port}")
+        if self.max_request_bytes < 1024:
+            raise ConfigError("max_request_bytes must be at least 1024")
+        if self.max_loras < 1 or self.max_cpu_loras < self.max_loras:
+            raise ConfigError("need max_loras >= 1 and max_cpu_loras >= max_loras")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError("gpu_memory_utilization must be in (0, 1]")
+        return self
+
+
+def _coerce(name: str, kind: Any, value: Any) -> Any:
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                return value.strip().lower() in {"1", "true", "yes", "on"}
+            return bool(value)
+        if kind in (int, float):
+            if isinstance(value, bool):
+                raise ValueError("a boolean")
+            return kind(value)
+        if kind is Path:
+            return Path(os.path.expanduser(str(value)))
+        if kind is str:
+            if not isinstance(value, str):
+                raise ValueError("not a string")
+            return value
+    except ValueError as exc:
+        raise ConfigError(f"{name}: cannot use {value!r} ({exc})") from exc
+    raise ConfigError(f"{name}: unsupported setting type")
+
+
+def load_config(path: Path | str | None = None, env: dict[str, str] | None = None) -> Settings:
+    """Read settings from `path` (or LORABOX_CONFIG, or the system file if present) plus env."""
+    env = dict(os.environ if env is None else env)
+    explicit = path or env.get(f"{ENV_PREFIX}CONFIG")
+    config_path = Path(explicit) if explicit else DEFAULT_CONFIG_PATH
+    values: dict[str, Any] = {}
+    if config_path.exists():
+        try:
+            values = tomllib.loads(config_path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{config_path}: {exc}") from exc
+    elif explicit:
+        raise ConfigError(f"config file not found: {config_path}")
+
+    hints = get_type_hints(Settings)
+    names = {f.name for f in dataclasses.fields(Settings) if f.name != "source"}
+    unknown = set(values) - names
+    if unknown:
+        raise ConfigError(f"{config_path}: unknown setting(s): {', '.join(sorted(unknown))}")
+    for name in names:
+        env_value = env.get(ENV_PREFIX + name.upper())
+        if env_value is not None:
+            values[name] = env_value
+    typed = {name: _coerce(name, hints[name], value) for name, value in values.items()}
+    return Settings(**typed, source=config_path if config_path.exists() else None).validate()

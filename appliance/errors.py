@@ -1,0 +1,21 @@
+"""User-facing errors. They become CLI messages or HTTP error bodies only at those edges."""
+
+
+class LoraboxError(Exception):
+    """Base class for errors lorabox reports to a person."""
+
+
+class ConfigError(LoraboxError):
+    """The settings file or environment is wrong."""
+
+
+class StoreError(LoraboxError):
+    """A tenant, key or adapter operation cannot be done as asked."""
+
+
+class AdapterError(LoraboxError):
+    """An adapter folder is not a servable PEFT LoRA adapter; the message says why."""
+
+
+class EngineUnavailable(LoraboxError):
+    """No inference engine can run here; the message says why."""
