@@ -1,0 +1,102 @@
+"""Schema changes as ordered, named functions, recorded in `_migrations` once applied.
+
+Add a new function at the end; never edit one that has shipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import sqlite_utils
+
+Migration = Callable[[sqlite_utils.Database], None]
+MIGRATIONS: list[Migration] = []
+
+
+def migration(fn: Migration) -> Migration:
+    MIGRATIONS.append(fn)
+    return fn
+
+
+def migrate(db: sqlite_utils.Database) -> list[str]:
+    """Apply pending migrations in order; returns the names applied now."""
+    db["_migrations"].create({"name": str, "applied_at": str}, pk="name", if_not_exists=True)
+    done = {row["name"] for row in db["_migrations"].rows}
+    applied = []
+    for fn in MIGRATIONS:
+        if fn.__name__ in done:
+            continue
+        with db.conn:
+            fn(db)
+            db["_migrations"].insert({"name": fn.__name__, "applied_at": datetime.now(UTC).isoformat()})
+        applied.append(fn.__name__)
+    return applied
+
+
+@migration
+def m001_tenants_and_keys(db: sqlite_utils.Database) -> None:
+    db["tenants"].create(
+        {"name": str, "allow_base_model": int, "created_at": str, "disabled": int},
+        pk="name",
+        not_null={"created_at"},
+        defaults={"allow_base_model": 0, "disabled": 0},
+    )
+    # Only a SHA-256 of each key is kept: keys are 256-bit random, so a fast hash is enough and
+    # lets the server look a key up by its hash. `key_id` is public and names the key in the CLI.
+    db["api_keys"].create(
+        {"key_id": str, "tenant": str, "key_hash": str, "created_at": str, "revoked_at": str},
+        pk="key_id",
+        foreign_keys=[("tenant", "tenants", "name")],
+        not_null={"tenant", "key_hash", "created_at"},
+    )
+    db["api_keys"].create_index(["key_hash"], unique=True)
+
+
+@migration
+def m002_adapter_versions(db: sqlite_utils.Database) -> None:
+    db["adapter_versions"].create(
+        {
+            "id": int,
+            "tenant": str,
+            "version": str,
+            "path": str,
+            "sha256": str,
+            "rank": int,
+            "alpha": float,
+            "target_modules": str,  # JSON list
+            "size_bytes": int,
+            "state": str,  # ready | refused
+            "reason": str,  # why it was refused
+            "registered_at": str,
+        },
+        pk="id",
+        not_null={"tenant", "version", "path", "state", "registered_at"},
+    )
+    db["adapter_versions"].create_index(["tenant", "version"], unique=True)
+
+
+@migration
+def m003_usage_and_events(db: sqlite_utils.Database) -> None:
+    db["usage"].create(
+        {
+            "id": int,
+            "ts": str,
+            "tenant": str,
+            "model": str,
+            "adapter_version": str,
+            "endpoint": str,
+            "prompt_tokens": int,
+            "completion_tokens": int,
+            "finish_reason": str,
+            "status": int,
+            "latency_ms": float,
+        },
+        pk="id",
+    )
+    db["usage"].create_index(["tenant", "ts"])
+    db["events"].create(
+        {"id": int, "ts": str, "kind": str, "tenant": str, "version": str, "detail": str},
+        pk="id",
+    )
+    db["events"].create_index(["ts"])

@@ -1,0 +1,247 @@
+"""The box's state in one SQLite file: tenants, API key hashes, adapter versions, usage, events.
+
+The CLI and the daemon open the same file (WAL mode), so `lorabox key revoke` takes effect on
+the very next request without talking to the daemon.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from .errors import StoreError
+from .migrations import migrate
+from .names import is_tenant_name, natural_key
+
+KEY_PREFIX = "lbx"
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def hash_key(plaintext: str) -> str:
+    return hashlib.sha256(plaintext.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    allow_base_model: bool
+    disabled: bool
+    created_at: str
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    key_id: str
+    tenant: str
+    plaintext: str
+    """Shown once, never stored."""
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    tenant: str
+    version: str
+    path: str
+    sha256: str
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    size_bytes: int
+    state: str = "ready"
+    reason: str = ""
+
+    @property
+    def engine_name(self) -> str:
+        """One engine adapter name per version *and content*: no cache outlives the weights."""
+        return f"{self.tenant}@{self.version}#{self.sha256[:12]}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.tenant}@{self.version}"
+
+    def to_row(self) -> dict[str, Any]:
+        return self.__dict__ | {"target_modules": json.dumps(list(self.target_modules))}
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> AdapterVersion:
+        fields = {k: row[k] for k in cls.__dataclass_fields__}
+        fields["target_modules"] = tuple(json.loads(row["target_modules"] or "[]"))
+        fields["reason"] = row["reason"] or ""
+        return cls(**fields)
+
+
+class Store:
+    def __init__(self, db: sqlite_utils.Database):
+        self.db = db
+        migrate(db)
+
+    @classmethod
+    @contextmanager
+    def open(cls, path: Path | str) -> Iterator[Store]:
+        store = cls.connect(path)
+        try:
+            yield store
+        finally:
+            store.db.close()
+
+    @classmethod
+    def connect(cls, path: Path | str) -> Store:
+        if str(path) != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite_utils.Database(path)
+        if str(path) != ":memory:":
+            db.enable_wal()
+        db.execute("PRAGMA busy_timeout = 5000")
+        db.execute("PRAGMA foreign_keys = ON")
+        return cls(db)
+
+    # -- tenants ------------------------------------------------------------------------------
+
+    def add_tenant(self, name: str, *, allow_base_model: bool = False) -> Tenant:
+        if not is_tenant_name(name):
+            raise StoreError(
+                f"invalid tenant name {name!r}: use 1-63 of a-z, 0-9, '_' and '-', starting with a letter or digit"
+            )
+        if self.get_tenant(name):
+            raise StoreError(f"tenant {name!r} already exists")
+        self.db["tenants"].insert(
+            {"name": name, "allow_base_model": int(allow_base_model), "disabled": 0, "created_at": _now()}
+        )
+        self.record_event("tenant_added", tenant=name)
+        tenant = self.get_tenant(name)
+        assert tenant is not None
+        return tenant
+
+    def get_tenant(self, name: str) -> Tenant | None:
+        rows = list(self.db["tenants"].rows_where("name = ?", [name]))
+        if not rows:
+            return None
+        row = rows[0]
+        return Tenant(row["name"], bool(row["allow_base_model"]), bool(row["disabled"]), row["created_at"])
+
+    def list_tenants(self) -> list[Tenant]:
+        return [
+            Tenant(r["name"], bool(r["allow_base_model"]), bool(r["disabled"]), r["created_at"])
+            for r in self.db["tenants"].rows_where(order_by="name")
+        ]
+
+    # -- API keys -----------------------------------------------------------------------------
+
+    def issue_key(self, tenant: str) -> IssuedKey:
+        if not self.get_tenant(tenant):
+            raise StoreError(f"no tenant named {tenant!r}")
+        key_id = secrets.token_hex(4)
+        plaintext = f"{KEY_PREFIX}-{key_id}-{secrets.token_urlsafe(32)}"
+        self.db["api_keys"].insert(
+            {"key_id": key_id, "tenant": tenant, "key_hash": hash_key(plaintext), "created_at": _now()}
+        )
+        self.record_event("key_issued", tenant=tenant, detail=key_id)
+        return IssuedKey(key_id, tenant, plaintext)
+
+    def revoke_key(self, key_id: str) -> str:
+        """Revoke by public id (or the full key); returns the tenant it belonged to."""
+        rows = list(self.db["api_keys"].rows_where("key_id = ? or key_hash = ?", [key_id, hash_key(key_id)]))
+        if not rows:
+            raise StoreError(f"no key with id {key_id!r}")
+        row = rows[0]
+        if not row["revoked_at"]:
+            self.db["api_keys"].update(row["key_id"], {"revoked_at": _now()})
+            self.record_event("key_revoked", tenant=row["tenant"], detail=row["key_id"])
+        return str(row["tenant"])
+
+    def list_keys(self, tenant: str | None = None) -> list[dict[str, Any]]:
+        where, args = ("tenant = ?", [tenant]) if tenant else (None, [])
+        return [
+            {k: r[k] for k in ("key_id", "tenant", "created_at", "revoked_at")}
+            for r in self.db["api_keys"].rows_where(where, args, order_by="created_at")
+        ]
+
+    def tenant_for_key(self, plaintext: str) -> str | None:
+        """The tenant an active key belongs to, or None. The stored hash is compared in constant time."""
+        presented = hash_key(plaintext)
+        row = self.db.execute(
+            "select k.key_hash, k.tenant from api_keys k join tenants t on t.name = k.tenant "
+            "where k.key_hash = ? and k.revoked_at is null and t.disabled = 0",
+            [presented],
+        ).fetchone()
+        if row is None or not hmac.compare_digest(row[0], presented):
+            return None
+        return str(row[1])
+
+    # -- adapter versions ---------------------------------------------------------------------
+
+    def register_adapter(self, adapter: AdapterVersion) -> bool:
+        """Insert or update (tenant, version); returns True when something changed."""
+        existing = self.get_adapter(adapter.tenant, adapter.version)
+        if existing == adapter:
+            return False
+        row = adapter.to_row() | {"registered_at": _now()}
+        if existing:
+            self.db["adapter_versions"].update(self._adapter_id(adapter), row)
+        else:
+            self.db["adapter_versions"].insert(row)
+        kind = "adapter_registered" if adapter.state == "ready" else "adapter_refused"
+        self.record_event(kind, tenant=adapter.tenant, version=adapter.version, detail=adapter.reason)
+        return True
+
+    def _adapter_id(self, adapter: AdapterVersion) -> int:
+        row = self.db.execute(
+            "select id from adapter_versions where tenant = ? and version = ?", [adapter.tenant, adapter.version]
+        ).fetchone()
+        return int(row[0])
+
+    def get_adapter(self, tenant: str, version: str) -> AdapterVersion | None:
+        rows = list(self.db["adapter_versions"].rows_where("tenant = ? and version = ?", [tenant, version]))
+        return AdapterVersion.from_row(rows[0]) if rows else None
+
+    def adapters(self, tenant: str | None = None) -> list[AdapterVersion]:
+        where, args = ("tenant = ?", [tenant]) if tenant else (None, [])
+        found = [AdapterVersion.from_row(r) for r in self.db["adapter_versions"].rows_where(where, args)]
+        return sorted(found, key=lambda a: (a.tenant, natural_key(a.version)))
+
+    def remove_adapter(self, tenant: str, version: str) -> None:
+        self.db.execute("delete from adapter_versions where tenant = ? and version = ?", [tenant, version])
+        self.db.conn.commit()
+        self.record_event("adapter_removed", tenant=tenant, version=version)
+
+    def active_adapter(self, tenant: str) -> AdapterVersion | None:
+        """The newest ready version (natural sort)."""
+        ready = [a for a in self.adapters(tenant) if a.state == "ready"]
+        return ready[-1] if ready else None
+
+    # -- usage and events ---------------------------------------------------------------------
+
+    def record_usage(self, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            self.db["usage"].insert_all(rows)
+
+    def usage_summary(self, tenant: str | None = None) -> list[dict[str, Any]]:
+        where = "where tenant = ?" if tenant else ""
+        sql = (
+            "select tenant, count(*) as requests, sum(prompt_tokens) as prompt_tokens, "
+            f"sum(completion_tokens) as completion_tokens from usage {where} group by tenant order by tenant"
+        )
+        cursor = self.db.execute(sql, [tenant] if tenant else [])
+        columns = [c[0] for c in cursor.description]
+        return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
+
+    def record_event(self, kind: str, *, tenant: str = "", version: str = "", detail: str = "") -> None:
+        self.db["events"].insert(
+            {"ts": _now(), "kind": kind, "tenant": tenant, "version": version, "detail": detail}
+        )
+
+    def events(self, limit: int = 100) -> list[dict[str, Any]]:
+        return list(self.db["events"].rows_where(order_by="id desc", limit=limit))
