@@ -1,0 +1,1 @@
+"""Inference engines behind one protocol (`base.Engine`): vLLM first, llama.cpp as fallback."""

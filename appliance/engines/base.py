@@ -1,0 +1,82 @@
+"""The engine contract. Engines see token ids and opaque adapter names: no tenants, no HTTP."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """One adapter version as the engine sees it. `name` is unique per version and content."""
+
+    name: str
+    path: str
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    adapter: AdapterRef | None = None
+    cache_salt: str = ""
+    """Prefix-cache namespace, set by the server (never by a client): one per tenant."""
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """Tokens produced since the previous delta; the last one carries `finish_reason`."""
+
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+
+
+@dataclass
+class EngineStats:
+    engine: str
+    device: str
+    loaded_adapters: list[str] = field(default_factory=list)
+    running_requests: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    name: str
+
+    async def start(self) -> None:
+        """Load the base model; return when requests can be served."""
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+        """Stream tokens. Closing the iterator early aborts the request inside the engine."""
+        ...
+
+    async def load_adapter(self, adapter: AdapterRef) -> None:
+        """Make an adapter ready (warm) so that its first request pays no load."""
+
+    async def unload_adapter(self, adapter: AdapterRef) -> None:
+        """Drop an adapter from the engine's caches."""
+
+    def stats(self) -> EngineStats: ...
+
+    async def shutdown(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """What every engine needs to start, independent of lorabox's settings file."""
+
+    model: str
+    dtype: str = "auto"
+    max_model_len: int = 4096
+    max_loras: int = 8
+    max_cpu_loras: int = 64
+    max_lora_rank: int = 64
+    gpu_memory_utilization: float = 0.90
+    cpu_kv_cache_gib: int = 4
+    log_level: str = "info"
