@@ -1,0 +1,1 @@
+"""HTTP routes: the OpenAI-compatible API, health, and (later) the admin API."""

@@ -1,0 +1,254 @@
+"""The OpenAI-compatible routes. The API key decides the tenant; `model` picks its weights."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from ..serving import Catalog, ContextTooLong, GenerationResult, Generator, ModelNotFound, Target
+from ..store import Store, Tenant
+from ..tokenization import PromptError, TextCodec
+from ..usage import UsageLedger
+from .errors import MAX_BODY_BYTES, APIError, bad_request, error_body
+from .requests import ParsedRequest, check_token_ids, parse_chat, parse_completion
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    """What the request path needs. `generator` is None until the engine is ready."""
+
+    store: Store
+    catalog: Catalog
+    codec: TextCodec
+    ledger: UsageLedger
+    engine_name: str = ""
+    generator: Generator | None = None
+    started_at: float = field(default_factory=time.time)
+
+
+SERVICES = web.AppKey("services", Services)
+CLIENT_CLOSED = 499  # nginx's code for "client closed the request", kept in the usage ledger
+
+
+def authenticate(request: web.Request, services: Services) -> Tenant:
+    header = request.headers.get("Authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise APIError(401, "Missing API key. Send it as 'Authorization: Bearer <key>'.", code="missing_api_key")
+    name = services.store.tenant_for_key(key.strip())
+    tenant = services.store.get_tenant(name) if name else None
+    if tenant is None:
+        raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+    return tenant
+
+
+def ready_generator(services: Services) -> Generator:
+    if services.generator is None:
+        raise APIError(503, "The model is still loading; retry shortly.", code="engine_not_ready")
+    return services.generator
+
+
+async def read_json(request: web.Request) -> Any:
+    limit = request.app[MAX_BODY_BYTES]
+    if request.content_length is not None and request.content_length > limit:
+        # Refuse before reading a byte of it.
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+    raw = await request.read()
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise bad_request(f"We could not parse the JSON body of your request ({exc}).") from exc
+
+
+def resolve(services: Services, tenant: Tenant, model: str) -> Target:
+    try:
+        return services.catalog.resolve(tenant, model)
+    except ModelNotFound as exc:
+        raise APIError(404, str(exc), param="model", code="model_not_found") from exc
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    services = request.app[SERVICES]
+    tenant = authenticate(request, services)
+    generator = ready_generator(services)
+    parsed = parse_chat(await read_json(request))
+    target = resolve(services, tenant, parsed.model)
+    try:
+        prompt_ids = services.codec.encode_chat(parsed.messages or [])
+    except PromptError as exc:
+        raise bad_request(str(exc), "messages") from exc
+    return await _complete(request, services, generator, tenant, target, parsed, prompt_ids, chat=True)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    services = request.app[SERVICES]
+    tenant = authenticate(request, services)
+    generator = ready_generator(services)
+    parsed = parse_completion(await read_json(request))
+    target = resolve(services, tenant, parsed.model)
+    if isinstance(parsed.prompt, list):
+        check_token_ids(parsed.prompt, len(services.codec.tokenizer))
+        prompt_ids = parsed.prompt
+    else:
+        prompt_ids = services.codec.encode_prompt(parsed.prompt or "")
+    return await _complete(request, services, generator, tenant, target, parsed, prompt_ids, chat=False)
+
+
+class _Shape:
+    """The JSON of one endpoint's responses and stream chunks."""
+
+    def __init__(self, chat: bool, model: str):
+        self.chat, self.model = chat, model
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def _envelope(self, choices: list[dict[str, Any]], chunk: bool) -> dict[str, Any]:
+        kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+
+    def body(self, text: str, result: GenerationResult) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": result.finish_reason}
+        choice |= {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
+        return self._envelope([choice], chunk=False) | {"usage": result.usage}
+
+    def chunk(self, text: str | None, finish_reason: str | None, *, first: bool = False) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+            if text:
+                delta["content"] = text
+            choice["delta"] = delta
+        else:
+            choice["text"] = text or ""
+        return self._envelope([choice], chunk=True)
+
+    def usage_chunk(self, result: GenerationResult) -> dict[str, Any]:
+        return self._envelope([], chunk=True) | {"usage": result.usage}
+
+
+async def _complete(
+    request: web.Request,
+    services: Services,
+    generator: Generator,
+    tenant: Tenant,
+    target: Target,
+    parsed: ParsedRequest,
+    prompt_ids: list[int],
+    *,
+    chat: bool,
+) -> web.StreamResponse:
+    if not prompt_ids:
+        raise bad_request("The prompt is empty.", "messages" if chat else "prompt")
+    try:
+        generator.budget(prompt_ids, parsed.options.max_tokens)
+    except ContextTooLong as exc:
+        raise bad_request(str(exc), "max_tokens", "context_length_exceeded") from exc
+
+    shape = _Shape(chat, parsed.model)
+    result = GenerationResult(prompt_tokens=len(prompt_ids))
+    chunks = generator.stream(
+        request_id=shape.id,
+        target=target,
+        cache_salt=f"tenant:{tenant.name}",
+        prompt_ids=prompt_ids,
+        options=parsed.options,
+        result=result,
+    )
+    started = time.perf_counter()
+    status = 200
+    try:
+        if not parsed.stream:
+            text = "".join([chunk.text async for chunk in chunks])
+            return web.json_response(shape.body(text, result))
+        return await _stream(request, shape, chunks, result, parsed.include_usage)
+    except (asyncio.CancelledError, ConnectionResetError):
+        status = CLIENT_CLOSED
+        raise
+    except Exception:
+        status = 500
+        raise
+    finally:
+        services.ledger.record(
+            tenant=tenant.name,
+            model=parsed.model,
+            adapter_version=target.adapter.version if target.adapter else "",
+            endpoint="chat" if chat else "completions",
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            finish_reason=result.finish_reason or "",
+            status=status,
+            latency_ms=round((time.perf_counter() - started) * 1000, 2),
+        )
+
+
+async def _stream(
+    request: web.Request, shape: _Shape, chunks: Any, result: GenerationResult, include_usage: bool
+) -> web.StreamResponse:
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+    await response.prepare(request)
+    usage_field = {"usage": None} if include_usage else {}
+
+    async def send(payload: dict[str, Any] | str) -> None:
+        data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+        await response.write(f"data: {data}\n\n".encode())
+
+    try:
+        if shape.chat:
+            await send(shape.chunk(None, None, first=True) | usage_field)
+        async for chunk in chunks:
+            if chunk.text:
+                await send(shape.chunk(chunk.text, None) | usage_field)
+            if chunk.finish_reason:
+                await send(shape.chunk(None, chunk.finish_reason) | usage_field)
+        if include_usage:
+            await send(shape.usage_chunk(result))
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        # The status line is gone already; tell the client in-band, as OpenAI does.
+        log.exception("stream %s failed", shape.id)
+        await send(error_body(500, "Internal server error while streaming; see the lorabox log."))
+    await send("[DONE]")
+    await response.write_eof()
+    return response
+
+
+async def list_models(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    tenant = authenticate(request, services)
+    created = int(services.started_at)
+    data = [
+        {"id": model_id, "object": "model", "created": created, "owned_by": owner}
+        for model_id, owner in services.catalog.model_ids(tenant)
+    ]
+    return web.json_response({"object": "list", "data": data})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    if services.generator is None:
+        return web.json_response({"status": "starting"}, status=503)
+    return web.json_response({"status": "ready", "engine": services.engine_name})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
