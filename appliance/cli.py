@@ -1,0 +1,202 @@
+"""The `lorabox` command. Errors become one-line messages here, and nowhere else."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .config import Settings, load_config
+from .errors import LoraboxError
+from .store import Store
+
+DEFAULT_DEMO_DIR = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "lorabox" / "demo"
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = load_config(getattr(args, "config", None))
+    if getattr(args, "port", None):
+        settings = dataclasses.replace(settings, port=args.port)
+    return settings
+
+
+def _table(rows: list[dict], columns: Sequence[str]) -> None:  # type: ignore[type-arg]
+    widths = {c: max([len(c)] + [len(str(r.get(c) if r.get(c) is not None else "")) for r in rows]) for c in columns}
+    print("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip())
+    for row in rows:
+        cells = (str(row.get(c) if row.get(c) is not None else "").ljust(widths[c]) for c in columns)
+        print("  ".join(cells).rstrip())
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # vLLM is chatty at INFO; its warnings and errors still reach the log.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "DEBUG" if level == "debug" else "WARNING")
+
+
+def _serve(settings: Settings, on_ready: Callable[[], None] | None = None) -> None:
+    from .daemon import serve
+    from .demo import ensure_builtin_model
+
+    _setup_logging(settings.log_level)
+    model_dir = Path(settings.model) if settings.model else ensure_builtin_model(settings.state_dir)
+    if not (model_dir / "config.json").is_file():
+        raise LoraboxError(f"model directory {model_dir} has no config.json (Hugging Face format expected)")
+    serve(settings, model_dir, on_ready=on_ready)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    _serve(_settings(args))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import DEMO_MODEL_NAME, init_demo
+
+    words = list(args.words)
+    init_only = bool(words) and words[0] == "init"
+    if init_only:
+        words.pop(0)
+    if len(words) > 1:
+        raise LoraboxError("usage: lorabox demo [init] [DIR]")
+    demo_dir = Path(words[0]) if words else DEFAULT_DEMO_DIR
+    print(f">>> Writing the demo into {demo_dir} (tiny model, tenant adapters, keys)", flush=True)
+    keys = init_demo(demo_dir, force=args.force)
+    config_path = demo_dir.resolve() / "lorabox.toml"
+    if init_only:
+        print(f">>> Done. Serve it with: lorabox serve --config {config_path}")
+        return
+    settings = dataclasses.replace(load_config(config_path), **({"port": args.port} if args.port else {}))
+    url = f"http://{settings.host}:{settings.port}"
+
+    def announce() -> None:
+        tenant, key = next(iter(sorted(keys.items())))
+        print(f"\n>>> lorabox demo is serving at {url}/v1  (engine ready)")
+        print(f">>> Tenants and keys (demo only, also in {demo_dir / 'keys.json'}):")
+        for name, value in sorted(keys.items()):
+            print(f"      {name:<10} {value}")
+        print(f">>> Base model name: {DEMO_MODEL_NAME}. Try:\n")
+        body = json.dumps({"model": tenant, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 24})
+        print(f"curl -s {url}/v1/chat/completions -H 'Authorization: Bearer {key}' "
+              f"-H 'Content-Type: application/json' -d '{body}'\n", flush=True)
+
+    print(f">>> Starting the engine (first start takes ~30 s on a CPU) ... config: {config_path}", flush=True)
+    _serve(settings, on_ready=announce)
+
+
+def cmd_tenant(args: argparse.Namespace) -> None:
+    with Store.open(_settings(args).database_path) as store:
+        if args.action == "add":
+            tenant = store.add_tenant(args.name, allow_base_model=args.allow_base)
+            print(f"added tenant {tenant.name}" + (" (may use the base model)" if tenant.allow_base_model else ""))
+            print(f"next: lorabox key issue {tenant.name}")
+        else:
+            _table([dataclasses.asdict(t) for t in store.list_tenants()],
+                   ["name", "allow_base_model", "disabled", "created_at"])
+
+
+def cmd_key(args: argparse.Namespace) -> None:
+    with Store.open(_settings(args).database_path) as store:
+        if args.action == "issue":
+            issued = store.issue_key(args.target)
+            print(issued.plaintext)
+            print(f"key id {issued.key_id} for tenant {issued.tenant}. This key is shown once; store it now.",
+                  file=sys.stderr)
+        elif args.action == "revoke":
+            tenant = store.revoke_key(args.target)
+            print(f"revoked key {args.target} of tenant {tenant}")
+        else:
+            _table(store.list_keys(args.target), ["key_id", "tenant", "created_at", "revoked_at"])
+
+
+def cmd_adapters(args: argparse.Namespace) -> None:
+    with Store.open(_settings(args).database_path) as store:
+        rows = []
+        for adapter in store.adapters(args.tenant):
+            active = store.active_adapter(adapter.tenant)
+            rows.append(dataclasses.asdict(adapter) | {
+                "active": "*" if active and active.version == adapter.version else "",
+                "sha256": adapter.sha256[:12],
+            })
+        _table(rows, ["tenant", "version", "active", "state", "rank", "size_bytes", "sha256", "reason"])
+
+
+def cmd_usage(args: argparse.Namespace) -> None:
+    with Store.open(_settings(args).database_path) as store:
+        _table(store.usage_summary(args.tenant), ["tenant", "requests", "prompt_tokens", "completion_tokens"])
+
+
+def cmd_config(args: argparse.Namespace) -> None:
+    settings = _settings(args)
+    print(f"# from {settings.source or '(defaults and environment)'}")
+    for field in dataclasses.fields(Settings):
+        if field.name != "source":
+            print(f"{field.name} = {json.dumps(str(getattr(settings, field.name)))}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: a nested subcommand must not reset a --config given before it to None.
+    common.add_argument("--config", default=argparse.SUPPRESS, help="settings file (default: $LORABOX_CONFIG or /etc/lorabox/lorabox.toml)")
+    parser = argparse.ArgumentParser(
+        prog="lorabox", description="One base model, one LoRA adapter per tenant, an OpenAI-compatible API."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", parents=[common], help="run the daemon (OpenAI-compatible API)")
+    p.add_argument("--port", type=int)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", help="write the built-in demo and serve it: lorabox demo [init] [DIR]")
+    p.add_argument("words", nargs="*", metavar="[init] [DIR]")
+    p.add_argument("--port", type=int)
+    p.add_argument("--force", action="store_true", help="rebuild model and adapters")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("tenant", parents=[common], help="add or list tenants")
+    tsub = p.add_subparsers(dest="action", required=True)
+    add = tsub.add_parser("add", parents=[common])
+    add.add_argument("name")
+    add.add_argument("--allow-base", action="store_true", help="tenant may also call the base model")
+    tsub.add_parser("list", parents=[common])
+    p.set_defaults(func=cmd_tenant)
+
+    p = sub.add_parser("key", parents=[common], help="issue, revoke or list API keys")
+    ksub = p.add_subparsers(dest="action", required=True)
+    ksub.add_parser("issue", parents=[common]).add_argument("target", metavar="TENANT")
+    ksub.add_parser("revoke", parents=[common]).add_argument("target", metavar="KEY_ID")
+    ksub.add_parser("list", parents=[common]).add_argument("target", metavar="TENANT", nargs="?")
+    p.set_defaults(func=cmd_key)
+
+    p = sub.add_parser("adapters", parents=[common], help="registered adapter versions, refusals with reasons")
+    asub = p.add_subparsers(dest="action", required=True)
+    asub.add_parser("list", parents=[common]).add_argument("tenant", nargs="?")
+    p.set_defaults(func=cmd_adapters)
+
+    p = sub.add_parser("usage", parents=[common], help="tokens per tenant from the usage ledger")
+    p.add_argument("tenant", nargs="?")
+    p.set_defaults(func=cmd_usage)
+
+    p = sub.add_parser("config", parents=[common], help="print the effective settings")
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except LoraboxError as exc:
+        print(f"lorabox: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
