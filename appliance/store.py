@@ -113,7 +113,8 @@ class Store:
     def add_tenant(self, name: str, *, allow_base_model: bool = False) -> Tenant:
         if not is_tenant_name(name):
             raise StoreError(
-                f"invalid tenant name {name!r}: use 1-63 of a-z, 0-9, '_' and '-', starting with a letter or digit"
+                f"invalid tenant name {name!r}: use 1-63 characters of a-z, 0-9, '_' and '-', "
+                "starting with a letter or digit"
             )
         if self.get_tenant(name):
             raise StoreError(f"tenant {name!r} already exists")
@@ -199,7 +200,8 @@ class Store:
 
     def _adapter_id(self, adapter: AdapterVersion) -> int:
         row = self.db.execute(
-            "select id from adapter_versions where tenant = ? and version = ?", [adapter.tenant, adapter.version]
+            "select id from adapter_versions where tenant = ? and version = ?",
+            [adapter.tenant, adapter.version],
         ).fetchone()
         return int(row[0])
 
@@ -229,12 +231,12 @@ class Store:
             self.db["usage"].insert_all(rows)
 
     def usage_summary(self, tenant: str | None = None) -> list[dict[str, Any]]:
-        where = "where tenant = ?" if tenant else ""
-        sql = (
+        cursor = self.db.execute(
             "select tenant, count(*) as requests, sum(prompt_tokens) as prompt_tokens, "
-            f"sum(completion_tokens) as completion_tokens from usage {where} group by tenant order by tenant"
+            "sum(completion_tokens) as completion_tokens from usage "
+            "where ? is null or tenant = ? group by tenant order by tenant",
+            [tenant, tenant],
         )
-        cursor = self.db.execute(sql, [tenant] if tenant else [])
         columns = [c[0] for c in cursor.description]
         return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
 

@@ -35,7 +35,9 @@ class TextCodec:
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         try:
-            rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            rendered = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False
+            )
         except Exception as exc:  # jinja raises on roles or shapes a template refuses
             raise PromptError(f"messages cannot be rendered by the model's chat template: {exc}") from exc
         # The template writes the special tokens itself.

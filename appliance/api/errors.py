@@ -41,12 +41,16 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> web.Response:
+def error_response(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> web.Response:
     return web.json_response(error_body(status, message, param, code), status=status)
 
 
 def too_large(limit: int) -> web.Response:
-    return error_response(413, f"Request body too large; the limit is {limit} bytes.", code="request_too_large")
+    return error_response(
+        413, f"Request body too large; the limit is {limit} bytes.", code="request_too_large"
+    )
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

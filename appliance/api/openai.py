@@ -43,7 +43,9 @@ def authenticate(request: web.Request, services: Services) -> Tenant:
     header = request.headers.get("Authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
-        raise APIError(401, "Missing API key. Send it as 'Authorization: Bearer <key>'.", code="missing_api_key")
+        raise APIError(
+            401, "Missing API key. Send it as 'Authorization: Bearer <key>'.", code="missing_api_key"
+        )
     name = services.store.tenant_for_key(key.strip())
     tenant = services.store.get_tenant(name) if name else None
     if tenant is None:
@@ -113,7 +115,13 @@ class _Shape:
 
     def _envelope(self, choices: list[dict[str, Any]], chunk: bool) -> dict[str, Any]:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+        return {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
 
     def body(self, text: str, result: GenerationResult) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": result.finish_reason}

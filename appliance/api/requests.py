@@ -71,7 +71,9 @@ def _common(body: Any) -> tuple[str, SamplingOptions, bool, bool, str | None]:
     _optional_int(body, "n", 1, 1)  # only one choice per request
     for penalty in ("presence_penalty", "frequency_penalty"):
         if _number(body, penalty, 0.0, -2.0, 2.0) != 0.0:
-            raise bad_request(f"'{penalty}' is not supported by this server.", penalty, "unsupported_parameter")
+            raise bad_request(
+                f"'{penalty}' is not supported by this server.", penalty, "unsupported_parameter"
+            )
 
     max_tokens = _optional_int(body, "max_completion_tokens", 1, 1 << 30)
     if max_tokens is None:
@@ -118,7 +120,11 @@ def _content_text(content: Any, index: int) -> str:
     if isinstance(content, list):
         parts = []
         for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
                 raise bad_request(f"messages[{index}].content: only text parts are supported.", "messages")
             parts.append(part["text"])
         return "".join(parts)
@@ -139,8 +145,12 @@ def parse_chat(body: Any) -> ParsedRequest:
         role = message.get("role")
         if role not in CHAT_ROLES:
             raise bad_request(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}.", "messages")
-        parsed.append({"role": "system" if role == "developer" else role,
-                       "content": _content_text(message.get("content"), i)})
+        parsed.append(
+            {
+                "role": "system" if role == "developer" else role,
+                "content": _content_text(message.get("content"), i),
+            }
+        )
     return ParsedRequest(model, options, stream, include_usage, user, messages=parsed)
 
 
@@ -149,7 +159,11 @@ def parse_completion(body: Any) -> ParsedRequest:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+    if (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+    ):
         return ParsedRequest(model, options, stream, include_usage, user, prompt=list(prompt))
     if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str) for p in prompt):
         raise bad_request("Send one prompt per request (batched prompts are not supported).", "prompt")

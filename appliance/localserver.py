@@ -1,0 +1,91 @@
+"""Run `lorabox serve` as a child process and wait until it is ready (tests, benchmarks)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def http_status(url: str) -> int:
+    """GET url; the status code, or 0 when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 (loopback only)
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except OSError:
+        return 0
+
+
+class ServerFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class LocalServer:
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    start_seconds: float = 0.0
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    @classmethod
+    def start(
+        cls, config: Path, log_path: Path, timeout_s: float = 300, kv_cache_gib: int = 1
+    ) -> LocalServer:
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LORABOX_")}
+        env |= {
+            "LORABOX_PORT": str(port),
+            "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
+            "PYTHONUNBUFFERED": "1",
+        }
+        began = time.monotonic()
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "appliance", "serve", "--config", str(config)],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # one process group: the engine core goes down with it
+            )
+        server = cls(f"http://127.0.0.1:{port}", process, log_path)
+        while http_status(f"{server.url}/readyz") != 200:
+            if process.poll() is not None:
+                raise ServerFailed(f"lorabox serve exited with {process.returncode}:\n{server.log_tail()}")
+            if time.monotonic() - began > timeout_s:
+                server.stop()
+                raise ServerFailed(f"lorabox serve not ready after {timeout_s} s:\n{server.log_tail()}")
+            time.sleep(0.25)
+        server.start_seconds = time.monotonic() - began
+        return server
+
+    def stop(self) -> None:
+        if self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
