@@ -18,6 +18,7 @@ from .errors import ConfigError
 DEFAULT_CONFIG_PATH = Path("/etc/lorabox/lorabox.toml")
 ENV_PREFIX = "LORABOX_"
 ENGINES = ("auto", "vllm", "llamacpp")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,9 @@ class Settings:
     state_dir: Path = Path("/var/lib/lorabox")
     """Where the SQLite database and runtime files live. Must be writable by the service."""
 
+    admin_socket: Path | None = None
+    """Unix socket of the admin API (CLI, TUI); mode 0660. Default: <state_dir>/admin.sock."""
+
     host: str = "127.0.0.1"
     """Address the OpenAI-compatible API listens on. Keep it on loopback behind a proxy."""
 
@@ -52,11 +56,15 @@ class Settings:
     max_model_len: int = 4096
     """Context length (prompt + completion) per request. 0: the model's own maximum."""
 
-    max_loras: int = 8
-    """Adapters resident on the GPU at once (vLLM `max_loras`), i.e. per batch."""
+    max_loras: int = 0
+    """Adapter slots on the GPU (vLLM `max_loras`: adapters per batch). 0: planned at start from
+    the adapters registered and the memory budget, so every active adapter stays resident."""
 
-    max_cpu_loras: int = 64
-    """Adapters kept in host memory, ready to swap onto the GPU without touching disk."""
+    max_cpu_loras: int = 0
+    """Adapters kept in host memory, ready to swap into a GPU slot. 0: planned at start."""
+
+    lora_cpu_budget_mib: int = 256
+    """Memory for adapter slots on CPU-only boxes (on a GPU the planner measures free VRAM)."""
 
     max_lora_rank: int = 64
     """Largest adapter rank the engine accepts; larger ranks are refused at registration."""
@@ -78,6 +86,10 @@ class Settings:
         return self.state_dir / "lorabox.db"
 
     @property
+    def admin_socket_path(self) -> Path:
+        return self.admin_socket or self.state_dir / "admin.sock"
+
+    @property
     def base_model_name(self) -> str:
         return self.served_model_name or (Path(self.model).name if self.model else "lorabox-demo")
 
@@ -88,8 +100,12 @@ class Settings:
             raise ConfigError(f"port must be 1-65535, not {self.port}")
         if self.max_request_bytes < 1024:
             raise ConfigError("max_request_bytes must be at least 1024")
-        if self.max_loras < 1 or self.max_cpu_loras < self.max_loras:
-            raise ConfigError("need max_loras >= 1 and max_cpu_loras >= max_loras")
+        if self.max_loras < 0 or self.max_cpu_loras < 0:
+            raise ConfigError("max_loras and max_cpu_loras must be >= 0 (0 means planned)")
+        if self.max_loras and self.max_cpu_loras and self.max_cpu_loras < self.max_loras:
+            raise ConfigError("need max_cpu_loras >= max_loras")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError("gpu_memory_utilization must be in (0, 1]")
         return self
@@ -104,14 +120,16 @@ def _coerce(name: str, kind: Any, value: Any) -> Any:
         if kind in (int, float):
             if isinstance(value, bool):
                 raise ValueError("a boolean")
+            if kind is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError("not a whole number")
             return kind(value)
-        if kind is Path:
+        if kind in (Path, Path | None):
             return Path(os.path.expanduser(str(value)))
         if kind is str:
             if not isinstance(value, str):
                 raise ValueError("not a string")
             return value
-    except ValueError as exc:
+    except (TypeError, ValueError) as exc:
         raise ConfigError(f"{name}: cannot use {value!r} ({exc})") from exc
     raise ConfigError(f"{name}: unsupported setting type")
 
@@ -124,8 +142,8 @@ def load_config(path: Path | str | None = None, env: dict[str, str] | None = Non
     values: dict[str, Any] = {}
     if config_path.exists():
         try:
-            values = tomllib.loads(config_path.read_text())
-        except tomllib.TOMLDecodeError as exc:
+            values = tomllib.loads(config_path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{config_path}: {exc}") from exc
     elif explicit:
         raise ConfigError(f"config file not found: {config_path}")

@@ -28,6 +28,9 @@ def migrate(db: sqlite_utils.Database) -> list[str]:
         if fn.__name__ in done:
             continue
         with db.conn:
+            # sqlite3 opens transactions only before DML: begin one so a failing migration
+            # leaves no half-made schema behind.
+            db.execute("begin")
             fn(db)
             db["_migrations"].insert({"name": fn.__name__, "applied_at": datetime.now(UTC).isoformat()})
         applied.append(fn.__name__)
@@ -100,3 +103,22 @@ def m003_usage_and_events(db: sqlite_utils.Database) -> None:
         pk="id",
     )
     db["events"].create_index(["ts"])
+
+
+@migration
+def m004_routes(db: sqlite_utils.Database) -> None:
+    # Which version serves each tenant. `active_version` is set by the daemon only after the
+    # version is warm in the engine; `pinned_version` is the operator's choice (rollback or pin);
+    # a canary sends `canary_percent` of the tenant's requests to `canary_version`.
+    db["routes"].create(
+        {
+            "tenant": str,
+            "active_version": str,
+            "pinned_version": str,
+            "canary_version": str,
+            "canary_percent": int,
+            "updated_at": str,
+        },
+        pk="tenant",
+        defaults={"canary_percent": 0},
+    )

@@ -49,20 +49,28 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     header.pop("__metadata__", None)
 
     tensors: dict[str, TensorInfo] = {}
-    data_end = 0
+    ranges = []
     for name, entry in header.items():
         try:
             dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            if not all(type(v) is int for v in (begin, end, *shape)):
+                raise TypeError("offsets and dimensions must be integers")
             elements = 1
             for dim in shape:
-                elements *= int(dim)
+                elements *= dim
             expected = elements * DTYPE_BYTES[dtype]
         except (KeyError, TypeError, ValueError) as exc:
             raise AdapterError(f"{path.name}: malformed entry for tensor {name!r}") from exc
-        if end - begin != expected or begin < 0:
+        if end - begin != expected or begin < 0 or min(shape, default=0) < 0:
             raise AdapterError(f"{path.name}: tensor {name!r} has inconsistent offsets")
         tensors[name] = TensorInfo(dtype, shape, expected)
-        data_end = max(data_end, end)
+        ranges.append((begin, end))
+    # The tensors must tile the data area exactly, as safetensors itself requires.
+    data_end = 0
+    for begin, end in sorted(ranges):
+        if begin != data_end:
+            raise AdapterError(f"{path.name}: tensor byte ranges overlap or leave gaps")
+        data_end = end
     actual = size - 8 - header_len
     if actual < data_end:
         raise AdapterError(

@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import json
 import secrets
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -83,6 +84,15 @@ class AdapterVersion:
         return cls(**fields)
 
 
+@dataclass(frozen=True)
+class Route:
+    tenant: str
+    active_version: str | None = None
+    pinned_version: str | None = None
+    canary_version: str | None = None
+    canary_percent: int = 0
+
+
 class Store:
     def __init__(self, db: sqlite_utils.Database):
         self.db = db
@@ -99,14 +109,17 @@ class Store:
 
     @classmethod
     def connect(cls, path: Path | str) -> Store:
-        if str(path) != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite_utils.Database(path)
-        if str(path) != ":memory:":
-            db.enable_wal()
-        db.execute("PRAGMA busy_timeout = 5000")
-        db.execute("PRAGMA foreign_keys = ON")
-        return cls(db)
+        try:
+            if str(path) != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite_utils.Database(path)
+            if str(path) != ":memory:":
+                db.enable_wal()
+            db.execute("PRAGMA busy_timeout = 5000")
+            db.execute("PRAGMA foreign_keys = ON")
+            return cls(db)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open the state database {path}: {exc}") from exc
 
     # -- tenants ------------------------------------------------------------------------------
 
@@ -152,8 +165,8 @@ class Store:
         self.record_event("key_issued", tenant=tenant, detail=key_id)
         return IssuedKey(key_id, tenant, plaintext)
 
-    def revoke_key(self, key_id: str) -> str:
-        """Revoke by public id (or the full key); returns the tenant it belonged to."""
+    def revoke_key(self, key_id: str) -> tuple[str, str]:
+        """Revoke by public id (or the full key); returns (tenant, key id)."""
         rows = list(self.db["api_keys"].rows_where("key_id = ? or key_hash = ?", [key_id, hash_key(key_id)]))
         if not rows:
             raise StoreError(f"no key with id {key_id!r}")
@@ -161,7 +174,7 @@ class Store:
         if not row["revoked_at"]:
             self.db["api_keys"].update(row["key_id"], {"revoked_at": _now()})
             self.record_event("key_revoked", tenant=row["tenant"], detail=row["key_id"])
-        return str(row["tenant"])
+        return str(row["tenant"]), str(row["key_id"])
 
     def list_keys(self, tenant: str | None = None) -> list[dict[str, Any]]:
         where, args = ("tenant = ?", [tenant]) if tenant else (None, [])
@@ -223,6 +236,37 @@ class Store:
         """The newest ready version (natural sort)."""
         ready = [a for a in self.adapters(tenant) if a.state == "ready"]
         return ready[-1] if ready else None
+
+    # -- routes: which version serves a tenant ------------------------------------------------
+
+    def route(self, tenant: str) -> Route:
+        rows = list(self.db["routes"].rows_where("tenant = ?", [tenant]))
+        if not rows:
+            return Route(tenant)
+        row = rows[0]
+        return Route(
+            tenant,
+            active_version=row["active_version"] or None,
+            pinned_version=row["pinned_version"] or None,
+            canary_version=row["canary_version"] or None,
+            canary_percent=row["canary_percent"] or 0,
+        )
+
+    def routes(self) -> list[Route]:
+        return [self.route(row["tenant"]) for row in self.db["routes"].rows_where(order_by="tenant")]
+
+    def save_route(self, route: Route) -> None:
+        self.db["routes"].upsert(
+            {
+                "tenant": route.tenant,
+                "active_version": route.active_version,
+                "pinned_version": route.pinned_version,
+                "canary_version": route.canary_version,
+                "canary_percent": route.canary_percent,
+                "updated_at": _now(),
+            },
+            pk="tenant",
+        )
 
     # -- usage and events ---------------------------------------------------------------------
 

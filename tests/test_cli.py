@@ -1,0 +1,322 @@
+"""The `lorabox` command, run in-process against a temporary state directory."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from appliance.cli import main
+from appliance.config import load_config
+from appliance.store import AdapterVersion, Route, Store
+
+
+@dataclass
+class Box:
+    config: Path
+    state_dir: Path
+    adapters_dir: Path
+
+    @property
+    def database(self) -> Path:
+        return self.state_dir / "lorabox.db"
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def box(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Box:
+    for name in list(os.environ):
+        if name.startswith("LORABOX_"):
+            monkeypatch.delenv(name)
+    state_dir, adapters_dir = tmp_path / "state", tmp_path / "adapters"
+    config = tmp_path / "lorabox.toml"
+    config.write_text(f'state_dir = "{state_dir}"\nadapters_dir = "{adapters_dir}"\nport = 9123\n')
+    return Box(config, state_dir, adapters_dir)
+
+
+Run = Callable[..., Result]
+
+
+@pytest.fixture
+def run(box: Box, capsys: pytest.CaptureFixture[str]) -> Run:
+    """lorabox ARGS... with --config pointing at the box (appended to the innermost command)."""
+
+    def run(*args: str, config: bool = True) -> Result:
+        argv = [*args, "--config", str(box.config)] if config else list(args)
+        code = main(argv)
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return run
+
+
+def assert_one_line_error(result: Result, fragment: str) -> None:
+    assert result.code == 1
+    assert result.err.startswith("lorabox: ")
+    assert result.err.count("\n") == 1
+    assert fragment in result.err
+    assert "Traceback" not in result.err
+    assert result.out == ""
+
+
+# -- tenants ------------------------------------------------------------------------------------
+
+
+def test_tenant_add(run: Run, box: Box) -> None:
+    result = run("tenant", "add", "acme")
+    assert result.code == 0
+    assert "added tenant acme" in result.out
+    assert "lorabox key issue acme" in result.out
+    with Store.open(box.database) as store:
+        tenant = store.get_tenant("acme")
+    assert tenant is not None
+    assert not tenant.allow_base_model
+
+
+def test_tenant_add_allow_base(run: Run, box: Box) -> None:
+    assert "may use the base model" in run("tenant", "add", "globex", "--allow-base").out
+    with Store.open(box.database) as store:
+        tenant = store.get_tenant("globex")
+    assert tenant is not None
+    assert tenant.allow_base_model
+
+
+@pytest.mark.parametrize("name", ["bad name", "Acme", "../x", "café", "-x"])
+def test_tenant_add_bad_name(run: Run, box: Box, name: str) -> None:
+    result = run("tenant", "add", "--config", str(box.config), "--", name, config=False)
+    assert_one_line_error(result, "invalid tenant name")
+    with Store.open(box.database) as store:
+        assert store.list_tenants() == []
+
+
+def test_tenant_add_twice(run: Run) -> None:
+    assert run("tenant", "add", "acme").code == 0
+    assert_one_line_error(run("tenant", "add", "acme"), "already exists")
+
+
+def test_tenant_list(run: Run) -> None:
+    run("tenant", "add", "globex")
+    run("tenant", "add", "acme", "--allow-base")
+    result = run("tenant", "list")
+    assert result.code == 0
+    header, *rows = result.out.splitlines()
+    assert header.split() == ["NAME", "ALLOW_BASE_MODEL", "DISABLED", "CREATED_AT"]
+    assert [row.split()[:3] for row in rows] == [["acme", "True", "False"], ["globex", "False", "False"]]
+
+
+# -- keys ---------------------------------------------------------------------------------------
+
+
+def test_key_issue_prints_the_key_once(run: Run, box: Box) -> None:
+    run("tenant", "add", "acme")
+    result = run("key", "issue", "acme")
+    assert result.code == 0
+    (key,) = result.out.splitlines()
+    assert key.startswith("lbx-")
+    assert key not in result.err
+    assert "shown once" in result.err
+    with Store.open(box.database) as store:
+        assert store.tenant_for_key(key) == "acme"
+        (row,) = store.list_keys("acme")
+    assert row["key_id"] in result.err
+
+
+def test_key_list_shows_ids_never_keys(run: Run) -> None:
+    run("tenant", "add", "acme")
+    run("tenant", "add", "globex")
+    key = run("key", "issue", "acme").out.strip()
+    other = run("key", "issue", "globex").out.strip()
+    key_id, secret = key.split("-", 2)[1:]
+    result = run("key", "list", "acme")
+    assert result.code == 0
+    assert key_id in result.out
+    assert other.split("-")[1] not in result.out
+    assert secret not in result.out
+    assert key not in result.out
+    everything = run("key", "list").out
+    assert key_id in everything
+    assert other.split("-")[1] in everything
+    assert secret not in everything
+
+
+def test_key_revoke(run: Run, box: Box) -> None:
+    run("tenant", "add", "acme")
+    key = run("key", "issue", "acme").out.strip()
+    keep = run("key", "issue", "acme").out.strip()
+    key_id = key.split("-")[1]
+    result = run("key", "revoke", key_id)
+    assert result.code == 0
+    assert f"revoked key {key_id} of tenant acme" in result.out
+    with Store.open(box.database) as store:
+        assert store.tenant_for_key(key) is None
+        assert store.tenant_for_key(keep) == "acme"
+    (line,) = [row for row in run("key", "list", "acme").out.splitlines() if key_id in row]
+    assert len(line.split()) == 4  # the REVOKED_AT column is filled
+
+
+def test_key_revoke_unknown(run: Run) -> None:
+    assert_one_line_error(run("key", "revoke", "deadbeef"), "no key with id 'deadbeef'")
+
+
+def test_key_issue_unknown_tenant(run: Run) -> None:
+    assert_one_line_error(run("key", "issue", "nosuchtenant"), "no tenant named 'nosuchtenant'")
+
+
+# -- adapters, usage, config --------------------------------------------------------------------
+
+
+def table(output: str) -> list[dict[str, str]]:
+    """Rows of a `_table` printout, split at the header's column starts (cells may be blank)."""
+    header, *lines = output.splitlines()
+    names = header.split()
+    starts = [header.index(name) for name in names]
+    bounds = list(zip(starts, [*starts[1:], None], strict=True))
+    return [{n: line[a:b].strip() for n, (a, b) in zip(names, bounds, strict=True)} for line in lines]
+
+
+def test_adapters_list_without_the_daemon(run: Run, box: Box) -> None:
+    empty = run("adapters", "list")
+    assert empty.code == 0
+    assert {"TENANT", "VERSION", "ACTIVE", "STATE", "SHA256", "REASON"} <= set(empty.out.split())
+    assert table(empty.out) == []
+
+    def version(name: str, state: str = "ready", reason: str = "") -> AdapterVersion:
+        return AdapterVersion("acme", name, f"/a/{name}", name * 32, 8, 16.0, ("q_proj",), 100, state, reason)
+
+    with Store.open(box.database) as store:
+        store.register_adapter(version("v2"))
+        store.register_adapter(version("v9"))
+        store.register_adapter(version("v10", "refused", "incomplete safetensors file"))
+        store.save_route(Route("acme", active_version="v9"))
+    result = run("adapters", "list")
+    assert result.code == 0
+    rows = {row["VERSION"]: row for row in table(result.out)}
+    assert set(rows) == {"v2", "v9", "v10"}
+    assert {v: (r["TENANT"], r["STATE"], r["ACTIVE"]) for v, r in rows.items()} == {
+        "v2": ("acme", "ready", ""),
+        "v9": ("acme", "ready", "*"),
+        "v10": ("acme", "refused", ""),
+    }
+    assert rows["v10"]["REASON"] == "incomplete safetensors file"
+    assert rows["v9"]["SHA256"] == "v9" * 6  # shortened to 12 characters
+    assert table(run("adapters", "list", "globex").out) == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["activate", "acme", "v1"], ["unpin", "acme"], ["canary", "acme", "v2", "--percent", "10"]],
+    ids=["activate", "unpin", "canary"],
+)
+def test_adapter_routing_needs_the_daemon(run: Run, argv: list[str]) -> None:
+    assert_one_line_error(run("adapters", *argv), "admin socket")
+
+
+def test_events(run: Run) -> None:
+    run("tenant", "add", "acme")
+    run("key", "issue", "acme")
+    result = run("events")
+    assert result.code == 0
+    assert [(row["KIND"], row["TENANT"]) for row in table(result.out)] == [
+        ("tenant_added", "acme"),
+        ("key_issued", "acme"),
+    ]
+
+
+def test_usage(run: Run, box: Box) -> None:
+    rows = [
+        {"tenant": "acme", "prompt_tokens": 10, "completion_tokens": 4},
+        {"tenant": "acme", "prompt_tokens": 5, "completion_tokens": 1},
+        {"tenant": "globex", "prompt_tokens": 3, "completion_tokens": 2},
+    ]
+    with Store.open(box.database) as store:
+        store.record_usage(rows)
+    result = run("usage")
+    assert result.code == 0
+    lines = [line.split() for line in result.out.splitlines()]
+    assert lines == [
+        ["TENANT", "REQUESTS", "PROMPT_TOKENS", "COMPLETION_TOKENS"],
+        ["acme", "2", "15", "5"],
+        ["globex", "1", "3", "2"],
+    ]
+    only_globex = run("usage", "globex").out.splitlines()[1:]
+    assert [line.split() for line in only_globex] == [["globex", "1", "3", "2"]]
+
+
+def test_config_prints_effective_values(run: Run, box: Box, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORABOX_MAX_LORA_RANK", "32")
+    result = run("config")
+    assert result.code == 0
+    assert result.out.splitlines()[0] == f"# from {box.config}"
+    values = dict(line.split(" = ", 1) for line in result.out.splitlines()[1:])
+    assert "9123" in values["port"]
+    assert "32" in values["max_lora_rank"]
+    assert str(box.state_dir) in values["state_dir"]
+    assert str(box.adapters_dir) in values["adapters_dir"]
+    assert "127.0.0.1" in values["host"]
+    assert "source" not in values
+
+
+def test_config_output_reads_back_as_the_same_settings(run: Run, box: Box, tmp_path: Path) -> None:
+    printed = run("config").out
+    copy = tmp_path / "copy.toml"
+    copy.write_text(printed)
+    assert load_config(copy, env={}) == load_config(box.config, env={})
+
+
+def test_missing_config_file(run: Run, tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    assert_one_line_error(run("tenant", "list", "--config", str(missing), config=False), "not found")
+
+
+def test_invalid_config_file(run: Run, box: Box) -> None:
+    box.config.write_text("prot = 1\n")
+    assert_one_line_error(run("config"), "unknown setting(s): prot")
+
+
+# -- where --config may go ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["tenant", "--config", "{config}", "add", "foo"],
+        ["tenant", "add", "--config", "{config}", "foo"],
+        ["tenant", "add", "foo", "--config", "{config}"],
+    ],
+    ids=["before-action", "after-action", "at-the-end"],
+)
+def test_config_option_anywhere_in_a_nested_command(run: Run, box: Box, argv: list[str]) -> None:
+    result = run(*[a.format(config=box.config) for a in argv], config=False)
+    assert result.code == 0, result.err
+    with Store.open(box.database) as store:
+        assert store.get_tenant("foo") is not None
+
+
+def test_config_option_before_a_nested_key_command(run: Run, box: Box) -> None:
+    run("tenant", "add", "acme")
+    result = run("key", "--config", str(box.config), "issue", "acme", config=False)
+    assert result.code == 0
+    with Store.open(box.database) as store:
+        assert store.tenant_for_key(result.out.strip()) == "acme"
+
+
+def test_unknown_command_is_a_usage_error(run: Run) -> None:
+    with pytest.raises(SystemExit) as caught:
+        run("tenant", "remove", "acme")
+    assert caught.value.code == 2
+
+
+def test_unusable_state_dir_is_a_one_line_error(run: Run, box: Box, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    box.config.write_text(f'state_dir = "{blocker / "state"}"\n')
+    assert_one_line_error(run("tenant", "list"), "state")

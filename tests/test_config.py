@@ -1,0 +1,228 @@
+"""Settings: defaults, the TOML file, LORABOX_* overrides, and every way they can be wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from appliance import config as config_module
+from appliance.config import Settings, load_config
+from appliance.errors import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def _no_system_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Whatever /etc/lorabox holds on this machine, the tests never read it."""
+    monkeypatch.setattr(config_module, "DEFAULT_CONFIG_PATH", tmp_path / "absent" / "lorabox.toml")
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "lorabox.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults() -> None:
+    settings = load_config(env={})
+    assert settings == Settings()
+    assert settings.source is None
+    assert (settings.host, settings.port, settings.engine) == ("127.0.0.1", 8400, "auto")
+    assert settings.state_dir == Path("/var/lib/lorabox")
+    assert settings.adapters_dir == Path("/var/lib/lorabox/adapters")
+    assert settings.max_lora_rank == 64
+    assert settings.base_model_name == "lorabox-demo"
+
+
+def test_every_setting_is_documented() -> None:
+    source = Path(config_module.__file__).read_text()
+    for name in Settings.__dataclass_fields__:
+        declaration = next(line for line in source.splitlines() if line.strip().startswith(f"{name}:"))
+        following = source.split(declaration, 1)[1].lstrip().splitlines()[0]
+        assert following.startswith('"""'), name
+
+
+def test_file_values(tmp_path: Path) -> None:
+    state, drop = tmp_path / "state", tmp_path / "drop"
+    path = write(
+        tmp_path,
+        f"""
+model = "/models/llama"
+engine = "vllm"
+port = 9100
+state_dir = "{state}"
+adapters_dir = "{drop}"
+gpu_memory_utilization = 0.5
+max_loras = 2
+max_cpu_loras = 4
+""",
+    )
+    settings = load_config(path, env={})
+    assert settings.source == path
+    assert settings.model == "/models/llama"
+    assert settings.engine == "vllm"
+    assert settings.port == 9100
+    assert settings.state_dir == state
+    assert settings.adapters_dir == drop
+    assert settings.gpu_memory_utilization == 0.5
+    assert (settings.max_loras, settings.max_cpu_loras) == (2, 4)
+    assert settings.base_model_name == "llama"
+    assert settings.host == "127.0.0.1"  # untouched settings keep their defaults
+
+
+def test_integer_accepted_for_a_float_setting(tmp_path: Path) -> None:
+    settings = load_config(write(tmp_path, "gpu_memory_utilization = 1\n"), env={})
+    assert settings.gpu_memory_utilization == 1.0
+    assert isinstance(settings.gpu_memory_utilization, float)
+
+
+def test_paths_expand_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HOME", "/home/x")
+    settings = load_config(write(tmp_path, 'state_dir = "~/lorabox-state"\n'), env={})
+    assert settings.state_dir == Path("/home/x/lorabox-state")
+
+
+def test_env_overrides_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, 'port = 9100\nhost = "10.0.0.2"\n')
+    settings = load_config(path, env={"LORABOX_PORT": "9000", "LORABOX_MAX_LORA_RANK": "16"})
+    assert settings.port == 9000
+    assert settings.max_lora_rank == 16
+    assert settings.host == "10.0.0.2"
+
+
+def test_env_without_a_file(tmp_path: Path) -> None:
+    settings = load_config(env={"LORABOX_STATE_DIR": str(tmp_path), "LORABOX_GPU_MEMORY_UTILIZATION": "0.7"})
+    assert settings.state_dir == tmp_path
+    assert settings.gpu_memory_utilization == 0.7
+    assert settings.source is None
+
+
+def test_unrelated_env_is_ignored(tmp_path: Path) -> None:
+    settings = load_config(env={"PORT": "1", "LORABOX_NOT_A_SETTING": "x", "LORABOX_SOURCE": "/x"})
+    assert settings == Settings()
+
+
+def test_lorabox_config_env_names_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "port = 9200\n")
+    assert load_config(env={"LORABOX_CONFIG": str(path)}).port == 9200
+    # An explicit path beats the variable.
+    other = tmp_path / "other.toml"
+    other.write_text("port = 9300\n")
+    assert load_config(other, env={"LORABOX_CONFIG": str(path)}).port == 9300
+
+
+def test_database_path_is_under_state_dir(tmp_path: Path) -> None:
+    settings = load_config(write(tmp_path, f'state_dir = "{tmp_path}"\n'), env={})
+    assert settings.database_path.parent == tmp_path
+    assert settings.database_path.name.endswith(".db")
+
+
+def test_unknown_key_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"unknown setting.*prot"):
+        load_config(write(tmp_path, "prot = 9000\n"), env={})
+
+
+def test_source_is_not_a_setting(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"unknown setting.*source"):
+        load_config(write(tmp_path, 'source = "/x"\n'), env={})
+
+
+def test_toml_table_is_an_unknown_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="server"):
+        load_config(write(tmp_path, "[server]\nport = 1\n"), env={})
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        'port = "abc"',
+        "port = true",
+        "max_loras = false",
+        "gpu_memory_utilization = true",
+        'gpu_memory_utilization = "most"',
+        "host = 127",
+        "engine = 1",
+    ],
+)
+def test_wrong_types_in_the_file(tmp_path: Path, line: str) -> None:
+    name = line.split(" =")[0]
+    with pytest.raises(ConfigError, match=name):
+        load_config(write(tmp_path, line + "\n"), env={})
+
+
+@pytest.mark.parametrize(("name", "value"), [("PORT", "abc"), ("PORT", ""), ("MAX_LORAS", "2.5")])
+def test_wrong_types_in_the_env(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=name.lower()):
+        load_config(env={f"LORABOX_{name}": value})
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('engine = "tensorrt"', "engine must be one of auto, vllm, llamacpp"),
+        ("port = 0", "port must be 1-65535"),
+        ("port = 65536", "port must be 1-65535"),
+        ("max_request_bytes = 10", "max_request_bytes"),
+        ("max_loras = -1", "max_loras"),
+        ("max_cpu_loras = -1", "max_cpu_loras"),
+        ("max_loras = 8\nmax_cpu_loras = 4", "max_cpu_loras >= max_loras"),
+        ("gpu_memory_utilization = 0", "gpu_memory_utilization"),
+        ("gpu_memory_utilization = 1.5", "gpu_memory_utilization"),
+    ],
+)
+def test_invalid_values(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text + "\n"), env={})
+
+
+def test_bad_engine_from_env() -> None:
+    with pytest.raises(ConfigError, match="engine"):
+        load_config(env={"LORABOX_ENGINE": "VLLM"})
+
+
+def test_invalid_toml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"lorabox\.toml"):
+        load_config(write(tmp_path, "port = \n"), env={})
+
+
+def test_missing_explicit_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml", env={})
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(env={"LORABOX_CONFIG": str(tmp_path / "nope.toml")})
+
+
+def test_missing_system_file_means_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    system = write(tmp_path, "port = 9500\n")
+    monkeypatch.setattr(config_module, "DEFAULT_CONFIG_PATH", system)
+    assert load_config(env={}).port == 9500
+    system.unlink()
+    assert load_config(env={}).port == 8400
+
+
+@pytest.mark.parametrize("line", ["port = [8400]", "port = 1979-05-27", "max_loras = {a = 1}"])
+def test_non_scalar_values_are_config_errors(tmp_path: Path, line: str) -> None:
+    with pytest.raises(ConfigError, match=line.split(" =")[0]):
+        load_config(write(tmp_path, line + "\n"), env={})
+
+
+@pytest.mark.parametrize("line", ["port = 80.5", "max_loras = 2.9"])
+def test_int_settings_refuse_fractional_floats(tmp_path: Path, line: str) -> None:
+    with pytest.raises(ConfigError, match=line.split(" =")[0]):
+        load_config(write(tmp_path, line + "\n"), env={})
+
+
+@pytest.mark.parametrize("kind", ["directory", "not-utf8"])
+def test_unreadable_config_file_is_a_config_error(tmp_path: Path, kind: str) -> None:
+    if kind == "directory":
+        path = tmp_path
+    else:
+        path = tmp_path / "latin1.toml"
+        path.write_bytes('host = "café"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError):
+        load_config(path, env={})
+
+
+def test_unknown_log_level_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="log_level"):
+        load_config(write(tmp_path, 'log_level = "loud"\n'), env={})

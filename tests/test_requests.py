@@ -1,0 +1,277 @@
+"""OpenAI request bodies: what is accepted, and which parameter each refusal names."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from appliance.api.errors import APIError
+from appliance.api.requests import parse_chat, parse_completion
+
+USER = [{"role": "user", "content": "Hi"}]
+
+
+def chat(**fields: Any) -> dict[str, Any]:
+    return {"model": "acme", "messages": USER} | fields
+
+
+def completion(**fields: Any) -> dict[str, Any]:
+    return {"model": "acme", "prompt": "Once upon"} | fields
+
+
+def refused(parse: Any, body: Any) -> APIError:
+    with pytest.raises(APIError) as caught:
+        parse(body)
+    assert caught.value.status == 400
+    assert caught.value.message
+    return caught.value
+
+
+# -- accepted -----------------------------------------------------------------------------------
+
+
+def test_minimal_chat() -> None:
+    parsed = parse_chat(chat())
+    assert parsed.model == "acme"
+    assert parsed.messages == USER
+    assert parsed.prompt is None
+    assert (parsed.stream, parsed.include_usage, parsed.user) == (False, False, None)
+    options = parsed.options
+    assert (options.max_tokens, options.temperature, options.top_p, options.seed, options.stop) == (
+        None,
+        1.0,
+        1.0,
+        None,
+        (),
+    )
+
+
+def test_minimal_completion() -> None:
+    parsed = parse_completion(completion())
+    assert (parsed.model, parsed.prompt, parsed.messages) == ("acme", "Once upon", None)
+
+
+def test_full_chat() -> None:
+    parsed = parse_chat(
+        chat(
+            messages=[
+                {"role": "developer", "content": "Be brief."},
+                {"role": "system", "content": "Really."},
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}],
+                },
+                {"role": "assistant", "content": "Hi."},
+            ],
+            max_tokens=16,
+            temperature=0,
+            top_p=0.5,
+            seed=7,
+            stop=["\n", "END"],
+            stream=True,
+            stream_options={"include_usage": True},
+            user="u-1",
+            n=1,
+            presence_penalty=0,
+            frequency_penalty=0.0,
+        )
+    )
+    assert parsed.messages == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "system", "content": "Really."},
+        {"role": "user", "content": "Hel\nlo"},  # text parts are joined by newlines, as vLLM does
+        {"role": "assistant", "content": "Hi."},
+    ]
+    options = parsed.options
+    assert (options.max_tokens, options.temperature, options.top_p, options.seed) == (16, 0.0, 0.5, 7)
+    assert options.stop == ("\n", "END")
+    assert (parsed.stream, parsed.include_usage, parsed.user) == (True, True, "u-1")
+
+
+def test_nulls_mean_defaults() -> None:
+    parsed = parse_chat(
+        chat(
+            max_tokens=None,
+            temperature=None,
+            top_p=None,
+            seed=None,
+            stop=None,
+            stream=None,
+            n=None,
+            user=None,
+        )
+    )
+    assert parsed.options.temperature == 1.0
+    assert parsed.options.max_tokens is None
+    assert parsed.stream is False
+
+
+def test_unsupported_fields_at_their_neutral_values_are_accepted() -> None:
+    parsed = parse_chat(chat(tools=[], logprobs=False, logit_bias={}, tool_choice=None))
+    assert parsed.model == "acme"
+
+
+def test_unknown_fields_are_ignored() -> None:
+    assert parse_chat(chat(foo=1, metadata={"a": "b"})).messages == USER
+    assert parse_completion(completion(foo=1)).prompt == "Once upon"
+
+
+def test_max_completion_tokens_is_preferred() -> None:
+    assert parse_chat(chat(max_tokens=5, max_completion_tokens=7)).options.max_tokens == 7
+    assert parse_chat(chat(max_completion_tokens=3)).options.max_tokens == 3
+    assert parse_chat(chat(max_tokens=5)).options.max_tokens == 5
+
+
+def test_stop_forms() -> None:
+    assert parse_chat(chat(stop="END")).options.stop == ("END",)
+    assert parse_chat(chat(stop="")).options.stop == ()
+    assert parse_chat(chat(stop=[])).options.stop == ()
+    assert parse_chat(chat(stop=["a", "", "b", "c"])).options.stop == ("a", "b", "c")
+
+
+def test_completion_prompt_forms() -> None:
+    assert parse_completion(completion(prompt=["Once upon"])).prompt == "Once upon"
+    assert parse_completion(completion(prompt=[1, 2, 3])).prompt == [1, 2, 3]
+    assert parse_completion(completion(prompt="")).prompt == ""
+
+
+# -- refused ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body", [None, [], "text", 1, [{"model": "acme"}]])
+@pytest.mark.parametrize("parse", [parse_chat, parse_completion])
+def test_non_object_body(parse: Any, body: Any) -> None:
+    error = refused(parse, body)
+    assert error.param is None
+    assert "JSON object" in error.message
+
+
+CHAT_REFUSALS: list[tuple[str, dict[str, Any], str]] = [
+    ("model-missing", {"model": None}, "model"),
+    ("model-empty", {"model": ""}, "model"),
+    ("model-not-string", {"model": 3}, "model"),
+    ("messages-missing", {"messages": None}, "messages"),
+    ("messages-empty", {"messages": []}, "messages"),
+    ("messages-not-list", {"messages": {"role": "user", "content": "Hi"}}, "messages"),
+    ("messages-string", {"messages": "Hi"}, "messages"),
+    ("message-not-object", {"messages": ["Hi"]}, "messages"),
+    ("role-bad", {"messages": [{"role": "wizard", "content": "Hi"}]}, "messages"),
+    ("role-missing", {"messages": [{"content": "Hi"}]}, "messages"),
+    ("role-tool", {"messages": [{"role": "tool", "content": "Hi"}]}, "messages"),
+    ("content-number", {"messages": [{"role": "user", "content": 5}]}, "messages"),
+    ("content-missing", {"messages": [{"role": "user"}]}, "messages"),
+    (
+        "content-image",
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        "messages",
+    ),
+    (
+        "content-part-not-text",
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": 1}]}]},
+        "messages",
+    ),
+    ("max_tokens-0", {"max_tokens": 0}, "max_tokens"),
+    ("max_tokens-negative", {"max_tokens": -1}, "max_tokens"),
+    ("max_tokens-string", {"max_tokens": "10"}, "max_tokens"),
+    ("max_tokens-float", {"max_tokens": 1.5}, "max_tokens"),
+    ("max_tokens-bool", {"max_tokens": True}, "max_tokens"),
+    ("max_completion_tokens-0", {"max_completion_tokens": 0}, "max_completion_tokens"),
+    ("temperature-high", {"temperature": 3}, "temperature"),
+    ("temperature-negative", {"temperature": -0.1}, "temperature"),
+    ("temperature-string", {"temperature": "hot"}, "temperature"),
+    ("temperature-nan", {"temperature": float("nan")}, "temperature"),
+    ("temperature-bool", {"temperature": True}, "temperature"),
+    ("top_p-0", {"top_p": 0}, "top_p"),
+    ("top_p-high", {"top_p": 1.01}, "top_p"),
+    ("n-2", {"n": 2}, "n"),
+    ("n-0", {"n": 0}, "n"),
+    ("seed-string", {"seed": "7"}, "seed"),
+    ("stop-5", {"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ("stop-non-string", {"stop": ["a", 1]}, "stop"),
+    ("stop-number", {"stop": 5}, "stop"),
+    ("stream-yes", {"stream": "yes"}, "stream"),
+    ("stream-1", {"stream": 1}, "stream"),
+    ("stream_options-without-stream", {"stream_options": {"include_usage": True}}, "stream_options"),
+    ("stream_options-stream-false", {"stream": False, "stream_options": {}}, "stream_options"),
+    ("stream_options-not-object", {"stream": True, "stream_options": True}, "stream_options"),
+    ("include_usage-string", {"stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options"),
+    ("user-number", {"user": 5}, "user"),
+    ("cache_salt", {"cache_salt": "x"}, "cache_salt"),
+    ("cache_salt-null", {"cache_salt": None}, "cache_salt"),
+    ("lora_request", {"lora_request": {"lora_name": "globex"}}, "lora_request"),
+    ("tools", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("logprobs", {"logprobs": True}, "logprobs"),
+    ("response_format", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("presence_penalty", {"presence_penalty": 0.5}, "presence_penalty"),
+    ("frequency_penalty", {"frequency_penalty": -1}, "frequency_penalty"),
+    ("presence_penalty-out-of-range", {"presence_penalty": 3}, "presence_penalty"),
+]
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"), [c[1:] for c in CHAT_REFUSALS], ids=[c[0] for c in CHAT_REFUSALS]
+)
+def test_chat_refusals_name_the_parameter(fields: dict[str, Any], param: str) -> None:
+    body = chat(**fields)
+    for name, value in fields.items():
+        if value is None and name in ("model", "messages"):
+            del body[name]
+    assert refused(parse_chat, body).param == param
+
+
+@pytest.mark.parametrize("param", ["tools", "logprobs", "presence_penalty"])
+def test_unsupported_features_have_a_code(param: str) -> None:
+    value: Any = {"tools": [{"type": "function"}], "logprobs": True, "presence_penalty": 0.5}[param]
+    error = refused(parse_chat, chat(**{param: value}))
+    assert error.code == "unsupported_parameter"
+    assert param in error.message
+
+
+def test_server_owned_field_message() -> None:
+    error = refused(parse_completion, completion(cache_salt="other-tenant"))
+    assert (error.param, error.code) == ("cache_salt", None)
+    assert "set by the server" in error.message
+
+
+def test_too_many_messages() -> None:
+    error = refused(parse_chat, chat(messages=USER * 4097))
+    assert error.param == "messages"
+
+
+def test_refusal_names_the_failing_message_index() -> None:
+    error = refused(parse_chat, chat(messages=[*USER, {"role": "user", "content": [{"type": "image_url"}]}]))
+    assert "messages[1]" in error.message
+
+
+COMPLETION_REFUSALS: list[tuple[str, Any, str]] = [
+    ("missing", None, "prompt"),
+    ("number", 5, "prompt"),
+    ("empty-list", [], "prompt"),
+    ("batch-of-two", ["Once", "upon"], "prompt"),
+    ("mixed", ["Once", 1], "prompt"),
+    ("nested-token-lists", [[1, 2]], "prompt"),
+    ("bool-tokens", [True, False], "prompt"),
+    ("float-tokens", [1.0, 2.0], "prompt"),
+]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "param"), [c[1:] for c in COMPLETION_REFUSALS], ids=[c[0] for c in COMPLETION_REFUSALS]
+)
+def test_completion_refusals(prompt: Any, param: str) -> None:
+    body = completion(prompt=prompt)
+    if prompt is None:
+        del body["prompt"]
+    assert refused(parse_completion, body).param == param
+
+
+def test_batched_prompts_message() -> None:
+    assert "one prompt per request" in refused(parse_completion, completion(prompt=["a", "b"])).message
+
+
+def test_completion_shares_the_common_checks() -> None:
+    assert refused(parse_completion, completion(max_tokens=0)).param == "max_tokens"
+    assert refused(parse_completion, completion(model="")).param == "model"
+    assert refused(parse_completion, completion(echo=True)).param == "echo"
+    assert refused(parse_completion, completion(suffix="x")).param == "suffix"
