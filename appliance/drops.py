@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,11 +68,17 @@ def scan(adapters_dir: Path) -> Iterator[tuple[str, str, Path]]:
     if not adapters_dir.is_dir():
         return
     for tenant_dir in sorted(adapters_dir.iterdir()):
-        if is_ignored_name(tenant_dir.name) or not tenant_dir.is_dir():
-            continue
-        for version_dir in sorted(tenant_dir.iterdir()):
-            if not is_ignored_name(version_dir.name) and version_dir.is_dir():
-                yield tenant_dir.name, version_dir.name, version_dir
+        if not is_ignored_name(tenant_dir.name) and tenant_dir.is_dir():
+            yield from scan_tenant(adapters_dir, tenant_dir.name)
+
+
+def scan_tenant(adapters_dir: Path, tenant: str) -> Iterator[tuple[str, str, Path]]:
+    tenant_dir = adapters_dir / tenant
+    if is_ignored_name(tenant) or not tenant_dir.is_dir():
+        return
+    for version_dir in sorted(tenant_dir.iterdir()):
+        if not is_ignored_name(version_dir.name) and version_dir.is_dir():
+            yield tenant, version_dir.name, version_dir
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -86,12 +93,17 @@ def inspect(
         raise AdapterError(f"invalid tenant folder name {tenant!r}")
     if not is_version_name(version):
         raise AdapterError(f"invalid version folder name {version!r}")
-    if not _inside(folder, root):
-        raise AdapterError("folder is a link that leaves the adapters directory")
+    # Links may not leave the tenant's own folder: not out of the adapters directory, and not
+    # into another tenant's adapters either.
+    tenant_root = root / tenant
+    if not (_inside(tenant_root, root) and _inside(folder, tenant_root)):
+        raise AdapterError("folder is a link that leaves the adapters directory or its tenant's folder")
     config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     for path in (config_path, weights_path):
-        if path.is_symlink() and not _inside(path, root):
-            raise AdapterError(f"{path.name} is a link that leaves the adapters directory")
+        if path.is_symlink() and not _inside(path, tenant_root):
+            raise AdapterError(
+                f"{path.name} is a link that leaves the adapters directory or its tenant's folder"
+            )
     if not weights_path.is_file():
         pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickled:
@@ -108,8 +120,8 @@ def inspect(
     config_bytes = config_path.read_bytes()
     try:
         config = json.loads(config_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterError(f"{CONFIG_FILE} is not valid JSON ({exc})") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise AdapterError(f"{CONFIG_FILE} is not valid JSON ({type(exc).__name__})") from exc
     if not isinstance(config, dict):
         raise AdapterError(f"{CONFIG_FILE} must be a JSON object")
     if config.get("peft_type") != "LORA":
@@ -119,8 +131,8 @@ def inspect(
         raise AdapterError(f"rank r must be a positive integer, not {rank!r}")
     if rank > limits.max_rank:
         raise AdapterError(f"rank {rank} exceeds the engine's max_lora_rank {limits.max_rank}")
-    if not isinstance(alpha, int | float) or isinstance(alpha, bool):
-        raise AdapterError(f"lora_alpha must be a number, not {alpha!r}")
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise AdapterError(f"lora_alpha must be a finite number, not {alpha!r}")
     if config.get("use_dora"):
         raise AdapterError("DoRA adapters are not supported")
     if config.get("bias", "none") != "none":
@@ -134,7 +146,7 @@ def inspect(
     if unknown:
         raise AdapterError(f"target modules not in the base model: {', '.join(unknown)}")
 
-    _check_tensors(read_header(weights_path), base, rank)
+    _check_tensors(read_header(weights_path), base, rank, set(map(str, targets)))
     digest = hashlib.sha256(config_bytes)
     with weights_path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -151,7 +163,7 @@ def inspect(
     )
 
 
-def _check_tensors(tensors: dict, base: BaseModelInfo, rank: int) -> None:  # type: ignore[type-arg]
+def _check_tensors(tensors: dict, base: BaseModelInfo, rank: int, targets: set[str]) -> None:  # type: ignore[type-arg]
     if not tensors:
         raise AdapterError(f"{WEIGHTS_FILE} holds no tensors")
     pairs: dict[str, set[str]] = {}
@@ -169,23 +181,37 @@ def _check_tensors(tensors: dict, base: BaseModelInfo, rank: int) -> None:  # ty
     unpaired = sorted(stem for stem, kinds in pairs.items() if len(kinds) != 2)
     if unpaired:
         raise AdapterError(f"lora_A/lora_B pairs incomplete for {unpaired[0]}")
+    present = {stem.rsplit(".", 1)[-1] for stem in pairs}
+    if present != set(targets):
+        raise AdapterError(
+            f"tensors cover modules {sorted(present)} but target_modules says {sorted(targets)}"
+        )
+
+
+def register_version(
+    store: Store, tenant: str, version: str, folder: Path, base: BaseModelInfo, limits: AdapterLimits,
+    root: Path,
+) -> AdapterVersion | None:
+    """Inspect one version and record the verdict: ready, or refused with its reason.
+
+    Returns None when the names are too broken to be a registry row (an event records why).
+    """
+    try:
+        adapter = inspect(tenant, version, folder, base, limits, root)
+    except (AdapterError, OSError) as exc:
+        log.warning("refused adapter %s/%s: %s", tenant, version, exc)
+        if not (is_tenant_name(tenant) and is_version_name(version)):
+            store.record_event("adapter_refused", tenant=tenant[:64], version=version[:64], detail=str(exc))
+            return None
+        adapter = AdapterVersion(tenant, version, str(folder), "", 0, 0.0, (), 0, "refused", str(exc))
+    store.register_adapter(adapter)
+    return adapter
 
 
 def register_all(store: Store, adapters_dir: Path, base: BaseModelInfo, limits: AdapterLimits) -> list[str]:
     """Register every version under adapters_dir (refusals too, with reasons); returns labels seen."""
-    seen = []
-    for tenant, version, folder in scan(adapters_dir):
-        try:
-            adapter = inspect(tenant, version, folder, base, limits, adapters_dir)
-        except (AdapterError, OSError) as exc:
-            log.warning("refused adapter %s/%s: %s", tenant, version, exc)
-            if is_tenant_name(tenant) and is_version_name(version):
-                adapter = AdapterVersion(tenant, version, str(folder), "", 0, 0.0, (), 0, "refused", str(exc))
-            else:
-                store.record_event(
-                    "adapter_refused", tenant=tenant[:64], version=version[:64], detail=str(exc)
-                )
-                continue
-        store.register_adapter(adapter)
-        seen.append(adapter.label)
-    return seen
+    registered = (
+        register_version(store, tenant, version, folder, base, limits, adapters_dir)
+        for tenant, version, folder in scan(adapters_dir)
+    )
+    return [adapter.label for adapter in registered if adapter is not None]

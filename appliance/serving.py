@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from .engines.base import AdapterRef, Engine, GenerationRequest
 from .store import AdapterVersion, Store, Tenant
 from .tokenization import StopMatcher, TextCodec
+from .versions import VersionManager
 
 
 class ModelNotFound(LookupError):
@@ -37,17 +38,19 @@ class Target:
 
 
 class Catalog:
-    def __init__(self, store: Store, base_model_name: str):
+    def __init__(self, store: Store, versions: VersionManager, base_model_name: str):
         self.store = store
+        self.versions = versions
         self.base_model_name = base_model_name
 
-    def resolve(self, tenant: Tenant, model: str) -> Target:
+    def resolve(self, tenant: Tenant, model: str, sticky: str | None = None) -> Target:
+        """`<tenant>` (active version, or the canary for its share), `<tenant>@<version>`, or base."""
         if model == self.base_model_name and tenant.allow_base_model:
             return Target(model, None)
         name, _, version = model.partition("@")
         if name != tenant.name:
             raise ModelNotFound(model)
-        adapter = self.store.get_adapter(tenant.name, version) if version else self.store.active_adapter(name)
+        adapter = self.store.get_adapter(name, version) if version else self.versions.choose(name, sticky)
         if adapter is None or adapter.state != "ready":
             raise ModelNotFound(model)
         return Target(model, adapter)
@@ -55,7 +58,7 @@ class Catalog:
     def model_ids(self, tenant: Tenant) -> list[tuple[str, str]]:
         """(model id, owner) pairs this tenant may call."""
         ready = [a for a in self.store.adapters(tenant.name) if a.state == "ready"]
-        ids = [(tenant.name, tenant.name)] if ready else []
+        ids = [(tenant.name, tenant.name)] if self.versions.active(tenant.name) else []
         ids += [(a.label, tenant.name) for a in ready]
         if tenant.allow_base_model:
             ids.append((self.base_model_name, "lorabox"))

@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..engines.base import Engine
 from ..serving import Catalog, ContextTooLong, GenerationResult, Generator, ModelNotFound, Target
 from ..store import Store, Tenant
 from ..tokenization import PromptError, TextCodec
@@ -30,6 +31,7 @@ class Services:
     catalog: Catalog
     codec: TextCodec
     ledger: UsageLedger
+    engine: Engine
     engine_name: str = ""
     generator: Generator | None = None
     started_at: float = field(default_factory=time.time)
@@ -71,9 +73,11 @@ async def read_json(request: web.Request) -> Any:
         raise bad_request(f"We could not parse the JSON body of your request ({exc}).") from exc
 
 
-def resolve(services: Services, tenant: Tenant, model: str) -> Target:
+def resolve(request: web.Request, services: Services, tenant: Tenant, parsed: ParsedRequest) -> Target:
+    # A canary split is sticky per end user (or per client request id) when the client names one.
+    sticky = parsed.user or request.headers.get("X-Request-ID")
     try:
-        return services.catalog.resolve(tenant, model)
+        return services.catalog.resolve(tenant, parsed.model, sticky)
     except ModelNotFound as exc:
         raise APIError(404, str(exc), param="model", code="model_not_found") from exc
 
@@ -83,7 +87,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     tenant = authenticate(request, services)
     generator = ready_generator(services)
     parsed = parse_chat(await read_json(request))
-    target = resolve(services, tenant, parsed.model)
+    target = resolve(request, services, tenant, parsed)
     try:
         prompt_ids = services.codec.encode_chat(parsed.messages or [])
     except PromptError as exc:
@@ -96,7 +100,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     tenant = authenticate(request, services)
     generator = ready_generator(services)
     parsed = parse_completion(await read_json(request))
-    target = resolve(services, tenant, parsed.model)
+    target = resolve(request, services, tenant, parsed)
     if isinstance(parsed.prompt, list):
         check_token_ids(parsed.prompt, len(services.codec.tokenizer))
         prompt_ids = parsed.prompt
@@ -173,29 +177,31 @@ async def _complete(
     )
     started = time.perf_counter()
     status = 200
-    try:
-        if not parsed.stream:
-            text = "".join([chunk.text async for chunk in chunks])
-            return web.json_response(shape.body(text, result))
-        return await _stream(request, shape, chunks, result, parsed.include_usage)
-    except (asyncio.CancelledError, ConnectionResetError):
-        status = CLIENT_CLOSED
-        raise
-    except Exception:
-        status = 500
-        raise
-    finally:
-        services.ledger.record(
-            tenant=tenant.name,
-            model=parsed.model,
-            adapter_version=target.adapter.version if target.adapter else "",
-            endpoint="chat" if chat else "completions",
-            prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens,
-            finish_reason=result.finish_reason or "",
-            status=status,
-            latency_ms=round((time.perf_counter() - started) * 1000, 2),
-        )
+    # Entering the lease is synchronous: a version retired from now on waits for this request.
+    with services.catalog.versions.lease(target.adapter):
+        try:
+            if not parsed.stream:
+                text = "".join([chunk.text async for chunk in chunks])
+                return web.json_response(shape.body(text, result))
+            return await _stream(request, shape, chunks, result, parsed.include_usage)
+        except (asyncio.CancelledError, ConnectionResetError):
+            status = CLIENT_CLOSED
+            raise
+        except Exception:
+            status = 500
+            raise
+        finally:
+            services.ledger.record(
+                tenant=tenant.name,
+                model=parsed.model,
+                adapter_version=target.adapter.version if target.adapter else "",
+                endpoint="chat" if chat else "completions",
+                prompt_tokens=result.prompt_tokens,
+                completion_tokens=result.completion_tokens,
+                finish_reason=result.finish_reason or "",
+                status=status,
+                latency_ms=round((time.perf_counter() - started) * 1000, 2),
+            )
 
 
 async def _stream(

@@ -127,7 +127,7 @@ def _content_text(content: Any, index: int) -> str:
             ):
                 raise bad_request(f"messages[{index}].content: only text parts are supported.", "messages")
             parts.append(part["text"])
-        return "".join(parts)
+        return "\n".join(parts)
     raise bad_request(f"messages[{index}].content must be a string or a list of text parts.", "messages")
 
 

@@ -1,0 +1,283 @@
+"""Which version of each tenant's adapter serves, and switching without dropping a request.
+
+`sync(tenant)` reconciles one tenant's folder with the store and the engine:
+  1. versions whose files changed are inspected again (a copy still in progress is refused as
+     incomplete, then accepted once the file is whole); vanished versions are unregistered;
+  2. the desired version is the operator's pin if it is servable, else the newest valid one;
+  3. it is loaded into the engine first (warm) and only then made active, so the first request
+     after a switch pays no load; the previous version is retired and unloaded once the
+     requests already running on it have finished (they hold a lease on it).
+
+A canary sends a percentage of a tenant's requests to a candidate version, sticky per `user`
+(or request id) when the client gives one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import logging
+import secrets
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .drops import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    AdapterLimits,
+    BaseModelInfo,
+    register_version,
+    scan,
+    scan_tenant,
+)
+from .engines.base import AdapterRef, Engine
+from .errors import AdapterError, StoreError
+from .names import is_tenant_name, natural_key
+from .residency import ResidencyTracker
+from .store import AdapterVersion, Route, Store
+
+log = logging.getLogger(__name__)
+
+Fingerprint = tuple[tuple[str, int, int], ...]
+
+
+def fingerprint(folder: Path) -> Fingerprint:
+    """What changes when an adapter's files are written, replaced or relinked."""
+    parts = []
+    for name in ("", CONFIG_FILE, WEIGHTS_FILE):
+        path = folder / name if name else folder
+        try:
+            stat = path.stat()
+            parts.append((str(path.resolve()), stat.st_size, stat.st_mtime_ns))
+        except OSError:
+            parts.append((str(path), -1, -1))
+    return tuple(parts)
+
+
+def engine_ref(adapter: AdapterVersion) -> AdapterRef:
+    return AdapterRef(adapter.engine_name, adapter.path)
+
+
+class VersionManager:
+    def __init__(
+        self,
+        store: Store,
+        engine: Engine,
+        base: BaseModelInfo,
+        limits: AdapterLimits,
+        adapters_dir: Path,
+        residency: ResidencyTracker,
+    ):
+        self.store, self.engine, self.base, self.limits = store, engine, base, limits
+        self.adapters_dir = adapters_dir
+        self.residency = residency
+        self.requests_per_version: Counter[tuple[str, str]] = Counter()
+        self._seen: dict[tuple[str, str], Fingerprint] = {}
+        self._active: dict[str, AdapterVersion] = {}
+        self._canary: dict[str, tuple[AdapterVersion, int]] = {}
+        self._loaded: dict[str, AdapterRef] = {}  # engine name → ref, warm in the engine
+        self._inflight: Counter[str] = Counter()
+        self._retired: set[str] = set()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- the request path ---------------------------------------------------------------------
+
+    def active(self, tenant: str) -> AdapterVersion | None:
+        return self._active.get(tenant)
+
+    def choose(self, tenant: str, sticky: str | None) -> AdapterVersion | None:
+        """The version that serves this request: the active one, or the canary for its share."""
+        active = self._active.get(tenant)
+        canary = self._canary.get(tenant)
+        if active is None or canary is None:
+            return active
+        candidate, percent = canary
+        if sticky:
+            bucket = int.from_bytes(hashlib.sha256(f"{tenant}\0{sticky}".encode()).digest()[:4], "big") % 100
+        else:
+            bucket = secrets.randbelow(100)
+        return candidate if bucket < percent else active
+
+    @contextmanager
+    def lease(self, adapter: AdapterVersion | None) -> Iterator[None]:
+        """Held for the whole request: a retired version is unloaded only once none are left."""
+        if adapter is None:
+            yield
+            return
+        name = adapter.engine_name
+        self._inflight[name] += 1
+        self.requests_per_version[(adapter.tenant, adapter.version)] += 1
+        self.residency.used(name, time.time())
+        try:
+            yield
+        finally:
+            self._inflight[name] -= 1
+            if self._inflight[name] <= 0:
+                del self._inflight[name]
+                if name in self._retired:
+                    self._unload_soon(name)
+
+    # -- reconciling folder, store and engine -------------------------------------------------
+
+    async def sync_all(self) -> None:
+        on_disk = {tenant for tenant, _, _ in scan(self.adapters_dir)}
+        registered = {a.tenant for a in self.store.adapters()}
+        routed = {r.tenant for r in self.store.routes()}
+        for tenant in sorted(on_disk | registered | routed):
+            await self.sync(tenant)
+
+    async def sync(self, tenant: str) -> None:
+        async with self._locks.setdefault(tenant, asyncio.Lock()):
+            self._reconcile_folder(tenant)
+            if is_tenant_name(tenant):
+                await self._apply_route(tenant)
+
+    def _reconcile_folder(self, tenant: str) -> None:
+        tenant_dir = self.adapters_dir / tenant
+        on_disk = {version: folder for _, version, folder in scan_tenant(self.adapters_dir, tenant)}
+        for version, folder in on_disk.items():
+            current = fingerprint(folder)
+            if self._seen.get((tenant, version)) == current:
+                continue
+            self._seen[(tenant, version)] = current
+            register_version(self.store, tenant, version, folder, self.base, self.limits, self.adapters_dir)
+        if not is_tenant_name(tenant):
+            return
+        for adapter in self.store.adapters(tenant):
+            if adapter.version not in on_disk:
+                log.info("adapter %s is gone from %s", adapter.label, tenant_dir)
+                self._seen.pop((tenant, adapter.version), None)
+                self.store.remove_adapter(tenant, adapter.version)
+
+    def _ready(self, tenant: str) -> dict[str, AdapterVersion]:
+        return {a.version: a for a in self.store.adapters(tenant) if a.state == "ready"}
+
+    async def _apply_route(self, tenant: str) -> None:
+        route = self.store.route(tenant)
+        ready = self._ready(tenant)
+        newest = max(ready.values(), key=lambda a: natural_key(a.version), default=None)
+        desired = ready.get(route.pinned_version or "", newest)
+        current = self._active.get(tenant)
+
+        if desired is None and current is not None:
+            del self._active[tenant]
+            self._retire(current)
+            self.store.record_event("adapter_deactivated", tenant=tenant, version=current.version,
+                                    detail="no servable version left")
+        elif desired is not None and (current is None or current.engine_name != desired.engine_name):
+            await self._switch(tenant, current, desired)
+
+        active = self._active.get(tenant)
+        self.store.save_route(dataclasses.replace(route, active_version=active.version if active else None))
+        await self._apply_canary(tenant, route, ready)
+
+    async def _switch(self, tenant: str, current: AdapterVersion | None, desired: AdapterVersion) -> None:
+        if not await self._warm(desired):
+            return  # refused by the engine: the current version keeps serving
+        self._active[tenant] = desired
+        rolled_back = current is not None and natural_key(desired.version) < natural_key(current.version)
+        self.store.record_event("adapter_rolled_back" if rolled_back else "adapter_activated", tenant=tenant,
+                                version=desired.version, detail=f"was {current.version}" if current else "")
+        log.info("%s now serves %s", tenant, desired.label)
+        if current is not None:
+            self._retire(current)
+
+    async def _apply_canary(self, tenant: str, route: Route, ready: dict[str, AdapterVersion]) -> None:
+        previous = self._canary.pop(tenant, None)
+        candidate = ready.get(route.canary_version or "")
+        if candidate is not None and route.canary_percent > 0 and await self._warm(candidate):
+            self._canary[tenant] = (candidate, route.canary_percent)
+        if previous is not None:
+            self._retire(previous[0])  # a no-op while it still serves
+
+    async def _warm(self, adapter: AdapterVersion) -> bool:
+        name = adapter.engine_name
+        self._retired.discard(name)
+        if name in self._loaded:
+            return True
+        try:
+            await self.engine.load_adapter(engine_ref(adapter))
+        except AdapterError as exc:
+            log.error("%s", exc)
+            refused = dataclasses.replace(adapter, state="refused", reason=str(exc))
+            self.store.register_adapter(refused)
+            return False
+        self._loaded[name] = engine_ref(adapter)
+        self.residency.loaded(name)
+        return True
+
+    def _in_use(self, name: str) -> bool:
+        serving = {a.engine_name for a in self._active.values()}
+        serving |= {a.engine_name for a, _ in self._canary.values()}
+        return name in serving
+
+    def _retire(self, adapter: AdapterVersion) -> None:
+        name = adapter.engine_name
+        if name not in self._loaded or self._in_use(name):
+            return
+        self._retired.add(name)
+        if not self._inflight[name]:
+            self._unload_soon(name)
+
+    def _unload_soon(self, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._unload(name))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _unload(self, name: str) -> None:
+        if name not in self._retired or self._inflight[name] or self._in_use(name):
+            return
+        self._retired.discard(name)
+        ref = self._loaded.pop(name)
+        await self.engine.unload_adapter(ref)
+        self.residency.unloaded(name)
+        tenant, _, rest = name.partition("@")
+        self.store.record_event("adapter_unloaded", tenant=tenant, version=rest.split("#")[0])
+        log.info("unloaded %s after it drained", name)
+
+    # -- operator actions ---------------------------------------------------------------------
+
+    async def activate(self, tenant: str, version: str | None) -> AdapterVersion | None:
+        """Pin a version (rollback or hold), or `None` to follow the newest again."""
+        if version is not None and version not in self._ready(tenant):
+            raise StoreError(f"{tenant}@{version} is not a servable version")
+        route = self.store.route(tenant)
+        self.store.save_route(dataclasses.replace(route, pinned_version=version))
+        self.store.record_event("adapter_pinned" if version else "adapter_unpinned", tenant=tenant,
+                                version=version or "")
+        await self.sync(tenant)
+        active = self._active.get(tenant)
+        if version is not None and (active is None or active.version != version):
+            raise StoreError(f"{tenant}@{version} could not be loaded; see `lorabox adapters list`")
+        return active
+
+    async def set_canary(self, tenant: str, version: str | None, percent: int) -> None:
+        if not 0 <= percent <= 100:
+            raise StoreError("canary percent must be between 0 and 100")
+        if version is not None and percent > 0 and version not in self._ready(tenant):
+            raise StoreError(f"{tenant}@{version} is not a servable version")
+        route = self.store.route(tenant)
+        cleared = version is None or percent == 0
+        self.store.save_route(dataclasses.replace(
+            route, canary_version=None if cleared else version, canary_percent=0 if cleared else percent
+        ))
+        self.store.record_event("canary_cleared" if cleared else "canary_set", tenant=tenant,
+                                version=version or "", detail="" if cleared else f"{percent}%")
+        await self.sync(tenant)
+
+    def canary(self, tenant: str) -> tuple[str, int] | None:
+        entry = self._canary.get(tenant)
+        return (entry[0].version, entry[1]) if entry else None
+
+    def loaded_names(self) -> set[str]:
+        return set(self._loaded)
+
+    async def drain(self) -> None:
+        """Wait for pending unloads (tests and shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
