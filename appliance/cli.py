@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .adminclient import AdminClient, AdminError, AdminUnavailable
 from .config import Settings, load_config
 from .errors import LoraboxError
 from .store import Store
@@ -123,25 +124,61 @@ def cmd_key(args: argparse.Namespace) -> None:
                 file=sys.stderr,
             )
         elif args.action == "revoke":
-            tenant = store.revoke_key(args.target)
-            print(f"revoked key {args.target} of tenant {tenant}")
+            tenant, key_id = store.revoke_key(args.target)
+            print(f"revoked key {key_id} of tenant {tenant}")
         else:
             _table(store.list_keys(args.target), ["key_id", "tenant", "created_at", "revoked_at"])
 
 
+def _admin(settings: Settings) -> AdminClient:
+    return AdminClient(settings.admin_socket_path)
+
+
 def cmd_adapters(args: argparse.Namespace) -> None:
+    settings = _settings(args)
+    if args.action == "list":
+        try:
+            rows = _admin(settings).call("GET", "/admin/adapters")["adapters"]
+        except AdminUnavailable:
+            rows = _adapter_rows_offline(settings)
+        if args.tenant:
+            rows = [r for r in rows if r["tenant"] == args.tenant]
+        for row in rows:
+            row["active"] = "*" if row["active"] else ""
+            row["canary"] = f"{row['canary_percent']}%" if row.get("canary_percent") else ""
+            row["sha256"] = row["sha256"][:12]
+        _table(rows, ["tenant", "version", "active", "canary", "state", "rank", "size_bytes", "requests",
+                      "sha256", "reason"])
+        return
+    client = _admin(settings)
+    if args.action == "activate":
+        result = client.call("POST", f"/admin/tenants/{args.tenant}/activate", {"version": args.version})
+        print(f"{args.tenant} now serves {result['active']} (pinned; `lorabox adapters unpin {args.tenant}` "
+              "follows the newest again)")
+    elif args.action == "unpin":
+        result = client.call("POST", f"/admin/tenants/{args.tenant}/activate", {"version": None})
+        print(f"{args.tenant} follows its newest version: {result['active']}")
+    elif args.action == "canary":
+        result = client.call("POST", f"/admin/tenants/{args.tenant}/canary",
+                             {"version": args.version, "percent": args.percent})
+        canary = result["canary"]
+        print(f"{args.tenant}: canary {canary['version']} gets {canary['percent']}% of requests" if canary
+              else f"{args.tenant}: no canary")
+
+
+def _adapter_rows_offline(settings: Settings) -> list[dict]:  # type: ignore[type-arg]
+    """The registry as last recorded, when the daemon is not running."""
+    with Store.open(settings.database_path) as store:
+        return [
+            dataclasses.asdict(a) | {"active": store.route(a.tenant).active_version == a.version,
+                                     "canary_percent": 0, "requests": ""}
+            for a in store.adapters()
+        ]
+
+
+def cmd_events(args: argparse.Namespace) -> None:
     with Store.open(_settings(args).database_path) as store:
-        rows = []
-        for adapter in store.adapters(args.tenant):
-            active = store.active_adapter(adapter.tenant)
-            rows.append(
-                dataclasses.asdict(adapter)
-                | {
-                    "active": "*" if active and active.version == adapter.version else "",
-                    "sha256": adapter.sha256[:12],
-                }
-            )
-        _table(rows, ["tenant", "version", "active", "state", "rank", "size_bytes", "sha256", "reason"])
+        _table(list(reversed(store.events(args.limit))), ["ts", "kind", "tenant", "version", "detail"])
 
 
 def cmd_usage(args: argparse.Namespace) -> None:
@@ -153,8 +190,10 @@ def cmd_config(args: argparse.Namespace) -> None:
     settings = _settings(args)
     print(f"# from {settings.source or '(defaults and environment)'}")
     for field in dataclasses.fields(Settings):
-        if field.name != "source":
-            print(f"{field.name} = {json.dumps(str(getattr(settings, field.name)))}")
+        value = getattr(settings, field.name)
+        if field.name == "source" or value is None:
+            continue
+        print(f"{field.name} = {json.dumps(value if isinstance(value, int | float) else str(value))}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,7 +239,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     asub = p.add_subparsers(dest="action", required=True)
     asub.add_parser("list", parents=[common]).add_argument("tenant", nargs="?")
+    act = asub.add_parser("activate", parents=[common], help="pin a version (rollback); needs the daemon")
+    act.add_argument("tenant")
+    act.add_argument("version")
+    asub.add_parser("unpin", parents=[common], help="follow the newest version again").add_argument("tenant")
+    can = asub.add_parser("canary", parents=[common], help="send N%% of a tenant's requests to a version")
+    can.add_argument("tenant")
+    can.add_argument("version")
+    can.add_argument("--percent", type=int, required=True, help="0 ends the canary")
     p.set_defaults(func=cmd_adapters)
+
+    p = sub.add_parser("events", parents=[common], help="adapter and key events, newest last")
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(func=cmd_events)
 
     p = sub.add_parser("usage", parents=[common], help="tokens per tenant from the usage ledger")
     p.add_argument("tenant", nargs="?")
@@ -215,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except LoraboxError as exc:
+    except (LoraboxError, AdminError, AdminUnavailable) as exc:
         print(f"lorabox: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -1,15 +1,17 @@
 """Wiring: the app factory, start-up and shutdown order, sd_notify.
 
-Start-up: open the store → register the drop folder → listen (healthz answers, readyz says
-"starting") → start the engine → warm-load every tenant's active adapter → ready (sd_notify
-READY=1). Shutdown: stop listening, drain, stop the engine, flush usage, close the store.
+Start-up: open the store → listen (healthz answers, readyz says "starting") → start the engine
+→ register the drop folder and warm every tenant's active version → watch the folder → ready
+(sd_notify READY=1). Shutdown: stop listening, drain, stop the engine, flush usage, close.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
+import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -17,21 +19,26 @@ from pathlib import Path
 
 from aiohttp import web
 
+from .api.admin import PLAN, build_admin_app
 from .api.errors import MAX_BODY_BYTES, openai_errors
 from .api.openai import SERVICES, Services, add_routes
 from .config import Settings
-from .drops import AdapterLimits, BaseModelInfo, register_all
-from .engines.base import AdapterRef, Engine, EngineOptions
+from .drops import AdapterLimits, BaseModelInfo, scan
+from .engines.base import EngineOptions
 from .engines.select import create_engine
-from .errors import AdapterError
+from .gpu import gpu_memory
+from .residency import Plan, ResidencyTracker, lora_budget_bytes, plan
 from .serving import Catalog, Generator
 from .store import Store
 from .tokenization import TextCodec
 from .usage import UsageLedger
+from .versions import VersionManager
+from .watcher import DropWatcher
 
 log = logging.getLogger(__name__)
-ENGINE = web.AppKey("engine", Engine)
 ON_READY = web.AppKey("on_ready", Callable[[], None])
+VERSIONS = web.AppKey("versions", VersionManager)
+ADAPTERS_DIR = web.AppKey("adapters_dir", Path)
 
 
 def sd_notify(state: str) -> None:
@@ -62,18 +69,27 @@ def engine_options(settings: Settings, model_dir: Path) -> EngineOptions:
     )
 
 
-async def warm_adapters(engine: Engine, store: Store) -> None:
-    """Load every tenant's active version so that no first request pays the load."""
-    tenants = sorted({a.tenant for a in store.adapters() if a.state == "ready"})
-    for tenant in tenants:
-        active = store.active_adapter(tenant)
-        if active is None:
-            continue
-        try:
-            await engine.load_adapter(AdapterRef(active.engine_name, active.path))
-        except AdapterError as exc:
-            log.error("%s", exc)
-            store.record_event("adapter_load_failed", tenant=tenant, version=active.version, detail=str(exc))
+def plan_residency(settings: Settings, base: BaseModelInfo, model_dir: Path) -> Plan:
+    """Size the engine's adapter slots so that every tenant's active adapter stays resident."""
+    tenants = {tenant for tenant, _, _ in scan(settings.adapters_dir)}
+    memory = gpu_memory()
+    gpu_free = None
+    if memory is not None:  # vLLM takes its share of the GPU; the weights come out of it first
+        weights = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+        gpu_free = int(memory.total * settings.gpu_memory_utilization) - weights
+    dtype_bytes = 4 if settings.dtype == "float32" else 2
+    return plan(
+        adapters=len(tenants),
+        pinned=0,
+        base=base,
+        max_rank=settings.max_lora_rank,
+        dtype_bytes=dtype_bytes,
+        lora_budget_bytes=lora_budget_bytes(
+            gpu_free_bytes=gpu_free, cpu_budget_bytes=settings.lora_cpu_budget_mib << 20
+        ),
+        configured_max_loras=settings.max_loras or None,
+        configured_max_cpu_loras=settings.max_cpu_loras or None,
+    )
 
 
 def build_app(
@@ -81,21 +97,33 @@ def build_app(
 ) -> web.Application:
     store = Store.connect(settings.database_path)
     base = BaseModelInfo.from_model_dir(model_dir)
-    seen = register_all(store, settings.adapters_dir, base, AdapterLimits(max_rank=settings.max_lora_rank))
-    log.info("registered %d adapter version(s) from %s", len(seen), settings.adapters_dir)
+    sizes = plan_residency(settings, base, model_dir)
+    log.info("residency plan: %s", sizes.reason)
+    settings = dataclasses.replace(settings, max_loras=sizes.max_loras, max_cpu_loras=sizes.max_cpu_loras)
     engine, reason = create_engine(settings.engine, engine_options(settings, model_dir))
     log.info("engine: %s", reason)
+    versions = VersionManager(
+        store,
+        engine,
+        base,
+        AdapterLimits(max_rank=settings.max_lora_rank),
+        settings.adapters_dir,
+        ResidencyTracker(sizes.max_loras, sizes.max_cpu_loras),
+    )
     services = Services(
         store=store,
-        catalog=Catalog(store, settings.base_model_name),
+        catalog=Catalog(store, versions, settings.base_model_name),
         codec=TextCodec.from_model_dir(model_dir),
         ledger=UsageLedger(store),
+        engine=engine,
         engine_name=engine.name,
     )
     app = web.Application(client_max_size=settings.max_request_bytes, middlewares=[openai_errors])
     app[MAX_BODY_BYTES] = settings.max_request_bytes
     app[SERVICES] = services
-    app[ENGINE] = engine
+    app[VERSIONS] = versions
+    app[ADAPTERS_DIR] = settings.adapters_dir
+    app[PLAN] = sizes
     app[ON_READY] = on_ready or (lambda: None)
     add_routes(app)
     app.cleanup_ctx.append(_run_engine)
@@ -110,15 +138,17 @@ async def _close_store(store: Store) -> None:
 
 async def _run_engine(app: web.Application) -> AsyncIterator[None]:
     """Start the engine in the background so that healthz answers while it loads."""
-    services, engine = app[SERVICES], app[ENGINE]
+    services, versions = app[SERVICES], app[VERSIONS]
+    watcher = DropWatcher(app[ADAPTERS_DIR], versions.sync)
 
     async def start() -> None:
         began = time.perf_counter()
-        await engine.start()
-        await warm_adapters(engine, services.store)
-        max_len = getattr(engine, "max_model_len", None) or 4096
-        services.generator = Generator(engine, services.codec, max_len)
-        log.info("ready in %.1f s (engine %s)", time.perf_counter() - began, engine.name)
+        await services.engine.start()
+        await versions.sync_all()
+        await watcher.start()
+        max_len = getattr(services.engine, "max_model_len", None) or 4096
+        services.generator = Generator(services.engine, services.codec, max_len)
+        log.info("ready in %.1f s (engine %s)", time.perf_counter() - began, services.engine_name)
         sd_notify("READY=1\nSTATUS=serving")
         app[ON_READY]()
 
@@ -127,8 +157,9 @@ async def _run_engine(app: web.Application) -> AsyncIterator[None]:
     yield
     sd_notify("STOPPING=1")
     task.cancel()
+    await watcher.stop()
     services.generator = None
-    await engine.shutdown()
+    await services.engine.shutdown()
 
 
 def _exit_if_failed(task: asyncio.Task[None]) -> None:
@@ -139,15 +170,32 @@ def _exit_if_failed(task: asyncio.Task[None]) -> None:
     os._exit(3)
 
 
+async def _serve(settings: Settings, app: web.Application) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+
+    # handler_cancellation: a client that disconnects cancels its request (and so the generation).
+    api = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=30)
+    admin = web.AppRunner(build_admin_app(app[SERVICES], app[PLAN]), access_log=None)
+    await api.setup()
+    await admin.setup()
+    socket_path = settings.admin_socket_path
+    socket_path.parent.mkdir(parents=True, exist_ok=True)
+    socket_path.unlink(missing_ok=True)
+    await web.UnixSite(admin, str(socket_path)).start()
+    os.chmod(socket_path, 0o660)
+    await web.TCPSite(api, settings.host, settings.port).start()
+    log.info("listening on http://%s:%d (admin API on %s)", settings.host, settings.port, socket_path)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        await admin.cleanup()
+        await api.cleanup()
+        socket_path.unlink(missing_ok=True)
+
+
 def serve(settings: Settings, model_dir: Path, on_ready: Callable[[], None] | None = None) -> None:
-    app = build_app(settings, model_dir, on_ready)
-    log.info("listening on http://%s:%d", settings.host, settings.port)
-    web.run_app(
-        app,
-        host=settings.host,
-        port=settings.port,
-        handler_cancellation=True,  # a client that disconnects cancels its request
-        print=None,
-        access_log=None,
-        shutdown_timeout=30,
-    )
+    asyncio.run(_serve(settings, build_app(settings, model_dir, on_ready)))

@@ -143,36 +143,39 @@ def build_model(model_dir: Path) -> None:
 
 
 def build_adapter(model_dir: Path, tenant: DemoTenant, out_dir: Path) -> None:
-    """A PEFT LoRA adapter with seeded, non-zero A and B (PEFT initialises B to zero)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
+    """A PEFT LoRA adapter with seeded, non-zero A and B (PEFT itself initialises B to zero).
 
-    base = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    Written directly in PEFT's on-disk format (PEFT's own LoraConfig, tensors named and shaped
+    after the base model's layers), which is fast enough to make hundreds for tests.
+    """
+    import torch
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    from .drops import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE, BaseModelInfo
+
+    base = BaseModelInfo.from_model_dir(model_dir)
+    generator = torch.Generator().manual_seed(tenant.seed)
+    tensors = {}
+    for path, (out_features, in_features) in sorted(base.linear_shapes.items()):
+        if path.rsplit(".", 1)[-1] in tenant.target_modules:
+            lora_a = torch.randn((tenant.rank, in_features), generator=generator) / in_features**0.5
+            lora_b = torch.randn((out_features, tenant.rank), generator=generator) * LORA_B_STD
+            tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = lora_a
+            tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = lora_b
     config = LoraConfig(
         r=tenant.rank,
         lora_alpha=tenant.alpha,
-        target_modules=list(tenant.target_modules),
+        target_modules=sorted(tenant.target_modules),
         lora_dropout=0.0,
         bias="none",
         task_type="CAUSAL_LM",
-    )
-    peft_model = get_peft_model(base, config)
-    generator = torch.Generator().manual_seed(tenant.seed)
-    with torch.no_grad():
-        for name, param in sorted(peft_model.named_parameters()):
-            if "lora_A" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) / param.shape[1] ** 0.5)
-            elif "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * LORA_B_STD)
-    peft_model.save_pretrained(out_dir, safe_serialization=True)
-    # PEFT records the local path it loaded the base from; the drop contract names the base.
-    config_path = out_dir / "adapter_config.json"
-    adapter_config = json.loads(config_path.read_text())
-    adapter_config["base_model_name_or_path"] = DEMO_MODEL_NAME
-    adapter_config["target_modules"] = sorted(adapter_config["target_modules"])  # a set in PEFT
-    config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
-    (out_dir / "README.md").unlink(missing_ok=True)
+        base_model_name_or_path=DEMO_MODEL_NAME,
+    ).to_dict()
+    config["target_modules"] = sorted(config["target_modules"])  # a set in PEFT
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out_dir / WEIGHTS_FILE, metadata={"format": "pt"})
+    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def ensure_builtin_model(state_dir: Path) -> Path:
@@ -204,8 +207,6 @@ dtype = "float32"
 max_model_len = 1024
 max_lora_rank = 16
 cpu_kv_cache_gib = 1
-max_loras = 4
-max_cpu_loras = 8
 """
 
 

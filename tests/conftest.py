@@ -87,7 +87,7 @@ class Reference:
     """Hugging Face transformers + PEFT, fp32, greedy: the independent source of truth."""
 
     demo: Demo
-    _models: dict[str | None, Any] = field(default_factory=dict)
+    _models: dict[Path | None, Any] = field(default_factory=dict)
     _cache: dict[tuple[Any, ...], tuple[list[int], float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -95,17 +95,19 @@ class Reference:
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.demo.model_dir)
 
-    def _model(self, tenant: str | None) -> Any:
-        if tenant not in self._models:
+    def _model(self, adapter: str | Path | None) -> Any:
+        """adapter: a demo tenant's name (its v1), an adapter folder, or None for the base model."""
+        folder = self.demo.adapter_dir(adapter) if isinstance(adapter, str) else adapter
+        if folder not in self._models:
             import torch
             from peft import PeftModel
             from transformers import LlamaForCausalLM
 
             model = LlamaForCausalLM.from_pretrained(self.demo.model_dir, dtype=torch.float32)
-            if tenant is not None:
-                model = PeftModel.from_pretrained(model, self.demo.adapter_dir(tenant))
-            self._models[tenant] = model.eval()
-        return self._models[tenant]
+            if folder is not None:
+                model = PeftModel.from_pretrained(model, folder)
+            self._models[folder] = model.eval()
+        return self._models[folder]
 
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
@@ -114,11 +116,11 @@ class Reference:
     def prompt_ids(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt).input_ids)
 
-    def generate(self, tenant: str | None, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    def generate(self, tenant: str | Path | None, prompt_ids: list[int], max_tokens: int) -> list[int]:
         return self.generate_with_margin(tenant, prompt_ids, max_tokens)[0]
 
     def generate_with_margin(
-        self, tenant: str | None, prompt_ids: list[int], max_tokens: int
+        self, tenant: str | Path | None, prompt_ids: list[int], max_tokens: int
     ) -> tuple[list[int], float]:
         """Greedy tokens, and the smallest gap between the best and second-best logit seen."""
         key = (tenant, tuple(prompt_ids), max_tokens)

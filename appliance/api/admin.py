@@ -1,0 +1,161 @@
+"""The admin API: JSON over a Unix socket (mode 0660, the service's group). CLI and TUI use it.
+
+It never listens on TCP: whoever can open the socket is an operator of this box.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+from aiohttp import web
+
+from ..errors import StoreError
+from ..gpu import gpu_memory
+from ..residency import Plan
+from .errors import MAX_BODY_BYTES, APIError, bad_request, openai_errors
+from .openai import SERVICES, Services, read_json
+
+PLAN = web.AppKey("plan", Plan)
+
+
+def _services(request: web.Request) -> Services:
+    return request.app[SERVICES]
+
+
+async def status(request: web.Request) -> web.Response:
+    services = _services(request)
+    stats = services.engine.stats() if services.generator else None
+    return web.json_response({
+        "ready": services.generator is not None,
+        "engine": services.engine_name,
+        "uptime_s": round(time.time() - services.started_at, 1),
+        "engine_stats": dataclasses.asdict(stats) if stats else None,
+    })
+
+
+def adapter_rows(services: Services) -> list[dict[str, Any]]:
+    versions = services.catalog.versions
+    loaded = versions.loaded_names()
+    rows = []
+    for adapter in services.store.adapters():
+        active = versions.active(adapter.tenant)
+        canary = versions.canary(adapter.tenant)
+        rows.append({
+            "tenant": adapter.tenant,
+            "version": adapter.version,
+            "state": adapter.state,
+            "reason": adapter.reason,
+            "rank": adapter.rank,
+            "target_modules": list(adapter.target_modules),
+            "size_bytes": adapter.size_bytes,
+            "sha256": adapter.sha256,
+            "active": active is not None and active.engine_name == adapter.engine_name,
+            "canary_percent": canary[1] if canary and canary[0] == adapter.version else 0,
+            "loaded": adapter.engine_name in loaded,
+            "requests": versions.requests_per_version[(adapter.tenant, adapter.version)],
+        })
+    return rows
+
+
+async def adapters(request: web.Request) -> web.Response:
+    return web.json_response({"adapters": adapter_rows(_services(request))})
+
+
+async def tenants(request: web.Request) -> web.Response:
+    services = _services(request)
+    rows = [dataclasses.asdict(t) | dataclasses.asdict(services.store.route(t.name))
+            for t in services.store.list_tenants()]
+    return web.json_response({"tenants": rows})
+
+
+async def events(request: web.Request) -> web.Response:
+    try:
+        limit = min(int(request.query.get("limit", "100")), 10_000)
+    except ValueError as exc:
+        raise bad_request("limit must be an integer", "limit") from exc
+    return web.json_response({"events": _services(request).store.events(limit)})
+
+
+async def usage(request: web.Request) -> web.Response:
+    return web.json_response({"usage": _services(request).store.usage_summary(request.query.get("tenant"))})
+
+
+async def activate(request: web.Request) -> web.Response:
+    """Pin a version (rollback), or `{"version": null}` to follow the newest again."""
+    services = _services(request)
+    body = await read_json(request)
+    version = body.get("version") if isinstance(body, dict) else None
+    if version is not None and not isinstance(version, str):
+        raise bad_request("version must be a string or null", "version")
+    tenant = request.match_info["tenant"]
+    try:
+        active = await services.catalog.versions.activate(tenant, version)
+    except StoreError as exc:
+        raise APIError(409, str(exc), param="version") from exc
+    return web.json_response({"tenant": tenant, "active": active.version if active else None,
+                              "pinned": version})
+
+
+async def canary(request: web.Request) -> web.Response:
+    services = _services(request)
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise bad_request("body must be an object with version and percent")
+    version, percent = body.get("version"), body.get("percent", 0)
+    if version is not None and not isinstance(version, str):
+        raise bad_request("version must be a string or null", "version")
+    if isinstance(percent, bool) or not isinstance(percent, int):
+        raise bad_request("percent must be an integer", "percent")
+    tenant = request.match_info["tenant"]
+    try:
+        await services.catalog.versions.set_canary(tenant, version, percent)
+    except StoreError as exc:
+        raise APIError(409, str(exc), param="version") from exc
+    current = services.catalog.versions.canary(tenant)
+    return web.json_response({"tenant": tenant, "canary": {"version": current[0], "percent": current[1]}
+                              if current else None})
+
+
+async def sync(request: web.Request) -> web.Response:
+    """Rescan one tenant's folder now (the watcher does this on its own)."""
+    await _services(request).catalog.versions.sync(request.match_info["tenant"])
+    return web.json_response({"ok": True})
+
+
+async def residency(request: web.Request) -> web.Response:
+    """Where each adapter lives now (gpu / cpu / disk), with the plan that sized the engine."""
+    services, sizes = _services(request), request.app[PLAN]
+    versions = services.catalog.versions
+    by_name = {a.engine_name: a for a in services.store.adapters() if a.state == "ready"}
+    report = versions.residency.report(sorted(by_name))
+    rows = [
+        {"tenant": by_name[r.name].tenant, "version": by_name[r.name].version, "tier": r.tier,
+         "pinned": r.pinned, "last_used": r.last_used, "size_bytes": by_name[r.name].size_bytes}
+        for r in report
+    ]
+    gpu = gpu_memory()
+    return web.json_response({
+        "plan": dataclasses.asdict(sizes),
+        "gpu": dataclasses.asdict(gpu) if gpu else None,
+        "counts": {tier: sum(r["tier"] == tier for r in rows) for tier in ("gpu", "cpu", "disk")},
+        "adapters": rows,
+    })
+
+
+def build_admin_app(services: Services, sizes: Plan) -> web.Application:
+    app = web.Application(middlewares=[openai_errors], client_max_size=1 << 20)
+    app[SERVICES] = services
+    app[PLAN] = sizes
+    app[MAX_BODY_BYTES] = 1 << 20
+    app.router.add_get("/admin/status", status)
+    app.router.add_get("/admin/adapters", adapters)
+    app.router.add_get("/admin/tenants", tenants)
+    app.router.add_get("/admin/events", events)
+    app.router.add_get("/admin/usage", usage)
+    app.router.add_get("/admin/residency", residency)
+    app.router.add_post("/admin/tenants/{tenant}/activate", activate)
+    app.router.add_post("/admin/tenants/{tenant}/canary", canary)
+    app.router.add_post("/admin/tenants/{tenant}/sync", sync)
+    return app

@@ -1,0 +1,381 @@
+"""The drop folder while serving: hot registration, version switches, rollback, canary, refusals.
+
+One server for this module, on its own demo directory, so that its drops disturb no other test.
+Each test uses its own tenants; the order of tests does not matter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from openai import AsyncOpenAI, OpenAI
+
+from appliance.demo import DemoTenant, build_adapter, init_demo
+from appliance.localserver import LocalServer
+from appliance.store import Store
+from tests.conftest import Demo, Reference
+
+PROMPT = "The quick brown fox"
+MAX_TOKENS = 12
+
+
+class Lab:
+    def __init__(self, demo: Demo, server: LocalServer):
+        self.demo, self.server = demo, server
+        self.reference = Reference(demo)
+        self.prompt_ids = self.reference.prompt_ids(PROMPT)
+
+    @property
+    def adapters(self) -> Path:
+        return self.demo.dir / "adapters"
+
+    def tenant(self, name: str) -> str:
+        """Create a tenant and return a fresh key for it, as `lorabox tenant add` + `key issue` do."""
+        with Store.open(self.demo.database) as store:
+            if not store.get_tenant(name):
+                store.add_tenant(name)
+            return store.issue_key(name).plaintext
+
+    def drop(self, tenant: str, version: str, seed: int, rank: int = 8,
+             targets: tuple[str, ...] = ("q_proj", "v_proj")) -> Path:
+        """Build under a dot name, then rename into place: how operators are told to drop."""
+        final = self.adapters / tenant / version
+        staging = self.adapters / tenant / f".{version}.partial"
+        build_adapter(self.demo.model_dir, DemoTenant(tenant, rank, rank * 2, targets, seed), staging)
+        staging.rename(final)
+        return final
+
+    def expected(self, folder: Path) -> str:
+        return self.reference.text(self.reference.generate(folder, self.prompt_ids, MAX_TOKENS))
+
+    def client(self, key: str) -> OpenAI:
+        return OpenAI(base_url=self.server.base_url, api_key=key, max_retries=0)
+
+    def complete(self, key: str, model: str, **extra: object) -> str:
+        response = self.client(key).completions.create(
+            model=model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, **extra
+        )
+        return response.choices[0].text
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "appliance", *args, "--config", str(self.demo.config)]
+        return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+
+    def admin(self, path: str) -> dict:  # type: ignore[type-arg]
+        from appliance.adminclient import AdminClient
+
+        return AdminClient(self.demo.dir / "state" / "admin.sock").call("GET", path)  # type: ignore[no-any-return]
+
+    def adapter_row(self, tenant: str, version: str) -> dict | None:  # type: ignore[type-arg]
+        rows = self.admin("/admin/adapters")["adapters"]
+        return next((r for r in rows if r["tenant"] == tenant and r["version"] == version), None)
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 20, interval: float = 0.05) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    directory = tmp_path_factory.mktemp("lab")
+    demo = Demo(directory, init_demo(directory))
+    server = LocalServer.start(demo.config, directory / "server.log")
+    yield Lab(demo, server)
+    server.stop()
+
+
+class Load:
+    """Background requests for one tenant, recording every answer and every failure."""
+
+    def __init__(self, lab: Lab, key: str, model: str, workers: int = 3):
+        self.lab, self.key, self.model, self.workers = lab, key, model, workers
+        self.answers: list[tuple[float, str]] = []
+        self.failures: list[BaseException] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    async def _run(self) -> None:
+        client = AsyncOpenAI(base_url=self.lab.server.base_url, api_key=self.key, max_retries=0)
+
+        async def worker() -> None:
+            while not self._stop.is_set():
+                try:
+                    response = await client.completions.create(
+                        model=self.model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0
+                    )
+                    self.answers.append((time.monotonic(), response.choices[0].text))
+                except Exception as exc:
+                    self.failures.append(exc)
+
+        await asyncio.gather(*(worker() for _ in range(self.workers)))
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        wait_for(lambda: len(self.answers) >= 3)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+
+def test_new_tenant_dropped_under_load_answers_quickly(lab):
+    busy = lab.tenant("acme")
+    key = lab.tenant("delta")
+    with Load(lab, busy, "acme") as load:
+        dropped = time.monotonic()
+        folder = lab.drop("delta", "v1", seed=4001)
+        expected = lab.expected(folder)
+
+        def answered() -> str | None:
+            try:
+                return lab.complete(key, "delta")
+            except Exception:
+                return None
+
+        text = wait_for(answered, timeout=15, interval=0.02)
+        servable_after = time.monotonic() - dropped
+    assert text == expected
+    assert servable_after < 15
+    assert not load.failures
+    assert len({answer for _, answer in load.answers}) == 1  # acme kept its own answer throughout
+
+
+def test_v2_takes_over_without_dropping_or_mixing(lab):
+    key = lab.tenant("echo")
+    v1 = lab.expected(lab.drop("echo", "v1", seed=5001))
+    wait_for(lambda: lab.adapter_row("echo", "v1") and lab.adapter_row("echo", "v1")["active"])
+    v2_folder_seed = 5002
+    with Load(lab, key, "echo", workers=4) as load:
+        time.sleep(0.5)
+        v2 = lab.expected(lab.drop("echo", "v2", seed=v2_folder_seed))
+        assert v1 != v2
+        wait_for(lambda: any(answer == v2 for _, answer in load.answers), timeout=15)
+        switched = time.monotonic()
+        time.sleep(1.0)
+    assert not load.failures
+    assert {answer for _, answer in load.answers} <= {v1, v2}  # never a mix within one response
+    # Requests that started well after the switch are all v2.
+    assert all(answer == v2 for at, answer in load.answers if at > switched + 0.5)
+    assert lab.complete(key, "echo") == v2
+    assert lab.complete(key, "echo@v1") == v1  # the old version stays callable by name
+    events = lab.cli("events", "--limit", "200").stdout
+    assert "adapter_activated" in events
+
+
+def test_rollback_restores_exact_v1_outputs_then_unpin(lab):
+    key = lab.tenant("foxtrot")
+    v1 = lab.expected(lab.drop("foxtrot", "v1", seed=6001))
+    wait_for(lambda: lab.adapter_row("foxtrot", "v1"))
+    v2 = lab.expected(lab.drop("foxtrot", "v2", seed=6002))
+    wait_for(lambda: lab.complete(key, "foxtrot") == v2, timeout=15)
+
+    rolled = lab.cli("adapters", "activate", "foxtrot", "v1")
+    assert rolled.returncode == 0, rolled.stderr
+    assert [lab.complete(key, "foxtrot") for _ in range(3)] == [v1] * 3
+    assert "adapter_rolled_back" in lab.cli("events").stdout
+    # A pinned tenant stays on its pin when a newer version arrives.
+    v3 = lab.expected(lab.drop("foxtrot", "v3", seed=6003))
+    wait_for(lambda: lab.adapter_row("foxtrot", "v3"))
+    assert lab.complete(key, "foxtrot") == v1
+
+    unpinned = lab.cli("adapters", "unpin", "foxtrot")
+    assert unpinned.returncode == 0, unpinned.stderr
+    assert lab.complete(key, "foxtrot") == v3
+    missing = lab.cli("adapters", "activate", "foxtrot", "v9")
+    assert missing.returncode == 1
+    assert "not a servable version" in missing.stderr
+
+
+def test_canary_share_is_binomial_and_sticky(lab):
+    key = lab.tenant("golf")
+    v1 = lab.expected(lab.drop("golf", "v1", seed=7001))
+    wait_for(lambda: lab.adapter_row("golf", "v1"))
+    v2 = lab.expected(lab.drop("golf", "v2", seed=7002))
+    wait_for(lambda: lab.complete(key, "golf") == v2, timeout=15)
+
+    set_canary = lab.cli("adapters", "canary", "golf", "v1", "--percent", "30")
+    assert set_canary.returncode == 0, set_canary.stderr
+
+    async def many(n: int) -> list[str]:
+        client = AsyncOpenAI(base_url=lab.server.base_url, api_key=key, max_retries=0)
+        semaphore = asyncio.Semaphore(16)
+
+        async def one(i: int) -> str:
+            async with semaphore:
+                response = await client.completions.create(
+                    model="golf", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, user=f"user-{i}"
+                )
+                return response.choices[0].text
+
+        return await asyncio.gather(*(one(i) for i in range(n)))
+
+    answers = asyncio.run(many(240))
+    assert set(answers) <= {v1, v2}
+    to_canary = answers.count(v1)
+    # Binomial(240, 0.3): mean 72, sd 7.1; the band is about ±4.5 sd.
+    assert 40 <= to_canary <= 104, to_canary
+    # Sticky: the same user always lands on the same version.
+    sticky = {lab.complete(key, "golf", user="user-7") for _ in range(5)}
+    assert len(sticky) == 1
+    rows = {r["version"]: r for r in lab.admin("/admin/adapters")["adapters"] if r["tenant"] == "golf"}
+    assert rows["v1"]["canary_percent"] == 30
+    assert rows["v1"]["requests"] >= to_canary
+    assert lab.cli("adapters", "canary", "golf", "v1", "--percent", "0").returncode == 0
+    assert {lab.complete(key, "golf", user=f"u{i}") for i in range(12)} == {v2}
+
+
+def _truncate(path: Path, keep: int) -> bytes:
+    data = path.read_bytes()
+    path.write_bytes(data[:keep])
+    return data
+
+
+def _refusal(lab: Lab, tenant: str, version: str) -> str:
+    row = wait_for(lambda: (r := lab.adapter_row(tenant, version)) and r["state"] == "refused" and r)
+    return str(row["reason"])  # type: ignore[index]
+
+
+def test_half_written_adapter_is_refused_then_served_once_complete(lab):
+    key = lab.tenant("hotel")
+    v1 = lab.expected(lab.drop("hotel", "v1", seed=8001))
+    wait_for(lambda: lab.adapter_row("hotel", "v1"))
+    # A copy straight into the final name (no rename), caught half-way.
+    staged = lab.drop("hotel", ".v2-source", seed=8002)
+    expected_v2 = lab.expected(staged)
+    target = lab.adapters / "hotel" / "v2"
+    target.mkdir()
+    shutil.copy(staged / "adapter_config.json", target)
+    weights = (staged / "adapter_model.safetensors").read_bytes()
+    (target / "adapter_model.safetensors").write_bytes(weights[: len(weights) // 2])
+    assert "incomplete" in _refusal(lab, "hotel", "v2")
+    assert lab.complete(key, "hotel") == v1
+    (target / "adapter_model.safetensors").write_bytes(weights)
+    wait_for(lambda: lab.complete(key, "hotel") == expected_v2, timeout=15)
+
+
+def _write_broken(lab: Lab, tenant: str, version: str, seed: int, breaker: Callable[[Path], None]) -> None:
+    folder = lab.adapters / tenant / f".{version}.partial"
+    build_adapter(lab.demo.model_dir, DemoTenant(tenant, 8, 16, ("q_proj", "v_proj"), seed), folder)
+    breaker(folder)
+    folder.rename(lab.adapters / tenant / version)
+
+
+def _pickled(folder: Path) -> None:
+    (folder / "adapter_model.safetensors").unlink()
+    torch.save({"weights": torch.zeros(2)}, folder / "adapter_model.bin")
+
+
+def _config(**changes: object) -> Callable[[Path], None]:
+    def change(folder: Path) -> None:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps(config | changes))
+
+    return change
+
+
+def _wrong_shape(folder: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "adapter_model.safetensors")
+    name = next(n for n in tensors if "lora_A" in n)
+    tensors[name] = torch.zeros(8, 64)
+    save_file(tensors, folder / "adapter_model.safetensors")
+
+
+def _escape(folder: Path) -> None:
+    outside = folder.parents[2] / "outside-weights.safetensors"
+    (folder / "adapter_model.safetensors").rename(outside)
+    (folder / "adapter_model.safetensors").symlink_to(outside)
+
+
+def _garbage_header(folder: Path) -> None:
+    (folder / "adapter_model.safetensors").write_bytes(struct.pack("<Q", 12) + b"not json :-)")
+
+
+BROKEN = [
+    ("v2", _pickled, "pickle"),
+    ("v3", _config(r=32), "max_lora_rank"),
+    ("v4", _config(target_modules=["q_proj", "wizard_proj"]), "not in the base model"),
+    ("v5", _wrong_shape, "shape"),
+    ("v6", _escape, "leaves the adapters directory"),
+    ("v7", _garbage_header, "not a safetensors file"),
+    ("v8", _config(peft_type="PREFIX_TUNING"), "peft_type"),
+]
+
+
+def test_broken_drops_are_refused_with_reasons_and_v1_keeps_serving(lab):
+    key = lab.tenant("india")
+    v1 = lab.expected(lab.drop("india", "v1", seed=9001))
+    wait_for(lambda: lab.complete(key, "india") == v1, timeout=15)
+    for index, (version, breaker, reason) in enumerate(BROKEN):
+        _write_broken(lab, "india", version, 9100 + index, breaker)
+        assert reason in _refusal(lab, "india", version), version
+        assert lab.complete(key, "india") == v1
+    listed = lab.cli("adapters", "list", "india")
+    assert listed.returncode == 0
+    states = [line.split()[2] for line in listed.stdout.splitlines()[1:] if line.split()[1] != "v1"]
+    assert states == ["refused"] * len(BROKEN)
+
+
+def test_hostile_names_and_escapes_never_register(lab):
+    outside = lab.demo.dir / "elsewhere"
+    build_adapter(lab.demo.model_dir, DemoTenant("juliet", 8, 16, ("q_proj",), 9901), outside)
+    (lab.adapters / "juliet").mkdir()
+    (lab.adapters / "juliet" / "v1").symlink_to(outside, target_is_directory=True)
+    for name in ("bad name", "tenänt", "UPPER"):
+        shutil.copytree(outside, lab.adapters / name / "v1")
+    shutil.copytree(outside, lab.adapters / "kilo" / "v 2")
+    shutil.copytree(outside, lab.adapters / "kilo" / "vé")
+
+    def refused_events() -> str:
+        events = lab.cli("events", "--limit", "500").stdout
+        wanted = ("bad name", "tenänt", "UPPER", "v 2", "vé")
+        return events if all(w in events for w in wanted) else ""
+
+    events = str(wait_for(refused_events))
+    assert "invalid tenant folder name" in events
+    assert "invalid version folder name" in events
+    assert "leaves the adapters directory" in _refusal(lab, "juliet", "v1")
+    tenants = {r["tenant"] for r in lab.admin("/admin/adapters")["adapters"] if r["state"] == "ready"}
+    assert tenants.isdisjoint({"bad name", "tenänt", "UPPER", "juliet", "kilo"})
+
+
+def test_deleting_the_active_version_falls_back(lab):
+    key = lab.tenant("lima")
+    v1 = lab.expected(lab.drop("lima", "v1", seed=9501))
+    wait_for(lambda: lab.adapter_row("lima", "v1"))
+    v2 = lab.expected(lab.drop("lima", "v2", seed=9502))
+    wait_for(lambda: lab.complete(key, "lima") == v2, timeout=15)
+    shutil.rmtree(lab.adapters / "lima" / "v2")
+    wait_for(lambda: lab.complete(key, "lima") == v1, timeout=15)
+    assert lab.adapter_row("lima", "v2") is None
+
+
+def test_residency_report_is_consistent(lab):
+    report = lab.admin("/admin/residency")
+    plan, counts, rows = report["plan"], report["counts"], report["adapters"]
+    assert sum(counts.values()) == len(rows)
+    assert counts["gpu"] <= plan["max_loras"]
+    assert counts["gpu"] + counts["cpu"] <= plan["max_cpu_loras"]
+    ready = [r for r in lab.admin("/admin/adapters")["adapters"] if r["state"] == "ready"]
+    assert len(rows) == len(ready)
+    assert {r["tier"] for r in rows} <= {"gpu", "cpu", "disk"}
