@@ -147,31 +147,54 @@ def cmd_adapters(args: argparse.Namespace) -> None:
             row["active"] = "*" if row["active"] else ""
             row["canary"] = f"{row['canary_percent']}%" if row.get("canary_percent") else ""
             row["sha256"] = row["sha256"][:12]
-        _table(rows, ["tenant", "version", "active", "canary", "state", "rank", "size_bytes", "requests",
-                      "sha256", "reason"])
+        _table(
+            rows,
+            [
+                "tenant",
+                "version",
+                "active",
+                "canary",
+                "state",
+                "rank",
+                "size_bytes",
+                "requests",
+                "sha256",
+                "reason",
+            ],
+        )
         return
     client = _admin(settings)
     if args.action == "activate":
         result = client.call("POST", f"/admin/tenants/{args.tenant}/activate", {"version": args.version})
-        print(f"{args.tenant} now serves {result['active']} (pinned; `lorabox adapters unpin {args.tenant}` "
-              "follows the newest again)")
+        print(
+            f"{args.tenant} now serves {result['active']} (pinned; `lorabox adapters unpin {args.tenant}` "
+            "follows the newest again)"
+        )
     elif args.action == "unpin":
         result = client.call("POST", f"/admin/tenants/{args.tenant}/activate", {"version": None})
         print(f"{args.tenant} follows its newest version: {result['active']}")
     elif args.action == "canary":
-        result = client.call("POST", f"/admin/tenants/{args.tenant}/canary",
-                             {"version": args.version, "percent": args.percent})
+        result = client.call(
+            "POST", f"/admin/tenants/{args.tenant}/canary", {"version": args.version, "percent": args.percent}
+        )
         canary = result["canary"]
-        print(f"{args.tenant}: canary {canary['version']} gets {canary['percent']}% of requests" if canary
-              else f"{args.tenant}: no canary")
+        print(
+            f"{args.tenant}: canary {canary['version']} gets {canary['percent']}% of requests"
+            if canary
+            else f"{args.tenant}: no canary"
+        )
 
 
 def _adapter_rows_offline(settings: Settings) -> list[dict]:  # type: ignore[type-arg]
     """The registry as last recorded, when the daemon is not running."""
     with Store.open(settings.database_path) as store:
         return [
-            dataclasses.asdict(a) | {"active": store.route(a.tenant).active_version == a.version,
-                                     "canary_percent": 0, "requests": ""}
+            dataclasses.asdict(a)
+            | {
+                "active": store.route(a.tenant).active_version == a.version,
+                "canary_percent": 0,
+                "requests": "",
+            }
             for a in store.adapters()
         ]
 

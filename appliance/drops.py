@@ -189,7 +189,12 @@ def _check_tensors(tensors: dict, base: BaseModelInfo, rank: int, targets: set[s
 
 
 def register_version(
-    store: Store, tenant: str, version: str, folder: Path, base: BaseModelInfo, limits: AdapterLimits,
+    store: Store,
+    tenant: str,
+    version: str,
+    folder: Path,
+    base: BaseModelInfo,
+    limits: AdapterLimits,
     root: Path,
 ) -> AdapterVersion | None:
     """Inspect one version and record the verdict: ready, or refused with its reason.

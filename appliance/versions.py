@@ -167,8 +167,12 @@ class VersionManager:
         if desired is None and current is not None:
             del self._active[tenant]
             self._retire(current)
-            self.store.record_event("adapter_deactivated", tenant=tenant, version=current.version,
-                                    detail="no servable version left")
+            self.store.record_event(
+                "adapter_deactivated",
+                tenant=tenant,
+                version=current.version,
+                detail="no servable version left",
+            )
         elif desired is not None and (current is None or current.engine_name != desired.engine_name):
             await self._switch(tenant, current, desired)
 
@@ -181,8 +185,12 @@ class VersionManager:
             return  # refused by the engine: the current version keeps serving
         self._active[tenant] = desired
         rolled_back = current is not None and natural_key(desired.version) < natural_key(current.version)
-        self.store.record_event("adapter_rolled_back" if rolled_back else "adapter_activated", tenant=tenant,
-                                version=desired.version, detail=f"was {current.version}" if current else "")
+        self.store.record_event(
+            "adapter_rolled_back" if rolled_back else "adapter_activated",
+            tenant=tenant,
+            version=desired.version,
+            detail=f"was {current.version}" if current else "",
+        )
         log.info("%s now serves %s", tenant, desired.label)
         if current is not None:
             self._retire(current)
@@ -248,8 +256,9 @@ class VersionManager:
             raise StoreError(f"{tenant}@{version} is not a servable version")
         route = self.store.route(tenant)
         self.store.save_route(dataclasses.replace(route, pinned_version=version))
-        self.store.record_event("adapter_pinned" if version else "adapter_unpinned", tenant=tenant,
-                                version=version or "")
+        self.store.record_event(
+            "adapter_pinned" if version else "adapter_unpinned", tenant=tenant, version=version or ""
+        )
         await self.sync(tenant)
         active = self._active.get(tenant)
         if version is not None and (active is None or active.version != version):
@@ -263,11 +272,17 @@ class VersionManager:
             raise StoreError(f"{tenant}@{version} is not a servable version")
         route = self.store.route(tenant)
         cleared = version is None or percent == 0
-        self.store.save_route(dataclasses.replace(
-            route, canary_version=None if cleared else version, canary_percent=0 if cleared else percent
-        ))
-        self.store.record_event("canary_cleared" if cleared else "canary_set", tenant=tenant,
-                                version=version or "", detail="" if cleared else f"{percent}%")
+        self.store.save_route(
+            dataclasses.replace(
+                route, canary_version=None if cleared else version, canary_percent=0 if cleared else percent
+            )
+        )
+        self.store.record_event(
+            "canary_cleared" if cleared else "canary_set",
+            tenant=tenant,
+            version=version or "",
+            detail="" if cleared else f"{percent}%",
+        )
         await self.sync(tenant)
 
     def canary(self, tenant: str) -> tuple[str, int] | None:

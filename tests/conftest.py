@@ -8,7 +8,7 @@ import os
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ import pytest
 
 from appliance.demo import DEMO_MODEL_NAME, init_demo
 from appliance.localserver import LocalServer, ServerFailed
+from appliance.reference import PeftReference
 
 SERVER_START_TIMEOUT_S = 300
 
@@ -82,68 +83,15 @@ class Server:
         return self.local.base_url
 
 
-@dataclass
-class Reference:
-    """Hugging Face transformers + PEFT, fp32, greedy: the independent source of truth."""
+class Reference(PeftReference):
+    """The reference on a demo directory: a demo tenant's name stands for its v1 adapter."""
 
-    demo: Demo
-    _models: dict[Path | None, Any] = field(default_factory=dict)
-    _cache: dict[tuple[Any, ...], tuple[list[int], float]] = field(default_factory=dict)
+    def __init__(self, demo: Demo):
+        super().__init__(demo.model_dir)
+        self.demo = demo
 
-    def __post_init__(self) -> None:
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(self.demo.model_dir)
-
-    def _model(self, adapter: str | Path | None) -> Any:
-        """adapter: a demo tenant's name (its v1), an adapter folder, or None for the base model."""
-        folder = self.demo.adapter_dir(adapter) if isinstance(adapter, str) else adapter
-        if folder not in self._models:
-            import torch
-            from peft import PeftModel
-            from transformers import LlamaForCausalLM
-
-            model = LlamaForCausalLM.from_pretrained(self.demo.model_dir, dtype=torch.float32)
-            if folder is not None:
-                model = PeftModel.from_pretrained(model, folder)
-            self._models[folder] = model.eval()
-        return self._models[folder]
-
-    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
-        return list(encoded["input_ids"])
-
-    def prompt_ids(self, prompt: str) -> list[int]:
-        return list(self.tokenizer(prompt).input_ids)
-
-    def generate(self, tenant: str | Path | None, prompt_ids: list[int], max_tokens: int) -> list[int]:
-        return self.generate_with_margin(tenant, prompt_ids, max_tokens)[0]
-
-    def generate_with_margin(
-        self, tenant: str | Path | None, prompt_ids: list[int], max_tokens: int
-    ) -> tuple[list[int], float]:
-        """Greedy tokens, and the smallest gap between the best and second-best logit seen."""
-        key = (tenant, tuple(prompt_ids), max_tokens)
-        if key not in self._cache:
-            import torch
-
-            with torch.no_grad():
-                out = self._model(tenant).generate(
-                    torch.tensor([prompt_ids]),
-                    max_new_tokens=max_tokens,
-                    do_sample=False,
-                    eos_token_id=self.tokenizer.eos_token_id,
-                    pad_token_id=self.tokenizer.eos_token_id,
-                    output_scores=True,
-                    return_dict_in_generate=True,
-                )
-            tokens = out.sequences[0, len(prompt_ids) :].tolist()
-            margin = min(float(torch.topk(s[0], 2).values.diff().abs()) for s in out.scores)
-            self._cache[key] = (tokens, margin)
-        return self._cache[key]
-
-    def text(self, token_ids: list[int]) -> str:
-        return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
+    def adapter_folder(self, adapter: str | Path | None) -> Path | None:
+        return self.demo.adapter_dir(adapter) if isinstance(adapter, str) else adapter
 
 
 @pytest.fixture(scope="session")

@@ -47,8 +47,14 @@ class Lab:
                 store.add_tenant(name)
             return store.issue_key(name).plaintext
 
-    def drop(self, tenant: str, version: str, seed: int, rank: int = 8,
-             targets: tuple[str, ...] = ("q_proj", "v_proj")) -> Path:
+    def drop(
+        self,
+        tenant: str,
+        version: str,
+        seed: int,
+        rank: int = 8,
+        targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    ) -> Path:
         """Build under a dot name, then rename into place: how operators are told to drop."""
         final = self.adapters / tenant / version
         staging = self.adapters / tenant / f".{version}.partial"
@@ -379,3 +385,36 @@ def test_residency_report_is_consistent(lab):
     ready = [r for r in lab.admin("/admin/adapters")["adapters"] if r["state"] == "ready"]
     assert len(rows) == len(ready)
     assert {r["tier"] for r in rows} <= {"gpu", "cpu", "disk"}
+
+
+def test_two_hundred_tenants_start_register_and_answer(tmp_path_factory):
+    """200 tenants' adapters present at start-up: all registered, warm, correct, consistently reported."""
+    directory = tmp_path_factory.mktemp("crowd")
+    demo = Demo(directory, init_demo(directory))
+    names = [f"t{i:03d}" for i in range(200)]
+    with Store.open(demo.database) as store:
+        keys = {}
+        for i, name in enumerate(names):
+            build_adapter(
+                demo.model_dir,
+                DemoTenant(name, 8, 16, ("q_proj", "v_proj"), 20_000 + i),
+                directory / "adapters" / name / "v1",
+            )
+            store.add_tenant(name)
+            keys[name] = store.issue_key(name).plaintext
+    server = LocalServer.start(demo.config, directory / "server.log")
+    try:
+        crowd = Lab(demo, server)
+        rows = [r for r in crowd.admin("/admin/adapters")["adapters"] if r["tenant"] in keys]
+        assert len(rows) == 200
+        assert all(r["state"] == "ready" and r["active"] and r["loaded"] for r in rows)
+        for name in names[::25] + names[-1:]:
+            assert crowd.complete(keys[name], name) == crowd.expected(demo.adapter_dir(name))
+        report = crowd.admin("/admin/residency")
+        plan, counts = report["plan"], report["counts"]
+        assert sum(counts.values()) == len(report["adapters"]) == 203  # and the 3 demo tenants
+        assert counts["gpu"] <= plan["max_loras"]
+        assert counts["gpu"] + counts["cpu"] <= plan["max_cpu_loras"]
+        assert plan["max_cpu_loras"] >= 203  # the planner keeps every adapter in host memory
+    finally:
+        server.stop()

@@ -27,12 +27,14 @@ def _services(request: web.Request) -> Services:
 async def status(request: web.Request) -> web.Response:
     services = _services(request)
     stats = services.engine.stats() if services.generator else None
-    return web.json_response({
-        "ready": services.generator is not None,
-        "engine": services.engine_name,
-        "uptime_s": round(time.time() - services.started_at, 1),
-        "engine_stats": dataclasses.asdict(stats) if stats else None,
-    })
+    return web.json_response(
+        {
+            "ready": services.generator is not None,
+            "engine": services.engine_name,
+            "uptime_s": round(time.time() - services.started_at, 1),
+            "engine_stats": dataclasses.asdict(stats) if stats else None,
+        }
+    )
 
 
 def adapter_rows(services: Services) -> list[dict[str, Any]]:
@@ -42,20 +44,22 @@ def adapter_rows(services: Services) -> list[dict[str, Any]]:
     for adapter in services.store.adapters():
         active = versions.active(adapter.tenant)
         canary = versions.canary(adapter.tenant)
-        rows.append({
-            "tenant": adapter.tenant,
-            "version": adapter.version,
-            "state": adapter.state,
-            "reason": adapter.reason,
-            "rank": adapter.rank,
-            "target_modules": list(adapter.target_modules),
-            "size_bytes": adapter.size_bytes,
-            "sha256": adapter.sha256,
-            "active": active is not None and active.engine_name == adapter.engine_name,
-            "canary_percent": canary[1] if canary and canary[0] == adapter.version else 0,
-            "loaded": adapter.engine_name in loaded,
-            "requests": versions.requests_per_version[(adapter.tenant, adapter.version)],
-        })
+        rows.append(
+            {
+                "tenant": adapter.tenant,
+                "version": adapter.version,
+                "state": adapter.state,
+                "reason": adapter.reason,
+                "rank": adapter.rank,
+                "target_modules": list(adapter.target_modules),
+                "size_bytes": adapter.size_bytes,
+                "sha256": adapter.sha256,
+                "active": active is not None and active.engine_name == adapter.engine_name,
+                "canary_percent": canary[1] if canary and canary[0] == adapter.version else 0,
+                "loaded": adapter.engine_name in loaded,
+                "requests": versions.requests_per_version[(adapter.tenant, adapter.version)],
+            }
+        )
     return rows
 
 
@@ -65,8 +69,10 @@ async def adapters(request: web.Request) -> web.Response:
 
 async def tenants(request: web.Request) -> web.Response:
     services = _services(request)
-    rows = [dataclasses.asdict(t) | dataclasses.asdict(services.store.route(t.name))
-            for t in services.store.list_tenants()]
+    rows = [
+        dataclasses.asdict(t) | dataclasses.asdict(services.store.route(t.name))
+        for t in services.store.list_tenants()
+    ]
     return web.json_response({"tenants": rows})
 
 
@@ -94,8 +100,9 @@ async def activate(request: web.Request) -> web.Response:
         active = await services.catalog.versions.activate(tenant, version)
     except StoreError as exc:
         raise APIError(409, str(exc), param="version") from exc
-    return web.json_response({"tenant": tenant, "active": active.version if active else None,
-                              "pinned": version})
+    return web.json_response(
+        {"tenant": tenant, "active": active.version if active else None, "pinned": version}
+    )
 
 
 async def canary(request: web.Request) -> web.Response:
@@ -114,8 +121,9 @@ async def canary(request: web.Request) -> web.Response:
     except StoreError as exc:
         raise APIError(409, str(exc), param="version") from exc
     current = services.catalog.versions.canary(tenant)
-    return web.json_response({"tenant": tenant, "canary": {"version": current[0], "percent": current[1]}
-                              if current else None})
+    return web.json_response(
+        {"tenant": tenant, "canary": {"version": current[0], "percent": current[1]} if current else None}
+    )
 
 
 async def sync(request: web.Request) -> web.Response:
@@ -131,17 +139,25 @@ async def residency(request: web.Request) -> web.Response:
     by_name = {a.engine_name: a for a in services.store.adapters() if a.state == "ready"}
     report = versions.residency.report(sorted(by_name))
     rows = [
-        {"tenant": by_name[r.name].tenant, "version": by_name[r.name].version, "tier": r.tier,
-         "pinned": r.pinned, "last_used": r.last_used, "size_bytes": by_name[r.name].size_bytes}
+        {
+            "tenant": by_name[r.name].tenant,
+            "version": by_name[r.name].version,
+            "tier": r.tier,
+            "pinned": r.pinned,
+            "last_used": r.last_used,
+            "size_bytes": by_name[r.name].size_bytes,
+        }
         for r in report
     ]
     gpu = gpu_memory()
-    return web.json_response({
-        "plan": dataclasses.asdict(sizes),
-        "gpu": dataclasses.asdict(gpu) if gpu else None,
-        "counts": {tier: sum(r["tier"] == tier for r in rows) for tier in ("gpu", "cpu", "disk")},
-        "adapters": rows,
-    })
+    return web.json_response(
+        {
+            "plan": dataclasses.asdict(sizes),
+            "gpu": dataclasses.asdict(gpu) if gpu else None,
+            "counts": {tier: sum(r["tier"] == tier for r in rows) for tier in ("gpu", "cpu", "disk")},
+            "adapters": rows,
+        }
+    )
 
 
 def build_admin_app(services: Services, sizes: Plan) -> web.Application:

@@ -1,0 +1,72 @@
+"""The independent source of truth: Hugging Face transformers + PEFT, fp32, greedy.
+
+Tests and benchmarks compare lorabox's answers with this, token for token. It shares nothing
+with the serving path (no vLLM, no lorabox tokenization code).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+class PeftReference:
+    def __init__(self, model_dir: Path):
+        from transformers import AutoTokenizer
+
+        self.model_dir = model_dir
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self._models: dict[Path | None, Any] = {}
+        self._cache: dict[tuple[Any, ...], tuple[list[int], float]] = {}
+
+    def adapter_folder(self, adapter: str | Path | None) -> Path | None:
+        return Path(adapter) if adapter is not None else None
+
+    def _model(self, folder: Path | None) -> Any:
+        if folder not in self._models:
+            import torch
+            from peft import PeftModel
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+            if folder is not None:
+                model = PeftModel.from_pretrained(model, folder)
+            self._models[folder] = model.eval()
+        return self._models[folder]
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+        return list(encoded["input_ids"])
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        return list(self.tokenizer(prompt).input_ids)
+
+    def generate(self, adapter: str | Path | None, prompt_ids: list[int], max_tokens: int) -> list[int]:
+        return self.generate_with_margin(adapter, prompt_ids, max_tokens)[0]
+
+    def generate_with_margin(
+        self, adapter: str | Path | None, prompt_ids: list[int], max_tokens: int
+    ) -> tuple[list[int], float]:
+        """Greedy tokens, and the smallest gap between the best and second-best logit seen."""
+        folder = self.adapter_folder(adapter)
+        key = (folder, tuple(prompt_ids), max_tokens)
+        if key not in self._cache:
+            import torch
+
+            with torch.no_grad():
+                out = self._model(folder).generate(
+                    torch.tensor([prompt_ids]),
+                    max_new_tokens=max_tokens,
+                    do_sample=False,
+                    eos_token_id=self.tokenizer.eos_token_id,
+                    pad_token_id=self.tokenizer.eos_token_id,
+                    output_scores=True,
+                    return_dict_in_generate=True,
+                )
+            tokens = out.sequences[0, len(prompt_ids) :].tolist()
+            margin = min(float(torch.topk(s[0], 2).values.diff().abs()) for s in out.scores)
+            self._cache[key] = (tokens, margin)
+        return self._cache[key]
+
+    def text(self, token_ids: list[int]) -> str:
+        return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
