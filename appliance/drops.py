@@ -212,11 +212,3 @@ def register_version(
     store.register_adapter(adapter)
     return adapter
 
-
-def register_all(store: Store, adapters_dir: Path, base: BaseModelInfo, limits: AdapterLimits) -> list[str]:
-    """Register every version under adapters_dir (refusals too, with reasons); returns labels seen."""
-    registered = (
-        register_version(store, tenant, version, folder, base, limits, adapters_dir)
-        for tenant, version, folder in scan(adapters_dir)
-    )
-    return [adapter.label for adapter in registered if adapter is not None]

@@ -62,6 +62,15 @@ class Lab:
         staging.rename(final)
         return final
 
+    def two_versions(self, tenant: str, seed: int) -> tuple[str, str, str]:
+        """A tenant serving v2, with v1 registered beside it: (key, v1's answer, v2's answer)."""
+        key = self.tenant(tenant)
+        v1 = self.expected(self.drop(tenant, "v1", seed=seed))
+        wait_for(lambda: self.adapter_row(tenant, "v1"))
+        v2 = self.expected(self.drop(tenant, "v2", seed=seed + 1))
+        wait_for(lambda: self.complete(key, tenant) == v2, timeout=15)
+        return key, v1, v2
+
     def expected(self, folder: Path) -> str:
         return self.reference.text(self.reference.generate(folder, self.prompt_ids, MAX_TOKENS))
 
@@ -188,11 +197,7 @@ def test_v2_takes_over_without_dropping_or_mixing(lab):
 
 
 def test_rollback_restores_exact_v1_outputs_then_unpin(lab):
-    key = lab.tenant("foxtrot")
-    v1 = lab.expected(lab.drop("foxtrot", "v1", seed=6001))
-    wait_for(lambda: lab.adapter_row("foxtrot", "v1"))
-    v2 = lab.expected(lab.drop("foxtrot", "v2", seed=6002))
-    wait_for(lambda: lab.complete(key, "foxtrot") == v2, timeout=15)
+    key, v1, _ = lab.two_versions("foxtrot", seed=6001)
 
     rolled = lab.cli("adapters", "activate", "foxtrot", "v1")
     assert rolled.returncode == 0, rolled.stderr
@@ -212,11 +217,7 @@ def test_rollback_restores_exact_v1_outputs_then_unpin(lab):
 
 
 def test_canary_share_is_binomial_and_sticky(lab):
-    key = lab.tenant("golf")
-    v1 = lab.expected(lab.drop("golf", "v1", seed=7001))
-    wait_for(lambda: lab.adapter_row("golf", "v1"))
-    v2 = lab.expected(lab.drop("golf", "v2", seed=7002))
-    wait_for(lambda: lab.complete(key, "golf") == v2, timeout=15)
+    key, v1, v2 = lab.two_versions("golf", seed=7001)
 
     set_canary = lab.cli("adapters", "canary", "golf", "v1", "--percent", "30")
     assert set_canary.returncode == 0, set_canary.stderr
@@ -366,11 +367,7 @@ def test_hostile_names_and_escapes_never_register(lab):
 
 
 def test_deleting_the_active_version_falls_back(lab):
-    key = lab.tenant("lima")
-    v1 = lab.expected(lab.drop("lima", "v1", seed=9501))
-    wait_for(lambda: lab.adapter_row("lima", "v1"))
-    v2 = lab.expected(lab.drop("lima", "v2", seed=9502))
-    wait_for(lambda: lab.complete(key, "lima") == v2, timeout=15)
+    key, v1, _ = lab.two_versions("lima", seed=9501)
     shutil.rmtree(lab.adapters / "lima" / "v2")
     wait_for(lambda: lab.complete(key, "lima") == v1, timeout=15)
     assert lab.adapter_row("lima", "v2") is None
