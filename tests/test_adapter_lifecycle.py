@@ -190,10 +190,16 @@ def test_v2_takes_over_without_dropping_or_mixing(lab):
     assert {answer for _, answer in load.answers} <= {v1, v2}  # never a mix within one response
     # Requests that started well after the switch are all v2.
     assert all(answer == v2 for at, answer in load.answers if at > switched + 0.5)
+    # Once its requests drained, v1 left the engine (unloaded, not merely inactive).
+    v1_row = lab.adapter_row("echo", "v1")
+    assert v1_row is not None
+    assert not v1_row["active"]
+    assert not v1_row["loaded"]
+    events = [line.split() for line in lab.cli("events", "--limit", "500").stdout.splitlines()]
+    assert ["adapter_activated", "echo", "v2"] in [e[1:4] for e in events]
+    assert ["adapter_unloaded", "echo", "v1"] in [e[1:4] for e in events]
     assert lab.complete(key, "echo") == v2
     assert lab.complete(key, "echo@v1") == v1  # the old version stays callable by name
-    events = lab.cli("events", "--limit", "200").stdout
-    assert "adapter_activated" in events
 
 
 def test_rollback_restores_exact_v1_outputs_then_unpin(lab):
