@@ -36,7 +36,7 @@ from .versions import VersionManager
 from .watcher import DropWatcher
 
 log = logging.getLogger(__name__)
-ON_READY = web.AppKey("on_ready", Callable[[], None])
+ON_READY: web.AppKey[Callable[[], None]] = web.AppKey("on_ready")
 VERSIONS = web.AppKey("versions", VersionManager)
 ADAPTERS_DIR = web.AppKey("adapters_dir", Path)
 

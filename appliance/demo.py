@@ -20,11 +20,12 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 DEMO_MODEL_NAME = "lorabox-demo"
 
 # Hidden 128 with 2 heads gives head_dim 64: vLLM's CPU attention refuses head_dim 16.
-MODEL_SHAPE = {
+MODEL_SHAPE: dict[str, Any] = {
     "hidden_size": 128,
     "intermediate_size": 256,
     "num_hidden_layers": 2,
@@ -123,12 +124,11 @@ def build_model(model_dir: Path) -> None:
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
         rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        torch_dtype="float32",
+        dtype="float32",
         **MODEL_SHAPE,
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.float32)
+    model = LlamaForCausalLM(config)
     with torch.no_grad():
         model.lm_head.weight.mul_(LM_HEAD_SCALE)
         # Only multi-character word pieces and EOS may be generated: single bytes could form

@@ -211,4 +211,3 @@ def register_version(
         adapter = AdapterVersion(tenant, version, str(folder), "", 0, 0.0, (), 0, "refused", str(exc))
     store.register_adapter(adapter)
     return adapter
-

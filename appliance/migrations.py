@@ -21,8 +21,8 @@ def migration(fn: Migration) -> Migration:
 
 def migrate(db: sqlite_utils.Database) -> list[str]:
     """Apply pending migrations in order; returns the names applied now."""
-    db["_migrations"].create({"name": str, "applied_at": str}, pk="name", if_not_exists=True)
-    done = {row["name"] for row in db["_migrations"].rows}
+    db.table("_migrations").create({"name": str, "applied_at": str}, pk="name", if_not_exists=True)
+    done = {row["name"] for row in db.table("_migrations").rows}
     applied = []
     for fn in MIGRATIONS:
         if fn.__name__ in done:
@@ -32,14 +32,14 @@ def migrate(db: sqlite_utils.Database) -> list[str]:
             # leaves no half-made schema behind.
             db.execute("begin")
             fn(db)
-            db["_migrations"].insert({"name": fn.__name__, "applied_at": datetime.now(UTC).isoformat()})
+            db.table("_migrations").insert({"name": fn.__name__, "applied_at": datetime.now(UTC).isoformat()})
         applied.append(fn.__name__)
     return applied
 
 
 @migration
 def m001_tenants_and_keys(db: sqlite_utils.Database) -> None:
-    db["tenants"].create(
+    db.table("tenants").create(
         {"name": str, "allow_base_model": int, "created_at": str, "disabled": int},
         pk="name",
         not_null={"created_at"},
@@ -47,18 +47,18 @@ def m001_tenants_and_keys(db: sqlite_utils.Database) -> None:
     )
     # Only a SHA-256 of each key is kept: keys are 256-bit random, so a fast hash is enough and
     # lets the server look a key up by its hash. `key_id` is public and names the key in the CLI.
-    db["api_keys"].create(
+    db.table("api_keys").create(
         {"key_id": str, "tenant": str, "key_hash": str, "created_at": str, "revoked_at": str},
         pk="key_id",
         foreign_keys=[("tenant", "tenants", "name")],
         not_null={"tenant", "key_hash", "created_at"},
     )
-    db["api_keys"].create_index(["key_hash"], unique=True)
+    db.table("api_keys").create_index(["key_hash"], unique=True)
 
 
 @migration
 def m002_adapter_versions(db: sqlite_utils.Database) -> None:
-    db["adapter_versions"].create(
+    db.table("adapter_versions").create(
         {
             "id": int,
             "tenant": str,
@@ -76,12 +76,12 @@ def m002_adapter_versions(db: sqlite_utils.Database) -> None:
         pk="id",
         not_null={"tenant", "version", "path", "state", "registered_at"},
     )
-    db["adapter_versions"].create_index(["tenant", "version"], unique=True)
+    db.table("adapter_versions").create_index(["tenant", "version"], unique=True)
 
 
 @migration
 def m003_usage_and_events(db: sqlite_utils.Database) -> None:
-    db["usage"].create(
+    db.table("usage").create(
         {
             "id": int,
             "ts": str,
@@ -97,12 +97,12 @@ def m003_usage_and_events(db: sqlite_utils.Database) -> None:
         },
         pk="id",
     )
-    db["usage"].create_index(["tenant", "ts"])
-    db["events"].create(
+    db.table("usage").create_index(["tenant", "ts"])
+    db.table("events").create(
         {"id": int, "ts": str, "kind": str, "tenant": str, "version": str, "detail": str},
         pk="id",
     )
-    db["events"].create_index(["ts"])
+    db.table("events").create_index(["ts"])
 
 
 @migration
@@ -110,7 +110,7 @@ def m004_routes(db: sqlite_utils.Database) -> None:
     # Which version serves each tenant. `active_version` is set by the daemon only after the
     # version is warm in the engine; `pinned_version` is the operator's choice (rollback or pin);
     # a canary sends `canary_percent` of the tenant's requests to `canary_version`.
-    db["routes"].create(
+    db.table("routes").create(
         {
             "tenant": str,
             "active_version": str,

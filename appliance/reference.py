@@ -28,14 +28,16 @@ class PeftReference:
             from peft import PeftModel
             from transformers import AutoModelForCausalLM
 
-            model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+            model: Any = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
             if folder is not None:
                 model = PeftModel.from_pretrained(model, folder)
             self._models[folder] = model.eval()
         return self._models[folder]
 
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+        encoded: Any = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_dict=True
+        )
         return list(encoded["input_ids"])
 
     def prompt_ids(self, prompt: str) -> list[int]:

@@ -131,7 +131,7 @@ class Store:
             )
         if self.get_tenant(name):
             raise StoreError(f"tenant {name!r} already exists")
-        self.db["tenants"].insert(
+        self.db.table("tenants").insert(
             {"name": name, "allow_base_model": int(allow_base_model), "disabled": 0, "created_at": _now()}
         )
         self.record_event("tenant_added", tenant=name)
@@ -140,7 +140,7 @@ class Store:
         return tenant
 
     def get_tenant(self, name: str) -> Tenant | None:
-        rows = list(self.db["tenants"].rows_where("name = ?", [name]))
+        rows = list(self.db.table("tenants").rows_where("name = ?", [name]))
         if not rows:
             return None
         row = rows[0]
@@ -149,7 +149,7 @@ class Store:
     def list_tenants(self) -> list[Tenant]:
         return [
             Tenant(r["name"], bool(r["allow_base_model"]), bool(r["disabled"]), r["created_at"])
-            for r in self.db["tenants"].rows_where(order_by="name")
+            for r in self.db.table("tenants").rows_where(order_by="name")
         ]
 
     # -- API keys -----------------------------------------------------------------------------
@@ -159,7 +159,7 @@ class Store:
             raise StoreError(f"no tenant named {tenant!r}")
         key_id = secrets.token_hex(4)
         plaintext = f"{KEY_PREFIX}-{key_id}-{secrets.token_urlsafe(32)}"
-        self.db["api_keys"].insert(
+        self.db.table("api_keys").insert(
             {"key_id": key_id, "tenant": tenant, "key_hash": hash_key(plaintext), "created_at": _now()}
         )
         self.record_event("key_issued", tenant=tenant, detail=key_id)
@@ -167,12 +167,14 @@ class Store:
 
     def revoke_key(self, key_id: str) -> tuple[str, str]:
         """Revoke by public id (or the full key); returns (tenant, key id)."""
-        rows = list(self.db["api_keys"].rows_where("key_id = ? or key_hash = ?", [key_id, hash_key(key_id)]))
+        rows = list(
+            self.db.table("api_keys").rows_where("key_id = ? or key_hash = ?", [key_id, hash_key(key_id)])
+        )
         if not rows:
             raise StoreError(f"no key with id {key_id!r}")
         row = rows[0]
         if not row["revoked_at"]:
-            self.db["api_keys"].update(row["key_id"], {"revoked_at": _now()})
+            self.db.table("api_keys").update(row["key_id"], {"revoked_at": _now()})
             self.record_event("key_revoked", tenant=row["tenant"], detail=row["key_id"])
         return str(row["tenant"]), str(row["key_id"])
 
@@ -180,7 +182,7 @@ class Store:
         where, args = ("tenant = ?", [tenant]) if tenant else (None, [])
         return [
             {k: r[k] for k in ("key_id", "tenant", "created_at", "revoked_at")}
-            for r in self.db["api_keys"].rows_where(where, args, order_by="created_at")
+            for r in self.db.table("api_keys").rows_where(where, args, order_by="created_at")
         ]
 
     def tenant_for_key(self, plaintext: str) -> str | None:
@@ -204,9 +206,9 @@ class Store:
             return False
         row = adapter.to_row() | {"registered_at": _now()}
         if existing:
-            self.db["adapter_versions"].update(self._adapter_id(adapter), row)
+            self.db.table("adapter_versions").update(self._adapter_id(adapter), row)
         else:
-            self.db["adapter_versions"].insert(row)
+            self.db.table("adapter_versions").insert(row)
         kind = "adapter_registered" if adapter.state == "ready" else "adapter_refused"
         self.record_event(kind, tenant=adapter.tenant, version=adapter.version, detail=adapter.reason)
         return True
@@ -219,12 +221,16 @@ class Store:
         return int(row[0])
 
     def get_adapter(self, tenant: str, version: str) -> AdapterVersion | None:
-        rows = list(self.db["adapter_versions"].rows_where("tenant = ? and version = ?", [tenant, version]))
+        rows = list(
+            self.db.table("adapter_versions").rows_where("tenant = ? and version = ?", [tenant, version])
+        )
         return AdapterVersion.from_row(rows[0]) if rows else None
 
     def adapters(self, tenant: str | None = None) -> list[AdapterVersion]:
         where, args = ("tenant = ?", [tenant]) if tenant else (None, [])
-        found = [AdapterVersion.from_row(r) for r in self.db["adapter_versions"].rows_where(where, args)]
+        found = [
+            AdapterVersion.from_row(r) for r in self.db.table("adapter_versions").rows_where(where, args)
+        ]
         return sorted(found, key=lambda a: (a.tenant, natural_key(a.version)))
 
     def remove_adapter(self, tenant: str, version: str) -> None:
@@ -240,7 +246,7 @@ class Store:
     # -- routes: which version serves a tenant ------------------------------------------------
 
     def route(self, tenant: str) -> Route:
-        rows = list(self.db["routes"].rows_where("tenant = ?", [tenant]))
+        rows = list(self.db.table("routes").rows_where("tenant = ?", [tenant]))
         if not rows:
             return Route(tenant)
         row = rows[0]
@@ -253,10 +259,10 @@ class Store:
         )
 
     def routes(self) -> list[Route]:
-        return [self.route(row["tenant"]) for row in self.db["routes"].rows_where(order_by="tenant")]
+        return [self.route(row["tenant"]) for row in self.db.table("routes").rows_where(order_by="tenant")]
 
     def save_route(self, route: Route) -> None:
-        self.db["routes"].upsert(
+        self.db.table("routes").upsert(
             {
                 "tenant": route.tenant,
                 "active_version": route.active_version,
@@ -272,7 +278,7 @@ class Store:
 
     def record_usage(self, rows: list[dict[str, Any]]) -> None:
         if rows:
-            self.db["usage"].insert_all(rows)
+            self.db.table("usage").insert_all(rows)
 
     def usage_summary(self, tenant: str | None = None) -> list[dict[str, Any]]:
         cursor = self.db.execute(
@@ -285,9 +291,9 @@ class Store:
         return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
 
     def record_event(self, kind: str, *, tenant: str = "", version: str = "", detail: str = "") -> None:
-        self.db["events"].insert(
+        self.db.table("events").insert(
             {"ts": _now(), "kind": kind, "tenant": tenant, "version": version, "detail": detail}
         )
 
     def events(self, limit: int = 100) -> list[dict[str, Any]]:
-        return list(self.db["events"].rows_where(order_by="id desc", limit=limit))
+        return list(self.db.table("events").rows_where(order_by="id desc", limit=limit))

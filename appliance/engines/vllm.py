@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +87,7 @@ class VLLMEngine:
         args = AsyncEngineArgs(
             model=opts.model,
             dtype=opts.dtype,  # type: ignore[arg-type]
-            max_model_len=opts.max_model_len or None,
+            max_model_len=opts.max_model_len or None,  # type: ignore[arg-type]
             enable_lora=True,
             max_loras=opts.max_loras + base_slot,
             max_cpu_loras=opts.max_cpu_loras + base_slot,
@@ -120,7 +120,7 @@ class VLLMEngine:
             self._ids[adapter.name] = next(self._next_id)
         return LoRARequest(adapter.name, self._ids[adapter.name], adapter.path)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenDelta, None]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
