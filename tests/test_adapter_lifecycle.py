@@ -47,20 +47,15 @@ class Lab:
                 store.add_tenant(name)
             return store.issue_key(name).plaintext
 
-    def drop(
-        self,
-        tenant: str,
-        version: str,
-        seed: int,
-        rank: int = 8,
-        targets: tuple[str, ...] = ("q_proj", "v_proj"),
-    ) -> Path:
-        """Build under a dot name, then rename into place: how operators are told to drop."""
-        final = self.adapters / tenant / version
+    def stage(self, tenant: str, version: str, seed: int) -> Path:
+        """Build under a dot name, which the watcher ignores until it is renamed into place."""
         staging = self.adapters / tenant / f".{version}.partial"
-        build_adapter(self.demo.model_dir, DemoTenant(tenant, rank, rank * 2, targets, seed), staging)
-        staging.rename(final)
-        return final
+        build_adapter(self.demo.model_dir, DemoTenant(tenant, 8, 16, ("q_proj", "v_proj"), seed), staging)
+        return staging
+
+    def drop(self, tenant: str, version: str, seed: int) -> Path:
+        """Stage, then rename into place: how operators are told to drop."""
+        return self.stage(tenant, version, seed).rename(self.adapters / tenant / version)
 
     def two_versions(self, tenant: str, seed: int) -> tuple[str, str, str]:
         """A tenant serving v2, with v1 registered beside it: (key, v1's answer, v2's answer)."""
@@ -155,10 +150,11 @@ class Load:
 def test_new_tenant_dropped_under_load_answers_quickly(lab):
     busy = lab.tenant("acme")
     key = lab.tenant("delta")
+    staged = lab.stage("delta", "v1", seed=4001)
+    expected = lab.expected(staged)  # the reference is computed before the clock starts
     with Load(lab, busy, "acme") as load:
         dropped = time.monotonic()
-        folder = lab.drop("delta", "v1", seed=4001)
-        expected = lab.expected(folder)
+        staged.rename(staged.with_name("v1"))
 
         def answered() -> str | None:
             try:
