@@ -291,8 +291,3 @@ class VersionManager:
 
     def loaded_names(self) -> set[str]:
         return set(self._loaded)
-
-    async def drain(self) -> None:
-        """Wait for pending unloads (tests and shutdown)."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
