@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from openai import AsyncOpenAI, OpenAI
+from openai import AsyncOpenAI, NotFoundError, OpenAI
 
 from appliance.demo import DemoTenant, build_adapter, init_demo
 from appliance.localserver import LocalServer
@@ -61,9 +61,9 @@ class Lab:
         """A tenant serving v2, with v1 registered beside it: (key, v1's answer, v2's answer)."""
         key = self.tenant(tenant)
         v1 = self.expected(self.drop(tenant, "v1", seed=seed))
-        wait_for(lambda: self.adapter_row(tenant, "v1"))
+        self.wait_serving(key, tenant, v1)
         v2 = self.expected(self.drop(tenant, "v2", seed=seed + 1))
-        wait_for(lambda: self.complete(key, tenant) == v2, timeout=15)
+        self.wait_serving(key, tenant, v2)
         return key, v1, v2
 
     def expected(self, folder: Path) -> str:
@@ -77,6 +77,17 @@ class Lab:
             model=model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, **extra
         )
         return response.choices[0].text
+
+    def answer(self, key: str, model: str) -> str | None:
+        """The model's answer, or None while the watcher has not made it servable yet (404)."""
+        try:
+            return self.complete(key, model)
+        except NotFoundError:
+            return None
+
+    def wait_serving(self, key: str, model: str, expected: str, timeout: float = 15) -> None:
+        """Wait until `model` answers `expected`; any failure other than "not there yet" fails the test."""
+        wait_for(lambda: self.answer(key, model) == expected, timeout=timeout)
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         command = [sys.executable, "-m", "appliance", *args, "--config", str(self.demo.config)]
@@ -156,13 +167,7 @@ def test_new_tenant_dropped_under_load_answers_quickly(lab):
         dropped = time.monotonic()
         staged.rename(staged.with_name("v1"))
 
-        def answered() -> str | None:
-            try:
-                return lab.complete(key, "delta")
-            except Exception:
-                return None
-
-        text = wait_for(answered, timeout=15, interval=0.02)
+        text = wait_for(lambda: lab.answer(key, "delta"), timeout=15, interval=0.02)
         servable_after = time.monotonic() - dropped
     assert text == expected
     assert servable_after < 15
@@ -266,7 +271,7 @@ def _refusal(lab: Lab, tenant: str, version: str) -> str:
 def test_half_written_adapter_is_refused_then_served_once_complete(lab):
     key = lab.tenant("hotel")
     v1 = lab.expected(lab.drop("hotel", "v1", seed=8001))
-    wait_for(lambda: lab.adapter_row("hotel", "v1"))
+    lab.wait_serving(key, "hotel", v1)
     # A copy straight into the final name (no rename), caught half-way.
     staged = lab.drop("hotel", ".v2-source", seed=8002)
     expected_v2 = lab.expected(staged)
@@ -278,7 +283,7 @@ def test_half_written_adapter_is_refused_then_served_once_complete(lab):
     assert "incomplete" in _refusal(lab, "hotel", "v2")
     assert lab.complete(key, "hotel") == v1
     (target / "adapter_model.safetensors").write_bytes(weights)
-    wait_for(lambda: lab.complete(key, "hotel") == expected_v2, timeout=15)
+    lab.wait_serving(key, "hotel", expected_v2)
 
 
 def _write_broken(lab: Lab, tenant: str, version: str, seed: int, breaker: Callable[[Path], None]) -> None:
@@ -334,7 +339,7 @@ BROKEN = [
 def test_broken_drops_are_refused_with_reasons_and_v1_keeps_serving(lab):
     key = lab.tenant("india")
     v1 = lab.expected(lab.drop("india", "v1", seed=9001))
-    wait_for(lambda: lab.complete(key, "india") == v1, timeout=15)
+    lab.wait_serving(key, "india", v1)
     for index, (version, breaker, reason) in enumerate(BROKEN):
         _write_broken(lab, "india", version, 9100 + index, breaker)
         assert reason in _refusal(lab, "india", version), version
@@ -371,7 +376,7 @@ def test_hostile_names_and_escapes_never_register(lab):
 def test_deleting_the_active_version_falls_back(lab):
     key, v1, _ = lab.two_versions("lima", seed=9501)
     shutil.rmtree(lab.adapters / "lima" / "v2")
-    wait_for(lambda: lab.complete(key, "lima") == v1, timeout=15)
+    lab.wait_serving(key, "lima", v1)
     assert lab.adapter_row("lima", "v2") is None
 
 
