@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -185,6 +186,44 @@ def cmd_adapters(args: argparse.Namespace) -> None:
         )
 
 
+def cmd_residency(args: argparse.Namespace) -> None:
+    settings = _settings(args)
+    if args.action in ("pin", "unpin"):
+        keep = args.action == "pin"
+        try:
+            result = _admin(settings).call("POST", f"/admin/tenants/{args.tenant}/resident", {"keep": keep})
+        except AdminUnavailable:
+            _keep_resident_offline(settings, args.tenant, keep)
+            print(f"{args.tenant}: saved; applies when the daemon starts (it is not running)")
+            return
+        if not keep:
+            print(f"{args.tenant}: no longer pinned; its adapter follows the LRU like the others")
+        elif result["pinned_version"]:
+            print(f"{args.tenant}: {result['pinned_version']} is pinned in a GPU slot")
+        else:
+            print(f"{args.tenant}: will be pinned once it has an active version (see `lorabox events`)")
+        return
+    report = _admin(settings).call("GET", "/admin/residency")
+    print(f"plan: {report['plan']['reason']}")
+    kept = ", ".join(report["kept_resident"]) or "(none)"
+    print(f"kept resident: {kept} (at most {report['pinnable_slots']})")
+    counts = report["counts"]
+    print(f"now: {counts['gpu']} in GPU slots, {counts['cpu']} in host memory, {counts['disk']} on disk\n")
+    for row in report["adapters"]:
+        row["pinned"] = "pin" if row["pinned"] else ""
+        used = row["last_used"]
+        row["last_used"] = time.strftime("%H:%M:%S", time.localtime(used)) if used else ""
+    _table(report["adapters"], ["tenant", "version", "tier", "pinned", "last_used", "size_bytes"])
+
+
+def _keep_resident_offline(settings: Settings, tenant: str, keep: bool) -> None:
+    with Store.open(settings.database_path) as store:
+        if store.get_tenant(tenant) is None and not store.adapters(tenant):
+            raise LoraboxError(f"unknown tenant {tenant!r}")
+        store.save_route(dataclasses.replace(store.route(tenant), keep_resident=keep))
+        store.record_event("residency_kept" if keep else "residency_released", tenant=tenant)
+
+
 def _adapter_rows_offline(settings: Settings) -> list[dict]:  # type: ignore[type-arg]
     """The registry as last recorded, when the daemon is not running."""
     with Store.open(settings.database_path) as store:
@@ -271,6 +310,18 @@ def build_parser() -> argparse.ArgumentParser:
     can.add_argument("version")
     can.add_argument("--percent", type=int, required=True, help="0 ends the canary")
     p.set_defaults(func=cmd_adapters)
+
+    p = sub.add_parser(
+        "residency", parents=[common], help="where adapters live (GPU/host/disk); pin tenants to the GPU"
+    )
+    rsub = p.add_subparsers(dest="action")
+    rsub.add_parser("show", parents=[common], help="the plan and every adapter's tier (the default)")
+    for action, text in (
+        ("pin", "keep a tenant's active adapter in a GPU slot"),
+        ("unpin", "let the tenant's adapter follow the LRU again"),
+    ):
+        rsub.add_parser(action, parents=[common], help=text).add_argument("tenant")
+    p.set_defaults(func=cmd_residency)
 
     p = sub.add_parser("events", parents=[common], help="adapter and key events, newest last")
     p.add_argument("--limit", type=int, default=50)

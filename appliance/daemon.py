@@ -69,9 +69,10 @@ def engine_options(settings: Settings, model_dir: Path) -> EngineOptions:
     )
 
 
-def plan_residency(settings: Settings, base: BaseModelInfo, model_dir: Path) -> Plan:
+def plan_residency(settings: Settings, base: BaseModelInfo, model_dir: Path, store: Store) -> Plan:
     """Size the engine's adapter slots so that every tenant's active adapter stays resident."""
     tenants = {tenant for tenant, _, _ in scan(settings.adapters_dir)}
+    kept = [r.tenant for r in store.routes() if r.keep_resident]
     memory = gpu_memory()
     gpu_free = None
     if memory is not None:  # vLLM takes its share of the GPU; the weights come out of it first
@@ -80,7 +81,7 @@ def plan_residency(settings: Settings, base: BaseModelInfo, model_dir: Path) -> 
     dtype_bytes = 4 if settings.dtype == "float32" else 2
     return plan(
         adapters=len(tenants),
-        pinned=0,
+        pinned=len(kept),
         base=base,
         max_rank=settings.max_lora_rank,
         dtype_bytes=dtype_bytes,
@@ -97,7 +98,7 @@ def build_app(
 ) -> web.Application:
     store = Store.connect(settings.database_path)
     base = BaseModelInfo.from_model_dir(model_dir)
-    sizes = plan_residency(settings, base, model_dir)
+    sizes = plan_residency(settings, base, model_dir, store)
     log.info("residency plan: %s", sizes.reason)
     settings = dataclasses.replace(settings, max_loras=sizes.max_loras, max_cpu_loras=sizes.max_cpu_loras)
     engine, reason = create_engine(settings.engine, engine_options(settings, model_dir))

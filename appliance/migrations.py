@@ -122,3 +122,9 @@ def m004_routes(db: sqlite_utils.Database) -> None:
         pk="tenant",
         defaults={"canary_percent": 0},
     )
+
+
+@migration
+def m005_keep_resident(db: sqlite_utils.Database) -> None:
+    # The operator's "keep this tenant's adapter in a GPU slot" (`lorabox residency pin`).
+    db.table("routes").add_column("keep_resident", int, not_null_default=0)

@@ -8,7 +8,7 @@ count and a memory budget, and says why in one line.
 
 The report is lorabox's model of vLLM's two LRU caches, not a readout: vLLM does not expose which
 adapter sits in which slot. It stays consistent by construction, because `ResidencyTracker` replays
-the events lorabox itself causes (add_lora, requests, remove_lora, pin_lora) through the same rules
+the events lorabox itself causes (add_lora, requests, remove_lora, pin_lora, unpin) through the same rules
 as vLLM 0.32's LRUCacheLoRAModelManager: adding or using an adapter makes it the most recent entry
 of both caches (add_lora also activates it in a slot), a full cache evicts its least recently used
 unpinned entry, leaving host memory also frees the slot (which stays empty until an adapter is next
@@ -88,8 +88,9 @@ def plan(
         if configured_max_cpu_loras is not None:  # a slot's adapter is also in host memory
             cap_loras = min(cap_loras, configured_max_cpu_loras)
         wanted = min(cap_loras, max(floor_loras, adapters))
-        # Pinned adapters hold their slots for good; the others need at least one slot to run in.
-        required = min(cap_loras, max(floor_loras, pinned + 1 if adapters > pinned else pinned))
+        # Pinned adapters hold their slots for good; one more stays unpinned, for everything else
+        # (other tenants, canaries, newly dropped tenants), so pinning can never stall them.
+        required = min(cap_loras, max(floor_loras, pinned + 1))
         max_loras = max(required, min(wanted, fits))
         notes = [f"budget fits {fits} of {wanted} wanted"] if fits < wanted else []
     if max_loras > fits:
@@ -149,10 +150,12 @@ class ResidencyTracker:
         self._pinned.add(name)
 
     def unpin(self, name: str) -> None:
-        """The adapter becomes an ordinary LRU entry again, where it stands in the order.
+        """The adapter becomes an ordinary LRU entry again.
 
-        vLLM 0.32 has no unpin call: the engine drops a pin only on remove_lora (see `unloaded`)."""
+        vLLM 0.32 has no unpin call: the engine removes the adapter and adds it back, which makes it
+        the most recent entry of both caches."""
         self._pinned.discard(name)
+        self.loaded(name)
 
     def _touch(self, cache: OrderedDict[str, None], capacity: int, name: str) -> str | None:
         """Make `name` the most recent entry; a full cache first evicts its oldest unpinned entry."""

@@ -91,6 +91,7 @@ class Route:
     pinned_version: str | None = None
     canary_version: str | None = None
     canary_percent: int = 0
+    keep_resident: bool = False
 
 
 class Store:
@@ -256,6 +257,7 @@ class Store:
             pinned_version=row["pinned_version"] or None,
             canary_version=row["canary_version"] or None,
             canary_percent=row["canary_percent"] or 0,
+            keep_resident=bool(row["keep_resident"]),
         )
 
     def routes(self) -> list[Route]:
@@ -269,6 +271,7 @@ class Store:
                 "pinned_version": route.pinned_version,
                 "canary_version": route.canary_version,
                 "canary_percent": route.canary_percent,
+                "keep_resident": int(route.keep_resident),
                 "updated_at": _now(),
             },
             pk="tenant",

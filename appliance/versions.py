@@ -10,6 +10,10 @@
 
 A canary sends a percentage of a tenant's requests to a candidate version, sticky per `user`
 (or request id) when the client gives one.
+
+A tenant kept resident (`lorabox residency pin`) has its active version pinned in a GPU slot; a
+new version is pinned when it takes over, and the old one's pin goes when it is unloaded. One slot
+always stays unpinned, for every other tenant.
 """
 
 from __future__ import annotations
@@ -58,6 +62,11 @@ def fingerprint(folder: Path) -> Fingerprint:
     return tuple(parts)
 
 
+def _version_of(engine_name: str) -> str:
+    """`tenant@version#sha12` → version."""
+    return engine_name.partition("@")[2].split("#")[0]
+
+
 def engine_ref(adapter: AdapterVersion) -> AdapterRef:
     return AdapterRef(adapter.engine_name, adapter.path)
 
@@ -82,6 +91,7 @@ class VersionManager:
         self._loaded: dict[str, AdapterRef] = {}  # engine name → ref, warm in the engine
         self._inflight: Counter[str] = Counter()
         self._retired: set[str] = set()
+        self._pins: dict[str, str] = {}  # engine name → tenant, pinned in the engine
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -179,6 +189,37 @@ class VersionManager:
         active = self._active.get(tenant)
         self.store.save_route(dataclasses.replace(route, active_version=active.version if active else None))
         await self._apply_canary(tenant, route, ready)
+        await self._apply_residency(tenant, route)
+
+    async def _apply_residency(self, tenant: str, route: Route) -> None:
+        active = self._active.get(tenant)
+        wanted = active.engine_name if route.keep_resident and active else None
+        for name in [n for n, t in self._pins.items() if t == tenant and n != wanted]:
+            if name in self._retired or name not in self._loaded:
+                continue  # it loses its pin when it is unloaded, once drained
+            await self.engine.unpin_adapter(self._loaded[name])
+            del self._pins[name]
+            self.residency.unpin(name)
+            self.store.record_event("residency_unpinned", tenant=tenant, version=_version_of(name))
+        if wanted is None or active is None or wanted in self._pins:
+            return
+        try:
+            others = {t for t in self._pins.values() if t != tenant}
+            if len(others) + 1 > self.pinnable_slots:
+                raise AdapterError(
+                    f"{len(others)} other tenants are pinned and {self.residency.max_loras} GPU slots "
+                    "exist; one must stay free for all other tenants"
+                )
+            await self.engine.pin_adapter(self._loaded[wanted])
+        except AdapterError as exc:
+            log.warning("%s stays unpinned: %s", tenant, exc)
+            self.store.record_event(
+                "residency_pin_failed", tenant=tenant, version=active.version, detail=str(exc)
+            )
+            return
+        self._pins[wanted] = tenant
+        self.residency.pin(wanted)
+        self.store.record_event("residency_pinned", tenant=tenant, version=_version_of(wanted))
 
     async def _switch(self, tenant: str, current: AdapterVersion | None, desired: AdapterVersion) -> None:
         if not await self._warm(desired):
@@ -242,10 +283,10 @@ class VersionManager:
             return
         self._retired.discard(name)
         ref = self._loaded.pop(name)
-        await self.engine.unload_adapter(ref)
+        await self.engine.unload_adapter(ref)  # a pin goes with it
+        self._pins.pop(name, None)
         self.residency.unloaded(name)
-        tenant, _, rest = name.partition("@")
-        self.store.record_event("adapter_unloaded", tenant=tenant, version=rest.split("#")[0])
+        self.store.record_event("adapter_unloaded", tenant=name.partition("@")[0], version=_version_of(name))
         log.info("unloaded %s after it drained", name)
 
     # -- operator actions ---------------------------------------------------------------------
@@ -284,6 +325,35 @@ class VersionManager:
             detail="" if cleared else f"{percent}%",
         )
         await self.sync(tenant)
+
+    @property
+    def pinnable_slots(self) -> int:
+        """How many tenants may be kept resident: every GPU slot but one."""
+        return self.residency.max_loras - 1
+
+    async def keep_resident(self, tenant: str, keep: bool) -> str | None:
+        """Keep (or stop keeping) a tenant's active adapter in a GPU slot; returns the pinned version."""
+        known = self.store.get_tenant(tenant) is not None or tenant in self._active
+        if not is_tenant_name(tenant) or not known:
+            raise StoreError(f"unknown tenant {tenant!r}")
+        route = self.store.route(tenant)
+        if keep and not route.keep_resident:
+            kept = [r.tenant for r in self.store.routes() if r.keep_resident]
+            if len(kept) + 1 > self.pinnable_slots:
+                raise StoreError(
+                    f"{len(kept)} tenants are kept resident and the engine has {self.residency.max_loras} "
+                    "GPU adapter slots; one must stay free for all other tenants. Unpin a tenant, or raise "
+                    "max_loras (or the LoRA memory budget) and restart"
+                )
+        if keep != route.keep_resident:
+            self.store.save_route(dataclasses.replace(route, keep_resident=keep))
+            self.store.record_event("residency_kept" if keep else "residency_released", tenant=tenant)
+        await self.sync(tenant)
+        return self.pinned_version(tenant)
+
+    def pinned_version(self, tenant: str) -> str | None:
+        active = self._active.get(tenant)
+        return active.version if active and active.engine_name in self._pins else None
 
     def canary(self, tenant: str) -> tuple[str, int] | None:
         entry = self._canary.get(tenant)

@@ -391,6 +391,79 @@ def test_residency_report_is_consistent(lab):
     assert {r["tier"] for r in rows} <= {"gpu", "cpu", "disk"}
 
 
+def _residency_row(lab: Lab, tenant: str) -> dict:  # type: ignore[type-arg]
+    rows = [r for r in lab.admin("/admin/residency")["adapters"] if r["tenant"] == tenant]
+    active = lab.admin("/admin/adapters")["adapters"]
+    version = next(r["version"] for r in active if r["tenant"] == tenant and r["active"])
+    return next(r for r in rows if r["version"] == version)
+
+
+def test_pinned_tenant_keeps_its_slot_while_more_tenants_than_slots_run(lab):
+    """vLLM 0.32 alone crashes here: its scheduler ignores pinned slots (see engines/slots.py)."""
+    slots = lab.admin("/admin/status")["engine_stats"]["extra"]["gpu_slots"]
+    names = ["mike", "november", "oscar", "papa", "quebec", "romeo"]
+    assert len(names) > slots  # more adapters at once than the engine has slots
+    keys, expected = {}, {}
+    for index, name in enumerate(names):
+        keys[name] = lab.tenant(name)
+        expected[name] = lab.expected(lab.drop(name, "v1", seed=9700 + index))
+    for name in names:
+        lab.wait_serving(keys[name], name, expected[name])
+
+    pinned = lab.cli("residency", "pin", "mike")
+    assert pinned.returncode == 0, pinned.stderr
+    assert "v1 is pinned in a GPU slot" in pinned.stdout
+    assert _residency_row(lab, "mike")["pinned"]
+
+    async def crowd() -> list[tuple[str, str]]:
+        url = lab.server.base_url
+        clients = {n: AsyncOpenAI(base_url=url, api_key=keys[n], max_retries=0) for n in names}
+
+        async def one(name: str) -> tuple[str, str]:
+            response = await clients[name].completions.create(
+                model=name, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0
+            )
+            return name, response.choices[0].text
+
+        # The other five first: with the pinned one idle, they alone would fill every slot.
+        order = [names[1 + i % (len(names) - 1)] for i in range(40)] + ["mike"] * 8
+        return await asyncio.gather(*(one(name) for name in order))
+
+    answers = asyncio.run(crowd())
+    assert [text for _, text in answers] == [expected[name] for name, _ in answers]
+    row = _residency_row(lab, "mike")
+    assert (row["tier"], row["pinned"]) == ("gpu", True)
+    stats = lab.admin("/admin/status")["engine_stats"]
+    assert any(name.startswith("mike@v1#") for name in stats["extra"]["pinned"])
+
+    # A new version takes over the pin.
+    v2 = lab.expected(lab.drop("mike", "v2", seed=9799))
+    lab.wait_serving(keys["mike"], "mike", v2)
+    wait_for(lambda: _residency_row(lab, "mike")["version"] == "v2" and _residency_row(lab, "mike")["pinned"])
+    assert _residency_row(lab, "mike")["tier"] == "gpu"
+
+    # One slot always stays unpinned.
+    report = lab.admin("/admin/residency")
+    allowed = report["pinnable_slots"]
+    others = names[1:allowed]
+    for name in others:
+        assert lab.cli("residency", "pin", name).returncode == 0
+    refused = lab.cli("residency", "pin", names[allowed])
+    assert refused.returncode == 1
+    assert "one must stay free" in refused.stderr
+    assert set(lab.admin("/admin/residency")["kept_resident"]) >= {"mike", *others}
+
+    for name in ["mike", *others]:
+        released = lab.cli("residency", "unpin", name)
+        assert released.returncode == 0, released.stderr
+    assert not _residency_row(lab, "mike")["pinned"]
+    assert lab.admin("/admin/status")["engine_stats"]["extra"]["pinned"] == []
+    assert [lab.complete(keys[n], n) for n in names] == [v2, *(expected[n] for n in names[1:])]
+    events = lab.cli("events", "--limit", "500").stdout
+    assert "residency_pinned" in events
+    assert "residency_unpinned" in events
+
+
 def test_two_hundred_tenants_start_register_and_answer(tmp_path_factory):
     """200 tenants' adapters present at start-up: all registered, warm, correct, consistently reported."""
     directory = tmp_path_factory.mktemp("crowd")

@@ -32,11 +32,11 @@ from appliance.store import Store
 TENANTS = {t.name: t for t in demo.DEMO_TENANTS}
 
 
-
 def register_all(store: Store, root: Path, base: BaseModelInfo, limits: AdapterLimits) -> list[str]:
     """What the daemon does for every folder at start-up; returns the labels registered."""
     registered = (register_version(store, t, v, folder, base, limits, root) for t, v, folder in scan(root))
     return [adapter.label for adapter in registered if adapter is not None]
+
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -147,7 +147,7 @@ def test_pinned_adapters_keep_a_slot_free_for_the_others() -> None:
     assert p.max_loras == 5
     assert "4 pinned" in p.reason
     assert "over the budget" in p.reason
-    assert _plan(adapters=4, pinned=4, lora_budget_bytes=2 * SLOT_R16_BF16).max_loras == 4
+    assert _plan(adapters=4, pinned=4, lora_budget_bytes=2 * SLOT_R16_BF16).max_loras == 5
 
 
 def test_configured_values_win() -> None:

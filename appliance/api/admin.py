@@ -126,6 +126,21 @@ async def canary(request: web.Request) -> web.Response:
     )
 
 
+async def resident(request: web.Request) -> web.Response:
+    """Keep a tenant's active adapter in a GPU slot (`{"keep": true}`), or release it."""
+    services = _services(request)
+    body = await read_json(request)
+    keep = body.get("keep") if isinstance(body, dict) else None
+    if not isinstance(keep, bool):
+        raise bad_request("keep must be true or false", "keep")
+    tenant = request.match_info["tenant"]
+    try:
+        pinned = await services.catalog.versions.keep_resident(tenant, keep)
+    except StoreError as exc:
+        raise APIError(409, str(exc), param="tenant") from exc
+    return web.json_response({"tenant": tenant, "keep_resident": keep, "pinned_version": pinned})
+
+
 async def sync(request: web.Request) -> web.Response:
     """Rescan one tenant's folder now (the watcher does this on its own)."""
     await _services(request).catalog.versions.sync(request.match_info["tenant"])
@@ -153,6 +168,8 @@ async def residency(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "plan": dataclasses.asdict(sizes),
+            "kept_resident": [r.tenant for r in services.store.routes() if r.keep_resident],
+            "pinnable_slots": versions.pinnable_slots,
             "gpu": dataclasses.asdict(gpu) if gpu else None,
             "counts": {tier: sum(r["tier"] == tier for r in rows) for tier in ("gpu", "cpu", "disk")},
             "adapters": rows,
@@ -173,5 +190,6 @@ def build_admin_app(services: Services, sizes: Plan) -> web.Application:
     app.router.add_get("/admin/residency", residency)
     app.router.add_post("/admin/tenants/{tenant}/activate", activate)
     app.router.add_post("/admin/tenants/{tenant}/canary", canary)
+    app.router.add_post("/admin/tenants/{tenant}/resident", resident)
     app.router.add_post("/admin/tenants/{tenant}/sync", sync)
     return app

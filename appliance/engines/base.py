@@ -60,7 +60,15 @@ class Engine(Protocol):
         """Make an adapter ready (warm) so that its first request pays no load."""
 
     async def unload_adapter(self, adapter: AdapterRef) -> None:
-        """Drop an adapter from the engine's caches."""
+        """Drop an adapter from the engine's caches (and its pin, if it had one)."""
+
+    async def pin_adapter(self, adapter: AdapterRef) -> None:
+        """Keep a loaded adapter in fast memory (a GPU slot) until unpinned or unloaded.
+
+        May wait until a slot is free of other work; raises AdapterError when it cannot be done."""
+
+    async def unpin_adapter(self, adapter: AdapterRef) -> None:
+        """Make a pinned adapter an ordinary cache entry again; it stays loaded."""
 
     def stats(self) -> EngineStats: ...
 

