@@ -220,6 +220,30 @@ def test_adapter_routing_needs_the_daemon(run: Run, argv: list[str]) -> None:
     assert_one_line_error(run("adapters", *argv), "admin socket")
 
 
+def test_residency_pin_without_the_daemon_applies_at_next_start(run: Run, box: Box) -> None:
+    run("tenant", "add", "acme")
+    result = run("residency", "pin", "acme")
+    assert result.code == 0, result.err
+    assert "applies when the daemon starts" in result.out
+    with Store.open(box.database) as store:
+        assert store.route("acme").keep_resident
+    assert run("residency", "unpin", "acme").code == 0
+    with Store.open(box.database) as store:
+        assert not store.route("acme").keep_resident
+    kinds = [row["KIND"] for row in table(run("events").out)]
+    assert kinds[-2:] == ["residency_kept", "residency_released"]
+
+
+def test_residency_pin_unknown_tenant(run: Run, box: Box) -> None:
+    assert_one_line_error(run("residency", "pin", "nobody"), "unknown tenant 'nobody'")
+    with Store.open(box.database) as store:
+        assert store.routes() == []
+
+
+def test_residency_report_needs_the_daemon(run: Run) -> None:
+    assert_one_line_error(run("residency"), "admin socket")
+
+
 def test_events(run: Run) -> None:
     run("tenant", "add", "acme")
     run("key", "issue", "acme")
