@@ -158,12 +158,15 @@ class ResidencyTracker:
         self.loaded(name)
 
     def _touch(self, cache: OrderedDict[str, None], capacity: int, name: str) -> str | None:
-        """Make `name` the most recent entry; a full cache first evicts its oldest unpinned entry."""
+        """Make `name` the most recent entry; a full cache first evicts its oldest unpinned entry.
+
+        A cache whose entries are all pinned takes nothing in: the engine's slot gate holds other
+        adapters back while every slot is pinned (a moment, during a pinned tenant's switch)."""
         evicted = None
         if name not in cache and len(cache) >= capacity:
             evicted = next((entry for entry in cache if entry not in self._pinned), None)
             if evicted is None:
-                raise RuntimeError(f"all {capacity} entries are pinned; vLLM would refuse {name}")
+                return None
             del cache[evicted]
         cache[name] = None
         cache.move_to_end(name)
