@@ -21,6 +21,7 @@ import pytest
 import torch
 from openai import AsyncOpenAI, NotFoundError, OpenAI
 
+from appliance.adminclient import AdminClient, AdminError
 from appliance.demo import DemoTenant, build_adapter, init_demo
 from appliance.localserver import LocalServer
 from appliance.store import Store
@@ -93,10 +94,10 @@ class Lab:
         command = [sys.executable, "-m", "appliance", *args, "--config", str(self.demo.config)]
         return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
 
-    def admin(self, path: str) -> dict:  # type: ignore[type-arg]
-        from appliance.adminclient import AdminClient
-
-        return AdminClient(self.demo.dir / "state" / "admin.sock").call("GET", path)  # type: ignore[no-any-return]
+    def admin(self, path: str, body: object = None) -> dict:  # type: ignore[type-arg]
+        """GET `path`, or POST `body` to it."""
+        client = AdminClient(self.demo.dir / "state" / "admin.sock")
+        return client.call("GET" if body is None else "POST", path, body)  # type: ignore[no-any-return]
 
     def adapter_row(self, tenant: str, version: str) -> dict | None:  # type: ignore[type-arg]
         rows = self.admin("/admin/adapters")["adapters"]
@@ -438,6 +439,18 @@ def test_pinned_tenant_keeps_its_slot_while_more_tenants_than_slots_run(lab):
     assert (row["tier"], row["pinned"]) == ("gpu", True)
     stats = lab.admin("/admin/status")["engine_stats"]
     assert any(name.startswith("mike@v1#") for name in stats["extra"]["pinned"])
+
+    # Bad requests to the admin API change nothing.
+    for path, body, status, message in [
+        ("/admin/tenants/mike/resident", {"keep": "yes"}, 400, "keep must be true or false"),
+        ("/admin/tenants/mike/resident", [True], 400, "keep must be true or false"),
+        ("/admin/tenants/..%2Fmike/resident", {"keep": True}, 409, "unknown tenant"),
+        ("/admin/tenants/nobody/resident", {"keep": True}, 409, "unknown tenant"),
+    ]:
+        with pytest.raises(AdminError, match=message) as refused:
+            lab.admin(path, body)
+        assert refused.value.status == status
+    assert lab.admin("/admin/residency")["kept_resident"] == ["mike"]
 
     # A new version takes over the pin.
     v2 = lab.expected(lab.drop("mike", "v2", seed=9799))

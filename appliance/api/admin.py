@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from aiohttp import web
@@ -22,6 +24,15 @@ PLAN = web.AppKey("plan", Plan)
 
 def _services(request: web.Request) -> Services:
     return request.app[SERVICES]
+
+
+@contextmanager
+def _conflict(param: str) -> Iterator[None]:
+    """An operator action the current state does not allow is a 409 naming the parameter."""
+    try:
+        yield
+    except StoreError as exc:
+        raise APIError(409, str(exc), param=param) from exc
 
 
 async def status(request: web.Request) -> web.Response:
@@ -96,10 +107,8 @@ async def activate(request: web.Request) -> web.Response:
     if version is not None and not isinstance(version, str):
         raise bad_request("version must be a string or null", "version")
     tenant = request.match_info["tenant"]
-    try:
+    with _conflict("version"):
         active = await services.catalog.versions.activate(tenant, version)
-    except StoreError as exc:
-        raise APIError(409, str(exc), param="version") from exc
     return web.json_response(
         {"tenant": tenant, "active": active.version if active else None, "pinned": version}
     )
@@ -116,10 +125,8 @@ async def canary(request: web.Request) -> web.Response:
     if isinstance(percent, bool) or not isinstance(percent, int):
         raise bad_request("percent must be an integer", "percent")
     tenant = request.match_info["tenant"]
-    try:
+    with _conflict("version"):
         await services.catalog.versions.set_canary(tenant, version, percent)
-    except StoreError as exc:
-        raise APIError(409, str(exc), param="version") from exc
     current = services.catalog.versions.canary(tenant)
     return web.json_response(
         {"tenant": tenant, "canary": {"version": current[0], "percent": current[1]} if current else None}
@@ -134,10 +141,8 @@ async def resident(request: web.Request) -> web.Response:
     if not isinstance(keep, bool):
         raise bad_request("keep must be true or false", "keep")
     tenant = request.match_info["tenant"]
-    try:
+    with _conflict("tenant"):
         pinned = await services.catalog.versions.keep_resident(tenant, keep)
-    except StoreError as exc:
-        raise APIError(409, str(exc), param="tenant") from exc
     return web.json_response({"tenant": tenant, "keep_resident": keep, "pinned_version": pinned})
 
 

@@ -20,7 +20,7 @@ from .slots import SlotGate
 log = logging.getLogger(__name__)
 
 # How long a pin may wait for requests on other adapters to free its slot.
-PIN_WAIT_S = 120.0
+PIN_WAIT_S = 60.0
 
 # vLLM accepts only these values for max_lora_rank; the configured limit is rounded up to one.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
