@@ -115,7 +115,7 @@ def build_app(
         store=store,
         catalog=Catalog(store, versions, settings.base_model_name),
         codec=TextCodec.from_model_dir(model_dir),
-        ledger=UsageLedger(store),
+        ledger=UsageLedger(settings.database_path),
         engine=engine,
         engine_name=engine.name,
     )
