@@ -112,9 +112,8 @@ def _usage_rows(database, where: str, args) -> list[tuple]:
         return db.execute(f"select status, completion_tokens from usage where {where}", args).fetchall()  # noqa: S608
 
 
-async def test_client_disconnect_aborts_the_generation(server):
-    """A client that goes away mid-stream stops its generation and is recorded as 499."""
-    marker = f"disconnect-{time.time_ns()}"
+async def _hang_up_mid_stream(server, marker: str) -> list[tuple]:
+    """Start a long streamed completion, hang up after its first event; the usage rows it left."""
     body = {
         "model": "globex",
         "prompt": "tenant adapter box",
@@ -124,18 +123,32 @@ async def test_client_disconnect_aborts_the_generation(server):
         "user": marker,
     }
     headers = {"Authorization": f"Bearer {server.demo.keys['globex']}"}
+    before = len(_usage_rows(server.demo.database, "tenant = ? order by id", ["globex"]))
     async with aiohttp.ClientSession() as session:
         async with session.post(server.url + "/v1/completions", json=body, headers=headers) as response:
             assert response.status == 200
             await response.content.readline()  # the first event has arrived: generation is running
             response.close()  # hang up, long before 900 tokens
         deadline = time.monotonic() + 20
-        rows = []
-        while time.monotonic() < deadline and not rows:
+        while time.monotonic() < deadline:
             await asyncio.sleep(0.5)
-            rows = _usage_rows(server.demo.database, "tenant = ? and status = 499", ["globex"])
-    assert rows, "the disconnect was not recorded"
-    assert all(tokens < 900 for _, tokens in rows)
+            rows = _usage_rows(server.demo.database, "tenant = ? order by id", ["globex"])
+            if len(rows) > before:
+                return rows[before:]
+    raise AssertionError("the request left no usage row")
+
+
+async def test_client_disconnect_aborts_the_generation(server):
+    """A client that goes away mid-stream stops its generation and is recorded as 499.
+
+    On a loaded machine the whole generation (about 3 s) can occasionally finish before the
+    hang-up reaches the server, so up to three tries; a server that ignores hang-ups fails all."""
+    outcomes = []
+    for attempt in range(3):
+        outcomes += await _hang_up_mid_stream(server, f"disconnect-{attempt}-{time.time_ns()}")
+        if any(status == 499 and tokens < 900 for status, tokens in outcomes):
+            break
+    assert any(status == 499 and tokens < 900 for status, tokens in outcomes), outcomes
     assert post_json(server.url + CHAT, chat_body(), server.demo.keys["acme"])[0] == 200
 
 
