@@ -220,8 +220,7 @@ def _keep_resident_offline(settings: Settings, tenant: str, keep: bool) -> None:
     with Store.open(settings.database_path) as store:
         if store.get_tenant(tenant) is None and not store.adapters(tenant):
             raise LoraboxError(f"unknown tenant {tenant!r}")
-        store.save_route(dataclasses.replace(store.route(tenant), keep_resident=keep))
-        store.record_event("residency_kept" if keep else "residency_released", tenant=tenant)
+        store.set_keep_resident(tenant, keep)
 
 
 def _adapter_rows_offline(settings: Settings) -> list[dict]:  # type: ignore[type-arg]

@@ -6,6 +6,7 @@ the very next request without talking to the daemon.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -276,6 +277,15 @@ class Store:
             },
             pk="tenant",
         )
+
+    def set_keep_resident(self, tenant: str, keep: bool) -> bool:
+        """The operator's "keep this tenant's adapter in a GPU slot"; records an event if it changed."""
+        route = self.route(tenant)
+        if route.keep_resident == keep:
+            return False
+        self.save_route(dataclasses.replace(route, keep_resident=keep))
+        self.record_event("residency_kept" if keep else "residency_released", tenant=tenant)
+        return True
 
     # -- usage and events ---------------------------------------------------------------------
 

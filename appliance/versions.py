@@ -345,9 +345,7 @@ class VersionManager:
                     "GPU adapter slots; one must stay free for all other tenants. Unpin a tenant, or raise "
                     "max_loras (or the LoRA memory budget) and restart"
                 )
-        if keep != route.keep_resident:
-            self.store.save_route(dataclasses.replace(route, keep_resident=keep))
-            self.store.record_event("residency_kept" if keep else "residency_released", tenant=tenant)
+        self.store.set_keep_resident(tenant, keep)
         await self.sync(tenant)
         return self.pinned_version(tenant)
 

@@ -391,3 +391,14 @@ def test_failed_operations_record_no_events(store: Store) -> None:
     with pytest.raises(StoreError):
         store.revoke_key("nosuch")
     assert store.events() == []
+
+
+def test_keep_resident_is_saved_and_each_change_recorded_once(store):
+    store.add_tenant("acme")
+    assert store.set_keep_resident("acme", True)
+    assert not store.set_keep_resident("acme", True)  # no change, no second event
+    assert store.route("acme").keep_resident
+    assert store.set_keep_resident("acme", False)
+    assert not store.route("acme").keep_resident
+    kinds = [e["kind"] for e in store.events(10) if e["kind"].startswith("residency")]
+    assert sorted(kinds) == ["residency_kept", "residency_released"]
