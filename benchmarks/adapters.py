@@ -24,9 +24,9 @@ from pathlib import Path
 import aiohttp
 
 from appliance.demo import DemoTenant, build_adapter, init_demo
-from appliance.localserver import LocalServer
-from appliance.reference import PeftReference
 from appliance.store import Store
+from appliance.testing.localserver import LocalServer
+from appliance.testing.reference import PeftReference
 
 PROMPT = "The quick brown fox"
 MAX_TOKENS = 32

@@ -21,7 +21,7 @@ from pathlib import Path
 import aiohttp
 
 from appliance.demo import init_demo
-from appliance.localserver import LocalServer
+from appliance.testing.localserver import LocalServer
 
 PROMPTS = ["Hello, how can I help", "The quick brown fox", "Support tickets and invoices", "What is lorabox?"]
 

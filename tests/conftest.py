@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from appliance.demo import DEMO_MODEL_NAME, init_demo
-from appliance.localserver import LocalServer, ServerFailed
-from appliance.reference import PeftReference
+from appliance.testing.localserver import LocalServer, ServerFailed
+from appliance.testing.reference import PeftReference
 
 SERVER_START_TIMEOUT_S = 300
 

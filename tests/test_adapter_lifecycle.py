@@ -23,8 +23,8 @@ from openai import AsyncOpenAI, NotFoundError, OpenAI
 
 from appliance.adminclient import AdminClient, AdminError
 from appliance.demo import DemoTenant, build_adapter, init_demo
-from appliance.localserver import LocalServer
 from appliance.store import Store
+from appliance.testing.localserver import LocalServer
 from tests.conftest import Demo, Reference
 
 PROMPT = "The quick brown fox"
