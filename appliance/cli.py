@@ -15,7 +15,7 @@ from pathlib import Path
 from .adminclient import AdminClient, AdminError, AdminUnavailable
 from .config import Settings, load_config
 from .errors import LoraboxError
-from .store import Store
+from .tenancy.store import Store
 
 DEFAULT_DEMO_DIR = (
     Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "lorabox" / "demo"

@@ -29,9 +29,9 @@ from .engines.select import create_engine
 from .gpu import gpu_memory
 from .residency import Plan, ResidencyTracker, lora_budget_bytes, plan
 from .serving import Catalog, Generator
-from .store import Store
+from .tenancy.ledger import UsageLedger
+from .tenancy.store import Store
 from .tokenization import TextCodec
-from .usage import UsageLedger
 from .versions import VersionManager
 from .watcher import DropWatcher
 

@@ -213,7 +213,7 @@ cpu_kv_cache_gib = 1
 def init_demo(demo_dir: Path, *, force: bool = False) -> dict[str, str]:
     """Write the demo into demo_dir; returns {tenant: key}. Reuses keys already issued there."""
     from .config import load_config
-    from .store import Store
+    from .tenancy.store import Store
 
     demo_dir = demo_dir.resolve()
     demo_dir.mkdir(parents=True, exist_ok=True)

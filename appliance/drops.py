@@ -18,7 +18,7 @@ from pathlib import Path
 from .errors import AdapterError
 from .names import is_ignored_name, is_tenant_name, is_version_name
 from .safetensors_header import read_header
-from .store import AdapterVersion, Store
+from .tenancy.store import AdapterVersion, Store
 
 log = logging.getLogger(__name__)
 

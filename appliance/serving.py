@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from .engines.base import AdapterRef, Engine, GenerationRequest
-from .store import AdapterVersion, Store, Tenant
+from .tenancy.store import AdapterVersion, Store, Tenant
 from .tokenization import StopMatcher, TextCodec
 from .versions import VersionManager
 

@@ -42,7 +42,7 @@ from .engines.base import AdapterRef, Engine
 from .errors import AdapterError, StoreError
 from .names import is_tenant_name, natural_key
 from .residency import ResidencyTracker
-from .store import AdapterVersion, Route, Store
+from .tenancy.store import AdapterVersion, Route, Store
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from openai import AsyncOpenAI, NotFoundError, OpenAI
 
 from appliance.adminclient import AdminClient, AdminError
 from appliance.demo import DemoTenant, build_adapter, init_demo
-from appliance.store import Store
+from appliance.tenancy.store import Store
 from appliance.testing.localserver import LocalServer
 from tests.conftest import Demo, Reference
 

@@ -11,7 +11,7 @@ import pytest
 
 from appliance.cli import main
 from appliance.config import load_config
-from appliance.store import AdapterVersion, Route, Store
+from appliance.tenancy.store import AdapterVersion, Route, Store
 
 
 @dataclass

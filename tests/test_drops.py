@@ -27,7 +27,7 @@ from appliance.drops import (
 )
 from appliance.errors import AdapterError
 from appliance.safetensors_header import read_header
-from appliance.store import Store
+from appliance.tenancy.store import Store
 
 TENANTS = {t.name: t for t in demo.DEMO_TENANTS}
 

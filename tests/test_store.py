@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import sqlite_utils
 
-from appliance import migrations
 from appliance.errors import StoreError
-from appliance.store import AdapterVersion, Store
+from appliance.tenancy import migrations
+from appliance.tenancy.store import AdapterVersion, Store
 
 
 @pytest.fixture

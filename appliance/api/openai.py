@@ -14,9 +14,9 @@ from aiohttp import web
 
 from ..engines.base import Engine
 from ..serving import Catalog, ContextTooLong, GenerationResult, Generator, ModelNotFound, Target
-from ..store import Store, Tenant
+from ..tenancy.ledger import UsageLedger
+from ..tenancy.store import Store, Tenant
 from ..tokenization import PromptError, TextCodec
-from ..usage import UsageLedger
 from .errors import MAX_BODY_BYTES, APIError, bad_request, error_body
 from .requests import ParsedRequest, check_token_ids, parse_chat, parse_completion
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.store import Store
-from appliance.usage import UsageLedger
+from appliance.tenancy.ledger import UsageLedger
+from appliance.tenancy.store import Store
 
 
 def row(tenant: str, tokens: int) -> dict[str, object]:

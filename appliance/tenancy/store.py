@@ -21,9 +21,9 @@ from typing import Any
 
 import sqlite_utils
 
-from .errors import StoreError
+from ..errors import StoreError
+from ..names import is_tenant_name, natural_key
 from .migrations import migrate
-from .names import is_tenant_name, natural_key
 
 KEY_PREFIX = "lbx"
 

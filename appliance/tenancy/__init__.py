@@ -1,0 +1,1 @@
+"""Tenants and what they are owed: the SQLite store, its migrations, the usage ledger."""
