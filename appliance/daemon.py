@@ -19,21 +19,21 @@ from pathlib import Path
 
 from aiohttp import web
 
+from .adapters.drops import AdapterLimits, BaseModelInfo, scan
+from .adapters.residency import Plan, ResidencyTracker, lora_budget_bytes, plan
+from .adapters.versions import VersionManager
+from .adapters.watcher import DropWatcher
 from .api.admin import PLAN, build_admin_app
 from .api.errors import MAX_BODY_BYTES, openai_errors
 from .api.openai import SERVICES, Services, add_routes
 from .config import Settings
-from .drops import AdapterLimits, BaseModelInfo, scan
 from .engines.base import EngineOptions
 from .engines.select import create_engine
 from .gpu import gpu_memory
-from .residency import Plan, ResidencyTracker, lora_budget_bytes, plan
 from .serving import Catalog, Generator
 from .tenancy.ledger import UsageLedger
 from .tenancy.store import Store
 from .tokenization import TextCodec
-from .versions import VersionManager
-from .watcher import DropWatcher
 
 log = logging.getLogger(__name__)
 ON_READY: web.AppKey[Callable[[], None]] = web.AppKey("on_ready")

@@ -152,7 +152,7 @@ def build_adapter(model_dir: Path, tenant: DemoTenant, out_dir: Path) -> None:
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    from .drops import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE, BaseModelInfo
+    from .adapters.drops import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE, BaseModelInfo
 
     base = BaseModelInfo.from_model_dir(model_dir)
     generator = torch.Generator().manual_seed(tenant.seed)

@@ -10,10 +10,10 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from .adapters.versions import VersionManager
 from .engines.base import AdapterRef, Engine, GenerationRequest
 from .tenancy.store import AdapterVersion, Store, Tenant
 from .tokenization import StopMatcher, TextCodec
-from .versions import VersionManager
 
 
 class ModelNotFound(LookupError):

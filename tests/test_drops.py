@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from appliance import demo
-from appliance.drops import (
+from appliance.adapters.drops import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     AdapterLimits,
@@ -25,8 +25,8 @@ from appliance.drops import (
     register_version,
     scan,
 )
+from appliance.adapters.safetensors_header import read_header
 from appliance.errors import AdapterError
-from appliance.safetensors_header import read_header
 from appliance.tenancy.store import Store
 
 TENANTS = {t.name: t for t in demo.DEMO_TENANTS}

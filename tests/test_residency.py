@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.drops import BaseModelInfo
-from appliance.residency import (
+from appliance.adapters.drops import BaseModelInfo
+from appliance.adapters.residency import (
     Plan,
     ResidencyTracker,
     adapter_bytes_from_header,

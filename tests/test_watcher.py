@@ -21,7 +21,7 @@ import pytest
 from aiohttp import web
 from watchdog.utils import BaseThread
 
-from appliance.watcher import DropWatcher
+from appliance.adapters.watcher import DropWatcher
 
 # watchdog 7.1 warns, harmlessly, when a nested folder is created faster than it adds its watches.
 pytestmark = pytest.mark.filterwarnings("ignore:Callback with id:RuntimeWarning")
@@ -218,7 +218,7 @@ async def test_a_failing_on_change_is_logged_and_watching_goes_on(
     watch: StartWatcher, adapters: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     _, recorder = await watch(Recorder(failures=1))
-    with caplog.at_level(logging.ERROR, logger="appliance.watcher"):
+    with caplog.at_level(logging.ERROR, logger="appliance.adapters.watcher"):
         drop_version(adapters / "acme" / "v1")
         await eventually(lambda: recorder.calls, "the failing call")
         await eventually(lambda: caplog.records, "the error logged")

@@ -13,9 +13,9 @@ from typing import Any
 
 from aiohttp import web
 
+from ..adapters.residency import Plan
 from ..errors import StoreError
 from ..gpu import gpu_memory
-from ..residency import Plan
 from .errors import MAX_BODY_BYTES, APIError, bad_request, openai_errors
 from .openai import SERVICES, Services, read_json
 

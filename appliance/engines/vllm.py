@@ -35,7 +35,7 @@ def write_zero_adapter(model_dir: Path, out_dir: Path) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from ..drops import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE, BaseModelInfo
+    from ..adapters.drops import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE, BaseModelInfo
 
     shapes = BaseModelInfo.from_model_dir(model_dir).linear_shapes
     module = next(path for path in sorted(shapes) if path != "lm_head").rsplit(".", 1)[-1]

@@ -29,6 +29,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..engines.base import AdapterRef, Engine
+from ..errors import AdapterError, StoreError
+from ..names import is_tenant_name, natural_key
+from ..tenancy.store import AdapterVersion, Route, Store
 from .drops import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -38,11 +42,7 @@ from .drops import (
     scan,
     scan_tenant,
 )
-from .engines.base import AdapterRef, Engine
-from .errors import AdapterError, StoreError
-from .names import is_tenant_name, natural_key
 from .residency import ResidencyTracker
-from .tenancy.store import AdapterVersion, Route, Store
 
 log = logging.getLogger(__name__)
 

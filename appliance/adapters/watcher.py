@@ -33,7 +33,7 @@ from watchdog.events import (
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
-from .names import is_ignored_name
+from ..names import is_ignored_name
 
 log = logging.getLogger(__name__)
 

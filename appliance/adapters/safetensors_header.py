@@ -11,7 +11,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import AdapterError
+from ..errors import AdapterError
 
 MAX_HEADER_BYTES = 100 << 20
 DTYPE_BYTES = {

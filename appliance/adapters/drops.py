@@ -15,10 +15,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import AdapterError
-from .names import is_ignored_name, is_tenant_name, is_version_name
+from ..errors import AdapterError
+from ..names import is_ignored_name, is_tenant_name, is_version_name
+from ..tenancy.store import AdapterVersion, Store
 from .safetensors_header import read_header
-from .tenancy.store import AdapterVersion, Store
 
 log = logging.getLogger(__name__)
 
