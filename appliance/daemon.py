@@ -29,8 +29,8 @@ from .api.openai import SERVICES, Services, add_routes
 from .config import Settings
 from .engines.base import EngineOptions
 from .engines.select import create_engine
-from .gpu import gpu_memory
 from .serving import Catalog, Generator
+from .telemetry.gpu import gpu_memory
 from .tenancy.ledger import UsageLedger
 from .tenancy.store import Store
 from .tokenization import TextCodec

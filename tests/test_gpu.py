@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pynvml
 import pytest
 
-from appliance import gpu
+from appliance.telemetry import gpu
 
 
 @pytest.fixture(autouse=True)

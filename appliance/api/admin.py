@@ -15,7 +15,7 @@ from aiohttp import web
 
 from ..adapters.residency import Plan
 from ..errors import StoreError
-from ..gpu import gpu_memory
+from ..telemetry.gpu import gpu_memory
 from .errors import MAX_BODY_BYTES, APIError, bad_request, openai_errors
 from .openai import SERVICES, Services, read_json
 

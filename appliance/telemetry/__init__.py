@@ -1,0 +1,1 @@
+"""What the box is doing: GPU readings through NVML (never raising); per-tenant stats to come."""
