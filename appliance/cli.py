@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .adminclient import AdminClient, AdminError, AdminUnavailable
+from .api.adminclient import AdminClient, AdminError, AdminUnavailable
 from .config import Settings, load_config
 from .errors import LoraboxError
 from .tenancy.store import Store

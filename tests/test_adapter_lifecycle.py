@@ -21,7 +21,7 @@ import pytest
 import torch
 from openai import AsyncOpenAI, NotFoundError, OpenAI
 
-from appliance.adminclient import AdminClient, AdminError
+from appliance.api.adminclient import AdminClient, AdminError
 from appliance.demo import DemoTenant, build_adapter, init_demo
 from appliance.tenancy.store import Store
 from appliance.testing.localserver import LocalServer

@@ -1,1 +1,1 @@
-"""HTTP routes: the OpenAI-compatible API, health, and (later) the admin API."""
+"""HTTP: the OpenAI-compatible API, its request checks and error shape, the admin API and its client."""
