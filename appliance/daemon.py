@@ -29,11 +29,12 @@ from .api.openai import SERVICES, Services, add_routes
 from .config import Settings
 from .engines.base import EngineOptions
 from .engines.select import create_engine
-from .serving import Catalog, Generator
+from .serving.catalog import Catalog
+from .serving.generator import Generator
+from .serving.tokenization import TextCodec
 from .telemetry.gpu import gpu_memory
 from .tenancy.ledger import UsageLedger
 from .tenancy.store import Store
-from .tokenization import TextCodec
 
 log = logging.getLogger(__name__)
 ON_READY: web.AppKey[Callable[[], None]] = web.AppKey("on_ready")

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from appliance import demo
-from appliance.tokenization import REPLACEMENT_CHAR, PromptError, StopMatcher, TextCodec
+from appliance.serving.tokenization import REPLACEMENT_CHAR, PromptError, StopMatcher, TextCodec
 
 TEXTS = [
     "héllo ✓ 漢字 🎉",

@@ -13,10 +13,11 @@ from typing import Any
 from aiohttp import web
 
 from ..engines.base import Engine
-from ..serving import Catalog, ContextTooLong, GenerationResult, Generator, ModelNotFound, Target
+from ..serving.catalog import Catalog, ModelNotFound, Target
+from ..serving.generator import ContextTooLong, GenerationResult, Generator
+from ..serving.tokenization import PromptError, TextCodec
 from ..tenancy.ledger import UsageLedger
 from ..tenancy.store import Store, Tenant
-from ..tokenization import PromptError, TextCodec
 from .errors import MAX_BODY_BYTES, APIError, bad_request, error_body
 from .requests import ParsedRequest, check_token_ids, parse_chat, parse_completion
 

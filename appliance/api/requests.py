@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..serving import SamplingOptions
+from ..serving.generator import SamplingOptions
 from .errors import APIError, bad_request
 
 MAX_STOP_SEQUENCES = 4

@@ -1,0 +1,1 @@
+"""The request path between HTTP and the engine: tenant + model → weights, prompt ids → text."""
