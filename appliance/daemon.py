@@ -128,10 +128,16 @@ def build_app(
     app[PLAN] = sizes
     app[ON_READY] = on_ready or (lambda: None)
     add_routes(app)
+    app.cleanup_ctx.append(_watch_loop_lag)
     app.cleanup_ctx.append(_run_engine)
     app.cleanup_ctx.append(lambda _app: services.ledger.run())
     app.on_cleanup.append(lambda _app: _close_store(store))
     return app
+
+
+async def _watch_loop_lag(app: web.Application) -> AsyncIterator[None]:
+    async with app[SERVICES].loop_lag.running():
+        yield
 
 
 async def _close_store(store: Store) -> None:

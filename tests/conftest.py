@@ -8,12 +8,14 @@ import os
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from appliance.api.adminclient import AdminClient
 from appliance.demo import DEMO_MODEL_NAME, init_demo
 from appliance.testing.localserver import LocalServer, ServerFailed
 from appliance.testing.reference import PeftReference
@@ -116,3 +118,20 @@ def post_json(url: str, body: Any, key: str | None = None, raw: bytes | None = N
             return int(response.status), json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return int(exc.code), json.loads(exc.read())
+
+
+def admin_status(demo: Demo) -> dict[str, Any]:
+    """GET /admin/status over the demo daemon's admin socket."""
+    status: dict[str, Any] = AdminClient(demo.dir / "state" / "admin.sock").call("GET", "/admin/status")
+    return status
+
+
+@contextmanager
+def no_loop_stall(demo: Demo) -> Iterator[None]:
+    """Fails if the daemon's event loop stalled (over 100 ms late) while the block ran."""
+    before = admin_status(demo)["loop_lag"]["stalls"]
+    yield
+    lag = admin_status(demo)["loop_lag"]
+    assert lag["stalls"] == before, (
+        f"event loop stalled {lag['stalls'] - before} time(s), worst {lag['max_ms']} ms"
+    )

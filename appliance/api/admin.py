@@ -44,6 +44,7 @@ async def status(request: web.Request) -> web.Response:
             "engine": services.engine_name,
             "uptime_s": round(time.time() - services.started_at, 1),
             "engine_stats": dataclasses.asdict(stats) if stats else None,
+            "loop_lag": dataclasses.asdict(services.loop_lag.snapshot()),
         }
     )
 

@@ -16,6 +16,7 @@ from ..engines.base import Engine
 from ..serving.catalog import Catalog, ModelNotFound, Target
 from ..serving.generator import ContextTooLong, GenerationResult, Generator
 from ..serving.tokenization import PromptError, TextCodec
+from ..telemetry.looplag import LoopLagMonitor
 from ..tenancy.ledger import UsageLedger
 from ..tenancy.store import Store, Tenant
 from .errors import MAX_BODY_BYTES, APIError, bad_request, error_body
@@ -36,6 +37,7 @@ class Services:
     engine_name: str = ""
     generator: Generator | None = None
     started_at: float = field(default_factory=time.time)
+    loop_lag: LoopLagMonitor = field(default_factory=LoopLagMonitor)
 
 
 SERVICES = web.AppKey("services", Services)

@@ -1,0 +1,74 @@
+"""How late the event loop runs: a ticker that measures its own lateness.
+
+Every request, stream and admin call of every tenant shares one event loop, so anything that holds
+it (a tenant's huge input, a scan of a big folder, a synchronous disk write) delays them all. The
+monitor sleeps `interval_s` at a time and records how much later than asked it woke up. A wake-up
+more than `stall_ms` late is a stall: counted, and logged as a warning with its length, so a stall
+in production is visible in the log and (through `snapshot`) in the admin API and metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+STALL_MS = 100.0
+
+
+@dataclass(frozen=True)
+class LoopLag:
+    last_ms: float
+    """Lateness of the most recent tick."""
+    max_ms: float
+    """Worst lateness since the monitor started."""
+    stalls: int
+    """Ticks later than the stall threshold, since the monitor started."""
+    stall_ms: float
+    """The threshold."""
+
+
+class LoopLagMonitor:
+    def __init__(self, interval_s: float = 0.05, stall_ms: float = STALL_MS):
+        self.interval_s = interval_s
+        self.stall_ms = stall_ms
+        self._last_ms = 0.0
+        self._max_ms = 0.0
+        self._stalls = 0
+
+    def snapshot(self) -> LoopLag:
+        return LoopLag(
+            last_ms=round(self._last_ms, 2),
+            max_ms=round(self._max_ms, 2),
+            stalls=self._stalls,
+            stall_ms=self.stall_ms,
+        )
+
+    def observe(self, late_ms: float) -> None:
+        """Record one tick that woke `late_ms` after it was due."""
+        self._last_ms = late_ms
+        self._max_ms = max(self._max_ms, late_ms)
+        if late_ms > self.stall_ms:
+            self._stalls += 1
+            log.warning("event loop stalled for %.0f ms (threshold %.0f ms)", late_ms, self.stall_ms)
+
+    async def _tick(self) -> None:
+        while True:
+            due = time.perf_counter() + self.interval_s
+            await asyncio.sleep(self.interval_s)
+            self.observe(max(0.0, (time.perf_counter() - due) * 1000))
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[LoopLagMonitor]:
+        task = asyncio.create_task(self._tick(), name="loop-lag monitor")
+        try:
+            yield self
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
