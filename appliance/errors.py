@@ -19,3 +19,7 @@ class AdapterError(LoraboxError):
 
 class EngineUnavailable(LoraboxError):
     """No inference engine can run here; the message says why."""
+
+
+class EngineDead(LoraboxError):
+    """The engine can no longer serve (its process died or it stopped answering); the daemon exits."""

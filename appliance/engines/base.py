@@ -70,6 +70,12 @@ class Engine(Protocol):
     async def unpin_adapter(self, adapter: AdapterRef) -> None:
         """Make a pinned adapter an ordinary cache entry again; it stays loaded."""
 
+    def failure(self) -> str | None:
+        """Why this engine can no longer serve (e.g. its core process died), or None while it can.
+
+        Cheap and non-blocking: the daemon polls it. Once it returns a reason, `generate` raises
+        `errors.EngineDead` and in-flight streams end with it."""
+
     def stats(self) -> EngineStats: ...
 
     async def shutdown(self) -> None: ...

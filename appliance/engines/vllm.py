@@ -203,6 +203,11 @@ class VLLMEngine:
             self._slots.forget(adapter.name)
             await self._engine.add_lora(self._lora_request(adapter))
 
+    def failure(self) -> str | None:
+        if self._engine is not None and self._engine.errored:
+            return "the vLLM engine core is no longer running"
+        return None
+
     def stats(self) -> EngineStats:
         return EngineStats(
             engine=self.name,
