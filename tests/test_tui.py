@@ -308,6 +308,10 @@ async def test_polls_a_daemon_without_the_stream(replay: AdminReplay) -> None:
         await until(pilot, lambda: any("adapter_refused" in s for s in event_lines(app)), "the events")
         replay.tenants[0]["stats"]["rps_10s"] = 7.5
         await until(pilot, lambda: cell(app, "acme", "rps").plain == "7.5", "the next poll")
+        replay.tenants[0]["stats"]["rps_10s"] = 8.5
+        await until(pilot, lambda: cell(app, "acme", "rps").plain == "8.5", "the poll after")
+        # Each poll fetched the recent events again; each still shows once.
+        assert sum("umbrella@v2" in s for s in event_lines(app)) == 1
 
 
 async def test_events_arrive_live_and_once(replay: AdminReplay) -> None:

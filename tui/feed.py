@@ -12,6 +12,7 @@ import logging
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from textual.message import Message
 
@@ -146,7 +147,8 @@ class Feed:
         )
         if restarted:
             detail = f"pid {old_pid} → {pid}" if pid != old_pid else "uptime went back"
-            self.post(FeedEvents([Event(None, None, "daemon_restarted", None, None, detail)]))
+            now = datetime.now(UTC).isoformat(timespec="seconds")
+            self.post(FeedEvents([Event(None, now, "daemon_restarted", None, None, detail)]))
 
     def _post_events(self, events: Iterable[Event]) -> None:
         fresh = []

@@ -152,7 +152,7 @@ class EngineStats:
     waiting: int | None = None
     kv_cache_usage: float | None = None
     gpu_slots: int | None = None
-    pinned: tuple[str, ...] = ()
+    pinned: tuple[str, ...] | None = None
 
     @classmethod
     def read(cls, raw: Any) -> EngineStats | None:
@@ -163,7 +163,9 @@ class EngineStats:
             integer(raw.get("waiting")),
             number(raw.get("kv_cache_usage")),
             integer(raw.get("gpu_slots")),
-            tuple(p for p in items(raw.get("pinned")) if isinstance(p, str)),
+            tuple(p for p in raw["pinned"] if isinstance(p, str))
+            if isinstance(raw.get("pinned"), list)
+            else None,
         )
 
 

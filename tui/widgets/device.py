@@ -156,7 +156,9 @@ class DevicePanel(Widget):
 
 def _engine_summary(stats: EngineStats) -> str:
     kv = fmt.pct(stats.kv_cache_usage * 100 if stats.kv_cache_usage is not None else None)
-    pinned = ", ".join(p.partition("#")[0] for p in stats.pinned) or "none"
+    pinned = (
+        fmt.NA if stats.pinned is None else ", ".join(p.partition("#")[0] for p in stats.pinned) or "none"
+    )
     return (
         f"{fmt.text(stats.running)} running · {fmt.text(stats.waiting)} waiting · KV cache {kv} used · "
         f"{fmt.text(stats.gpu_slots)} adapter slots · pinned: {pinned}"
