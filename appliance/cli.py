@@ -247,6 +247,20 @@ def cmd_usage(args: argparse.Namespace) -> None:
         _table(store.usage_summary(args.tenant), ["tenant", "requests", "prompt_tokens", "completion_tokens"])
 
 
+def cmd_tui(args: argparse.Namespace) -> None:
+    from tui.app import run
+
+    socket = args.socket or _settings(args).admin_socket_path
+    run(str(socket), readonly=args.readonly, interval_s=args.interval)
+
+
+def _refresh_interval(text: str) -> float:
+    seconds = float(text)
+    if not 0.5 <= seconds <= 60:
+        raise argparse.ArgumentTypeError("the refresh interval is 0.5 to 60 seconds")
+    return seconds
+
+
 def cmd_config(args: argparse.Namespace) -> None:
     settings = _settings(args)
     print(f"# from {settings.source or '(defaults and environment)'}")
@@ -329,6 +343,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("usage", parents=[common], help="tokens per tenant from the usage ledger")
     p.add_argument("tenant", nargs="?")
     p.set_defaults(func=cmd_usage)
+
+    p = sub.add_parser("tui", parents=[common], help="watch and steer the box live (terminal UI)")
+    p.add_argument(
+        "--socket", type=Path, help="the admin socket (default: <state_dir>/admin.sock from the config)"
+    )
+    p.add_argument("--readonly", action="store_true", help="watch only: no activate, pin, canary or revoke")
+    p.add_argument(
+        "--interval",
+        type=_refresh_interval,
+        default=2.0,
+        help="refresh period in seconds (default 2; r cycles)",
+    )
+    p.set_defaults(func=cmd_tui)
 
     p = sub.add_parser("config", parents=[common], help="print the effective settings")
     p.set_defaults(func=cmd_config)

@@ -17,6 +17,7 @@ import pytest
 
 from appliance.api.adminclient import AdminClient
 from appliance.demo import DEMO_MODEL_NAME, init_demo
+from appliance.testing.adminreplay import AdminReplay
 from appliance.testing.localserver import LocalServer, ServerFailed
 from appliance.testing.reference import PeftReference
 
@@ -135,3 +136,16 @@ def no_loop_stall(demo: Demo) -> Iterator[None]:
     assert lag["stalls"] == before, (
         f"event loop stalled {lag['stalls'] - before} time(s), worst {lag['max_ms']} ms"
     )
+
+
+@pytest.fixture
+def replay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[AdminReplay]:
+    """Recorded admin-API payloads (tests/fixtures/admin) served on a real Unix socket.
+
+    The socket is `admin.sock` in the test's own directory, named by a relative path so that
+    whatever shows it (the TUI's banner) reads the same in every run.
+    """
+    monkeypatch.chdir(tmp_path)
+    server = AdminReplay("admin.sock").start()
+    yield server
+    server.stop()

@@ -1,1 +1,4 @@
-"""The `lorabox tui` Textual app. It talks to the daemon only through the admin API's JSON."""
+"""`lorabox tui`: a Textual app that shows the box live and acts on it, over the admin API only.
+
+It imports nothing from `appliance` but the admin client (`appliance.api.adminclient`).
+"""
