@@ -70,6 +70,10 @@ async def test_once_stopping_or_failed_new_requests_are_refused():
     with pytest.raises(Interrupted) as raised, lifecycle.request():
         pass
     assert raised.value.code == SHUTTING_DOWN
+    lifecycle.fail("the core died")  # expected while stopping: not the daemon's failure
+    assert lifecycle.phase == "stopping"
+
+    lifecycle = Lifecycle()
     lifecycle.fail("the core died")
     assert lifecycle.phase == "failed"
     with pytest.raises(Interrupted) as raised, lifecycle.request():
@@ -110,3 +114,16 @@ async def test_wind_down_after_a_failure_does_not_drain():
     lifecycle.fail("hung")
     await asyncio.wait_for(lifecycle.wind_down(drain_s=60), 1)
     assert await task == ENGINE_FAILED
+
+
+async def test_a_second_stop_cuts_at_once():
+    lifecycle, log = Lifecycle(), []
+    task = asyncio.create_task(generation(lifecycle, 60, log))
+    await asyncio.sleep(0.01)
+    lifecycle.stop()
+    winding_down = asyncio.create_task(lifecycle.wind_down(drain_s=60))
+    await asyncio.sleep(0.05)
+    assert not task.done()  # draining
+    lifecycle.stop()  # a second Ctrl-C
+    assert await asyncio.wait_for(task, 1) == SHUTTING_DOWN
+    await asyncio.wait_for(winding_down, 1)

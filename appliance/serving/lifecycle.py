@@ -124,14 +124,20 @@ class Lifecycle:
             entry.interrupt(interruption)
 
     def stop(self) -> None:
-        """Stop taking work (SIGTERM); `wind_down` drains what runs."""
-        if self._refusal is None:
-            self._refusal = Interrupted.shutting_down()
+        """Stop taking work (SIGTERM, SIGINT); `wind_down` drains what runs. Asked again (a second
+        Ctrl-C), it cuts what still runs at once."""
+        if self._stop.is_set():
+            self.interrupt(Interrupted.shutting_down())
+            return
+        self._refusal = Interrupted.shutting_down()
         self._stop.set()
 
     def fail(self, reason: str) -> None:
-        """The engine can no longer serve: refuse new work, cut everything in flight, stop."""
-        if self.failure is not None:
+        """The engine can no longer serve: refuse new work, cut everything in flight, stop.
+
+        Not once stopping: then the engine's end is expected (a Ctrl-C reaches its process too),
+        and a request it breaks during the drain ends with that error by itself."""
+        if self._stop.is_set():
             return
         self.failure = reason
         self._refusal = Interrupted.engine_failed(reason)
