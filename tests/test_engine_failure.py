@@ -17,7 +17,10 @@ import pytest
 from tests.conftest import Demo, Server, post_json
 from tests.dedicated import StreamReader, engine_core, start_dedicated, usage_rows
 
-MAX_TOKENS = 1000  # far more than a stream produces before the engine is killed under it
+MAX_TOKENS = 1000
+# Greedy: each demo tenant then runs to the full 1000 tokens (no early end of text), far more than
+# a stream produces before the engine is killed under it.
+LONG = {"prompt": "Once upon a time", "max_tokens": MAX_TOKENS, "temperature": 0}
 
 
 @pytest.fixture
@@ -53,9 +56,7 @@ def wait_for_unready(server: Server, within_s: float) -> dict[str, Any]:
 
 
 def long_stream(server: Server, tenant: str) -> StreamReader:
-    stream = StreamReader(
-        server, server.demo.keys[tenant], model=tenant, prompt="Once upon a time", max_tokens=MAX_TOKENS
-    )
+    stream = StreamReader(server, server.demo.keys[tenant], model=tenant, **LONG)
     stream.start()
     assert stream.first_text.wait(60), f"no text streamed: {stream.failure}"
     return stream

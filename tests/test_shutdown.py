@@ -66,8 +66,14 @@ def test_sigterm_drains_then_cuts_every_stream_with_an_error_and_books_it(demo, 
 
         def stream(i: int, max_tokens: int) -> StreamReader:
             tenant = tenants[i % len(tenants)]
+            # Greedy: every demo tenant's text then runs to max_tokens (no early end of text).
             return StreamReader(
-                server, keys[tenant], model=tenant, prompt="Once upon a time", max_tokens=max_tokens
+                server,
+                keys[tenant],
+                model=tenant,
+                prompt="Once upon a time",
+                max_tokens=max_tokens,
+                temperature=0,
             )
 
         long = [stream(i, 1000) for i in range(LONG_STREAMS)]
