@@ -18,6 +18,11 @@ from .errors import ConfigError
 DEFAULT_CONFIG_PATH = Path("/etc/lorabox/lorabox.toml")
 ENV_PREFIX = "LORABOX_"
 ENGINES = ("auto", "vllm", "llamacpp")
+
+SHUTDOWN_MARGIN_S = 20.0
+"""What stopping takes at most after the drain: cut streams' last events (2 s), the last usage
+write (SQLite waits up to 5 s for a lock), aiohttp closing connections (2 x 1 s) and the engine
+core's exit (5 s, then it is killed), with room to spare. See `Settings.stop_timeout_s`."""
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -78,12 +83,33 @@ class Settings:
     log_level: str = "info"
     """`debug`, `info`, `warning` or `error`."""
 
+    drain_timeout_s: float = 30.0
+    """On SIGTERM, how long requests in flight may run on (new ones get 503 and /readyz says
+    "stopping"). At the deadline each one still running ends: a stream with an error event
+    (`server_shutting_down`) and `[DONE]`, booked in the usage ledger as 503 with the tokens it
+    got. systemd's TimeoutStopSec must be at least `drain_timeout_s` + 20 s (lorabox.service: 50
+    for the default); lorabox asks systemd for that much when it stops, in case it is longer."""
+
+    engine_probe_interval_s: float = 5.0
+    """How often the daemon checks that the engine still answers (a round trip through its work
+    loop that generates nothing). A dead engine process is noticed at once, without a probe."""
+
+    engine_probe_timeout_s: float = 20.0
+    """A probe unanswered this long means the engine hangs: every request in flight ends with an
+    error (`engine_failed`, 503) and the daemon exits non-zero, for systemd to restart it. Long
+    enough for the slowest single engine step (a huge prefill, loading a large adapter)."""
+
     source: Path | None = field(default=None, compare=False)
     """The file these settings were read from, if any (not a setting)."""
 
     @property
     def database_path(self) -> Path:
         return self.state_dir / "lorabox.db"
+
+    @property
+    def stop_timeout_s(self) -> float:
+        """The longest a stop takes: the drain, then SHUTDOWN_MARGIN_S for the rest."""
+        return self.drain_timeout_s + SHUTDOWN_MARGIN_S
 
     @property
     def admin_socket_path(self) -> Path:
@@ -108,6 +134,10 @@ class Settings:
             raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError("gpu_memory_utilization must be in (0, 1]")
+        if self.drain_timeout_s < 0:
+            raise ConfigError("drain_timeout_s must be >= 0")
+        if self.engine_probe_interval_s <= 0 or self.engine_probe_timeout_s <= 0:
+            raise ConfigError("engine_probe_interval_s and engine_probe_timeout_s must be > 0")
         return self
 
 

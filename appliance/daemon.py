@@ -1,8 +1,14 @@
 """Wiring: the app factory, start-up and shutdown order, sd_notify.
 
 Start-up: open the store → listen (healthz answers, readyz says "starting") → start the engine
-→ register the drop folder and warm every tenant's active version → watch the folder → ready
-(sd_notify READY=1). Shutdown: stop listening, drain, stop the engine, flush usage, close.
+and watch its health → register the drop folder and warm every tenant's active version → watch
+the folder → ready (sd_notify READY=1).
+
+Shutdown, on SIGTERM: refuse new requests (readyz "stopping"), drain those in flight until
+`drain_timeout_s`, cut the rest (an error event each), write the usage ledger, then close the
+listeners and stop the engine: the slow, killable part comes after the ledger is safe. When the
+engine dies or hangs (serving/lifecycle.py, engines/health.py), the same path runs without the
+drain and the process exits non-zero, for systemd to restart it.
 """
 
 from __future__ import annotations
@@ -13,9 +19,11 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import NoReturn
 
 from aiohttp import web
 
@@ -28,6 +36,7 @@ from .api.errors import MAX_BODY_BYTES, openai_errors
 from .api.openai import SERVICES, Services, add_routes
 from .config import Settings
 from .engines.base import EngineOptions
+from .engines.health import EngineHealth
 from .engines.select import create_engine
 from .serving.catalog import Catalog
 from .serving.generator import Generator
@@ -40,6 +49,12 @@ log = logging.getLogger(__name__)
 ON_READY: web.AppKey[Callable[[], None]] = web.AppKey("on_ready")
 VERSIONS = web.AppKey("versions", VersionManager)
 ADAPTERS_DIR = web.AppKey("adapters_dir", Path)
+# How long aiohttp waits for a connection's handler when it closes the listeners (twice: before
+# and after cancelling it). By then every generation has ended or been cut: only short ones remain.
+HANDLER_SHUTDOWN_S = 1.0
+# After an engine failure the listeners stay up this long, answering 503 with the reason, so that
+# whoever polls /readyz or sends a request sees why rather than only a refused connection.
+FAILED_LINGER_S = 2.0
 
 
 def sd_notify(state: str) -> None:
@@ -118,6 +133,11 @@ def build_app(
         codec=TextCodec.from_model_dir(model_dir),
         ledger=UsageLedger(settings.database_path),
         engine=engine,
+        health=EngineHealth(
+            engine,
+            probe_every_s=settings.engine_probe_interval_s,
+            probe_timeout_s=settings.engine_probe_timeout_s,
+        ),
         engine_name=engine.name,
     )
     app = web.Application(client_max_size=settings.max_request_bytes, middlewares=[openai_errors])
@@ -152,6 +172,7 @@ async def _run_engine(app: web.Application) -> AsyncIterator[None]:
     async def start() -> None:
         began = time.perf_counter()
         await services.engine.start()
+        services.health.start(services.lifecycle.fail)
         await versions.sync_all()
         await watcher.start()
         max_len = getattr(services.engine, "max_model_len", None) or 4096
@@ -163,8 +184,8 @@ async def _run_engine(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(start())
     task.add_done_callback(_exit_if_failed)
     yield
-    sd_notify("STOPPING=1")
     task.cancel()
+    await services.health.stop()
     await watcher.stop()
     services.generator = None
     await services.engine.shutdown()
@@ -178,15 +199,19 @@ def _exit_if_failed(task: asyncio.Task[None]) -> None:
     os._exit(3)
 
 
-async def _serve(settings: Settings, app: web.Application) -> None:
-    stop = asyncio.Event()
+async def _serve(settings: Settings, app: web.Application) -> str | None:
+    """Serve until SIGTERM/SIGINT or an engine failure; returns the failure, if that was it."""
+    services = app[SERVICES]
+    lifecycle = services.lifecycle
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, lifecycle.stop)
 
     # handler_cancellation: a client that disconnects cancels its request (and so the generation).
-    api = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=30)
-    admin = web.AppRunner(build_admin_app(app[SERVICES], app[PLAN]), access_log=None)
+    api = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=HANDLER_SHUTDOWN_S)
+    admin = web.AppRunner(
+        build_admin_app(services, app[PLAN]), access_log=None, shutdown_timeout=HANDLER_SHUTDOWN_S
+    )
     await api.setup()
     await admin.setup()
     socket_path = settings.admin_socket_path
@@ -197,13 +222,39 @@ async def _serve(settings: Settings, app: web.Application) -> None:
     await web.TCPSite(api, settings.host, settings.port).start()
     log.info("listening on http://%s:%d (admin API on %s)", settings.host, settings.port, socket_path)
     try:
-        await stop.wait()
+        await lifecycle.stopped()
     finally:
-        log.info("shutting down")
+        await services.health.stop()  # stopping, the engine's end is expected
+        if lifecycle.failure:
+            log.error("the engine failed (%s): ending every request and exiting", lifecycle.failure)
+            sd_notify(f"STATUS=engine failed: {lifecycle.failure}")
+        else:
+            log.info("shutting down: draining requests for up to %g s", settings.drain_timeout_s)
+            # Only ever extends TimeoutStopSec, for a drain configured longer than the unit allows.
+            sd_notify(f"STOPPING=1\nEXTEND_TIMEOUT_USEC={int(settings.stop_timeout_s * 1e6)}")
+        await lifecycle.wind_down(settings.drain_timeout_s)
+        await services.ledger.flush()  # before anything slow that a SIGKILL could cut short
+        if lifecycle.failure:
+            await asyncio.sleep(FAILED_LINGER_S)
         await admin.cleanup()
         await api.cleanup()
         socket_path.unlink(missing_ok=True)
+        log.info("stopped")
+    return lifecycle.failure
 
 
-def serve(settings: Settings, model_dir: Path, on_ready: Callable[[], None] | None = None) -> None:
-    asyncio.run(_serve(settings, build_app(settings, model_dir, on_ready)))
+def serve(settings: Settings, model_dir: Path, on_ready: Callable[[], None] | None = None) -> NoReturn:
+    """Serve until stopped; exits the process: 0 after SIGTERM/SIGINT, 1 after an engine failure."""
+    failure = asyncio.run(_serve(settings, build_app(settings, model_dir, on_ready)))
+    if failure is not None:
+        print(
+            f"lorabox: the engine failed ({failure}); exiting for systemd to restart lorabox", file=sys.stderr
+        )
+    # Everything is written and closed by now (usage ledger, store, sockets, engine). The
+    # interpreter's own teardown would spend seconds more collecting torch's and vLLM's modules
+    # (4-11 s measured here, in Py_FinalizeEx), time a restart or systemd's stop timeout should
+    # not spend.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1 if failure else 0)

@@ -40,8 +40,10 @@ async def status(request: web.Request) -> web.Response:
     stats = services.engine.stats() if services.generator else None
     return web.json_response(
         {
-            "ready": services.generator is not None,
+            "ready": services.generator is not None and services.lifecycle.phase == "serving",
+            "phase": services.lifecycle.phase,
             "engine": services.engine_name,
+            "engine_health": dataclasses.asdict(services.health.snapshot()),
             "uptime_s": round(time.time() - services.started_at, 1),
             "engine_stats": dataclasses.asdict(stats) if stats else None,
             "loop_lag": dataclasses.asdict(services.loop_lag.snapshot()),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -13,8 +14,11 @@ from typing import Any
 from aiohttp import web
 
 from ..engines.base import Engine
+from ..engines.health import EngineHealth
+from ..errors import EngineDead
 from ..serving.catalog import Catalog, ModelNotFound, Target
 from ..serving.generator import ContextTooLong, GenerationResult, Generator
+from ..serving.lifecycle import InFlight, Interrupted, Lifecycle
 from ..serving.tokenization import PromptError, TextCodec
 from ..telemetry.looplag import LoopLagMonitor
 from ..tenancy.ledger import UsageLedger
@@ -34,14 +38,20 @@ class Services:
     codec: TextCodec
     ledger: UsageLedger
     engine: Engine
+    health: EngineHealth
     engine_name: str = ""
     generator: Generator | None = None
     started_at: float = field(default_factory=time.time)
     loop_lag: LoopLagMonitor = field(default_factory=LoopLagMonitor)
+    lifecycle: Lifecycle = field(default_factory=Lifecycle)
 
 
 SERVICES = web.AppKey("services", Services)
 CLIENT_CLOSED = 499  # nginx's code for "client closed the request", kept in the usage ledger
+# The server could not finish the request (the engine failed, or the drain deadline passed): the
+# status a non-streamed reply gets, and the one booked for a stream cut by an in-band error event.
+UNAVAILABLE = 503
+FINAL_WRITE_S = 1.0  # how long a cut stream may take to send its error event (the client may be stuck)
 
 
 def authenticate(request: web.Request, services: Services) -> Tenant:
@@ -180,36 +190,54 @@ async def _complete(
     )
     started = time.perf_counter()
     status = 200
-    # Entering the lease is synchronous: a version retired from now on waits for this request.
-    with services.catalog.versions.lease(target.adapter):
-        try:
+    try:
+        # Entering the lease is synchronous: a version retired from now on waits for this request.
+        with services.lifecycle.request() as in_flight, services.catalog.versions.lease(target.adapter):
             if not parsed.stream:
-                text = "".join([chunk.text async for chunk in chunks])
+                with in_flight.interruptible():
+                    text = "".join([chunk.text async for chunk in chunks])
                 return web.json_response(shape.body(text, result))
-            return await _stream(request, shape, chunks, result, parsed.include_usage)
-        except (asyncio.CancelledError, ConnectionResetError):
-            status = CLIENT_CLOSED
-            raise
-        except Exception:
-            status = 500
-            raise
-        finally:
-            services.ledger.record(
-                tenant=tenant.name,
-                model=parsed.model,
-                adapter_version=target.adapter.version if target.adapter else "",
-                endpoint="chat" if chat else "completions",
-                prompt_tokens=result.prompt_tokens,
-                completion_tokens=result.completion_tokens,
-                finish_reason=result.finish_reason or "",
-                status=status,
-                latency_ms=round((time.perf_counter() - started) * 1000, 2),
-            )
+            response, status = await _stream(request, shape, chunks, result, parsed.include_usage, in_flight)
+            return response
+    except (Interrupted, EngineDead) as exc:
+        status = UNAVAILABLE
+        raise _unavailable(exc) from exc
+    except (asyncio.CancelledError, ConnectionResetError):
+        status = CLIENT_CLOSED
+        raise
+    except Exception:
+        status = 500
+        raise
+    finally:
+        # No await between leaving the lifecycle's tracking and this row: a shutdown that waits
+        # for the tracking to empty finds every row booked.
+        services.ledger.record(
+            tenant=tenant.name,
+            model=parsed.model,
+            adapter_version=target.adapter.version if target.adapter else "",
+            endpoint="chat" if chat else "completions",
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            finish_reason=result.finish_reason or "",
+            status=status,
+            latency_ms=round((time.perf_counter() - started) * 1000, 2),
+        )
+
+
+def _unavailable(exc: Interrupted | EngineDead) -> APIError:
+    interruption = exc if isinstance(exc, Interrupted) else Interrupted.engine_failed(str(exc))
+    return APIError(UNAVAILABLE, interruption.message, code=interruption.code)
 
 
 async def _stream(
-    request: web.Request, shape: _Shape, chunks: Any, result: GenerationResult, include_usage: bool
-) -> web.StreamResponse:
+    request: web.Request,
+    shape: _Shape,
+    chunks: Any,
+    result: GenerationResult,
+    include_usage: bool,
+    in_flight: InFlight,
+) -> tuple[web.StreamResponse, int]:
+    """Stream the chunks as SSE; returns the response and the status to book for it."""
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )
@@ -220,25 +248,45 @@ async def _stream(
         data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
         await response.write(f"data: {data}\n\n".encode())
 
+    # The status line is gone already: an error is told in-band, as OpenAI does, then [DONE].
+    error: APIError | None = None
     try:
-        if shape.chat:
-            await send(shape.chunk(None, None, first=True) | usage_field)
-        async for chunk in chunks:
-            if chunk.text:
-                await send(shape.chunk(chunk.text, None) | usage_field)
-            if chunk.finish_reason:
-                await send(shape.chunk(None, chunk.finish_reason) | usage_field)
-        if include_usage:
-            await send(shape.usage_chunk(result))
+        with in_flight.interruptible():
+            if shape.chat:
+                await send(shape.chunk(None, None, first=True) | usage_field)
+            async for chunk in chunks:
+                if chunk.text:
+                    await send(shape.chunk(chunk.text, None) | usage_field)
+                if chunk.finish_reason:
+                    await send(shape.chunk(None, chunk.finish_reason) | usage_field)
+            if include_usage:
+                await send(shape.usage_chunk(result))
     except (asyncio.CancelledError, ConnectionResetError):
         raise
+    except (Interrupted, EngineDead) as exc:
+        error = _unavailable(exc)
+        log.warning("stream %s cut after %d tokens: %s", shape.id, result.completion_tokens, error.message)
     except Exception:
-        # The status line is gone already; tell the client in-band, as OpenAI does.
         log.exception("stream %s failed", shape.id)
-        await send(error_body(500, "Internal server error while streaming; see the lorabox log."))
-    await send("[DONE]")
-    await response.write_eof()
-    return response
+        error = APIError(
+            500, "Internal server error while streaming; see the lorabox log.", code="internal_error"
+        )
+
+    async def finish() -> None:
+        if error is not None:
+            await send(error_body(error.status, error.message, error.param, error.code))
+        await send("[DONE]")
+        await response.write_eof()
+
+    if error is None:
+        await finish()
+        return response, 200
+    # The request is booked as the server's failure whether or not a stuck or vanished client
+    # takes these last lines.
+    with contextlib.suppress(TimeoutError, ConnectionResetError):
+        async with asyncio.timeout(FINAL_WRITE_S):
+            await finish()
+    return response, error.status
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -258,6 +306,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
+    # The engine's own word first: it knows of its death before the health watch has polled.
+    failure = services.lifecycle.failure or services.engine.failure()
+    if failure is not None:
+        return web.json_response({"status": "failed", "reason": failure}, status=503)
+    if services.lifecycle.phase == "stopping":
+        return web.json_response({"status": "stopping", "reason": "lorabox is shutting down"}, status=503)
     if services.generator is None:
         return web.json_response({"status": "starting"}, status=503)
     return web.json_response({"status": "ready", "engine": services.engine_name})

@@ -76,6 +76,11 @@ class Engine(Protocol):
         Cheap and non-blocking: the daemon polls it. Once it returns a reason, `generate` raises
         `errors.EngineDead` and in-flight streams end with it."""
 
+    async def probe(self) -> None:
+        """One round trip through the engine's work loop that generates nothing: it returns while
+        the engine is alive and working, raises `errors.EngineDead` once it has failed, and does
+        not return at all while it hangs (the caller bounds the wait: engines/health.py)."""
+
     def stats(self) -> EngineStats: ...
 
     async def shutdown(self) -> None: ...

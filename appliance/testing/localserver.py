@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -87,5 +88,11 @@ class LocalServer:
         try:
             self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL everything the server started (its process group), stopped processes too, even
+        those whose parent died (vLLM's worker outlives a killed engine core)."""
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        self.process.wait()

@@ -1,0 +1,83 @@
+"""EngineHealth on a scripted engine: a death is seen at once (even during a probe), a hang once
+a probe goes unanswered for its timeout, and the last good probe's time is kept."""
+
+from __future__ import annotations
+
+import asyncio
+
+from appliance.engines.health import EngineHealth
+from appliance.errors import EngineDead
+
+
+class ScriptedEngine:
+    """Only what the health watch uses: failure() and probe()."""
+
+    def __init__(self) -> None:
+        self.dead: str | None = None
+        self.hangs = False
+        self.probes = 0
+
+    def failure(self) -> str | None:
+        return self.dead
+
+    async def probe(self) -> None:
+        self.probes += 1
+        if self.dead:
+            raise EngineDead(self.dead)
+        if self.hangs:
+            await asyncio.Event().wait()
+
+
+async def watch(engine: ScriptedEngine, **timing: float) -> tuple[EngineHealth, asyncio.Future[str]]:
+    health = EngineHealth(engine, **{"probe_every_s": 0.05, "probe_timeout_s": 0.3, "poll_s": 0.01, **timing})  # type: ignore[arg-type]
+    failed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    health.start(failed.set_result)
+    return health, failed
+
+
+async def test_a_healthy_engine_is_probed_and_its_last_answer_kept():
+    engine = ScriptedEngine()
+    health, failed = await watch(engine)
+    await asyncio.sleep(0.3)
+    await health.stop()
+    assert engine.probes >= 3
+    assert not failed.done()
+    snapshot = health.snapshot()
+    assert snapshot.failure is None
+    assert snapshot.last_ok_s_ago is not None
+    assert snapshot.last_ok_s_ago < 0.2
+
+
+async def test_a_dead_engine_is_seen_at_once_even_while_a_probe_hangs():
+    engine = ScriptedEngine()
+    engine.hangs = True
+    health, failed = await watch(engine, probe_timeout_s=60)
+    await asyncio.sleep(0.05)  # a probe is waiting, and would for a minute
+    engine.dead = "the core process exited"
+    reason = await asyncio.wait_for(failed, 0.5)
+    assert reason == "the core process exited"
+    assert health.snapshot().failure == reason
+
+
+async def test_a_hung_engine_fails_once_a_probe_times_out():
+    engine = ScriptedEngine()
+    health, failed = await watch(engine)
+    await asyncio.sleep(0.1)
+    engine.hangs = True
+    began = asyncio.get_running_loop().time()
+    reason = await asyncio.wait_for(failed, 2)
+    waited = asyncio.get_running_loop().time() - began
+    assert "did not answer a health probe within 0.3 s" in reason
+    assert 0.3 <= waited < 1.0
+    assert health.last_ok is not None  # from before the hang
+
+
+async def test_a_probe_that_finds_the_engine_dead_fails_it():
+    engine = ScriptedEngine()
+
+    async def dead_probe() -> None:
+        raise EngineDead("engine core gone")
+
+    engine.probe = dead_probe  # type: ignore[method-assign]
+    _, failed = await watch(engine)
+    assert await asyncio.wait_for(failed, 1) == "engine core gone"

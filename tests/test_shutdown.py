@@ -1,0 +1,121 @@
+"""Stopping fits systemd: on SIGTERM the daemon drains, cuts what still runs at the deadline with
+an error event, books every request, and exits within the stop timeout the unit allows."""
+
+from __future__ import annotations
+
+import configparser
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from appliance.api.openai import FINAL_WRITE_S
+from appliance.config import SHUTDOWN_MARGIN_S, Settings, load_config
+from appliance.daemon import HANDLER_SHUTDOWN_S
+from appliance.engines.vllm import STOP_TIMEOUT_S
+from appliance.serving.lifecycle import CUT_GRACE_S
+from tests.conftest import post_json
+from tests.dedicated import StreamReader, start_dedicated, usage_rows
+
+UNIT = Path(__file__).resolve().parents[1] / "systemd" / "lorabox.service"
+SQLITE_BUSY_TIMEOUT_S = 5.0  # store.py: how long the last usage write may wait for a lock
+DRAIN_S = 5.0
+LONG_STREAMS = 100  # 1000 tokens each: minutes of work on a CPU, cut at the drain deadline
+SHORT_STREAMS = 10  # 10 tokens each: they finish within the drain
+
+
+def test_the_unit_gives_the_daemon_the_stop_timeout_its_settings_need():
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read(UNIT)
+    assert float(unit["Service"]["TimeoutStopSec"]) == Settings().stop_timeout_s
+
+
+def test_the_margin_covers_every_step_after_the_drain():
+    # Cut streams end, the ledger is written, aiohttp closes (waits twice), the engine core exits.
+    steps = CUT_GRACE_S + SQLITE_BUSY_TIMEOUT_S + 2 * HANDLER_SHUTDOWN_S + STOP_TIMEOUT_S
+    assert steps + 3 <= SHUTDOWN_MARGIN_S  # 3 s for the kill and the process's own exit
+    assert FINAL_WRITE_S < CUT_GRACE_S  # a cut stream's last write fits in the cut's grace
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> socket.socket:
+    """systemd's side of sd_notify: the daemon started by the test sends its states here."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = tmp_path / "notify.sock"
+    sock.bind(str(path))
+    sock.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    return sock
+
+
+def received(sock: socket.socket) -> list[str]:
+    messages = []
+    while True:
+        try:
+            messages.append(sock.recv(4096).decode())
+        except BlockingIOError:
+            return messages
+
+
+def test_sigterm_drains_then_cuts_every_stream_with_an_error_and_books_it(demo, tmp_path, notify_socket):
+    server = start_dedicated(demo, tmp_path, drain_timeout_s=DRAIN_S)
+    try:
+        settings = load_config(server.demo.config)
+        keys, tenants = server.demo.keys, sorted(server.demo.keys)
+
+        def stream(i: int, max_tokens: int) -> StreamReader:
+            tenant = tenants[i % len(tenants)]
+            # Greedy: every demo tenant's text then runs to max_tokens (no early end of text).
+            return StreamReader(
+                server,
+                keys[tenant],
+                model=tenant,
+                prompt="Once upon a time",
+                max_tokens=max_tokens,
+                temperature=0,
+            )
+
+        long = [stream(i, 1000) for i in range(LONG_STREAMS)]
+        short = [stream(i, 10) for i in range(SHORT_STREAMS)]
+        for reader in long + short:
+            reader.start()
+        for reader in long + short:
+            assert reader.first_text.wait(120), f"no text streamed: {reader.failure}"
+
+        server.local.process.terminate()
+        stopping_since = time.monotonic()
+        status, refused = post_json(
+            f"{server.base_url}/completions",
+            {"model": "acme", "prompt": "Hi", "max_tokens": 5},
+            key=keys["acme"],
+        )
+        assert status == 503
+        assert refused["error"]["code"] == "server_shutting_down"
+
+        assert server.local.process.wait(timeout=settings.stop_timeout_s) == 0
+        took = time.monotonic() - stopping_since
+        assert DRAIN_S <= took <= settings.stop_timeout_s
+        for reader in long + short:
+            reader.join(5)
+    finally:
+        server.local.kill()
+
+    assert all(reader.finished for reader in short), [r.events[-2:] for r in short if not r.finished]
+    cut = [reader for reader in long if reader.cut_with == "server_shutting_down"]
+    assert len(cut) == LONG_STREAMS, [r.events[-2:] for r in long if r not in cut][:3]
+
+    rows = usage_rows(server.demo)
+    assert len(rows) == LONG_STREAMS + SHORT_STREAMS + 1
+    by_status = sorted(row["status"] for row in rows)
+    assert by_status == [200] * SHORT_STREAMS + [503] * (LONG_STREAMS + 1)  # never 499: no client left
+    cut_rows = [row for row in rows if row["status"] == 503 and row["completion_tokens"] > 0]
+    assert len(cut_rows) == LONG_STREAMS
+    assert all(row["completion_tokens"] < 1000 for row in cut_rows)
+    assert sum(row["completion_tokens"] for row in cut_rows) >= sum(
+        len([t for t in r.texts if t]) for r in cut
+    )
+
+    messages = received(notify_socket)
+    assert messages[0].startswith("READY=1")
+    assert f"STOPPING=1\nEXTEND_TIMEOUT_USEC={int(settings.stop_timeout_s * 1e6)}" in messages
