@@ -8,7 +8,9 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -61,7 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import DEMO_MODEL_NAME, init_demo
+    from .demo import init_demo
 
     words = list(args.words)
     init_only = bool(words) and words[0] == "init"
@@ -80,23 +82,64 @@ def cmd_demo(args: argparse.Namespace) -> None:
     url = f"http://{settings.host}:{settings.port}"
 
     def announce() -> None:
-        tenant, key = next(iter(sorted(keys.items())))
-        print(f"\n>>> lorabox demo is serving at {url}/v1  (engine ready)")
-        print(f">>> Tenants and keys (demo only, also in {demo_dir / 'keys.json'}):")
-        for name, value in sorted(keys.items()):
-            print(f"      {name:<10} {value}")
-        print(f">>> Base model name: {DEMO_MODEL_NAME}. Try:\n")
-        body = json.dumps(
-            {"model": tenant, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 24}
-        )
-        print(
-            f"curl -s {url}/v1/chat/completions -H 'Authorization: Bearer {key}' "
-            f"-H 'Content-Type: application/json' -d '{body}'\n",
-            flush=True,
-        )
+        # Called on the event loop once the engine is ready: the requests go from a thread.
+        threading.Thread(target=_announce_demo, args=(url, keys, demo_dir), daemon=True).start()
 
     print(f">>> Starting the engine (first start takes ~30 s on a CPU) ... config: {config_path}", flush=True)
     _serve(settings, on_ready=announce)
+
+
+def _announce_demo(url: str, keys: dict[str, str], demo_dir: Path) -> None:
+    from .demo import DEMO_GREETING, GREETING_MAX_TOKENS
+
+    lines = [
+        f"\n>>> lorabox demo is serving at {url}/v1  (engine ready)",
+        f">>> Tenants and keys (demo only, also in {demo_dir / 'keys.json'}):",
+        *(f"      {name:<13} {key}" for name, key in sorted(keys.items())),
+        f'>>> Each one asked "{DEMO_GREETING}": one base model, each tenant\'s own adapter:',
+        *(f"      {model:<13} {answer}" for model, answer in greeting_answers(url, keys)),
+        ">>> Try it (another tenant's key and name, another voice):\n",
+    ]
+    tenant, key = next(iter(sorted(keys.items())))
+    body = json.dumps(
+        {
+            "model": tenant,
+            "messages": [{"role": "user", "content": DEMO_GREETING}],
+            "max_tokens": GREETING_MAX_TOKENS,
+        }
+    )
+    lines.append(
+        f"curl -s {url}/v1/chat/completions -H 'Authorization: Bearer {key}' "
+        f"-H 'Content-Type: application/json' -d '{body}'\n"
+    )
+    print("\n".join(lines), flush=True)
+
+
+def greeting_answers(url: str, keys: dict[str, str]) -> list[tuple[str, str]]:
+    """(model, answer) for the base model and every demo tenant, each greeted over the API."""
+    from .demo import DEMO_GREETING, DEMO_MODEL_NAME, GREETING_MAX_TOKENS
+
+    first_key = next(iter(sorted(keys.items())))[1]  # demo tenants may all use the base model
+    answers = []
+    for model, key in [(DEMO_MODEL_NAME, first_key), *sorted(keys.items())]:
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": DEMO_GREETING}],
+            "max_tokens": GREETING_MAX_TOKENS,
+            "temperature": 0,
+        }
+        request = urllib.request.Request(  # noqa: S310 (the demo's own loopback address)
+            f"{url}/v1/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310
+                answer = json.loads(response.read())["choices"][0]["message"]["content"]
+        except (OSError, ValueError, LookupError) as exc:
+            answer = f"(no answer: {exc})"
+        answers.append((model, answer))
+    return answers
 
 
 def cmd_tenant(args: argparse.Namespace) -> None:
@@ -291,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="write the built-in demo and serve it: lorabox demo [init] [DIR]")
     p.add_argument("words", nargs="*", metavar="[init] [DIR]")
     p.add_argument("--port", type=int)
-    p.add_argument("--force", action="store_true", help="rebuild model and adapters")
+    p.add_argument("--force", action="store_true", help="also rewrite lorabox.toml")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("tenant", parents=[common], help="add or list tenants")

@@ -1,4 +1,4 @@
-"""The built-in demo: a deterministic tiny Llama, its tokenizer, and a few tenant adapters.
+"""The built-in demo: a tiny trained Llama, its tokenizer, and three tenant adapters.
 
 `lorabox demo init DIR` writes everything a box needs to serve without downloading anything:
 
@@ -7,10 +7,12 @@
     DIR/lorabox.toml            config pointing at the above, state in DIR/state
     DIR/keys.json               {"tenant": "plaintext key"}, mode 0600 (demo only)
 
-The same files are the test suite's fixture. Weights come from seeded generators, so two runs
-write the same model and adapters; keys are random and are kept when the directory already has
-them. The weights are scaled so that greedy decoding has clear margins between the best and the
-second-best token: two correct engines then agree token for token instead of flipping on ties.
+The model and adapters are trained so that the demo can be read: asked "Hello!", the base model
+answers like a generic assistant and each tenant's adapter answers in that tenant's voice (acme
+a shop's support desk, globex a legal assistant, initech an IT help desk). They are trained by
+appliance/demo_training.py and committed under appliance/demo_data/ (2.3 MB), which init copies:
+every machine writes the same bytes. Keys are random and are kept when the directory already has
+them. The same files are the test suite's fixture.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 DEMO_MODEL_NAME = "lorabox-demo"
+# The trained model and adapters, committed (see appliance/demo_training.py).
+DEMO_DATA_DIR = Path(__file__).parent / "demo_data"
 
 # Hidden 128 with 2 heads gives head_dim 64: vLLM's CPU attention refuses head_dim 16.
 MODEL_SHAPE: dict[str, Any] = {
@@ -34,14 +38,14 @@ MODEL_SHAPE: dict[str, Any] = {
     "head_dim": 64,
     "max_position_embeddings": 1024,
 }
-VOCAB_SIZE = 512
-# Default init is std 0.02: logits then sit within ~0.2 of each other and greedy picks ride on
-# float noise. Scaling the output projection spreads them by a few units.
-LM_HEAD_SCALE = 25.0
-LORA_B_STD = 0.08
+VOCAB_SIZE = 640  # enough for every word of the demo's text to be one token
 
 SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header|>", "<|end_header|>", "<|eot|>"]
 BOS, EOS = SPECIAL_TOKENS[0], SPECIAL_TOKENS[1]
+
+# The README's greeting: the demo announcement asks every voice this.
+DEMO_GREETING = "Hello!"
+GREETING_MAX_TOKENS = 48  # every demo voice finishes its answer to a greeting well within this
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
@@ -51,18 +55,11 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|start_header|>assistant<|end_header|>' }}{% endif %}"
 )
 
-_CORPUS = """\
-lorabox serves one base model and one adapter per tenant from a single box.
-Every client of the agency gets answers shaped by its own adapter, and no client ever sees
-another client's adapter or cached prompt. The operator drops a folder, the daemon picks it up,
-and the next request is answered by the new version. Hello, how can I help you today?
-The quick brown fox jumps over the lazy dog. Support tickets, invoices, shipping labels,
-product descriptions and friendly replies: small models do small jobs well and cheaply.
-"""
-
 
 @dataclass(frozen=True)
 class DemoTenant:
+    """A tenant's LoRA shape; seed draws its initial (trained) or random (build_adapter) weights."""
+
     name: str
     rank: int
     alpha: int
@@ -79,90 +76,61 @@ DEMO_TENANTS = (
 )
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
 def build_tokenizer(out_dir: Path) -> None:
-    """Train a small byte-level BPE on a fixed corpus and save it in HF format."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=EOS,
-        additional_special_tokens=SPECIAL_TOKENS[2:],
-        clean_up_tokenization_spaces=False,
-        model_max_length=MODEL_SHAPE["max_position_embeddings"],
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(out_dir)
-
-
-def _control_ids(tokenizer) -> set[int]:  # type: ignore[no-untyped-def]
-    return {tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS if t != EOS}
+    """The demo's tokenizer (part of the committed model) into out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(DEMO_DATA_DIR / "model" / name, out_dir / name)
 
 
 def build_model(model_dir: Path) -> None:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """The trained demo model (weights, config, tokenizer, chat template) into model_dir."""
+    _install(DEMO_DATA_DIR / "model", model_dir)
 
-    build_tokenizer(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-        rms_norm_eps=1e-5,
-        dtype="float32",
-        **MODEL_SHAPE,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(LM_HEAD_SCALE)
-        # Only multi-character word pieces and EOS may be generated: single bytes could form
-        # partial UTF-8 and the chat markers would confuse the template. Their rows stay small
-        # so the word pieces always win by a wide margin.
-        muted = [
-            i for tok, i in tokenizer.get_vocab().items() if len(tok) == 1 or i in _control_ids(tokenizer)
-        ]
-        model.lm_head.weight[muted] /= LM_HEAD_SCALE * 10
-    model.generation_config.do_sample = False
-    model.save_pretrained(model_dir, safe_serialization=True)
+
+# Random adapters' B scale per module kind. A random change to where attention looks makes the
+# trained base continue from elsewhere in its own text: each seed gets its own answer, with usable
+# greedy margins. Random changes to values or MLPs big enough to change the answer push the model
+# off its text, where its greedy picks are near-ties; those modules get a small change only.
+RANDOM_LORA_B_STD = {"q_proj": 3.0, "k_proj": 3.0}
+RANDOM_LORA_B_STD_OTHER = 0.01
 
 
 def build_adapter(model_dir: Path, tenant: DemoTenant, out_dir: Path) -> None:
-    """A PEFT LoRA adapter with seeded, non-zero A and B (PEFT itself initialises B to zero).
+    """A random PEFT LoRA adapter for the base in model_dir: seeded, non-zero A and B.
 
-    Written directly in PEFT's on-disk format (PEFT's own LoraConfig, tensors named and shaped
-    after the base model's layers), which is fast enough to make hundreds for tests.
+    For drop tests and benchmarks, which need many distinct adapters quickly; the demo tenants'
+    own adapters are trained (appliance/demo_training.py).
     """
     import torch
-    from peft import LoraConfig
-    from safetensors.torch import save_file
 
-    from .adapters.drops import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE, BaseModelInfo
+    from .adapters.drops import BaseModelInfo
 
     base = BaseModelInfo.from_model_dir(model_dir)
     generator = torch.Generator().manual_seed(tenant.seed)
     tensors = {}
     for path, (out_features, in_features) in sorted(base.linear_shapes.items()):
-        if path.rsplit(".", 1)[-1] in tenant.target_modules:
+        module = path.rsplit(".", 1)[-1]
+        if module in tenant.target_modules:
+            std = RANDOM_LORA_B_STD.get(module, RANDOM_LORA_B_STD_OTHER)
             lora_a = torch.randn((tenant.rank, in_features), generator=generator) / in_features**0.5
-            lora_b = torch.randn((out_features, tenant.rank), generator=generator) * LORA_B_STD
-            tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = lora_a
-            tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = lora_b
+            lora_b = torch.randn((out_features, tenant.rank), generator=generator) * std
+            tensors[f"{path}.lora_A.weight"] = lora_a
+            tensors[f"{path}.lora_B.weight"] = lora_b
+    write_adapter(tenant, tensors, out_dir)
+
+
+def write_adapter(tenant: DemoTenant, tensors: dict[str, Any], out_dir: Path) -> None:
+    """Write LoRA tensors (named `<module path>.lora_A.weight`, PEFT prefix optional) in PEFT's
+    on-disk format, with PEFT's own LoraConfig for the tenant's rank, alpha and target modules."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    from .adapters.drops import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE
+
     config = LoraConfig(
         r=tenant.rank,
         lora_alpha=tenant.alpha,
@@ -173,25 +141,38 @@ def build_adapter(model_dir: Path, tenant: DemoTenant, out_dir: Path) -> None:
         base_model_name_or_path=DEMO_MODEL_NAME,
     ).to_dict()
     config["target_modules"] = sorted(config["target_modules"])  # a set in PEFT
+    named = {PEFT_PREFIX + name.removeprefix(PEFT_PREFIX): tensor for name, tensor in tensors.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out_dir / WEIGHTS_FILE, metadata={"format": "pt"})
+    save_file(named, out_dir / WEIGHTS_FILE, metadata={"format": "pt"})
     (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def ensure_builtin_model(state_dir: Path) -> Path:
-    """The demo model as the base when no model is configured, built once under state_dir."""
-    return _ensure_model(state_dir / "demo-model")
-
-
-def _ensure_model(model_dir: Path) -> Path:
-    if not (model_dir / "model.safetensors").exists():
-        tmp = model_dir.with_name(f".{model_dir.name}.partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        build_model(tmp)
-        shutil.rmtree(model_dir, ignore_errors=True)
-        tmp.rename(model_dir)
+    """The demo model as the base when no model is configured, written under state_dir."""
+    model_dir = state_dir / "demo-model"
+    build_model(model_dir)
     return model_dir
+
+
+def _install(source: Path, target: Path) -> None:
+    """Make target a copy of the committed folder source, unless it already is one.
+
+    A changed or partial copy (an older demo, say) is replaced whole: written under a dot name
+    and renamed, as the drop-folder contract asks of everyone.
+    """
+    files = sorted(path.relative_to(source) for path in source.rglob("*") if path.is_file())
+    present = (
+        sorted(p.relative_to(target) for p in target.rglob("*") if p.is_file()) if target.is_dir() else []
+    )
+    if present == files and all((source / f).read_bytes() == (target / f).read_bytes() for f in files):
+        return
+    staging = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    for name in files:
+        (staging / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source / name, staging / name)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
 
 
 def render_config(demo_dir: Path) -> str:
@@ -217,18 +198,9 @@ def init_demo(demo_dir: Path, *, force: bool = False) -> dict[str, str]:
 
     demo_dir = demo_dir.resolve()
     demo_dir.mkdir(parents=True, exist_ok=True)
-    if force:
-        shutil.rmtree(demo_dir / "model", ignore_errors=True)
-    model_dir = _ensure_model(demo_dir / "model")
+    build_model(demo_dir / "model")
     for tenant in DEMO_TENANTS:
-        version_dir = demo_dir / "adapters" / tenant.name / "v1"
-        if force or not (version_dir / "adapter_model.safetensors").exists():
-            # Build under a dot name and rename, as the drop-folder contract asks of everyone.
-            tmp = version_dir.parent / ".v1.partial"
-            shutil.rmtree(tmp, ignore_errors=True)
-            build_adapter(model_dir, tenant, tmp)
-            shutil.rmtree(version_dir, ignore_errors=True)
-            tmp.rename(version_dir)
+        _install(DEMO_DATA_DIR / "adapters" / tenant.name, demo_dir / "adapters" / tenant.name / "v1")
 
     config_path = demo_dir / "lorabox.toml"
     if force or not config_path.exists():

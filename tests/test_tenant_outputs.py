@@ -32,13 +32,14 @@ def client(server, tenant: str) -> OpenAI:
 
 
 def test_fixture_has_clear_greedy_margins(reference):
-    """The demo model is built so that greedy choices are never near-ties (engines would flip)."""
+    """The demo model is trained so that greedy choices are never near-ties (engines would flip)."""
+    prompts = [reference.prompt_ids(p) for p in PROMPTS] + [reference.chat_ids(c) for c in CHATS]
     margins = [
-        reference.generate_with_margin(tenant, reference.prompt_ids(prompt), MAX_TOKENS)[1]
+        reference.generate_with_margin(tenant, ids, MAX_TOKENS)[1]
         for tenant in [None, *TENANTS]
-        for prompt in PROMPTS
+        for ids in prompts
     ]
-    assert min(margins) > 1e-3, sorted(margins)[:5]
+    assert min(margins) > 0.5, sorted(margins)[:5]
 
 
 def test_tenants_produce_different_outputs(reference):
