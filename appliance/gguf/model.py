@@ -6,6 +6,7 @@ large model needs memory for one tensor, not for the model. The file appears onl
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,8 @@ from .atomic import atomic_path
 from .layout import Layout, read_hf_config
 from .vocab import add_vocab
 
+# Part of every cached model's name: bump it when the files this module writes change.
+CONVERTER_VERSION = "lorabox-model-1"
 # Output types lorabox writes itself; quantised types come from llama.cpp's quantiser (export.py).
 FLOAT_TYPES = {"f32": np.float32, "f16": np.float16}
 # Tensors in checkpoints that llama.cpp recomputes and does not load.
@@ -121,3 +124,17 @@ def write_model(
                     writer.write_tensor_data(layout.rows_for_gguf(hf_name, weight).astype(dtype))
         writer.close()
     return out
+
+
+def cached_model(model_dir: Path, cache_dir: Path, float_type: str) -> Path:
+    """The model as GGUF under `cache_dir`, converted on first use. Blocking.
+
+    The name comes from the model folder's files (names, sizes, modification times: hashing many
+    GB of weights at every start would take minutes), the float type and the converter version."""
+    described = [CONVERTER_VERSION, float_type]
+    for path in sorted(p for p in model_dir.iterdir() if p.is_file()):
+        stat = path.stat()
+        described.append(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    digest = hashlib.sha256("\0".join(described).encode()).hexdigest()[:40]
+    out = cache_dir / f"model-{digest}-{float_type}.gguf"
+    return out if out.exists() else write_model(model_dir, out, float_type)
