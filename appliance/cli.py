@@ -43,6 +43,8 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # vLLM is chatty at INFO; its warnings and errors still reach the log.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "DEBUG" if level == "debug" else "WARNING")
+    # The gguf package logs every file it writes at INFO.
+    logging.getLogger("gguf").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
 
 
 def _serve(settings: Settings, on_ready: Callable[[], None] | None = None) -> None:

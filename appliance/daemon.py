@@ -28,7 +28,7 @@ from .api.errors import MAX_BODY_BYTES, openai_errors
 from .api.openai import SERVICES, Services, add_routes
 from .config import Settings
 from .engines.base import EngineOptions
-from .engines.select import create_engine
+from .engines.select import Selection, select_engine, start_engine
 from .serving.catalog import Catalog
 from .serving.generator import Generator
 from .serving.tokenization import TextCodec
@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 ON_READY: web.AppKey[Callable[[], None]] = web.AppKey("on_ready")
 VERSIONS = web.AppKey("versions", VersionManager)
 ADAPTERS_DIR = web.AppKey("adapters_dir", Path)
+ENGINE_SELECTION = web.AppKey("engine_selection", Selection)
 
 
 def sd_notify(state: str) -> None:
@@ -67,6 +68,10 @@ def engine_options(settings: Settings, model_dir: Path) -> EngineOptions:
         gpu_memory_utilization=settings.gpu_memory_utilization,
         cpu_kv_cache_gib=settings.cpu_kv_cache_gib,
         log_level=settings.log_level,
+        gguf_model=str(settings.gguf_model or ""),
+        cache_dir=str(settings.gguf_cache_dir),
+        parallel=settings.llamacpp_parallel,
+        threads=settings.llamacpp_threads,
     )
 
 
@@ -102,11 +107,11 @@ def build_app(
     sizes = plan_residency(settings, base, model_dir, store)
     log.info("residency plan: %s", sizes.reason)
     settings = dataclasses.replace(settings, max_loras=sizes.max_loras, max_cpu_loras=sizes.max_cpu_loras)
-    engine, reason = create_engine(settings.engine, engine_options(settings, model_dir))
-    log.info("engine: %s", reason)
+    selection = select_engine(settings.engine, engine_options(settings, model_dir))
+    log.info("engine: %s", selection.reason)
     versions = VersionManager(
         store,
-        engine,
+        selection.engine,
         base,
         AdapterLimits(max_rank=settings.max_lora_rank),
         settings.adapters_dir,
@@ -117,8 +122,9 @@ def build_app(
         catalog=Catalog(store, versions, settings.base_model_name),
         codec=TextCodec.from_model_dir(model_dir),
         ledger=UsageLedger(settings.database_path),
-        engine=engine,
-        engine_name=engine.name,
+        engine=selection.engine,
+        engine_name=selection.engine.name,
+        engine_reason=selection.reason,
     )
     app = web.Application(client_max_size=settings.max_request_bytes, middlewares=[openai_errors])
     app[MAX_BODY_BYTES] = settings.max_request_bytes
@@ -126,6 +132,7 @@ def build_app(
     app[VERSIONS] = versions
     app[ADAPTERS_DIR] = settings.adapters_dir
     app[PLAN] = sizes
+    app[ENGINE_SELECTION] = selection
     app[ON_READY] = on_ready or (lambda: None)
     add_routes(app)
     app.cleanup_ctx.append(_watch_loop_lag)
@@ -151,12 +158,14 @@ async def _run_engine(app: web.Application) -> AsyncIterator[None]:
 
     async def start() -> None:
         began = time.perf_counter()
-        await services.engine.start()
+        selection = await start_engine(app[ENGINE_SELECTION])  # under `auto`, may fall back
+        services.engine = versions.engine = selection.engine
+        services.engine_name, services.engine_reason = selection.engine.name, selection.reason
         await versions.sync_all()
         await watcher.start()
         max_len = getattr(services.engine, "max_model_len", None) or 4096
         services.generator = Generator(services.engine, services.codec, max_len)
-        log.info("ready in %.1f s (engine %s)", time.perf_counter() - began, services.engine_name)
+        log.info("ready in %.1f s (%s)", time.perf_counter() - began, services.engine_reason)
         sd_notify("READY=1\nSTATUS=serving")
         app[ON_READY]()
 

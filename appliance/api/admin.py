@@ -42,6 +42,7 @@ async def status(request: web.Request) -> web.Response:
         {
             "ready": services.generator is not None,
             "engine": services.engine_name,
+            "engine_reason": services.engine_reason,
             "uptime_s": round(time.time() - services.started_at, 1),
             "engine_stats": dataclasses.asdict(stats) if stats else None,
             "loop_lag": dataclasses.asdict(services.loop_lag.snapshot()),

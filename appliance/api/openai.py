@@ -35,6 +35,7 @@ class Services:
     ledger: UsageLedger
     engine: Engine
     engine_name: str = ""
+    engine_reason: str = ""  # why this engine serves (and, under `auto`, why not vLLM)
     generator: Generator | None = None
     started_at: float = field(default_factory=time.time)
     loop_lag: LoopLagMonitor = field(default_factory=LoopLagMonitor)
@@ -258,9 +259,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
+    engine = {"engine": services.engine_name, "engine_reason": services.engine_reason}
     if services.generator is None:
-        return web.json_response({"status": "starting"}, status=503)
-    return web.json_response({"status": "ready", "engine": services.engine_name})
+        return web.json_response({"status": "starting"} | engine, status=503)
+    return web.json_response({"status": "ready"} | engine)
 
 
 def add_routes(app: web.Application) -> None:

@@ -37,6 +37,10 @@ class LlamaCppEngine:
     name = "llamacpp"
 
     def __init__(self, options: EngineOptions):
+        # Imported while the daemon is built, before the event loop serves: an import on a worker
+        # thread holds the import machinery, and the loop stalls on its next import (measured).
+        import llama_cpp  # noqa: F401
+
         self.options = options
         self.cache_dir = Path(options.cache_dir or Path(options.model).parent / "gguf-cache")
         self.model_path: Path | None = None

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 
 from ..errors import ConversionError
@@ -67,7 +68,6 @@ class Layout:
 
     @classmethod
     def build(cls, arch: str, block_count: int, n_head: int, n_head_kv: Any) -> Layout:
-        import gguf
 
         by_name = {name: key for key, name in gguf.MODEL_ARCH_NAMES.items()}
         if arch not in by_name:
@@ -100,7 +100,6 @@ def _permute(rows: np.ndarray, n_head: int) -> np.ndarray:
 
 def gguf_metadata(path: Path) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
     """A GGUF file's scalar metadata and its tensors' shapes (GGML order: innermost first)."""
-    import gguf
 
     try:
         reader = gguf.GGUFReader(path)

@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
 import numpy as np
 
 from ..adapters.drops import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE
@@ -106,7 +107,6 @@ class PeftLora:
 
 
 def write_lora(lora: PeftLora, base: BaseGGUF, out: Path) -> Path:
-    import gguf
 
     layout = base.layout
     writer = gguf.GGUFWriter(path=None, arch=layout.arch)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 
 from ..errors import ConversionError
@@ -58,7 +59,6 @@ def _rope_theta(config: dict[str, Any]) -> float:
 
 
 def _add_metadata(writer: Any, config: dict[str, Any], layout: Layout, float_type: str, name: str) -> None:
-    import gguf
 
     hidden = int(config["hidden_size"])
     head_dim = int(config.get("head_dim") or hidden // layout.n_head)
@@ -84,7 +84,6 @@ def write_model(
     model_dir: Path, out: Path, float_type: str = "f32", *, name: str = "", transform: Transform | None = None
 ) -> Path:
     """Write `model_dir` as a GGUF file at `out` (atomically); `transform` may change any weight."""
-    import gguf
     import torch
     from safetensors import safe_open
 

@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import gguf
+
 from ..errors import ConversionError
 
 
@@ -35,7 +37,6 @@ def byte_level_pre_tokenizer(spec: dict[str, Any]) -> str:
 
 def add_vocab(writer: Any, model_dir: Path, vocab_size: int) -> None:
     """Token list and types, merges, special token ids, add-BOS flag and chat template."""
-    import gguf
     from transformers import AutoTokenizer
 
     try:
