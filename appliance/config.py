@@ -104,6 +104,11 @@ class Settings:
         return self.state_dir / "gguf"
 
     @property
+    def exports_dir(self) -> Path:
+        """Where exports requested through the admin API go when they name no file."""
+        return self.state_dir / "exports"
+
+    @property
     def admin_socket_path(self) -> Path:
         return self.admin_socket or self.state_dir / "admin.sock"
 

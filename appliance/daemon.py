@@ -23,12 +23,13 @@ from .adapters.drops import AdapterLimits, BaseModelInfo, scan
 from .adapters.residency import Plan, ResidencyTracker, lora_budget_bytes, plan
 from .adapters.versions import VersionManager
 from .adapters.watcher import DropWatcher
-from .api.admin import PLAN, build_admin_app
+from .api.admin import EXPORTER, PLAN, build_admin_app
 from .api.errors import MAX_BODY_BYTES, openai_errors
 from .api.openai import SERVICES, Services, add_routes
 from .config import Settings
 from .engines.base import EngineOptions
 from .engines.select import Selection, select_engine, start_engine
+from .gguf.export import Exporter
 from .serving.catalog import Catalog
 from .serving.generator import Generator
 from .serving.tokenization import TextCodec
@@ -133,6 +134,7 @@ def build_app(
     app[ADAPTERS_DIR] = settings.adapters_dir
     app[PLAN] = sizes
     app[ENGINE_SELECTION] = selection
+    app[EXPORTER] = Exporter(model_dir, settings.exports_dir)
     app[ON_READY] = on_ready or (lambda: None)
     add_routes(app)
     app.cleanup_ctx.append(_watch_loop_lag)
@@ -195,7 +197,7 @@ async def _serve(settings: Settings, app: web.Application) -> None:
 
     # handler_cancellation: a client that disconnects cancels its request (and so the generation).
     api = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=30)
-    admin = web.AppRunner(build_admin_app(app[SERVICES], app[PLAN]), access_log=None)
+    admin = web.AppRunner(build_admin_app(app[SERVICES], app[PLAN], app[EXPORTER]), access_log=None)
     await api.setup()
     await admin.setup()
     socket_path = settings.admin_socket_path
