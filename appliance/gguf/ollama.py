@@ -20,7 +20,9 @@ class Untranslatable(ValueError):
 
 
 def _marker(kind: str, index: int) -> str:
-    return f"\u2063lorabox-{kind}-{index}\u2063"  # invisible separators: never in a real template
+    # Invisible separators never appear in a real template; the spaces around them reveal a
+    # template that trims or otherwise rewrites content, which a Go template would not do.
+    return f" \u2063lorabox-{kind}-{index}\u2063\n"
 
 
 def _go_literal(text: str) -> str:
