@@ -178,6 +178,7 @@ class LlamaCppEngine:
                 "pinned": sorted(a.name for a in adapters if a.pinned),
                 "adapter_switches": worker.adapter_switches if worker else 0,
                 "prefix_reused_tokens": worker.prefix_reused_tokens if worker else 0,
+                "generated_tokens": worker.generated_tokens if worker else 0,
             },
         )
 

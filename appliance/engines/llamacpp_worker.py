@@ -104,6 +104,7 @@ class DecodeWorker:
         self.gpu = False
         self.prefix_reused_tokens = 0
         self.adapter_switches = 0
+        self.generated_tokens = 0
         self.adapters: dict[str, Adapter] = {}
         self.running: list[Job] = []
         self._inbox: list[Job] = []
@@ -454,6 +455,7 @@ class DecodeWorker:
 
     def _emit(self, job: Job, token: int) -> None:
         job.generated += 1
+        self.generated_tokens += 1
         request = job.request
         assert job.sequence is not None
         finish = None
