@@ -37,6 +37,11 @@ class LlamaCppEngine:
     name = "llamacpp"
 
     def __init__(self, options: EngineOptions):
+        # llama.cpp's CPU threads are OpenMP's, which spin between steps by default: in-process,
+        # on a busy machine, they starved the event loop and each other (demo model, 2 shared
+        # cores: 5 tokens/s spinning, 350-900 passive). OpenMP reads this once, when it loads,
+        # which is here unless torch loaded it first.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         # Imported while the daemon is built, before the event loop serves: an import on a worker
         # thread holds the import machinery, and the loop stalls on its next import (measured).
         import llama_cpp  # noqa: F401
