@@ -293,6 +293,11 @@ model = ""
 # served_model_name = ""
 # "auto" (vLLM, else llama.cpp), "vllm" or "llamacpp".
 # engine = "auto"
+# llama.cpp: a GGUF of the model (quantised is fine); empty: the model converted on first start.
+# gguf_model = ""
+# llama.cpp: requests decoded at once, and CPU threads (0: one per core).
+# llamacpp_parallel = 4
+# llamacpp_threads = 0
 
 # The drop folder: <adapters_dir>/<tenant>/<version>/ holds one PEFT LoRA adapter.
 adapters_dir = "$STATE_DIR/adapters"
