@@ -137,3 +137,17 @@ async def test_seeded_sampling_repeats_and_greedy_ignores_the_seed(demo, referen
         assert await sample(7, 1.5) == await sample(7, 1.5)
         assert len({tuple(await sample(seed, 1.5)) for seed in range(4)}) > 1
         assert await sample(1, 0.0) == await sample(2, 0.0) == reference.generate(None, ids, 16)
+
+
+async def test_a_bad_prompt_fails_alone(demo, reference, tmp_path):
+    ids = reference.prompt_ids(PROMPT)
+    async with running(demo, tmp_path, max_model_len=256) as engine:
+        good = asyncio.ensure_future(generate(engine, ids, None, 32))
+        for bad, message in [
+            ([], "empty"),
+            ([1] * 300, "a sequence holds"),
+            ([*ids, 10**6], "outside the vocab"),
+        ]:
+            with pytest.raises(ValueError, match=message):
+                await generate(engine, bad, None, 4)
+        assert await good == reference.generate(None, ids, 32)

@@ -101,6 +101,7 @@ class DecodeWorker:
         self.options = options
         self.failure: str | None = None
         self.n_ctx_seq = 0
+        self.n_vocab = 0
         self.gpu = False
         self.prefix_reused_tokens = 0
         self.adapter_switches = 0
@@ -196,6 +197,7 @@ class DecodeWorker:
         if not self._ctx:
             raise EngineDead("llama.cpp could not create a context (too little memory for the KV cache?)")
         self.n_ctx_seq = int(lib.llama_n_ctx_seq(self._ctx))
+        self.n_vocab = int(lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self._model)))
         self._mem = lib.llama_get_memory(self._ctx)
         self._batch = lib.llama_batch_init(BATCH_TOKENS, 0, 1)
         self._sequences = [Sequence(seq_id) for seq_id in range(self.options.parallel)]
@@ -278,6 +280,12 @@ class DecodeWorker:
         if not free:
             return False
         prompt, label = job.request.prompt_token_ids, (job.adapter, job.request.cache_salt)
+        # Checked here, one request at a time: in a shared batch they would fail every request in it.
+        problem = self._prompt_problem(prompt)
+        if problem is not None:
+            job.emit(ValueError(problem))
+            job.release()
+            return True
         same = [s for s in free if s.label == label]
         best = max(same, key=lambda s: common_prefix(s.tokens, prompt), default=None)
         # At least the last prompt token is decoded again: its logits give the first new token.
@@ -300,6 +308,15 @@ class DecodeWorker:
         job.sampler = self._sampler(job.request)
         self.running.append(job)
         return True
+
+    def _prompt_problem(self, prompt: list[int]) -> str | None:
+        if not prompt:
+            return "the prompt is empty"
+        if len(prompt) >= self.n_ctx_seq:
+            return f"the prompt has {len(prompt)} tokens; a sequence holds {self.n_ctx_seq}"
+        if min(prompt) < 0 or max(prompt) >= self.n_vocab:
+            return f"the prompt has token ids outside the vocabulary (0-{self.n_vocab - 1})"
+        return None
 
     def _sampler(self, request: GenerationRequest) -> Any:
         lib = self._lib
@@ -343,9 +360,7 @@ class DecodeWorker:
 
     def register(self, name: str, path: Path) -> None:
         """Know an adapter by name and load it now, so that its first request pays no load."""
-        adapter = self.adapters.get(name)
-        if adapter is None or adapter.path != path:
-            adapter = self.adapters[name] = Adapter(name, path)
+        adapter = self.adapters.setdefault(name, Adapter(name, path))  # a name never changes content
         adapter.retired = False
         self._resident(name)
 
