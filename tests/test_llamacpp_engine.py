@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,7 @@ from appliance.demo import DEMO_TENANTS
 from appliance.engines.base import AdapterRef, EngineOptions, GenerationRequest
 from appliance.engines.llamacpp import LlamaCppEngine
 from appliance.errors import EngineDead
+from appliance.gguf.export import quantize
 from tests.conftest import Demo, Reference
 
 PROMPT = "The quick brown fox"
@@ -28,10 +30,12 @@ def ref(demo: Demo, tenant: str) -> AdapterRef:
 
 
 @contextlib.asynccontextmanager
-async def running(demo: Demo, tmp_path, **changes: int) -> AsyncIterator[LlamaCppEngine]:
+async def running(
+    demo: Demo, tmp_path: Path, gguf_model: Path | None = None, **changes: int
+) -> AsyncIterator[LlamaCppEngine]:
     options = EngineOptions(
         model=str(demo.model_dir),
-        gguf_model=str(demo.dir / "model.gguf"),
+        gguf_model=str(gguf_model or demo.dir / "model.gguf"),
         dtype="float32",
         cache_dir=str(tmp_path),
         **({"max_model_len": 1024, "parallel": 2, "max_cpu_loras": 8, "threads": 2} | changes),
@@ -151,3 +155,17 @@ async def test_a_bad_prompt_fails_alone(demo, reference, tmp_path):
             with pytest.raises(ValueError, match=message):
                 await generate(engine, bad, None, 4)
         assert await good == reference.generate(None, ids, 32)
+
+
+async def test_a_quantised_gguf_of_the_base_serves_with_adapters_converted_against_it(
+    demo, reference, tmp_path
+):
+    quantised = tmp_path / "model-q8_0.gguf"
+    await asyncio.to_thread(quantize, demo.dir / "model.gguf", quantised, "q8_0")
+    ids = reference.prompt_ids(PROMPT)
+    async with running(demo, tmp_path, gguf_model=quantised) as engine:
+        base = await generate(engine, ids, None, 12)
+        adapted = await generate(engine, ids, ref(demo, TENANTS[1]), 12)
+        assert engine.stats().extra["model"] == str(quantised)
+    assert len(base) == len(adapted) == 12
+    assert adapted != base  # the adapter applies on the quantised weights

@@ -37,7 +37,8 @@ class ExportResult:
     size_bytes: int
 
 
-def _quantize(source: Path, out: Path, quant: str) -> None:
+def quantize(source: Path, out: Path, quant: str) -> None:
+    """`source` (a float GGUF) quantised by llama.cpp into `out`, atomically."""
     try:
         from llama_cpp import llama_cpp as lib
     except ImportError as exc:
@@ -81,7 +82,7 @@ def export_merged(model_dir: Path, adapter_dir: Path, out: Path, quant: str, nam
             full = write_model(
                 model_dir, Path(scratch) / "merged-f32.gguf", "f32", name=name, transform=merge
             )
-            _quantize(full, out, quant)
+            quantize(full, out, quant)
     missing = sorted(set(lora.pairs) - merged)
     if missing:
         out.unlink(missing_ok=True)
