@@ -5,7 +5,7 @@ cache) of `n_ctx_seq` positions. A request is admitted to a free sequence; then 
 the running requests by adapter and runs one `llama_decode` per group with that adapter set
 (`llama_set_adapters_lora`, empty for the base model). Requests on one adapter share a batch;
 requests on different adapters take turns, one decode each per step. A long prompt is fed in
-chunks of at most `n_batch` tokens, so it cannot hold the others back for long.
+chunks of at most BATCH_TOKENS tokens, so it cannot hold the others back for long.
 
 Cache isolation: when a request ends, its sequence keeps the KV of the tokens it decoded, labelled
 with (adapter, cache salt). A new request reuses that prefix only if its own adapter and salt are
