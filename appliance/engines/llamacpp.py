@@ -10,12 +10,13 @@ refused with its reason. All llama.cpp work happens on one thread (see llamacpp_
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import os
 from collections.abc import AsyncGenerator
 from pathlib import Path
 
-from ..errors import EngineDead, EngineUnavailable
+from ..errors import EngineDead
 from ..gguf.layout import read_hf_config
 from ..gguf.lora import BaseGGUF, cached_lora
 from ..gguf.model import cached_model, float_type_for
@@ -26,8 +27,6 @@ log = logging.getLogger(__name__)
 
 
 def llamacpp_unavailable_reason() -> str | None:
-    import importlib.util
-
     if importlib.util.find_spec("llama_cpp") is None:
         return "llama-cpp-python is not installed (install the `llamacpp` extra)"
     return None
@@ -55,9 +54,6 @@ class LlamaCppEngine:
         self._conversions: dict[str, asyncio.Task[Path]] = {}
 
     async def start(self) -> None:
-        problem = llamacpp_unavailable_reason()
-        if problem is not None:
-            raise EngineUnavailable(problem)
         opts = self.options
         if opts.gguf_model:
             self.model_path = Path(opts.gguf_model)
