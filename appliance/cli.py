@@ -17,6 +17,7 @@ from pathlib import Path
 from .api.adminclient import AdminClient, AdminError, AdminUnavailable
 from .config import Settings, load_config
 from .errors import LoraboxError
+from .gguf import EXPORT_QUANTS
 from .tenancy.store import Store
 
 DEFAULT_DEMO_DIR = (
@@ -45,17 +46,24 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # vLLM is chatty at INFO; its warnings and errors still reach the log.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "DEBUG" if level == "debug" else "WARNING")
+    # The gguf package logs every file it writes at INFO.
+    logging.getLogger("gguf").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+
+
+def _model_dir(settings: Settings) -> Path:
+    from .demo import ensure_builtin_model
+
+    model_dir = Path(settings.model) if settings.model else ensure_builtin_model(settings.state_dir)
+    if not (model_dir / "config.json").is_file():
+        raise LoraboxError(f"model directory {model_dir} has no config.json (Hugging Face format expected)")
+    return model_dir
 
 
 def _serve(settings: Settings, on_ready: Callable[[], None] | None = None) -> None:
     from .daemon import serve
-    from .demo import ensure_builtin_model
 
     _setup_logging(settings.log_level)
-    model_dir = Path(settings.model) if settings.model else ensure_builtin_model(settings.state_dir)
-    if not (model_dir / "config.json").is_file():
-        raise LoraboxError(f"model directory {model_dir} has no config.json (Hugging Face format expected)")
-    serve(settings, model_dir, on_ready=on_ready)
+    serve(settings, _model_dir(settings), on_ready=on_ready)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -280,6 +288,19 @@ def _adapter_rows_offline(settings: Settings) -> list[dict]:  # type: ignore[typ
         ]
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from .gguf.export import Exporter, tenant_adapter
+
+    settings = _settings(args)
+    with Store.open(settings.database_path) as store:
+        adapter = tenant_adapter(store, args.tenant, args.version)
+    out = Path(args.out)
+    print(f">>> Merging {adapter.label} into the base model as {args.quant} GGUF: {out}", flush=True)
+    result = Exporter(_model_dir(settings), settings.exports_dir).run(adapter, args.quant, out)
+    print(f"wrote {result.path} ({result.size_bytes / (1 << 20):.1f} MiB) and {result.modelfile}")
+    print(f"next: llama-cli -m {result.path}   or   ollama create {out.stem} -f {result.modelfile}")
+
+
 def cmd_events(args: argparse.Namespace) -> None:
     with Store.open(_settings(args).database_path) as store:
         _table(list(reversed(store.events(args.limit))), ["ts", "kind", "tenant", "version", "detail"])
@@ -378,6 +399,17 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         rsub.add_parser(action, parents=[common], help=text).add_argument("tenant")
     p.set_defaults(func=cmd_residency)
+
+    p = sub.add_parser(
+        "export", parents=[common], help="one tenant's model as a single GGUF file (llama.cpp, Ollama)"
+    )
+    p.add_argument("tenant")
+    p.add_argument("--version", help="adapter version (default: the active one)")
+    p.add_argument(
+        "--quant", choices=EXPORT_QUANTS, default="f16", help="f32/f16 as is; q8_0, q4_k_m by llama.cpp"
+    )
+    p.add_argument("--out", required=True, metavar="FILE.gguf", help="also writes FILE.Modelfile for Ollama")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("events", parents=[common], help="adapter and key events, newest last")
     p.add_argument("--limit", type=int, default=50)

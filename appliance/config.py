@@ -56,7 +56,9 @@ class Settings:
     """Largest accepted request body; larger bodies get 413 before they are read."""
 
     dtype: str = "auto"
-    """Weights and activations dtype for the engine (`auto`, `float32`, `bfloat16`, `float16`)."""
+    """Weights and activations dtype for the engine (`auto`, `float32`, `bfloat16`, `float16`).
+    llama.cpp: `float32` also keeps its KV cache in f32 (needed for exact parity with an fp32
+    reference), and a model it converts itself is written as f32 for `float32`, else as f16."""
 
     max_model_len: int = 4096
     """Context length (prompt + completion) per request. 0: the model's own maximum."""
@@ -79,6 +81,17 @@ class Settings:
 
     cpu_kv_cache_gib: int = 4
     """KV cache size on CPU-only boxes (vLLM's VLLM_CPU_KVCACHE_SPACE)."""
+
+    gguf_model: Path | None = None
+    """The llama.cpp engine's base model: a GGUF file of `model` (quantised is fine). Empty: `model`
+    converted to GGUF on first start and kept in <state_dir>/gguf. Adapters are converted against it."""
+
+    llamacpp_parallel: int = 4
+    """Requests the llama.cpp engine decodes at once, each with max_model_len tokens of KV cache;
+    more wait for a free one."""
+
+    llamacpp_threads: int = 0
+    """CPU threads for llama.cpp. 0: one per core."""
 
     log_level: str = "info"
     """`debug`, `info`, `warning` or `error`."""
@@ -112,6 +125,16 @@ class Settings:
         return self.drain_timeout_s + SHUTDOWN_MARGIN_S
 
     @property
+    def gguf_cache_dir(self) -> Path:
+        """Converted GGUF files: the base model when gguf_model is empty, and every adapter."""
+        return self.state_dir / "gguf"
+
+    @property
+    def exports_dir(self) -> Path:
+        """Where exports requested through the admin API go when they name no file."""
+        return self.state_dir / "exports"
+
+    @property
     def admin_socket_path(self) -> Path:
         return self.admin_socket or self.state_dir / "admin.sock"
 
@@ -138,6 +161,8 @@ class Settings:
             raise ConfigError("drain_timeout_s must be >= 0")
         if self.engine_probe_interval_s <= 0 or self.engine_probe_timeout_s <= 0:
             raise ConfigError("engine_probe_interval_s and engine_probe_timeout_s must be > 0")
+        if self.llamacpp_parallel < 1 or self.llamacpp_threads < 0:
+            raise ConfigError("llamacpp_parallel must be >= 1 and llamacpp_threads >= 0 (0: one per core)")
         return self
 
 
@@ -153,6 +178,8 @@ def _coerce(name: str, kind: Any, value: Any) -> Any:
             if kind is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError("not a whole number")
             return kind(value)
+        if kind == Path | None and value == "":
+            return None  # `key = ""` in the file means "not set", as for the string settings
         if kind in (Path, Path | None):
             return Path(os.path.expanduser(str(value)))
         if kind is str:

@@ -31,13 +31,14 @@ from .adapters.drops import AdapterLimits, BaseModelInfo, scan
 from .adapters.residency import Plan, ResidencyTracker, lora_budget_bytes, plan
 from .adapters.versions import VersionManager
 from .adapters.watcher import DropWatcher
-from .api.admin import PLAN, build_admin_app
+from .api.admin import EXPORTER, PLAN, build_admin_app
 from .api.errors import MAX_BODY_BYTES, openai_errors
 from .api.openai import SERVICES, Services, add_routes
 from .config import Settings
 from .engines.base import EngineOptions
 from .engines.health import EngineHealth
-from .engines.select import create_engine
+from .engines.select import Selection, select_engine, start_engine
+from .gguf.export import Exporter
 from .serving.catalog import Catalog
 from .serving.generator import Generator
 from .serving.tokenization import TextCodec
@@ -55,6 +56,7 @@ HANDLER_SHUTDOWN_S = 1.0
 # After an engine failure the listeners stay up this long, answering 503 with the reason, so that
 # whoever polls /readyz or sends a request sees why rather than only a refused connection.
 FAILED_LINGER_S = 2.0
+ENGINE_SELECTION = web.AppKey("engine_selection", Selection)
 
 
 def sd_notify(state: str) -> None:
@@ -82,6 +84,10 @@ def engine_options(settings: Settings, model_dir: Path) -> EngineOptions:
         gpu_memory_utilization=settings.gpu_memory_utilization,
         cpu_kv_cache_gib=settings.cpu_kv_cache_gib,
         log_level=settings.log_level,
+        gguf_model=str(settings.gguf_model or ""),
+        cache_dir=str(settings.gguf_cache_dir),
+        parallel=settings.llamacpp_parallel,
+        threads=settings.llamacpp_threads,
     )
 
 
@@ -117,11 +123,11 @@ def build_app(
     sizes = plan_residency(settings, base, model_dir, store)
     log.info("residency plan: %s", sizes.reason)
     settings = dataclasses.replace(settings, max_loras=sizes.max_loras, max_cpu_loras=sizes.max_cpu_loras)
-    engine, reason = create_engine(settings.engine, engine_options(settings, model_dir))
-    log.info("engine: %s", reason)
+    selection = select_engine(settings.engine, engine_options(settings, model_dir))
+    log.info("engine: %s", selection.reason)
     versions = VersionManager(
         store,
-        engine,
+        selection.engine,
         base,
         AdapterLimits(max_rank=settings.max_lora_rank),
         settings.adapters_dir,
@@ -132,13 +138,14 @@ def build_app(
         catalog=Catalog(store, versions, settings.base_model_name),
         codec=TextCodec.from_model_dir(model_dir),
         ledger=UsageLedger(settings.database_path),
-        engine=engine,
+        engine=selection.engine,
         health=EngineHealth(
-            engine,
+            selection.engine,
             probe_every_s=settings.engine_probe_interval_s,
             probe_timeout_s=settings.engine_probe_timeout_s,
         ),
-        engine_name=engine.name,
+        engine_name=selection.engine.name,
+        engine_reason=selection.reason,
     )
     app = web.Application(client_max_size=settings.max_request_bytes, middlewares=[openai_errors])
     app[MAX_BODY_BYTES] = settings.max_request_bytes
@@ -146,6 +153,8 @@ def build_app(
     app[VERSIONS] = versions
     app[ADAPTERS_DIR] = settings.adapters_dir
     app[PLAN] = sizes
+    app[ENGINE_SELECTION] = selection
+    app[EXPORTER] = Exporter(model_dir, settings.exports_dir)
     app[ON_READY] = on_ready or (lambda: None)
     add_routes(app)
     app.cleanup_ctx.append(_watch_loop_lag)
@@ -171,13 +180,15 @@ async def _run_engine(app: web.Application) -> AsyncIterator[None]:
 
     async def start() -> None:
         began = time.perf_counter()
-        await services.engine.start()
+        selection = await start_engine(app[ENGINE_SELECTION])  # under `auto`, may fall back
+        services.engine = versions.engine = services.health.engine = selection.engine
+        services.engine_name, services.engine_reason = selection.engine.name, selection.reason
         services.health.start(services.lifecycle.fail)
         await versions.sync_all()
         await watcher.start()
         max_len = getattr(services.engine, "max_model_len", None) or 4096
         services.generator = Generator(services.engine, services.codec, max_len)
-        log.info("ready in %.1f s (engine %s)", time.perf_counter() - began, services.engine_name)
+        log.info("ready in %.1f s (%s)", time.perf_counter() - began, services.engine_reason)
         sd_notify("READY=1\nSTATUS=serving")
         app[ON_READY]()
 
@@ -210,7 +221,9 @@ async def _serve(settings: Settings, app: web.Application) -> str | None:
     # handler_cancellation: a client that disconnects cancels its request (and so the generation).
     api = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=HANDLER_SHUTDOWN_S)
     admin = web.AppRunner(
-        build_admin_app(services, app[PLAN]), access_log=None, shutdown_timeout=HANDLER_SHUTDOWN_S
+        build_admin_app(services, app[PLAN], app[EXPORTER]),
+        access_log=None,
+        shutdown_timeout=HANDLER_SHUTDOWN_S,
     )
     await api.setup()
     await admin.setup()

@@ -3,6 +3,7 @@
 `lorabox demo init DIR` writes everything a box needs to serve without downloading anything:
 
     DIR/model/                  tiny Llama in Hugging Face format, byte-level BPE, chat template
+    DIR/model.gguf              the same model as GGUF (f32), for the llama.cpp engine
     DIR/adapters/<tenant>/v1/   PEFT LoRA adapters (different ranks and target modules)
     DIR/lorabox.toml            config pointing at the above, state in DIR/state
     DIR/keys.json               {"tenant": "plaintext key"}, mode 0600 (demo only)
@@ -180,6 +181,7 @@ def render_config(demo_dir: Path) -> str:
 # lorabox demo configuration (written by `lorabox demo init`).
 model = "{demo_dir / "model"}"
 served_model_name = "{DEMO_MODEL_NAME}"
+gguf_model = "{demo_dir / "model.gguf"}"
 adapters_dir = "{demo_dir / "adapters"}"
 state_dir = "{demo_dir / "state"}"
 host = "127.0.0.1"
@@ -198,7 +200,14 @@ def init_demo(demo_dir: Path, *, force: bool = False) -> dict[str, str]:
 
     demo_dir = demo_dir.resolve()
     demo_dir.mkdir(parents=True, exist_ok=True)
-    build_model(demo_dir / "model")
+    model_dir = demo_dir / "model"
+    build_model(model_dir)
+    gguf_path = demo_dir / "model.gguf"
+    weights = model_dir / "model.safetensors"
+    if force or not gguf_path.exists() or gguf_path.stat().st_mtime_ns < weights.stat().st_mtime_ns:
+        from .gguf.model import write_model
+
+        write_model(model_dir, gguf_path, "f32", name=DEMO_MODEL_NAME)
     for tenant in DEMO_TENANTS:
         _install(DEMO_DATA_DIR / "adapters" / tenant.name, demo_dir / "adapters" / tenant.name / "v1")
 

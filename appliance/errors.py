@@ -23,3 +23,7 @@ class EngineUnavailable(LoraboxError):
 
 class EngineDead(LoraboxError):
     """The engine can no longer serve (its process died or it stopped answering); the daemon exits."""
+
+
+class ConversionError(LoraboxError):
+    """A model cannot be written as GGUF (unsupported architecture or tokenizer); the message says why."""

@@ -72,6 +72,34 @@ def server(demo: Demo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ser
     running.stop()
 
 
+@pytest.fixture(scope="session")
+def llamacpp_demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
+    """A demo directory of its own for the llama.cpp daemon (its drops disturb no other server)."""
+    directory = tmp_path_factory.mktemp("llamacpp-demo")
+    return Demo(directory, init_demo(directory))
+
+
+@pytest.fixture(scope="session")
+def llamacpp_server(llamacpp_demo: Demo) -> Iterator[Server]:
+    """`lorabox serve` with engine = "llamacpp": every live llama.cpp test shares this one."""
+    try:
+        running = LocalServer.start(
+            llamacpp_demo.config,
+            llamacpp_demo.dir / "server.log",
+            timeout_s=SERVER_START_TIMEOUT_S,
+            env={"LORABOX_ENGINE": "llamacpp"},
+        )
+    except ServerFailed as exc:
+        pytest.fail(str(exc))
+    yield Server(running, llamacpp_demo)
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def llamacpp_reference(llamacpp_demo: Demo) -> Reference:
+    return Reference(llamacpp_demo)
+
+
 @dataclass
 class Server:
     local: LocalServer

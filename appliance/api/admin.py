@@ -5,21 +5,27 @@ It never listens on TCP: whoever can open the socket is an operator of this box.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from ..adapters.residency import Plan
-from ..errors import StoreError
+from ..errors import AdapterError, ConversionError, StoreError
+from ..gguf import EXPORT_QUANTS
+from ..gguf.export import Exporter, tenant_adapter
 from ..telemetry.gpu import gpu_memory
 from .errors import MAX_BODY_BYTES, APIError, bad_request, openai_errors
 from .openai import SERVICES, Services, read_json
 
 PLAN = web.AppKey("plan", Plan)
+EXPORTER = web.AppKey("exporter", Exporter)
+EXPORT_LOCK = web.AppKey("export_lock", asyncio.Lock)
 
 
 def _services(request: web.Request) -> Services:
@@ -43,6 +49,7 @@ async def status(request: web.Request) -> web.Response:
             "ready": services.generator is not None and services.lifecycle.phase == "serving",
             "phase": services.lifecycle.phase,
             "engine": services.engine_name,
+            "engine_reason": services.engine_reason,
             "engine_health": dataclasses.asdict(services.health.snapshot()),
             "uptime_s": round(time.time() - services.started_at, 1),
             "engine_stats": dataclasses.asdict(stats) if stats else None,
@@ -185,10 +192,46 @@ async def residency(request: web.Request) -> web.Response:
     )
 
 
-def build_admin_app(services: Services, sizes: Plan) -> web.Application:
+async def export(request: web.Request) -> web.Response:
+    """Merge a tenant's adapter into the base model as one GGUF (plus an Ollama Modelfile).
+
+    Body: `{"version": null, "quant": "f16", "out": null}`, all optional: the active version, f16,
+    and a file in the state directory's exports/. One export at a time, off the event loop."""
+    services = _services(request)
+    body = await read_json(request) if request.can_read_body else {}
+    if not isinstance(body, dict):
+        raise bad_request("body must be an object with version, quant and out")
+    version, quant, out = body.get("version"), body.get("quant", "f16"), body.get("out")
+    if version is not None and not isinstance(version, str):
+        raise bad_request("version must be a string or null", "version")
+    if quant not in EXPORT_QUANTS:
+        raise bad_request(f"quant must be one of {', '.join(EXPORT_QUANTS)}", "quant")
+    if out is not None and not (isinstance(out, str) and Path(out).is_absolute()):
+        raise bad_request("out must be an absolute path ending in .gguf, or null", "out")
+    tenant = request.match_info["tenant"]
+    with _conflict("version"):
+        adapter = tenant_adapter(services.store, tenant, version)
+    async with request.app[EXPORT_LOCK]:
+        try:
+            result = await asyncio.to_thread(
+                request.app[EXPORTER].run, adapter, quant, Path(out) if out else None
+            )
+        except (AdapterError, ConversionError) as exc:
+            raise APIError(409, str(exc), param="quant") from exc
+        except OSError as exc:
+            raise bad_request(f"cannot write the export: {exc}", "out") from exc
+    return web.json_response(
+        {"tenant": adapter.tenant, "version": adapter.version}
+        | {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(result).items()}
+    )
+
+
+def build_admin_app(services: Services, sizes: Plan, exporter: Exporter) -> web.Application:
     app = web.Application(middlewares=[openai_errors], client_max_size=1 << 20)
     app[SERVICES] = services
     app[PLAN] = sizes
+    app[EXPORTER] = exporter
+    app[EXPORT_LOCK] = asyncio.Lock()
     app[MAX_BODY_BYTES] = 1 << 20
     app.router.add_get("/admin/status", status)
     app.router.add_get("/admin/adapters", adapters)
@@ -200,4 +243,5 @@ def build_admin_app(services: Services, sizes: Plan) -> web.Application:
     app.router.add_post("/admin/tenants/{tenant}/canary", canary)
     app.router.add_post("/admin/tenants/{tenant}/resident", resident)
     app.router.add_post("/admin/tenants/{tenant}/sync", sync)
+    app.router.add_post("/admin/tenants/{tenant}/export", export)
     return app

@@ -40,6 +40,7 @@ class Services:
     engine: Engine
     health: EngineHealth
     engine_name: str = ""
+    engine_reason: str = ""  # why this engine serves (and, under `auto`, why not vLLM)
     generator: Generator | None = None
     started_at: float = field(default_factory=time.time)
     loop_lag: LoopLagMonitor = field(default_factory=LoopLagMonitor)
@@ -306,15 +307,18 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
+    engine = {"engine": services.engine_name, "engine_reason": services.engine_reason}
     # The engine's own word first: it knows of its death before the health watch has polled.
     failure = services.lifecycle.failure or services.engine.failure()
     if failure is not None:
-        return web.json_response({"status": "failed", "reason": failure}, status=503)
+        return web.json_response({"status": "failed", "reason": failure} | engine, status=503)
     if services.lifecycle.phase == "stopping":
-        return web.json_response({"status": "stopping", "reason": "lorabox is shutting down"}, status=503)
+        return web.json_response(
+            {"status": "stopping", "reason": "lorabox is shutting down"} | engine, status=503
+        )
     if services.generator is None:
-        return web.json_response({"status": "starting"}, status=503)
-    return web.json_response({"status": "ready", "engine": services.engine_name})
+        return web.json_response({"status": "starting"} | engine, status=503)
+    return web.json_response({"status": "ready"} | engine)
 
 
 def add_routes(app: web.Application) -> None:

@@ -99,3 +99,7 @@ class EngineOptions:
     gpu_memory_utilization: float = 0.90
     cpu_kv_cache_gib: int = 4
     log_level: str = "info"
+    gguf_model: str = ""  # llama.cpp: the base model's GGUF; empty: converted from `model`
+    cache_dir: str = ""  # llama.cpp: where converted GGUF files (base model, adapters) are kept
+    parallel: int = 4  # llama.cpp: requests decoded at once
+    threads: int = 0  # llama.cpp: CPU threads; 0: one per core

@@ -1,4 +1,4 @@
-"""GPU 0's name and memory from NVML; never raises.
+"""GPU 0's name, memory and compute capability from NVML; never raises.
 
 No driver, no GPU or an NVML error all read as None (shown as N/A). NVML is initialised once, on
 first use; results are kept for TTL_SECONDS so a dashboard can poll without hammering the driver.
@@ -72,3 +72,13 @@ def gpu_memory() -> GpuMemory | None:
 def gpu_name() -> str | None:
     """GPU 0's product name, or None where NVML cannot tell."""
     return _cached("name", _name)
+
+
+def _compute_capability(handle: Any) -> tuple[int, int]:
+    major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+    return int(major), int(minor)
+
+
+def gpu_compute_capability() -> tuple[int, int] | None:
+    """GPU 0's CUDA compute capability (major, minor), or None where NVML cannot tell."""
+    return _cached("compute_capability", _compute_capability)

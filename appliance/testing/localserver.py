@@ -52,20 +52,26 @@ class LocalServer:
 
     @classmethod
     def start(
-        cls, config: Path, log_path: Path, timeout_s: float = 300, kv_cache_gib: int = 1
+        cls,
+        config: Path,
+        log_path: Path,
+        timeout_s: float = 300,
+        kv_cache_gib: int = 1,
+        env: dict[str, str] | None = None,
     ) -> LocalServer:
+        """`env` adds to (or overrides) the environment, e.g. `LORABOX_ENGINE` or `PYTHONPATH`."""
         port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LORABOX_")}
-        env |= {
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("LORABOX_")}
+        environment |= {
             "LORABOX_PORT": str(port),
             "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
             "PYTHONUNBUFFERED": "1",
-        }
+        } | (env or {})
         began = time.monotonic()
         with log_path.open("wb") as log:
             process = subprocess.Popen(
                 [sys.executable, "-m", "appliance", "serve", "--config", str(config)],
-                env=env,
+                env=environment,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # one process group: the engine core goes down with it

