@@ -140,9 +140,10 @@ async def test_seeded_sampling_repeats_and_greedy_ignores_the_seed(demo, referen
         request = GenerationRequest("s", ids, 16, temperature=temperature, seed=seed)
         return [t async for delta in engine.generate(request) for t in delta.token_ids]
 
+    # The trained demo model is confident: only a hot temperature makes seeds disagree.
     async with running(demo, tmp_path) as engine:
-        assert await sample(7, 1.5) == await sample(7, 1.5)
-        assert len({tuple(await sample(seed, 1.5)) for seed in range(4)}) > 1
+        assert await sample(7, 8.0) == await sample(7, 8.0)
+        assert len({tuple(await sample(seed, 8.0)) for seed in range(4)}) > 1
         assert await sample(1, 0.0) == await sample(2, 0.0) == reference.generate(None, ids, 16)
 
 
@@ -165,7 +166,8 @@ async def test_a_quantised_gguf_of_the_base_serves_with_adapters_converted_again
 ):
     quantised = tmp_path / "model-q8_0.gguf"
     await asyncio.to_thread(quantize, demo.dir / "model.gguf", quantised, "q8_0")
-    ids = reference.prompt_ids(PROMPT)
+    # The demo's adapters give each tenant its voice in chats; plain text continues alike.
+    ids = reference.chat_ids([{"role": "user", "content": "Hello!"}])
     async with running(demo, tmp_path, gguf_model=quantised) as engine:
         base = await generate(engine, ids, None, 12)
         adapted = await generate(engine, ids, ref(demo, TENANTS[1]), 12)
