@@ -7,6 +7,7 @@ tests compare tokens with a Hugging Face reference exactly.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,26 +85,75 @@ class Detokenizer:
         return delta
 
 
-@dataclass
-class StopMatcher:
-    """Cuts the text at the first stop string, holding back what could be the start of one."""
+class _StopString:
+    """Knuth-Morris-Pratt matching of one stop string, one character at a time.
 
-    stops: tuple[str, ...]
-    _pending: str = ""
+    `matched` is the length of the longest suffix of the text seen so far that is a prefix of the
+    stop string; it reaching `len(text)` means the stop string has just been completed. Each
+    character costs amortised O(1), however long the stop string.
+    """
+
+    def __init__(self, text: str):
+        if not text:
+            raise ValueError("a stop string cannot be empty")
+        self.text = text
+        self.matched = 0
+        # fallback[i]: length of the longest proper prefix of text[:i + 1] that is also its suffix.
+        self._fallback = [0] * len(text)
+        k = 0
+        for i in range(1, len(text)):
+            while k and text[i] != text[k]:
+                k = self._fallback[k - 1]
+            if text[i] == text[k]:
+                k += 1
+            self._fallback[i] = k
+
+    def feed(self, char: str) -> bool:
+        """Advance by one character; True when the stop string ends with it."""
+        k, text = self.matched, self.text
+        while k and text[k] != char:
+            k = self._fallback[k - 1]
+        if text[k] == char:
+            k += 1
+        self.matched = k
+        return k == len(text)
+
+
+class StopMatcher:
+    """Cuts streamed text at the first stop string, holding back what could be the start of one.
+
+    The text is cut where a stop string is first completed (the earliest end; of stop strings
+    ending at the same character, the longest wins), which is what checking after every character
+    would give, and does not depend on how the text is split into pushes. The concatenation of
+    everything released is the full text cut there. Work is linear in the text pushed: each stop
+    string is matched by its own automaton, and the held-back characters wait in a deque. Once
+    it has reported a stop, the matcher is done.
+    """
+
+    def __init__(self, stops: tuple[str, ...]):
+        self._stops = [_StopString(s) for s in stops]
+        self._held: deque[str] = deque()
 
     def push(self, text: str) -> tuple[str, bool]:
         """Returns (text safe to send, stopped)."""
-        if not self.stops:
+        if not self._stops:
             return text, False
-        buffer = self._pending + text
-        hits = [i for i in (buffer.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self._pending = ""
-            return buffer[: min(hits)], True
-        hold = max((k for s in self.stops for k in range(1, len(s)) if buffer.endswith(s[:k])), default=0)
-        self._pending = buffer[len(buffer) - hold :] if hold else ""
-        return buffer[: len(buffer) - hold], False
+        held = self._held
+        for char in text:
+            held.append(char)
+            completed = [s for s in self._stops if s.feed(char)]  # every automaton sees every char
+            if completed:
+                text = self._release(len(held) - max(len(s.text) for s in completed))
+                held.clear()
+                return text, True
+        # What no stop string can still start in is safe to send.
+        return self._release(len(held) - max(s.matched for s in self._stops)), False
+
+    def _release(self, count: int) -> str:
+        popleft = self._held.popleft
+        return "".join([popleft() for _ in range(count)])
 
     def flush(self) -> str:
-        pending, self._pending = self._pending, ""
-        return pending
+        held = "".join(self._held)
+        self._held.clear()
+        return held
