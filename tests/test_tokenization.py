@@ -8,7 +8,13 @@ from typing import Any
 import pytest
 
 from appliance import demo
-from appliance.serving.tokenization import REPLACEMENT_CHAR, PromptError, StopMatcher, TextCodec
+from appliance.serving.tokenization import (
+    REPLACEMENT_CHAR,
+    PromptEncoder,
+    PromptError,
+    StopMatcher,
+    TextCodec,
+)
 
 TEXTS = [
     "héllo ✓ 漢字 🎉",
@@ -282,6 +288,28 @@ def test_long_stop_string_one_character_at_a_time() -> None:
     assert (released, stopped) == ("a" * (3000 - 1023), True)
     released, stopped, _ = run_stops((stop, "ab"), list(text))
     assert (released, stopped) == ("a" * (3000 - 1023), True)  # both end at the "b": the longer wins
+
+
+# -- prompts: limits and off the event loop -----------------------------------------------------
+
+
+def test_encoding_stops_at_the_limit(codec: TextCodec) -> None:
+    text = "The quick brown fox jumps over the lazy dog. " * 40
+    messages = [{"role": "user", "content": text}]
+    full_prompt, full_chat = codec.encode_prompt(text), codec.encode_chat(messages)
+    assert codec.encode_prompt(text, limit=7) == full_prompt[:7]
+    assert codec.encode_chat(messages, limit=7) == full_chat[:7]
+    assert codec.encode_prompt(text, limit=10_000) == full_prompt
+    assert codec.encode_chat(messages, limit=10_000) == full_chat
+
+
+async def test_prompt_encoder_gives_the_codecs_ids_small_or_large(codec: TextCodec) -> None:
+    encoder = PromptEncoder(codec, threads=1)
+    for text in ("short ✓", "long ✓ " * 2000):  # in place, and on the pool
+        messages = [{"role": "user", "content": text}]
+        assert await encoder.prompt(text, 100_000) == codec.encode_prompt(text)
+        assert await encoder.chat(messages, 100_000) == codec.encode_chat(messages)
+        assert await encoder.chat(messages, 5) == codec.encode_chat(messages)[:5]
 
 
 # -- chat template ------------------------------------------------------------------------------
