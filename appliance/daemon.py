@@ -24,6 +24,7 @@ from .adapters.residency import Plan, ResidencyTracker, lora_budget_bytes, plan
 from .adapters.versions import VersionManager
 from .adapters.watcher import DropWatcher
 from .api.admin import PLAN, build_admin_app
+from .api.connections import ConnectionLimits, GuardedAppRunner, fit_to_file_limit
 from .api.errors import MAX_BODY_BYTES, openai_errors
 from .api.openai import SERVICES, Services, add_routes
 from .config import Settings
@@ -185,7 +186,19 @@ async def _serve(settings: Settings, app: web.Application) -> None:
         loop.add_signal_handler(signum, stop.set)
 
     # handler_cancellation: a client that disconnects cancels its request (and so the generation).
-    api = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=30)
+    limits = ConnectionLimits(
+        header_timeout_s=settings.request_header_timeout_s,
+        body_timeout_s=settings.request_body_timeout_s,
+        max_connections=fit_to_file_limit(settings.max_connections),
+    )
+    api = GuardedAppRunner(
+        app,
+        limits,
+        app[SERVICES].connections,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=30,
+    )
     admin = web.AppRunner(build_admin_app(app[SERVICES], app[PLAN]), access_log=None)
     await api.setup()
     await admin.setup()

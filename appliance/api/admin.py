@@ -45,6 +45,7 @@ async def status(request: web.Request) -> web.Response:
             "uptime_s": round(time.time() - services.started_at, 1),
             "engine_stats": dataclasses.asdict(stats) if stats else None,
             "loop_lag": dataclasses.asdict(services.loop_lag.snapshot()),
+            "connections": dataclasses.asdict(services.connections),
         }
     )
 

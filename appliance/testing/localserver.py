@@ -51,10 +51,17 @@ class LocalServer:
 
     @classmethod
     def start(
-        cls, config: Path, log_path: Path, timeout_s: float = 300, kv_cache_gib: int = 1
+        cls,
+        config: Path,
+        log_path: Path,
+        timeout_s: float = 300,
+        kv_cache_gib: int = 1,
+        settings: dict[str, object] | None = None,
     ) -> LocalServer:
+        """`settings` override the config file's, as LORABOX_<NAME> environment variables."""
         port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("LORABOX_")}
+        env |= {f"LORABOX_{name.upper()}": str(value) for name, value in (settings or {}).items()}
         env |= {
             "LORABOX_PORT": str(port),
             "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
