@@ -16,8 +16,9 @@ from aiohttp import web
 from ..adapters.residency import Plan
 from ..errors import StoreError
 from ..telemetry.gpu import gpu_memory
+from .body import read_json
 from .errors import MAX_BODY_BYTES, APIError, bad_request, openai_errors
-from .openai import SERVICES, Services, read_json
+from .openai import SERVICES, Services
 
 PLAN = web.AppKey("plan", Plan)
 
