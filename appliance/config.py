@@ -19,7 +19,7 @@ DEFAULT_CONFIG_PATH = Path("/etc/lorabox/lorabox.toml")
 ENV_PREFIX = "LORABOX_"
 ENGINES = ("auto", "vllm", "llamacpp")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-MAX_REQUEST_BYTES = 4 << 20
+MAX_REQUEST_BYTES = 2 << 20
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class Settings:
     """TCP port of the OpenAI-compatible API."""
 
     max_request_bytes: int = 1 << 20
-    """Largest accepted request body; larger bodies get 413 before they are read. At most 4 MiB:
+    """Largest accepted request body; larger bodies get 413 before they are read. At most 2 MiB:
     a body is parsed on the event loop, which takes up to about 15 ms per MiB."""
 
     request_header_timeout_s: float = 10.0

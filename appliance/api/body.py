@@ -1,7 +1,7 @@
 """Reading a request's JSON body: within its size and time limits, and without stalling the loop.
 
 JSON is parsed on the event loop (in a thread it would hold the GIL all the same), so its cost is
-kept linear and bounded: the body size is capped (`max_request_bytes`, at most 4 MiB, ~15 ms a MiB
+kept linear and bounded: the body size is capped (`max_request_bytes`, at most 2 MiB, ~15 ms a MiB
 at worst), garbage collection is paused while a body is parsed, and large bodies take turns, one
 per pass of the loop, so that bodies arriving together do not add up into one long stall.
 """
