@@ -106,8 +106,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     parsed = await read_request(request, parse_completion)
     target = resolve(request, services, tenant, parsed)
     if isinstance(parsed.prompt, list):
-        check_token_ids(parsed.prompt, len(services.codec.tokenizer))
-        prompt_ids = parsed.prompt
+        prompt_ids = parsed.prompt[: generator.max_model_len]  # as for text: past it, too long anyway
+        check_token_ids(prompt_ids, len(services.codec.tokenizer))
     else:
         prompt_ids = await services.encoder.prompt(parsed.prompt or "", generator.max_model_len)
     return await _complete(request, services, generator, tenant, target, parsed, prompt_ids, chat=False)

@@ -207,7 +207,7 @@ def parse_completion(body: Any) -> ParsedRequest:
     if isinstance(prompt, list) and prompt:
         _check_prompt_size(len(prompt), "prompt", "items")
     if isinstance(prompt, list) and prompt and set(map(type, prompt)) == {int}:  # no bools; at C speed
-        return ParsedRequest(model, options, stream, include_usage, user, prompt=list(prompt))
+        return ParsedRequest(model, options, stream, include_usage, user, prompt=prompt)
     if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str) for p in prompt):
         raise bad_request("Send one prompt per request (batched prompts are not supported).", "prompt")
     if not isinstance(prompt, str):
