@@ -220,11 +220,11 @@ def test_hostile_body_is_refused_while_others_are_served(server, path, make_body
         ):
             return response.status, await response.json(content_type=None)
 
-    async def send_four_at_once():  # bodies that arrive together must not stall the loop together
-        return await asyncio.gather(*(send() for _ in range(4)))
+    async def send_two_at_once():  # bodies that arrive together must not stall the loop together
+        return await asyncio.gather(send(), send())
 
     with no_loop_stall(server.demo):
-        rounds = asyncio.run(served_meanwhile(server, repeatedly(send_four_at_once)))
+        rounds = asyncio.run(served_meanwhile(server, repeatedly(send_two_at_once)))
     for got_status, body in (result for results in rounds for result in results):
         assert got_status == status, body
         assert_openai_error(body, param)
