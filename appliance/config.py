@@ -24,6 +24,7 @@ SHUTDOWN_MARGIN_S = 20.0
 write (SQLite waits up to 5 s for a lock), aiohttp closing connections (2 x 1 s) and the engine
 core's exit (5 s, then it is killed), with room to spare. See `Settings.stop_timeout_s`."""
 LOG_LEVELS = ("debug", "info", "warning", "error")
+MAX_REQUEST_BYTES = 2 << 20
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,24 @@ class Settings:
     """TCP port of the OpenAI-compatible API."""
 
     max_request_bytes: int = 1 << 20
-    """Largest accepted request body; larger bodies get 413 before they are read."""
+    """Largest accepted request body; larger bodies get 413 before they are read. At most 2 MiB:
+    a body is parsed on the event loop, which takes up to about 15 ms per MiB."""
+
+    request_header_timeout_s: float = 10.0
+    """Seconds a client has to send a request's line and headers, from connecting (or from the
+    first byte of its next request on a kept-alive connection); a slower one gets 408 and is
+    disconnected. Behind nginx the headers arrive at once."""
+
+    request_body_timeout_s: float = 30.0
+    """Seconds a client has to send a request's whole body once its headers are in; a slower one
+    gets 408 and is disconnected. 30 s carries a 1 MiB body at 35 KB/s; behind nginx (which buffers
+    bodies before passing them on) the body arrives at once."""
+
+    max_connections: int = 1024
+    """Open connections to the OpenAI API at most. A new connection past it closes the connection
+    that has waited longest on its client (idle, or slow to send its request); when every open
+    connection has a request in progress, the new one gets 503. The daemon raises its open-file
+    limit to fit, or lowers this to fit the limit, keeping descriptors for its own files."""
 
     dtype: str = "auto"
     """Weights and activations dtype for the engine (`auto`, `float32`, `bfloat16`, `float16`).
@@ -147,8 +165,12 @@ class Settings:
             raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be 1-65535, not {self.port}")
-        if self.max_request_bytes < 1024:
-            raise ConfigError("max_request_bytes must be at least 1024")
+        if not 1024 <= self.max_request_bytes <= MAX_REQUEST_BYTES:
+            raise ConfigError(f"max_request_bytes must be between 1024 and {MAX_REQUEST_BYTES}")
+        if self.request_header_timeout_s <= 0 or self.request_body_timeout_s <= 0:
+            raise ConfigError("request_header_timeout_s and request_body_timeout_s must be > 0")
+        if self.max_connections < 1:
+            raise ConfigError("max_connections must be at least 1")
         if self.max_loras < 0 or self.max_cpu_loras < 0:
             raise ConfigError("max_loras and max_cpu_loras must be >= 0 (0 means planned)")
         if self.max_loras and self.max_cpu_loras and self.max_cpu_loras < self.max_loras:

@@ -32,6 +32,7 @@ from .adapters.residency import Plan, ResidencyTracker, lora_budget_bytes, plan
 from .adapters.versions import VersionManager
 from .adapters.watcher import DropWatcher
 from .api.admin import EXPORTER, PLAN, build_admin_app
+from .api.connections import ConnectionLimits, GuardedAppRunner, fit_to_file_limit
 from .api.errors import MAX_BODY_BYTES, openai_errors
 from .api.openai import SERVICES, Services, add_routes
 from .config import Settings
@@ -219,7 +220,19 @@ async def _serve(settings: Settings, app: web.Application) -> str | None:
         loop.add_signal_handler(signum, lifecycle.stop)
 
     # handler_cancellation: a client that disconnects cancels its request (and so the generation).
-    api = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=HANDLER_SHUTDOWN_S)
+    limits = ConnectionLimits(
+        header_timeout_s=settings.request_header_timeout_s,
+        body_timeout_s=settings.request_body_timeout_s,
+        max_connections=fit_to_file_limit(settings.max_connections),
+    )
+    api = GuardedAppRunner(
+        app,
+        limits,
+        services.connections,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=HANDLER_SHUTDOWN_S,
+    )
     admin = web.AppRunner(
         build_admin_app(services, app[PLAN], app[EXPORTER]),
         access_log=None,

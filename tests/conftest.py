@@ -22,6 +22,9 @@ from appliance.testing.localserver import LocalServer, ServerFailed
 from appliance.testing.reference import PeftReference
 
 SERVER_START_TIMEOUT_S = 300
+# The shared server's read deadlines are short and its connection cap small, so that the tests of
+# slow and of numerous connections take seconds; no other test sends slowly or opens that many.
+SERVER_SETTINGS = {"request_header_timeout_s": 2.0, "request_body_timeout_s": 3.0, "max_connections": 128}
 
 
 @pytest.fixture(autouse=True)
@@ -65,7 +68,9 @@ def server(demo: Demo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ser
     """`lorabox serve` as a real subprocess, as systemd would run it, on a free port."""
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     try:
-        running = LocalServer.start(demo.config, log_path, timeout_s=SERVER_START_TIMEOUT_S)
+        running = LocalServer.start(
+            demo.config, log_path, timeout_s=SERVER_START_TIMEOUT_S, settings=SERVER_SETTINGS
+        )
     except ServerFailed as exc:
         pytest.fail(str(exc))
     yield Server(running, demo)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import sqlite3
 import time
@@ -10,17 +11,10 @@ import time
 import aiohttp
 import pytest
 
-from tests.conftest import post_json
+from tests.conftest import no_loop_stall, post_json
+from tests.probing import CHAT, assert_openai_error, raw_exchange, repeatedly, served_meanwhile
 
-CHAT = "/v1/chat/completions"
-
-
-def assert_openai_error(body, param=None):
-    assert set(body) == {"error"}
-    assert set(body["error"]) == {"message", "type", "param", "code"}
-    assert body["error"]["message"]
-    if param is not None:
-        assert body["error"]["param"] == param
+MIB = 1 << 20
 
 
 def chat_body(**overrides):
@@ -158,3 +152,154 @@ def test_health_and_readiness(server):
     for path, expected in (("/healthz", "ok"), ("/readyz", "ready")):
         with urllib.request.urlopen(server.url + path, timeout=5) as response:  # noqa: S310
             assert json.loads(response.read())["status"] == expected
+
+
+# -- hostile requests: each is refused with a 4xx while everyone else is served ------------------
+
+
+def _json(body) -> bytes:
+    return json.dumps(body).encode()  # writes a lone surrogate as the escape \\udxxx, as clients do
+
+
+def _with_field(name: str, raw_value: bytes) -> bytes:
+    return _json(chat_body())[:-1] + b', "' + name.encode() + b'": ' + raw_value + b"}"
+
+
+def _user_says(text: str) -> bytes:
+    return _json(chat_body(messages=[{"role": "user", "content": text}]))
+
+
+def _completion(prompt) -> bytes:
+    return _json({"model": "acme", "prompt": prompt, "max_tokens": 4})
+
+
+COMPLETIONS = "/v1/completions"
+
+
+HI = [{"role": "user", "content": "hi"}]
+# 350,000 empty lists in 1 MiB: their garbage collection once held the loop for 0.5 s.
+CONTAINERS = b"[" + b"[]," * (MIB // 3 - 100) + b"[]]"
+
+# (id, path, body, extra headers, status, param): client mistakes, up to the size limits.
+HOSTILE_BODIES = [
+    ("nested-100000-deep", CHAT, lambda: b"[" * 100_000, {}, 400, None),
+    ("nested-objects", CHAT, lambda: b'{"a": ' * 50_000, {}, 400, None),
+    ("integer-of-5000-digits", CHAT, lambda: _with_field("seed", b"7" * 5000), {}, 400, None),
+    ("stop-of-1MB", CHAT, lambda: _json(chat_body(stop="x" * (MIB - 200))), {}, 400, "stop"),
+    ("surrogate-in-message", CHAT, lambda: _user_says("a\ud800"), {}, 400, "messages"),
+    ("surrogate-in-prompt", COMPLETIONS, lambda: _completion("\udfff"), {}, 400, "prompt"),
+    ("surrogate-in-stop", CHAT, lambda: _json(chat_body(stop=["\ud800"])), {}, 400, "stop"),
+    ("surrogate-in-user", CHAT, lambda: _json(chat_body(user="\ud800")), {}, 400, "user"),
+    ("surrogate-in-model", CHAT, lambda: _json(chat_body(model="acme@v1\ud800")), {}, 400, "model"),
+    ("350000-containers", CHAT, lambda: _with_field("junk", CONTAINERS)[:-1] + b', "n": 2}', {}, 400, "n"),
+    ("1MiB-chat-prompt", CHAT, lambda: _user_says("hello world " * (MIB // 12 - 20)), {}, 400, "max_tokens"),
+    ("1MiB-completion-prompt", COMPLETIONS, lambda: _completion("a" * (MIB - 99)), {}, 400, "max_tokens"),
+    ("300000-token-ids", COMPLETIONS, lambda: _completion([5] * 300_000), {}, 400, "max_tokens"),
+    ("4097-messages", CHAT, lambda: _json(chat_body(messages=HI * 4097)), {}, 400, "messages"),
+    ("4096-messages", CHAT, lambda: _json(chat_body(messages=HI * 4096)), {}, 400, "max_tokens"),
+    ("gzip-bomb", CHAT, lambda: gzip.compress(b" " * (256 * MIB)), {"Content-Encoding": "gzip"}, 415, None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("path", "make_body", "headers", "status", "param"),
+    [case[1:] for case in HOSTILE_BODIES],
+    ids=[case[0] for case in HOSTILE_BODIES],
+)
+def test_hostile_body_is_refused_while_others_are_served(server, path, make_body, headers, status, param):
+    raw = make_body()
+    headers = {
+        "Authorization": f"Bearer {server.demo.keys['acme']}",
+        "Content-Type": "application/json",
+    } | headers
+
+    async def send():
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session,
+            session.post(server.url + path, data=raw, headers=headers) as response,
+        ):
+            return response.status, await response.json(content_type=None)
+
+    async def send_two_at_once():  # bodies that arrive together must not stall the loop together
+        return await asyncio.gather(send(), send())
+
+    with no_loop_stall(server.demo):
+        rounds = asyncio.run(served_meanwhile(server, repeatedly(send_two_at_once)))
+    for got_status, body in (result for results in rounds for result in results):
+        assert got_status == status, body
+        assert_openai_error(body, param)
+
+
+def _request(head: bytes, body: bytes = b"", key: str = "") -> bytes:
+    auth = b"Authorization: Bearer " + key.encode() + b"\r\n" if key else b""
+    return head + b"\r\nHost: lorabox\r\n" + auth + b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+
+CHUNKED = (
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nAuthorization: Bearer "
+)
+
+# (id, request bytes given the acme key, status): what aiohttp's own parser refuses, and headers.
+HOSTILE_REQUESTS = [
+    ("100KB-path", lambda key: _request(b"GET /" + b"a" * 100_000 + b" HTTP/1.1"), 414),
+    ("20KB-header", lambda key: _request(b"GET /healthz HTTP/1.1\r\nX-Big: " + b"a" * 20_000), 431),
+    ("200-headers", lambda key: _request(b"GET /healthz HTTP/1.1" + b"\r\nX-A: 1" * 200), 431),
+    ("bad-request-line", lambda key: b"GET / HTTP/9.9 extra\r\n\r\n", 400),
+    ("tls-client-hello", lambda key: b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(64), 400),
+    ("binary", lambda key: bytes(range(256)) * 4, 400),
+    ("nul-in-header", lambda key: _request(b"GET /healthz HTTP/1.1\r\nX-A: a\x00b"), 400),
+    ("two-content-lengths", lambda key: _request(b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 9"),
+     400),
+    ("bad-chunk-size", lambda key: CHUNKED + key.encode() + b"\r\n\r\nzz\r\nabc\r\n0\r\n\r\n", 400),
+    ("request-id-not-utf8", lambda key: _request(b"POST /v1/chat/completions HTTP/1.1\r\nX-Request-ID: \xff",
+     _json(chat_body()), key), 400),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("make_request", "status"),
+    [case[1:] for case in HOSTILE_REQUESTS],
+    ids=[case[0] for case in HOSTILE_REQUESTS],
+)
+def test_malformed_http_gets_an_openai_error_while_others_are_served(server, make_request, status):
+    request = make_request(server.demo.keys["acme"])
+    with no_loop_stall(server.demo):
+        results = asyncio.run(served_meanwhile(server, repeatedly(lambda: raw_exchange(server.url, request))))
+    for got_status, body in results:
+        assert got_status == status, body
+        assert_openai_error(body)
+
+
+async def _stream_text(server, body) -> tuple[str, str | None]:
+    headers = {"Authorization": f"Bearer {server.demo.keys['acme']}"}
+    text, finish = [], None
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(server.url + CHAT, json=body | {"stream": True}, headers=headers) as response,
+    ):
+        assert response.status == 200, await response.text()
+        async for line in response.content:
+            data = line.decode().removeprefix("data: ").strip()
+            if data and data != "[DONE]":
+                choice = json.loads(data)["choices"][0]
+                text.append(choice["delta"].get("content") or "")
+                finish = choice["finish_reason"] or finish
+    return "".join(text), finish
+
+
+def test_longest_stop_strings_allowed_hold_back_and_cut_correctly(server):
+    """Four stop strings of the largest size allowed: one that matches everything generated so
+    far (so all of it is held back until the end), and one that cuts the text. Nothing stalls,
+    and the text is what a plain request gives, cut at the stop."""
+    plain = chat_body(max_tokens=300, temperature=0)
+    full, finish = asyncio.run(_stream_text(server, plain))
+    assert finish == "length"
+    assert len(full) > 100, full
+    holding = (full + "\x00" * 1024)[:1024]  # every generated character could start this one
+    cutting = full[60:70]
+    stops = [holding, "\x01" * 1024, "\x02" * 1024, cutting]
+    with no_loop_stall(server.demo):
+        cut, finish = asyncio.run(served_meanwhile(server, _stream_text(server, plain | {"stop": stops})))
+    assert (cut, finish) == (full[: full.find(cutting)], "stop")
+    held, finish = asyncio.run(_stream_text(server, plain | {"stop": stops[:3]}))
+    assert (held, finish) == (full, "length")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -190,6 +191,18 @@ CHAT_REFUSALS: list[tuple[str, dict[str, Any], str]] = [
     ("stop-5", {"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ("stop-non-string", {"stop": ["a", 1]}, "stop"),
     ("stop-number", {"stop": 5}, "stop"),
+    ("stop-too-long", {"stop": "x" * 1025}, "stop"),
+    ("stop-one-of-list-too-long", {"stop": ["a", "x" * 1025]}, "stop"),
+    ("stop-lone-surrogate", {"stop": ["ok", "\ud800"]}, "stop"),
+    ("model-lone-surrogate", {"model": "acme\udfff"}, "model"),
+    ("user-lone-surrogate", {"user": "u\ud800"}, "user"),
+    ("content-lone-surrogate", {"messages": [{"role": "user", "content": "hi \ud800"}]}, "messages"),
+    (
+        "text-part-lone-surrogate",
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "\udc00"}]}]},
+        "messages",
+    ),
+    ("messages-text-too-long", {"messages": [{"role": "user", "content": "x" * (1 << 19)}] * 3}, "messages"),
     ("stream-yes", {"stream": "yes"}, "stream"),
     ("stream-1", {"stream": 1}, "stream"),
     ("stream_options-without-stream", {"stream_options": {"include_usage": True}}, "stream_options"),
@@ -253,6 +266,10 @@ COMPLETION_REFUSALS: list[tuple[str, Any, str]] = [
     ("nested-token-lists", [[1, 2]], "prompt"),
     ("bool-tokens", [True, False], "prompt"),
     ("float-tokens", [1.0, 2.0], "prompt"),
+    ("lone-surrogate", "Once \ud800", "prompt"),
+    ("lone-surrogate-in-list", ["Once \ud800"], "prompt"),
+    ("text-too-long", "x" * ((1 << 20) + 1), "prompt"),
+    ("too-many-token-ids", [1] * ((1 << 20) + 1), "prompt"),
 ]
 
 
@@ -275,3 +292,23 @@ def test_completion_shares_the_common_checks() -> None:
     assert refused(parse_completion, completion(model="")).param == "model"
     assert refused(parse_completion, completion(echo=True)).param == "echo"
     assert refused(parse_completion, completion(suffix="x")).param == "suffix"
+
+
+def test_request_size_limits_are_inclusive() -> None:
+    parsed = parse_chat(
+        chat(
+            stop=["x" * 1024, "b", "c", "d"],
+            messages=[{"role": "user", "content": "x" * (1 << 19)}] * 2,
+        )
+    )
+    assert [len(s) for s in parsed.options.stop] == [1024, 1, 1, 1]
+    assert len(parse_completion(completion(prompt="x" * (1 << 20))).prompt or "") == 1 << 20
+
+
+def test_surrogate_pairs_are_text() -> None:
+    """A JSON escaped pair is one astral character; only an unpaired half is refused."""
+    body = json.loads('{"model": "acme", "messages": [{"role": "user", "content": "\\ud83c\\udf89"}]}')
+    assert parse_chat(body).messages == [{"role": "user", "content": "🎉"}]
+    error = refused(parse_chat, chat(messages=[*USER, {"role": "user", "content": "ok \ud83c"}]))
+    assert "messages[1].content" in error.message
+    assert "\\ud83c" in error.message

@@ -8,7 +8,13 @@ from typing import Any
 import pytest
 
 from appliance import demo
-from appliance.serving.tokenization import REPLACEMENT_CHAR, PromptError, StopMatcher, TextCodec
+from appliance.serving.tokenization import (
+    REPLACEMENT_CHAR,
+    PromptEncoder,
+    PromptError,
+    StopMatcher,
+    TextCodec,
+)
 
 TEXTS = [
     "héllo ✓ 漢字 🎉",
@@ -229,32 +235,81 @@ def test_no_stops_is_passthrough() -> None:
     assert matcher.flush() == ""
 
 
-def _no_substrings(stops: list[str]) -> bool:
-    return not any(a != b and a in b for a in stops for b in stops)
+def reference_cut(stops: tuple[str, ...], text: str) -> tuple[str, bool]:
+    """Where checking after every character would cut: the first end of a stop string (the longest
+    of those ending there)."""
+    for end in range(1, len(text) + 1):
+        ending = [len(s) for s in stops if text[:end].endswith(s)]
+        if ending:
+            return text[: end - max(ending)], True
+    return text, False
 
 
-def test_stops_match_the_whole_text_whatever_the_chunking() -> None:
-    """Any chunking cuts where the earliest stop occurs in the whole text (or not at all).
+def reference_hold(stops: tuple[str, ...], text: str) -> int:
+    """How much of the text's end could still become a stop string."""
+    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
-    Stops that contain one another are left out: for those, the first stop to be *completed*
-    wins, which depends on where chunks end, as with a stop check after every token.
-    """
+
+def random_stops(rng: random.Random) -> tuple[str, ...]:
+    # A small alphabet makes overlaps, repeats and stops inside other stops common.
+    return tuple(
+        "".join(rng.choice("aab ") for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(1, 4))
+    )
+
+
+def test_stops_match_a_reference_whatever_the_chunking() -> None:
+    """After every push, exactly what no stop string can still start in has been released; the
+    cut is where checking after every character would cut, however the text is chunked."""
     rng = seeded(99)
-    checked = 0
-    while checked < 500:
-        stops = [
-            "".join(rng.choice("ab ") for _ in range(rng.randint(1, 3))) for _ in range(rng.randint(1, 3))
-        ]
-        if not _no_substrings(stops):
-            continue
-        text = "".join(rng.choice("ab c") for _ in range(rng.randint(0, 20)))
-        hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-        expected = (text[: min(hits)], True) if hits else (text, False)
-        cuts = sorted(rng.sample(range(len(text) + 1), k=min(len(text) + 1, rng.randint(0, 5))))
+    for _ in range(3000):
+        stops = random_stops(rng)
+        text = "".join(rng.choice("aab c") for _ in range(rng.randint(0, 30)))
+        expected = reference_cut(stops, text)
+        cuts = sorted(rng.sample(range(len(text) + 1), k=min(len(text) + 1, rng.randint(0, 8))))
         chunks = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
-        assert run_stops(tuple(stops), chunks)[:2] == expected, (stops, chunks)
-        assert run_stops(tuple(stops), list(text))[:2] == expected, (stops, text)
-        checked += 1
+        matcher, released, pushed, stopped = StopMatcher(stops), "", "", False
+        for chunk in chunks:
+            out, stopped = matcher.push(chunk)
+            released, pushed = released + out, pushed + chunk
+            if stopped:
+                break
+            assert reference_cut(stops, pushed) == (pushed, False), (stops, chunks)
+            assert released == pushed[: len(pushed) - reference_hold(stops, pushed)], (stops, chunks)
+        if not stopped:
+            released += matcher.flush()
+        assert (released, stopped) == expected, (stops, chunks)
+
+
+def test_long_stop_string_one_character_at_a_time() -> None:
+    """The worst case for a naive hold-back: a long stop string whose prefix keeps almost matching."""
+    stop = "a" * 1023 + "b"
+    text = "a" * 3000 + "b tail"
+    released, stopped, _ = run_stops((stop,), list(text))
+    assert (released, stopped) == ("a" * (3000 - 1023), True)
+    released, stopped, _ = run_stops((stop, "ab"), list(text))
+    assert (released, stopped) == ("a" * (3000 - 1023), True)  # both end at the "b": the longer wins
+
+
+# -- prompts: limits and off the event loop -----------------------------------------------------
+
+
+def test_encoding_stops_at_the_limit(codec: TextCodec) -> None:
+    text = "The quick brown fox jumps over the lazy dog. " * 40
+    messages = [{"role": "user", "content": text}]
+    full_prompt, full_chat = codec.encode_prompt(text), codec.encode_chat(messages)
+    assert codec.encode_prompt(text, limit=7) == full_prompt[:7]
+    assert codec.encode_chat(messages, limit=7) == full_chat[:7]
+    assert codec.encode_prompt(text, limit=10_000) == full_prompt
+    assert codec.encode_chat(messages, limit=10_000) == full_chat
+
+
+async def test_prompt_encoder_gives_the_codecs_ids_small_or_large(codec: TextCodec) -> None:
+    encoder = PromptEncoder(codec, threads=1)
+    for text in ("short ✓", "long ✓ " * 2000):  # in place, and on the pool
+        messages = [{"role": "user", "content": text}]
+        assert await encoder.prompt(text, 100_000) == codec.encode_prompt(text)
+        assert await encoder.chat(messages, 100_000) == codec.encode_chat(messages)
+        assert await encoder.chat(messages, 5) == codec.encode_chat(messages)[:5]
 
 
 # -- chat template ------------------------------------------------------------------------------

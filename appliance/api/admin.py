@@ -20,8 +20,9 @@ from ..errors import AdapterError, ConversionError, StoreError
 from ..gguf import EXPORT_QUANTS
 from ..gguf.export import Exporter, tenant_adapter
 from ..telemetry.gpu import gpu_memory
+from .body import read_json
 from .errors import MAX_BODY_BYTES, APIError, bad_request, openai_errors
-from .openai import SERVICES, Services, read_json
+from .openai import SERVICES, Services
 
 PLAN = web.AppKey("plan", Plan)
 EXPORTER = web.AppKey("exporter", Exporter)
@@ -54,6 +55,7 @@ async def status(request: web.Request) -> web.Response:
             "uptime_s": round(time.time() - services.started_at, 1),
             "engine_stats": dataclasses.asdict(stats) if stats else None,
             "loop_lag": dataclasses.asdict(services.loop_lag.snapshot()),
+            "connections": dataclasses.asdict(services.connections),
         }
     )
 

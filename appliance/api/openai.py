@@ -19,11 +19,13 @@ from ..errors import EngineDead
 from ..serving.catalog import Catalog, ModelNotFound, Target
 from ..serving.generator import ContextTooLong, GenerationResult, Generator
 from ..serving.lifecycle import InFlight, Interrupted, Lifecycle
-from ..serving.tokenization import PromptError, TextCodec
+from ..serving.tokenization import PromptEncoder, PromptError, TextCodec
 from ..telemetry.looplag import LoopLagMonitor
 from ..tenancy.ledger import UsageLedger
 from ..tenancy.store import Store, Tenant
-from .errors import MAX_BODY_BYTES, APIError, bad_request, error_body
+from .body import read_request
+from .connections import ConnectionCounters
+from .errors import APIError, bad_request, error_body
 from .requests import ParsedRequest, check_token_ids, parse_chat, parse_completion
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,11 @@ class Services:
     started_at: float = field(default_factory=time.time)
     loop_lag: LoopLagMonitor = field(default_factory=LoopLagMonitor)
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
+    connections: ConnectionCounters = field(default_factory=ConnectionCounters)
+    encoder: PromptEncoder = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.encoder = PromptEncoder(self.codec)
 
 
 SERVICES = web.AppKey("services", Services)
@@ -75,21 +82,15 @@ def ready_generator(services: Services) -> Generator:
     return services.generator
 
 
-async def read_json(request: web.Request) -> Any:
-    limit = request.app[MAX_BODY_BYTES]
-    if request.content_length is not None and request.content_length > limit:
-        # Refuse before reading a byte of it.
-        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
-    raw = await request.read()
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise bad_request(f"We could not parse the JSON body of your request ({exc}).") from exc
-
-
 def resolve(request: web.Request, services: Services, tenant: Tenant, parsed: ParsedRequest) -> Target:
     # A canary split is sticky per end user (or per client request id) when the client names one.
-    sticky = parsed.user or request.headers.get("X-Request-ID")
+    request_id = request.headers.get("X-Request-ID")
+    if request_id is not None and not request_id.isascii():
+        try:
+            request_id.encode()
+        except UnicodeEncodeError:  # aiohttp keeps undecodable header bytes as surrogates
+            raise bad_request("The X-Request-ID header is not valid UTF-8.") from None
+    sticky = parsed.user or request_id
     try:
         return services.catalog.resolve(tenant, parsed.model, sticky)
     except ModelNotFound as exc:
@@ -100,10 +101,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES]
     tenant = authenticate(request, services)
     generator = ready_generator(services)
-    parsed = parse_chat(await read_json(request))
+    parsed = await read_request(request, parse_chat)
     target = resolve(request, services, tenant, parsed)
     try:
-        prompt_ids = services.codec.encode_chat(parsed.messages or [])
+        prompt_ids = await services.encoder.chat(parsed.messages or [], generator.max_model_len)
     except PromptError as exc:
         raise bad_request(str(exc), "messages") from exc
     return await _complete(request, services, generator, tenant, target, parsed, prompt_ids, chat=True)
@@ -113,13 +114,13 @@ async def completions(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES]
     tenant = authenticate(request, services)
     generator = ready_generator(services)
-    parsed = parse_completion(await read_json(request))
+    parsed = await read_request(request, parse_completion)
     target = resolve(request, services, tenant, parsed)
     if isinstance(parsed.prompt, list):
-        check_token_ids(parsed.prompt, len(services.codec.tokenizer))
-        prompt_ids = parsed.prompt
+        prompt_ids = parsed.prompt[: generator.max_model_len]  # as for text: past it, too long anyway
+        check_token_ids(prompt_ids, len(services.codec.tokenizer))
     else:
-        prompt_ids = services.codec.encode_prompt(parsed.prompt or "")
+        prompt_ids = await services.encoder.prompt(parsed.prompt or "", generator.max_model_len)
     return await _complete(request, services, generator, tenant, target, parsed, prompt_ids, chat=False)
 
 

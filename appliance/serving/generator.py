@@ -54,13 +54,16 @@ class Generator:
         self.max_model_len = max_model_len
 
     def budget(self, prompt_ids: list[int], max_tokens: int | None) -> int:
-        """The max_tokens to run with; raises ContextTooLong when prompt + max_tokens won't fit."""
+        """The max_tokens to run with; raises ContextTooLong when prompt + max_tokens won't fit.
+
+        A prompt encoded up to `max_model_len` ids only (see PromptEncoder) may be longer still."""
         room = self.max_model_len - len(prompt_ids)
         if room < 1 or (max_tokens is not None and max_tokens > room):
             asked = f" + {max_tokens} completion tokens" if max_tokens is not None else ""
+            count = f"at least {self.max_model_len}" if room < 1 else str(len(prompt_ids))
             raise ContextTooLong(
                 f"This model's maximum context length is {self.max_model_len} tokens; the request has "
-                f"{len(prompt_ids)} prompt tokens{asked}. Shorten the prompt or lower max_tokens."
+                f"{count} prompt tokens{asked}. Shorten the prompt or lower max_tokens."
             )
         return max_tokens if max_tokens is not None else room
 

@@ -58,10 +58,13 @@ class LocalServer:
         timeout_s: float = 300,
         kv_cache_gib: int = 1,
         env: dict[str, str] | None = None,
+        settings: dict[str, object] | None = None,
     ) -> LocalServer:
-        """`env` adds to (or overrides) the environment, e.g. `LORABOX_ENGINE` or `PYTHONPATH`."""
+        """`settings` override the config file's, as LORABOX_<NAME> environment variables; `env`
+        adds to (or overrides) the environment, e.g. `LORABOX_ENGINE` or `PYTHONPATH`."""
         port = free_port()
         environment = {k: v for k, v in os.environ.items() if not k.startswith("LORABOX_")}
+        environment |= {f"LORABOX_{name.upper()}": str(value) for name, value in (settings or {}).items()}
         environment |= {
             "LORABOX_PORT": str(port),
             "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
