@@ -270,19 +270,19 @@ def test_malformed_http_gets_an_openai_error_while_others_are_served(server, mak
         assert_openai_error(body)
 
 
-async def _stream_text(server, body) -> tuple[str, str | None]:
+async def _stream_text(server, body, path=CHAT) -> tuple[str, str | None]:
     headers = {"Authorization": f"Bearer {server.demo.keys['acme']}"}
     text, finish = [], None
     async with (
         aiohttp.ClientSession() as session,
-        session.post(server.url + CHAT, json=body | {"stream": True}, headers=headers) as response,
+        session.post(server.url + path, json=body | {"stream": True}, headers=headers) as response,
     ):
         assert response.status == 200, await response.text()
         async for line in response.content:
             data = line.decode().removeprefix("data: ").strip()
             if data and data != "[DONE]":
                 choice = json.loads(data)["choices"][0]
-                text.append(choice["delta"].get("content") or "")
+                text.append(choice["delta"].get("content") or "" if "delta" in choice else choice["text"])
                 finish = choice["finish_reason"] or finish
     return "".join(text), finish
 
@@ -291,15 +291,18 @@ def test_longest_stop_strings_allowed_hold_back_and_cut_correctly(server):
     """Four stop strings of the largest size allowed: one that matches everything generated so
     far (so all of it is held back until the end), and one that cuts the text. Nothing stalls,
     and the text is what a plain request gives, cut at the stop."""
-    plain = chat_body(max_tokens=300, temperature=0)
-    full, finish = asyncio.run(_stream_text(server, plain))
+    # A plain-text prompt: the demo model continues it for as long as it is let (its chats end).
+    plain = {"model": "acme", "prompt": "The quick brown fox", "max_tokens": 120, "temperature": 0}
+    full, finish = asyncio.run(_stream_text(server, plain, COMPLETIONS))
     assert finish == "length"
-    assert len(full) > 100, full
+    assert 100 < len(full) < 1024, full  # the holding stop below must be longer than the text
     holding = (full + "\x00" * 1024)[:1024]  # every generated character could start this one
     cutting = full[60:70]
     stops = [holding, "\x01" * 1024, "\x02" * 1024, cutting]
     with no_loop_stall(server.demo):
-        cut, finish = asyncio.run(served_meanwhile(server, _stream_text(server, plain | {"stop": stops})))
+        cut, finish = asyncio.run(
+            served_meanwhile(server, _stream_text(server, plain | {"stop": stops}, COMPLETIONS))
+        )
     assert (cut, finish) == (full[: full.find(cutting)], "stop")
-    held, finish = asyncio.run(_stream_text(server, plain | {"stop": stops[:3]}))
+    held, finish = asyncio.run(_stream_text(server, plain | {"stop": stops[:3]}, COMPLETIONS))
     assert (held, finish) == (full, "length")
