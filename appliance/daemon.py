@@ -19,7 +19,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .adapters.drops import AdapterLimits, BaseModelInfo, scan
+from .adapters.drops import AdapterLimits, BaseModelInfo, tenant_folders
+from .adapters.registry import FolderRegistry, RegistryThread
 from .adapters.residency import Plan, ResidencyTracker, lora_budget_bytes, plan
 from .adapters.versions import VersionManager
 from .adapters.watcher import DropWatcher
@@ -72,7 +73,7 @@ def engine_options(settings: Settings, model_dir: Path) -> EngineOptions:
 
 def plan_residency(settings: Settings, base: BaseModelInfo, model_dir: Path, store: Store) -> Plan:
     """Size the engine's adapter slots so that every tenant's active adapter stays resident."""
-    tenants = {tenant for tenant, _, _ in scan(settings.adapters_dir)}
+    tenants = tenant_folders(settings.adapters_dir)  # one listing: a tenant's folder may be huge
     kept = [r.tenant for r in store.routes() if r.keep_resident]
     memory = gpu_memory()
     gpu_free = None
@@ -104,14 +105,9 @@ def build_app(
     settings = dataclasses.replace(settings, max_loras=sizes.max_loras, max_cpu_loras=sizes.max_cpu_loras)
     engine, reason = create_engine(settings.engine, engine_options(settings, model_dir))
     log.info("engine: %s", reason)
-    versions = VersionManager(
-        store,
-        engine,
-        base,
-        AdapterLimits(max_rank=settings.max_lora_rank),
-        settings.adapters_dir,
-        ResidencyTracker(sizes.max_loras, sizes.max_cpu_loras),
-    )
+    limits = AdapterLimits(max_rank=settings.max_lora_rank)
+    registry = RegistryThread(settings.database_path, FolderRegistry(settings.adapters_dir, base, limits))
+    versions = VersionManager(store, engine, registry, ResidencyTracker(sizes.max_loras, sizes.max_cpu_loras))
     services = Services(
         store=store,
         catalog=Catalog(store, versions, settings.base_model_name),
@@ -131,6 +127,7 @@ def build_app(
     app.cleanup_ctx.append(_watch_loop_lag)
     app.cleanup_ctx.append(_run_engine)
     app.cleanup_ctx.append(lambda _app: services.ledger.run())
+    app.on_cleanup.append(lambda _app: registry.close())
     app.on_cleanup.append(lambda _app: _close_store(store))
     return app
 

@@ -235,10 +235,9 @@ class Store:
         ]
         return sorted(found, key=lambda a: (a.tenant, natural_key(a.version)))
 
-    def remove_adapter(self, tenant: str, version: str) -> None:
+    def remove_adapter(self, tenant: str, version: str, *, detail: str = "") -> None:
         self.db.execute("delete from adapter_versions where tenant = ? and version = ?", [tenant, version])
-        self.db.conn.commit()
-        self.record_event("adapter_removed", tenant=tenant, version=version)
+        self.record_event("adapter_removed", tenant=tenant, version=version, detail=detail)
 
     def active_adapter(self, tenant: str) -> AdapterVersion | None:
         """The newest ready version (natural sort)."""
