@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
 import os
 import signal
@@ -149,6 +150,11 @@ async def _run_engine(app: web.Application) -> AsyncIterator[None]:
     async def start() -> None:
         began = time.perf_counter()
         await services.engine.start()
+        # What start-up made (torch, vLLM, the tokenizer: 600,000 objects) lives as long as the
+        # process: out of the collector's sight, or each full collection holds every thread, the
+        # event loop included, for half a second, and allocation-heavy work (a drop of 10,000
+        # folders) brings those on. vLLM's engine core does the same in its process.
+        gc.freeze()
         await versions.sync_all()
         await watcher.start()
         max_len = getattr(services.engine, "max_model_len", None) or 4096
