@@ -91,10 +91,10 @@ class FolderRegistry:
             current[version] = entry
             servable += entry.verdict.state == "ready"
         self._judged[tenant] = current
-        self._write(store, tenant, current, fresh, skipped=len(folders) - len(current))
+        self._write(store, tenant, current, fresh, set(folders))
 
     def _write(
-        self, store: Store, tenant: str, current: dict[str, _Judged], fresh: set[str], skipped: int
+        self, store: Store, tenant: str, current: dict[str, _Judged], fresh: set[str], on_disk: set[str]
     ) -> None:
         refused = [(version, e.verdict) for version, e in current.items() if e.verdict.state != "ready"]
         listed, unlisted = refused[:MAX_LISTED_REFUSALS], refused[MAX_LISTED_REFUSALS:]
@@ -122,9 +122,9 @@ class FolderRegistry:
             if version in fresh or version not in existing
         ]
         for version in sorted(existing - rows.keys()):
-            detail = "" if version not in current else "still on disk; no longer listed (see the summary)"
+            detail = "still on disk; no longer listed (see the summary)" if version in on_disk else ""
             changes.append(functools.partial(store.remove_adapter, tenant, version, detail=detail))
-        summary = _summary(unlisted, skipped)
+        summary = _summary(unlisted, skipped=len(on_disk) - len(current))
         if self._reported.get(tenant, "") != summary:
             self._reported[tenant] = summary
             if summary:
