@@ -136,7 +136,7 @@ class DropWatcher:
         self._observer.schedule(
             _Handler(self._on_event), str(self.adapters_dir), recursive=True, event_filter=CHANGE_EVENTS
         )
-        self._observer.start()
+        await asyncio.to_thread(self._observer.start)  # it adds a watch per folder: thousands, maybe
 
     async def stop(self) -> None:
         """Stop the observer thread, then cancel pending and running work for every tenant."""
