@@ -34,6 +34,7 @@ from appliance.adapters.drops import (
     tenant_folders,
     version_folders,
 )
+from appliance.adapters.pacing import Pacer
 from appliance.adapters.registry import FolderRegistry
 from appliance.adapters.safetensors_header import MAX_ADAPTER_HEADER_BYTES, read_header
 from appliance.errors import AdapterError
@@ -1114,3 +1115,16 @@ def test_rows_of_an_older_daemon_beyond_the_caps_are_removed_in_batches(drop: Dr
     assert len(store.adapters("acme")) == registry.MAX_LISTED_REFUSALS
     commits = [s for s in statements if s.strip().upper() == "COMMIT"]
     assert len(commits) == -(-(480 + 1) // registry.BATCH)  # 480 removals and the summary
+
+
+def test_a_pacer_rests_as_long_as_the_work_ran() -> None:
+    """Background work at half of one CPU: every slice of work is followed by as long a rest."""
+    pace = Pacer(slice_s=0.01)
+    worked = 0.0
+    began = time.perf_counter()
+    while worked < 0.2:
+        step = time.perf_counter()
+        sum(range(2_000))  # a unit of work
+        worked += time.perf_counter() - step
+        pace()
+    assert time.perf_counter() - began >= 2 * worked - 0.011  # the last slice may be unrested

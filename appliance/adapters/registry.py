@@ -43,6 +43,7 @@ from .drops import (
     tenant_folders,
     version_folders,
 )
+from .pacing import Pacer
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +79,11 @@ class FolderRegistry:
         fresh: set[str] = set()
         servable = 0
         tenant_dir = os.path.join(self.adapters_dir, tenant)
+        pace = Pacer()
         for version in sorted(folders, key=natural_key, reverse=True):
             if stopping():
                 return
+            pace()
             if servable >= MAX_SERVABLE and version not in keep:
                 continue
             mark = fingerprint(os.path.join(tenant_dir, version))
