@@ -11,6 +11,7 @@ import socket
 import sqlite3
 import stat
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -1128,3 +1129,33 @@ def test_a_pacer_rests_as_long_as_the_work_ran() -> None:
         worked += time.perf_counter() - step
         pace()
     assert time.perf_counter() - began >= 2 * worked - 0.011  # the last slice may be unrested
+
+
+def test_registry_writes_wait_for_other_writers_instead_of_failing(
+    drop: Drop, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The registry writes from its own connection while the loop's (and the ledger's) write too.
+    Another connection commits between the registry's first read and its first write: with a
+    plain BEGIN that was "database is locked" at once, and the drop was lost."""
+    database = tmp_path / "state.db"
+    store = Store.connect(database)
+    drop.put("acme", "v1")
+    writer: list[threading.Thread] = []
+    real_get = store.get_adapter
+
+    def get_then_another_commits(*args: Any) -> Any:
+        found = real_get(*args)
+        if not writer:
+            thread = threading.Thread(
+                target=lambda: Store.connect(database).record_event("tenant_added", tenant="other")
+            )
+            writer.append(thread)
+            thread.start()
+            thread.join(0.5)  # it commits now, or waits for the registry's transaction to end
+        return found
+
+    monkeypatch.setattr(store, "get_adapter", get_then_another_commits)
+    drop.registry.reconcile(store, "acme")
+    writer[0].join(10)
+    assert active_version(store, "acme") == "v1"
+    assert [e["kind"] for e in store.events()][:2] == ["tenant_added", "adapter_registered"]

@@ -138,7 +138,7 @@ class FolderRegistry:
                     )
                 )
         for start in range(0, len(changes), BATCH):
-            with store.db.atomic():
+            with store.writing():
                 for change in changes[start : start + BATCH]:
                     change()
 

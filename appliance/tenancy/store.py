@@ -123,6 +123,21 @@ class Store:
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the state database {path}: {exc}") from exc
 
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """One transaction that takes the write lock first (BEGIN IMMEDIATE), for a batch of writes
+        from a connection other than the loop's. A plain BEGIN that reads before it writes fails
+        at once with "database is locked" when another connection committed in between (WAL);
+        this one waits its turn (busy_timeout) instead."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            if self.db.conn.in_transaction:  # an error may have ended it already
+                self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
     # -- tenants ------------------------------------------------------------------------------
 
     def add_tenant(self, name: str, *, allow_base_model: bool = False) -> Tenant:
