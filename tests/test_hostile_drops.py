@@ -55,10 +55,13 @@ class Box:
             if e["tenant"] == tenant and e["kind"] == "adapter_refused" and not e["version"]
         ]
 
-    def complete(self, tenant: str) -> str:
-        client = OpenAI(
+    def client(self, tenant: str) -> OpenAI:
+        return OpenAI(
             base_url=self.server.base_url, api_key=self.demo.keys[tenant], max_retries=0, timeout=30
         )
+
+    def complete(self, tenant: str, client: OpenAI | None = None) -> str:
+        client = client or self.client(tenant)
         response = client.completions.create(
             model=tenant, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0
         )
@@ -136,9 +139,10 @@ class Prober:
             response.read()
 
     def _run(self) -> None:
+        client = self.box.client(self.tenant)  # one connection, as a client keeps it
         while not self._stop.is_set():
             self._timed("healthz", self._healthz)
-            text = self._timed("request", lambda: self.box.complete(self.tenant))
+            text = self._timed("request", lambda: self.box.complete(self.tenant, client))
             if text != self.answer:
                 self.wrong.append(text)
             time.sleep(0.02)

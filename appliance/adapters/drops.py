@@ -154,15 +154,21 @@ def fingerprint(folder: str | Path) -> Fingerprint:
 
 
 def judge(
-    tenant: str, version: str, root: Path, base: BaseModelInfo, limits: AdapterLimits
+    tenant: str,
+    version: str,
+    root: Path,
+    base: BaseModelInfo,
+    limits: AdapterLimits,
+    *,
+    real_root: str | None = None,
 ) -> AdapterVersion:
     """The verdict on one version folder: ready, or refused with its reason. Never raises.
 
     A refusal whose names break the contract carries them as `printable` text: it can be an
-    event, never a registry row.
+    event, never a registry row. `real_root`: the adapters directory resolved once for many calls.
     """
     try:
-        return inspect(tenant, version, root, base, limits)
+        return inspect(tenant, version, root, base, limits, real_root=real_root)
     except AdapterError as exc:
         reason = str(exc)
     except OSError as exc:
@@ -178,7 +184,13 @@ def judge(
 
 
 def inspect(
-    tenant: str, version: str, root: Path, base: BaseModelInfo, limits: AdapterLimits
+    tenant: str,
+    version: str,
+    root: Path,
+    base: BaseModelInfo,
+    limits: AdapterLimits,
+    *,
+    real_root: str | None = None,
 ) -> AdapterVersion:
     """Validate `root/tenant/version`; raises AdapterError (or OSError) with why it cannot be served."""
     if not is_tenant_name(tenant):
@@ -187,7 +199,7 @@ def inspect(
         raise AdapterError(f"invalid version folder name {version!r}")
     # Links may not leave the tenant's own folder: not out of the adapters directory, and not
     # into another tenant's adapters either.
-    real_root = _real(root, "the adapters directory")
+    real_root = real_root or _real(root, "the adapters directory")
     tenant_root = _follow(real_root, tenant, "the tenant folder")
     folder = _follow(tenant_root, version, "the version folder")
     if not (_inside(tenant_root, real_root) and _inside(folder, tenant_root)):

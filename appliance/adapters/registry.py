@@ -79,6 +79,7 @@ class FolderRegistry:
         fresh: set[str] = set()
         servable = 0
         tenant_dir = os.path.join(self.adapters_dir, tenant)
+        real_root = os.path.realpath(self.adapters_dir)  # once, not once per version
         pace = Pacer()
         for version in sorted(folders, key=natural_key, reverse=True):
             if stopping():
@@ -89,7 +90,10 @@ class FolderRegistry:
             mark = fingerprint(os.path.join(tenant_dir, version))
             entry = judged.get(version)
             if entry is None or entry.fingerprint != mark:
-                entry = _Judged(mark, judge(tenant, version, self.adapters_dir, self.base, self.limits))
+                verdict = judge(
+                    tenant, version, self.adapters_dir, self.base, self.limits, real_root=real_root
+                )
+                entry = _Judged(mark, verdict)
                 fresh.add(version)
             current[version] = entry
             servable += entry.verdict.state == "ready"
