@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
 import os
 import signal
@@ -27,7 +28,8 @@ from typing import NoReturn
 
 from aiohttp import web
 
-from .adapters.drops import AdapterLimits, BaseModelInfo, scan
+from .adapters.drops import AdapterLimits, BaseModelInfo, tenant_folders
+from .adapters.registry import FolderRegistry, RegistryThread
 from .adapters.residency import Plan, ResidencyTracker, lora_budget_bytes, plan
 from .adapters.versions import VersionManager
 from .adapters.watcher import DropWatcher
@@ -94,7 +96,7 @@ def engine_options(settings: Settings, model_dir: Path) -> EngineOptions:
 
 def plan_residency(settings: Settings, base: BaseModelInfo, model_dir: Path, store: Store) -> Plan:
     """Size the engine's adapter slots so that every tenant's active adapter stays resident."""
-    tenants = {tenant for tenant, _, _ in scan(settings.adapters_dir)}
+    tenants = tenant_folders(settings.adapters_dir)  # one listing: a tenant's folder may be huge
     kept = [r.tenant for r in store.routes() if r.keep_resident]
     memory = gpu_memory()
     gpu_free = None
@@ -126,13 +128,10 @@ def build_app(
     settings = dataclasses.replace(settings, max_loras=sizes.max_loras, max_cpu_loras=sizes.max_cpu_loras)
     selection = select_engine(settings.engine, engine_options(settings, model_dir))
     log.info("engine: %s", selection.reason)
+    limits = AdapterLimits(max_rank=settings.max_lora_rank)
+    registry = RegistryThread(settings.database_path, FolderRegistry(settings.adapters_dir, base, limits))
     versions = VersionManager(
-        store,
-        selection.engine,
-        base,
-        AdapterLimits(max_rank=settings.max_lora_rank),
-        settings.adapters_dir,
-        ResidencyTracker(sizes.max_loras, sizes.max_cpu_loras),
+        store, selection.engine, registry, ResidencyTracker(sizes.max_loras, sizes.max_cpu_loras)
     )
     services = Services(
         store=store,
@@ -161,6 +160,7 @@ def build_app(
     app.cleanup_ctx.append(_watch_loop_lag)
     app.cleanup_ctx.append(_run_engine)
     app.cleanup_ctx.append(lambda _app: services.ledger.run())
+    app.on_cleanup.append(lambda _app: registry.close())
     app.on_cleanup.append(lambda _app: _close_store(store))
     return app
 
@@ -185,6 +185,11 @@ async def _run_engine(app: web.Application) -> AsyncIterator[None]:
         services.engine = versions.engine = services.health.engine = selection.engine
         services.engine_name, services.engine_reason = selection.engine.name, selection.reason
         services.health.start(services.lifecycle.fail)
+        # What start-up made (torch, vLLM, the tokenizer: 600,000 objects) lives as long as the
+        # process: out of the collector's sight, or each full collection holds every thread, the
+        # event loop included, for half a second, and allocation-heavy work (a drop of 10,000
+        # folders) brings those on. vLLM's engine core does the same in its process.
+        gc.freeze()
         await versions.sync_all()
         await watcher.start()
         max_len = getattr(services.engine, "max_model_len", None) or 4096

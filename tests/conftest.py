@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
+import threading
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,3 +185,38 @@ def replay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[AdminRep
     server = AdminReplay("admin.sock").start()
     yield server
     server.stop()
+
+
+@contextmanager
+def tmpfs_dir(fallback: Path) -> Iterator[Path]:
+    """A fresh folder on tmpfs (/dev/shm) where there is one, else `fallback`, for tests that make
+    and remove 10,000 folders: on these VMs' ext4 that takes 7 and 12 s, on tmpfs 0.05 s."""
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+        yield fallback
+        return
+    folder = Path(tempfile.mkdtemp(prefix="lorabox-test-", dir=shm))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def bounded(fn: Callable[..., Any], *args: Any, timeout: float = 10.0) -> Any:
+    """fn(*args) on a daemon thread: the test fails, rather than hangs, if it does not return."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = fn(*args)
+        except BaseException as exc:  # handed to the test below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        pytest.fail(f"{getattr(fn, '__name__', fn)} still running after {timeout} s: a hang")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]

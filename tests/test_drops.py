@@ -2,40 +2,54 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import shutil
+import socket
+import sqlite3
+import stat
 import struct
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlite_utils
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from appliance import demo
+from appliance.adapters import drops, registry
 from appliance.adapters.drops import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     AdapterLimits,
     BaseModelInfo,
     inspect,
-    register_version,
-    scan,
+    judge,
+    tenant_folders,
+    version_folders,
 )
-from appliance.adapters.safetensors_header import read_header
+from appliance.adapters.pacing import Pacer
+from appliance.adapters.registry import FolderRegistry
+from appliance.adapters.safetensors_header import MAX_ADAPTER_HEADER_BYTES, read_header
 from appliance.errors import AdapterError
-from appliance.tenancy.store import Store
+from appliance.tenancy.store import AdapterVersion, Route, Store
+from tests.conftest import bounded, tmpfs_dir
 
 TENANTS = {t.name: t for t in demo.DEMO_TENANTS}
 
 
-def register_all(store: Store, root: Path, base: BaseModelInfo, limits: AdapterLimits) -> list[str]:
-    """What the daemon does for every folder at start-up; returns the labels registered."""
-    registered = (register_version(store, t, v, folder, base, limits, root) for t, v, folder in scan(root))
-    return [adapter.label for adapter in registered if adapter is not None]
+def register_all(registry: FolderRegistry, store: Store) -> list[str]:
+    """What the daemon does for every tenant folder at start-up; returns the labels registered."""
+    for tenant in tenant_folders(registry.adapters_dir):
+        registry.reconcile(store, tenant)
+    return [adapter.label for adapter in store.adapters()]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +69,8 @@ def base(built: Path) -> BaseModelInfo:
 
 @pytest.fixture
 def store() -> Iterator[Store]:
-    store = Store.connect(":memory:")
+    """In memory; usable from the thread `bounded` runs a registration on (one at a time)."""
+    store = Store(sqlite_utils.Database(sqlite3.connect(":memory:", check_same_thread=False)))
     yield store
     store.db.close()
 
@@ -65,6 +80,7 @@ class Drop:
 
     def __init__(self, root: Path, pristine: Path, base: BaseModelInfo):
         self.root, self.pristine, self.base = root, pristine, base
+        self.registry = FolderRegistry(root, base, AdapterLimits())
 
     def put(self, tenant: str = "acme", version: str = "v1", source: str = "acme") -> Path:
         folder = self.root / tenant / version
@@ -72,8 +88,7 @@ class Drop:
         return folder
 
     def inspect(self, tenant: str = "acme", version: str = "v1", limits: AdapterLimits | None = None) -> Any:
-        folder = self.root / tenant / version
-        return inspect(tenant, version, folder, self.base, limits or AdapterLimits(), self.root)
+        return inspect(tenant, version, self.root, self.base, limits or AdapterLimits())
 
     def refusal(self, tenant: str = "acme", version: str = "v1", limits: AdapterLimits | None = None) -> str:
         with pytest.raises(AdapterError) as caught:
@@ -81,7 +96,7 @@ class Drop:
         return str(caught.value)
 
     def register(self, store: Store) -> list[str]:
-        return register_all(store, self.root, self.base, AdapterLimits())
+        return register_all(self.registry, store)
 
 
 @pytest.fixture
@@ -518,12 +533,17 @@ def test_scan_skips_copies_in_progress(drop: Drop) -> None:
         drop.put(tenant, version)
     (drop.root / "acme" / "notes.txt").write_text("not a version")
     (drop.root / "README").write_text("not a tenant")
-    found = [(tenant, version) for tenant, version, _ in scan(drop.root)]
+    found = [
+        (tenant, version)
+        for tenant in tenant_folders(drop.root)
+        for version in version_folders(drop.root, tenant)
+    ]
     assert found == [("acme", "v1")]
 
 
 def test_scan_of_a_missing_directory_is_empty(tmp_path: Path) -> None:
-    assert list(scan(tmp_path / "nope")) == []
+    assert tenant_folders(tmp_path / "nope") == []
+    assert version_folders(tmp_path, "nope") == []
 
 
 # -- register_all -------------------------------------------------------------------------------
@@ -538,7 +558,7 @@ def test_register_all_keeps_the_last_good_version_active(drop: Drop, store: Stor
     torch.save({"w": torch.zeros(1)}, pickled / "adapter_model.bin")
     drop.put("globex", "v1", source="globex")
 
-    assert drop.register(store) == ["acme@v1", "acme@v10", "acme@v2", "globex@v1"]
+    assert drop.register(store) == ["acme@v1", "acme@v2", "acme@v10", "globex@v1"]
     states = {a.label: (a.state, a.reason) for a in store.adapters()}
     assert states["acme@v1"] == ("ready", "")
     assert states["acme@v2"][0] == "refused"
@@ -574,3 +594,568 @@ def test_register_all_picks_up_a_fixed_version(drop: Drop, store: Store) -> None
     active = store.active_adapter("acme")
     assert active is not None
     assert (active.version, active.state, active.reason) == ("v2", "ready", "")
+
+
+# -- filesystem oddities: each one a refusal with a reason, never an exception, never a hang ------
+
+
+def verdict(drop: Drop, tenant: str = "acme", version: str = "v1") -> AdapterVersion:
+    return bounded(judge, tenant, version, drop.root, drop.base, AdapterLimits())
+
+
+def refused_because(drop: Drop, tenant: str = "acme", version: str = "v1") -> str:
+    found = verdict(drop, tenant, version)
+    assert found.state == "refused", found
+    assert found.reason
+    return found.reason
+
+
+def make_socket(path: Path) -> None:
+    """A Unix socket at `path` (bound relative to its folder: socket paths are short)."""
+    sock = socket.socket(socket.AF_UNIX)
+    cwd = Path.cwd()
+    os.chdir(path.parent)
+    try:
+        sock.bind(path.name)
+    finally:
+        os.chdir(cwd)
+        sock.close()
+
+
+def make_device(path: Path) -> None:
+    try:
+        os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(1, 3))  # what /dev/null is
+    except PermissionError:
+        pytest.skip("creating a device node needs CAP_MKNOD")
+
+
+ODD_MEMBERS: dict[str, tuple[Callable[[Path], None], str]] = {
+    "loop": (lambda path: path.symlink_to(path.name), "is a symbolic link loop"),
+    "two-link-loop": (
+        lambda path: (path.symlink_to("other"), (path.parent / "other").symlink_to(path.name)),
+        "is a symbolic link loop",
+    ),
+    "dangling-link": (lambda path: path.symlink_to("nowhere"), "is missing or a link to nothing"),
+    "fifo": (os.mkfifo, "is a FIFO, not a regular file"),
+    "link-to-fifo": (
+        lambda path: (os.mkfifo(path.parent / "pipe"), path.symlink_to("pipe")),
+        "is a FIFO, not a regular file",
+    ),
+    "socket": (make_socket, "is a socket, not a regular file"),
+    "device": (make_device, "is a character device, not a regular file"),
+    "folder": (Path.mkdir, "is a folder, not a regular file"),
+}
+
+
+@pytest.mark.parametrize("member", [WEIGHTS_FILE, CONFIG_FILE])
+@pytest.mark.parametrize("oddity", sorted(ODD_MEMBERS))
+def test_odd_files_are_refused_unopened(drop: Drop, store: Store, member: str, oddity: str) -> None:
+    make, reason = ODD_MEMBERS[oddity]
+    path = drop.put() / member
+    path.unlink()
+    make(path)
+    assert refused_because(drop) == f"{member} {reason}"
+    drop.put("globex", "v1", source="globex")
+    assert bounded(drop.register, store) == ["acme@v1", "globex@v1"]
+    assert state_of(store, "acme", "v1") == "refused"
+    assert state_of(store, "globex", "v1") == "ready"
+
+
+ODD_FOLDERS: dict[str, tuple[Callable[[Path], None], str]] = {
+    "loop": (lambda path: path.symlink_to(path.name), "the version folder is a symbolic link loop"),
+    "two-link-loop": (
+        lambda path: (path.symlink_to("v9"), (path.parent / "v9").symlink_to(path.name)),
+        "the version folder is a symbolic link loop",
+    ),
+    "dangling-link": (
+        lambda path: path.symlink_to("nowhere"),
+        "the version folder is missing or a link to nothing",
+    ),
+}
+
+
+@pytest.mark.parametrize("oddity", sorted(ODD_FOLDERS))
+def test_odd_version_folders_are_refused(drop: Drop, store: Store, oddity: str) -> None:
+    make, reason = ODD_FOLDERS[oddity]
+    drop.put("acme", "v1")
+    make(drop.root / "acme" / "v2")
+    assert "v2" in version_folders(drop.root, "acme")
+    assert refused_because(drop, "acme", "v2") == reason
+    bounded(drop.register, store)
+    assert state_of(store, "acme", "v2") == "refused"
+    assert active_version(store, "acme") == "v1"
+
+
+def test_a_tenant_folder_that_loops_is_refused_with_an_event(drop: Drop, store: Store) -> None:
+    drop.put("globex", "v1", source="globex")
+    (drop.root / "acme").symlink_to("acme")
+    assert "acme" in tenant_folders(drop.root)
+    with pytest.raises(AdapterError, match="the tenant folder is a symbolic link loop"):
+        version_folders(drop.root, "acme")
+    assert bounded(drop.register, store) == ["globex@v1"]
+    (event,) = [e for e in store.events() if e["kind"] == "adapter_refused"]
+    assert (event["tenant"], event["detail"]) == ("acme", "the tenant folder is a symbolic link loop")
+
+
+def test_a_file_where_a_version_folder_belongs_is_not_a_version(drop: Drop) -> None:
+    (drop.root / "acme").mkdir()
+    (drop.root / "acme" / "v1").write_text("not a folder")
+    os.mkfifo(drop.root / "acme" / "v2")
+    assert version_folders(drop.root, "acme") == []
+
+
+def test_a_fifo_swapped_in_after_the_check_cannot_hang(drop: Drop, monkeypatch: pytest.MonkeyPatch) -> None:
+    """lstat says "regular file" (the file was one then); the FIFO is what the open meets."""
+    weights = drop.put() / WEIGHTS_FILE
+    regular = weights.with_name("regular")
+    weights.rename(regular)
+    os.mkfifo(weights)
+    real_lstat = os.lstat
+
+    def lstat_before_the_swap(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        return real_lstat(regular if Path(path) == weights else path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "lstat", lstat_before_the_swap)
+    assert refused_because(drop) == f"{WEIGHTS_FILE} changed while being read (no longer a regular file)"
+
+
+def test_a_link_swapped_in_after_the_check_is_not_followed(
+    drop: Drop, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    weights = drop.put() / WEIGHTS_FILE
+    regular = weights.with_name("regular")
+    weights.rename(regular)
+    outside = tmp_path / "outside.safetensors"
+    shutil.copy(regular, outside)
+    weights.symlink_to(outside)
+    real_lstat = os.lstat
+    monkeypatch.setattr(
+        os, "lstat", lambda path, *a, **k: real_lstat(regular if Path(path) == weights else path, *a, **k)
+    )
+    assert refused_because(drop) == f"{WEIGHTS_FILE} changed while being read"
+
+
+def test_a_file_cut_while_it_is_hashed_is_refused(drop: Drop, monkeypatch: pytest.MonkeyPatch) -> None:
+    weights = drop.put() / WEIGHTS_FILE
+    real_parse = drops.parse_header
+
+    def parse_then_cut(*args: Any) -> Any:
+        header = real_parse(*args)
+        os.truncate(weights, weights.stat().st_size // 2)  # a writer truncates the file mid-read
+        return header
+
+    monkeypatch.setattr(drops, "parse_header", parse_then_cut)
+    assert refused_because(drop) == f"{WEIGHTS_FILE} changed while being read"
+
+
+def test_a_file_replaced_while_it_is_read_gives_the_verdict_on_what_was_opened(
+    drop: Drop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replaced by rename mid-read: the open file is still the old one, judged whole; the new one
+    has a new fingerprint, so the next sync judges it too."""
+    folder = drop.put()
+    before = drops.fingerprint(folder)
+    expected = drop.inspect().sha256
+    real_parse = drops.parse_header
+
+    def parse_then_replace(*args: Any) -> Any:
+        header = real_parse(*args)
+        replacement = folder / ".new"
+        replacement.write_bytes(b"garbage")
+        replacement.rename(folder / WEIGHTS_FILE)
+        return header
+
+    monkeypatch.setattr(drops, "parse_header", parse_then_replace)
+    found = verdict(drop)
+    assert (found.state, found.sha256) == ("ready", expected)
+    assert drops.fingerprint(folder) != before
+
+
+def test_files_vanishing_before_the_open_are_refused(drop: Drop, monkeypatch: pytest.MonkeyPatch) -> None:
+    weights = drop.put() / WEIGHTS_FILE
+    real_open = os.open
+
+    def vanish_then_open(path: Any, *args: Any, **kwargs: Any) -> int:
+        if Path(path) == weights:
+            weights.unlink()
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", vanish_then_open)
+    assert refused_because(drop) == f"{WEIGHTS_FILE} changed while being read"
+
+
+def test_a_version_folder_gone_before_it_is_judged_is_refused(drop: Drop) -> None:
+    shutil.rmtree(drop.put())
+    assert refused_because(drop) == "the version folder is missing or a link to nothing"
+
+
+class Denied:
+    """Permission denied, as mode 000 gives it to an unprivileged user (root reads anything, and the
+    suite may run as root): for a folder its listing and everything below it, for a file its open."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.paths: set[Path] = set()
+        for name in ("open", "lstat", "stat", "scandir", "listdir"):
+            real = getattr(os, name)
+            monkeypatch.setattr(os, name, self._guard(name, real))
+
+    def __call__(self, path: Path) -> None:
+        self.paths.add(path)
+
+    def _denied(self, name: str, path: Path) -> bool:
+        if any(denied in path.parents for denied in self.paths):
+            return True
+        return path in self.paths and (name in ("scandir", "listdir") or (name == "open" and path.is_file()))
+
+    def _guard(self, name: str, real: Callable[..., Any]) -> Callable[..., Any]:
+        def guarded(path: Any = ".", *args: Any, **kwargs: Any) -> Any:
+            if isinstance(path, (str, os.PathLike)) and self._denied(name, Path(os.path.abspath(path))):
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return real(path, *args, **kwargs)
+
+        return guarded
+
+
+@pytest.mark.parametrize(
+    ("denied", "reason"),
+    [
+        (WEIGHTS_FILE, f"{WEIGHTS_FILE}: permission denied"),
+        (CONFIG_FILE, f"{CONFIG_FILE}: permission denied"),
+        ("", f"{WEIGHTS_FILE}: permission denied"),  # the version folder itself
+    ],
+    ids=["weights", "config", "folder"],
+)
+def test_permission_denied_is_refused(
+    drop: Drop, store: Store, monkeypatch: pytest.MonkeyPatch, denied: str, reason: str
+) -> None:
+    folder = drop.put()
+    Denied(monkeypatch)(folder / denied if denied else folder)
+    assert refused_because(drop) == reason
+    bounded(drop.register, store)
+    assert state_of(store, "acme", "v1") == "refused"
+
+
+def test_an_unreadable_tenant_folder_keeps_its_registered_versions(
+    drop: Drop, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unreadable is not empty: what was registered stays (and serves), and an event says why."""
+    drop.put("acme", "v1")
+    drop.register(store)
+    Denied(monkeypatch)(drop.root / "acme")
+    for _ in range(2):
+        assert bounded(drop.register, store) == ["acme@v1"]
+    assert active_version(store, "acme") == "v1"
+    refusals = [e for e in store.events() if e["kind"] == "adapter_refused"]
+    assert [(e["tenant"], e["detail"]) for e in refusals] == [
+        ("acme", "the tenant folder: permission denied")
+    ]
+
+
+def test_an_unreadable_adapters_directory_lists_nothing(drop: Drop, monkeypatch: pytest.MonkeyPatch) -> None:
+    drop.put()
+    Denied(monkeypatch)(drop.root)
+    assert tenant_folders(drop.root) == []
+
+
+def test_huge_sparse_files_are_refused_by_size_without_reading_them(drop: Drop) -> None:
+    folder = drop.put()
+    os.truncate(folder / CONFIG_FILE, 64 << 30)
+    assert refused_because(drop) == f"{CONFIG_FILE} is larger than {drops.MAX_CONFIG_BYTES} bytes"
+    drop.put("acme", "v2")
+    os.truncate(drop.root / "acme" / "v2" / WEIGHTS_FILE, 3 << 30)
+    assert "the limit is" in refused_because(drop, "acme", "v2")
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b'{"a":' * 150_000 + b"1" + b"}" * 150_000, "not valid JSON (RecursionError)"),
+        (b'{"peft_type": "LORA", "r": ' + b"9" * 5000 + b"}", "not valid JSON (ValueError)"),
+        (b'{"peft_type": "' + b"x" * 900_000 + b'"}', "peft_type must be LORA, not 'xxxx"),
+    ],
+    ids=["nested", "huge-int", "huge-string"],
+)
+def test_hostile_configs_are_refused_with_a_short_reason(drop: Drop, content: bytes, reason: str) -> None:
+    (drop.put() / CONFIG_FILE).write_bytes(content)
+    refusal = refused_because(drop)
+    assert reason in refusal
+    assert len(refusal) <= drops.MAX_REASON_CHARS
+
+
+def weights_with_header(folder: Path, header: bytes, data: bytes = b"") -> None:
+    (folder / WEIGHTS_FILE).write_bytes(struct.pack("<Q", len(header)) + header + data)
+
+
+@pytest.mark.parametrize(
+    ("header", "reason"),
+    [
+        (b" " * (MAX_ADAPTER_HEADER_BYTES + 1), "safetensors header too large"),
+        (b"[" * 200_000 + b"]" * 200_000, "not a safetensors file (RecursionError"),
+        (b'{"t": {"dtype": "F32", "shape": [' + b"9" * 5000 + b'], "data_offsets": [0, 4]}}', "(ValueError"),
+        (
+            json.dumps({"t": {"dtype": "U8", "shape": [1] * 1000, "data_offsets": [0, 1]}}).encode(),
+            "malformed entry for tensor 't'",
+        ),
+        (json.dumps({"t" * 500_000: {"dtype": "U8"}}).encode(), "malformed entry for tensor 'tttt"),
+    ],
+    ids=["over-the-cap", "nested", "huge-int", "many-dimensions", "huge-name"],
+)
+def test_hostile_headers_are_refused_with_a_short_reason(drop: Drop, header: bytes, reason: str) -> None:
+    weights_with_header(drop.put(), header, b"\0")
+    refusal = refused_because(drop)
+    assert reason in refusal
+    assert len(refusal) <= drops.MAX_REASON_CHARS
+
+
+def test_the_worst_header_under_the_cap_is_parsed_quickly(drop: Drop) -> None:
+    """A million tiny JSON values just under the cap: parsed (and refused) in well under a second,
+    which bounds how long a header can hold the interpreter (and so the event loop) at all."""
+    entries = (MAX_ADAPTER_HEADER_BYTES - 2) // 10
+    header = ("{" + ",".join(f'"{i:05x}":0' for i in range(entries)) + "}").encode()
+    assert len(header) <= MAX_ADAPTER_HEADER_BYTES
+    weights_with_header(drop.put(), header)
+    began = time.perf_counter()
+    assert "malformed entry" in refused_because(drop)
+    assert time.perf_counter() - began < 2.0
+
+
+@pytest.mark.parametrize(
+    "raw_name",
+    [b"v\xff", b"v1\nforged event", b"v\x1b[31m", b"\xe2\x80\xae1v", "v" * 200],
+    ids=["not-utf8", "newline", "escape", "bidi", "too-long"],
+)
+def test_odd_version_names_are_refused_printably(drop: Drop, store: Store, raw_name: bytes | str) -> None:
+    name = os.fsdecode(raw_name)
+    shutil.copytree(drop.pristine / "acme", drop.root / "acme" / name)
+    drop.put("acme", "v1")
+    assert bounded(drop.register, store) == ["acme@v1"]
+    (event,) = [e for e in store.events() if e["kind"] == "adapter_refused"]
+    assert event["version"] == drops.printable(name)
+    assert event["version"].isprintable()
+    assert len(event["version"]) <= 64
+    assert "invalid version folder name" in event["detail"]
+
+
+def test_odd_tenant_names_are_refused_printably(drop: Drop, store: Store) -> None:
+    shutil.copytree(drop.pristine / "acme", drop.root / os.fsdecode(b"ac\xffme\n") / "v1")
+    assert bounded(drop.register, store) == []
+    (event,) = [e for e in store.events() if e["kind"] == "adapter_refused"]
+    assert event["tenant"] == "ac\\udcffme\\n"
+    assert "invalid tenant folder name" in event["detail"]
+
+
+def test_an_unexpected_error_costs_one_version_not_the_caller(
+    drop: Drop, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: Any) -> Any:
+        raise ZeroDivisionError("a bug")
+
+    drop.put("acme", "v1")
+    monkeypatch.setattr(drops, "_check_config", broken)
+    assert refused_because(drop) == "could not be inspected (ZeroDivisionError)"
+
+
+def test_fingerprints_never_raise_and_see_a_replacement_of_equal_size_and_time(drop: Drop) -> None:
+    folder = drop.put()
+    weights = folder / WEIGHTS_FILE
+    before = drops.fingerprint(folder)
+    times = weights.stat()
+    copy = folder / ".copy"  # what rsync does: a temporary file renamed over the old one
+    shutil.copy(weights, copy)
+    os.utime(copy, ns=(times.st_atime_ns, times.st_mtime_ns))
+    copy.rename(weights)
+    assert drops.fingerprint(folder) != before
+    weights.unlink()
+    weights.symlink_to(weights.name)
+    looped = drops.fingerprint(folder)
+    assert looped != before
+    assert drops.fingerprint(drop.root / "acme" / "nope") != looped
+
+
+def test_every_oddity_at_once_leaves_the_good_versions_serving(drop: Drop, store: Store) -> None:
+    """One sweep over a folder holding all of the above, as at start-up: nothing raises or hangs."""
+    drop.put("acme", "v1")
+    drop.put("globex", "v1", source="globex")
+    os.mkfifo(drop.put("acme", "v2") / "fifo-unused")
+    fifo = drop.put("acme", "v3") / WEIGHTS_FILE
+    fifo.unlink()
+    os.mkfifo(fifo)
+    looped = drop.put("acme", "v4") / WEIGHTS_FILE
+    looped.unlink()
+    looped.symlink_to(looped.name)
+    (drop.root / "acme" / "v5").symlink_to("v5")
+    (drop.root / "acme" / "v6").mkdir()
+    (drop.root / "loop").symlink_to("loop")
+    (drop.root / "initech").mkdir()
+    os.mkfifo(drop.root / "initech" / "v1")
+    shutil.copytree(drop.pristine / "acme", drop.root / "acme" / os.fsdecode(b"v\xff"))
+    assert bounded(drop.register, store) == [
+        "acme@v1",
+        "acme@v2",
+        "acme@v3",
+        "acme@v4",
+        "acme@v5",
+        "acme@v6",
+        "globex@v1",
+    ]
+    assert active_version(store, "acme") == "v2"  # a stray FIFO beside the files is not read
+    assert active_version(store, "globex") == "v1"
+    reasons = {a.version: a.reason for a in store.adapters("acme") if a.state == "refused"}
+    assert reasons == {
+        "v3": f"{WEIGHTS_FILE} is a FIFO, not a regular file",
+        "v4": f"{WEIGHTS_FILE} is a symbolic link loop",
+        "v5": "the version folder is a symbolic link loop",
+        "v6": f"missing {WEIGHTS_FILE}",
+    }
+
+
+# -- the registry: what thousands of folders may cost -------------------------------------------
+
+
+def empty_versions(tenant_dir: Path, count: int, first: int = 2) -> None:
+    for index in range(first, first + count):
+        (tenant_dir / f"v{index}").mkdir(parents=True)
+
+
+@pytest.fixture
+def big_drop(tmp_path: Path, built: Path, base: BaseModelInfo) -> Iterator[Drop]:
+    """A drop folder where 10,000 folders are quick to make."""
+    with tmpfs_dir(tmp_path) as scratch:
+        root = scratch / "adapters"
+        root.mkdir()
+        yield Drop(root, built / "pristine", base)
+
+
+def test_ten_thousand_empty_versions_are_twenty_rows_and_one_event(big_drop: Drop, store: Store) -> None:
+    drop = big_drop
+    drop.put("acme", "v1")
+    drop.put("globex", "v1", source="globex")
+    empty_versions(drop.root / "acme", 10_000)
+    began = time.perf_counter()
+    bounded(drop.register, store, timeout=60)
+    took = time.perf_counter() - began
+
+    acme = store.adapters("acme")
+    refused = [a.version for a in acme if a.state == "refused"]
+    assert refused == [f"v{i}" for i in range(9_982, 10_002)]  # the newest 20
+    assert all(a.reason == f"missing {WEIGHTS_FILE}" for a in acme if a.state == "refused")
+    assert active_version(store, "acme") == "v1"
+    assert active_version(store, "globex") == "v1"
+    events = store.events(limit=1000)
+    assert len([e for e in events if e["kind"] == "adapter_refused"]) == 21
+    (summary,) = [e for e in events if e["kind"] == "adapter_refused" and not e["version"]]
+    assert summary["tenant"] == "acme"
+    assert summary["detail"].startswith("9980 more refused version folders not listed")
+    assert f"v2: missing {WEIGHTS_FILE}" in summary["detail"]
+    assert took < 30, f"{took:.1f} s"  # measured about 1 s on two busy cores
+
+    # Nothing changed: nothing is judged again, nothing is written.
+    began = time.perf_counter()
+    bounded(drop.register, store, timeout=60)
+    assert store.events(limit=1000) == events
+
+    # One more junk folder: the summary says so, once; the listed rows move with the newest.
+    empty_versions(drop.root / "acme", 1, first=10_002)
+    drop.register(store)
+    new = store.events(limit=5)
+    assert [e["kind"] for e in new[:3]] == ["adapter_refused", "adapter_removed", "adapter_refused"]
+    assert new[0]["detail"].startswith("9981 more refused")
+    assert "still on disk" in new[1]["detail"]
+    assert new[2]["version"] == "v10002"
+
+    for index in range(2, 10_003):
+        (drop.root / "acme" / f"v{index}").rmdir()
+    bounded(drop.register, store, timeout=60)
+    assert [a.label for a in store.adapters()] == ["acme@v1", "globex@v1"]
+
+
+def test_only_the_newest_servable_versions_are_registered_and_hashed(
+    drop: Drop, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A farm of links to one good adapter: the newest 100 are hashed and listed, plus the version
+    the operator pinned; the rest cost a name each."""
+    drop.put("acme", "v1")
+    for index in range(2, 131):
+        folder = drop.root / "acme" / f"v{index}"
+        folder.mkdir()
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            (folder / name).symlink_to(Path("..") / "v1" / name)
+    store.save_route(Route("acme", pinned_version="v7"))
+    hashed: list[str] = []
+    real_digest = drops._digest
+    monkeypatch.setattr(drops, "_digest", lambda *args: hashed.append("x") or real_digest(*args))
+
+    drop.register(store)
+    listed = [a.version for a in store.adapters("acme")]
+    assert listed == ["v7", *(f"v{i}" for i in range(31, 131))]
+    assert len(hashed) == 101
+    (summary,) = [e for e in store.events() if not e["version"]]
+    assert summary["detail"] == "29 version folders older than the newest 100 servable ones ignored"
+
+
+def test_a_tenant_whose_versions_all_fail_keeps_nothing_but_the_newest_refusals(
+    drop: Drop, store: Store
+) -> None:
+    empty_versions(drop.root / "acme", 30, first=1)
+    drop.register(store)
+    assert len(store.adapters("acme")) == registry.MAX_LISTED_REFUSALS
+    assert active_version(store, "acme") is None
+
+
+def test_rows_of_an_older_daemon_beyond_the_caps_are_removed_in_batches(drop: Drop, store: Store) -> None:
+    """A registry written before the caps (one row per folder) is brought down to them."""
+    empty_versions(drop.root / "acme", 500, first=1)
+    for index in range(1, 501):
+        store.register_adapter(
+            AdapterVersion("acme", f"v{index}", "/x", "", 0, 0.0, (), 0, "refused", f"missing {WEIGHTS_FILE}")
+        )
+    statements: list[str] = []
+    store.db.conn.set_trace_callback(statements.append)
+    drop.register(store)
+    store.db.conn.set_trace_callback(None)
+    assert len(store.adapters("acme")) == registry.MAX_LISTED_REFUSALS
+    commits = [s for s in statements if s.strip().upper() == "COMMIT"]
+    assert len(commits) == -(-(480 + 1) // registry.BATCH)  # 480 removals and the summary
+
+
+def test_a_pacer_rests_as_long_as_the_work_ran() -> None:
+    """Background work at half of one CPU: every slice of work is followed by as long a rest."""
+    pace = Pacer(slice_s=0.01)
+    worked = 0.0
+    began = time.perf_counter()
+    while worked < 0.2:
+        step = time.perf_counter()
+        sum(range(2_000))  # a unit of work
+        worked += time.perf_counter() - step
+        pace()
+    assert time.perf_counter() - began >= 2 * worked - 0.011  # the last slice may be unrested
+
+
+def test_registry_writes_wait_for_other_writers_instead_of_failing(
+    drop: Drop, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The registry writes from its own connection while the loop's (and the ledger's) write too.
+    Another connection commits between the registry's first read and its first write: with a
+    plain BEGIN that was "database is locked" at once, and the drop was lost."""
+    database = tmp_path / "state.db"
+    store = Store.connect(database)
+    drop.put("acme", "v1")
+    writer: list[threading.Thread] = []
+    real_get = store.get_adapter
+
+    def get_then_another_commits(*args: Any) -> Any:
+        found = real_get(*args)
+        if not writer:
+            thread = threading.Thread(
+                target=lambda: Store.connect(database).record_event("tenant_added", tenant="other")
+            )
+            writer.append(thread)
+            thread.start()
+            thread.join(0.5)  # it commits now, or waits for the registry's transaction to end
+        return found
+
+    monkeypatch.setattr(store, "get_adapter", get_then_another_commits)
+    drop.registry.reconcile(store, "acme")
+    writer[0].join(10)
+    assert active_version(store, "acme") == "v1"
+    assert [e["kind"] for e in store.events()][:2] == ["tenant_added", "adapter_registered"]

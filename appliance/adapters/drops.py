@@ -3,22 +3,33 @@
 Layout: `<adapters_dir>/<tenant>/<version>/{adapter_config.json, adapter_model.safetensors}`.
 Nothing here unpickles, imports or executes anything from an adapter folder: the config is JSON
 and the weights are checked through their safetensors header only.
+
+Whoever drops adapters owns the folder, so every filesystem oddity is to be expected: links that
+loop or lead out, FIFOs, devices, sockets, unreadable files and folders, files replaced or cut
+while they are read, huge headers and configs, names that are not UTF-8. Each one is a refusal,
+with its reason, of that one version; `judge` never raises. Nothing but a regular file is ever
+opened (a FIFO opened for reading waits for a writer: forever), and files are opened non-blocking
+and checked again once open, so a swap between the check and the open cannot hang a thread either.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
 import math
-from collections.abc import Iterator
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from ..errors import AdapterError
 from ..names import is_ignored_name, is_tenant_name, is_version_name
-from ..tenancy.store import AdapterVersion, Store
-from .safetensors_header import read_header
+from ..tenancy.store import AdapterVersion
+from .safetensors_header import MAX_ADAPTER_HEADER_BYTES, parse_header, read_header
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +37,13 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 MAX_CONFIG_BYTES = 1 << 20
+MAX_REASON_CHARS = 400
 PEFT_PREFIX = "base_model.model."
+LEAVES = "is a link that leaves the adapters directory or its tenant's folder"
+# Regular files only, and an open that cannot block or follow a link swapped in after the check.
+OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
+
+Fingerprint = tuple[tuple[int, ...], ...]
 
 
 @dataclass(frozen=True)
@@ -60,79 +77,270 @@ class AdapterLimits:
     max_bytes: int = 2 << 30
 
 
-def scan(adapters_dir: Path) -> Iterator[tuple[str, str, Path]]:
-    """Every (tenant, version, folder) candidate under adapters_dir, copies in progress skipped.
+def printable(name: str) -> str:
+    """A folder name as it can be logged, stored and shown: control characters and bytes that are
+    not UTF-8 escaped (`\\n`, `\\udcff`), and no longer than a name may be."""
+    return repr(name)[1:-1][:64]
 
-    Badly named folders are yielded too, so that they are refused with a reason, not ignored.
+
+# -- finding versions ---------------------------------------------------------------------------
+
+
+def _candidates(folder: Path) -> list[str]:
+    """Names in `folder` that may be tenants or versions: folders, and links that lead nowhere
+    (a loop, a dangling link: refused with that reason, not skipped). Raises OSError."""
+    names = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if is_ignored_name(entry.name):
+                continue
+            try:
+                if entry.is_symlink():  # a link to a folder, or one that cannot be followed
+                    listed = os.path.isdir(entry.path) or not os.path.exists(entry.path)
+                else:
+                    listed = entry.is_dir(follow_symlinks=False)
+            except OSError:  # vanished mid-listing: the next listing decides
+                continue
+            if listed:
+                names.append(entry.name)
+    return sorted(names)
+
+
+def tenant_folders(adapters_dir: Path) -> list[str]:
+    """Every tenant folder in the drop folder, badly named ones included (refused with a reason)."""
+    try:
+        return _candidates(adapters_dir)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            log.error("cannot list the adapters directory %s: %s", adapters_dir, exc)
+        return []
+
+
+def version_folders(adapters_dir: Path, tenant: str) -> list[str]:
+    """The version folders of one tenant, copies in progress left out.
+
+    Raises AdapterError when the tenant's folder exists but cannot be listed.
     """
-    if not adapters_dir.is_dir():
-        return
-    for tenant_dir in sorted(adapters_dir.iterdir()):
-        if not is_ignored_name(tenant_dir.name) and tenant_dir.is_dir():
-            yield from scan_tenant(adapters_dir, tenant_dir.name)
+    if is_ignored_name(tenant) or "/" in tenant or "\0" in tenant:
+        return []
+    try:
+        return _candidates(adapters_dir / tenant)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as exc:
+        raise AdapterError(_why(exc, "the tenant folder")) from exc
 
 
-def scan_tenant(adapters_dir: Path, tenant: str) -> Iterator[tuple[str, str, Path]]:
-    tenant_dir = adapters_dir / tenant
-    if is_ignored_name(tenant) or not tenant_dir.is_dir():
-        return
-    for version_dir in sorted(tenant_dir.iterdir()):
-        if not is_ignored_name(version_dir.name) and version_dir.is_dir():
-            yield tenant, version_dir.name, version_dir
+def fingerprint(folder: str | Path) -> Fingerprint:
+    """What changes when an adapter's files are written, replaced or relinked (and nothing else)."""
+    parts: list[tuple[int, ...]] = []
+    for path in (folder, os.path.join(folder, CONFIG_FILE), os.path.join(folder, WEIGHTS_FILE)):
+        try:
+            link = os.lstat(path)
+        except OSError as exc:
+            parts.append((-1, exc.errno or 0))
+            continue
+        try:
+            target = os.stat(path)
+        except OSError as exc:
+            parts.append((link.st_ino, link.st_ctime_ns, -1, exc.errno or 0))
+            continue
+        identity = (link.st_ino, link.st_ctime_ns, target.st_dev, target.st_ino)
+        parts.append((*identity, target.st_size, target.st_mtime_ns, target.st_ctime_ns))
+    return tuple(parts)
 
 
-def _inside(path: Path, root: Path) -> bool:
-    return path.resolve().is_relative_to(root.resolve())
+# -- judging one version ------------------------------------------------------------------------
+
+
+def judge(
+    tenant: str,
+    version: str,
+    root: Path,
+    base: BaseModelInfo,
+    limits: AdapterLimits,
+    *,
+    real_root: str | None = None,
+) -> AdapterVersion:
+    """The verdict on one version folder: ready, or refused with its reason. Never raises.
+
+    A refusal whose names break the contract carries them as `printable` text: it can be an
+    event, never a registry row. `real_root`: the adapters directory resolved once for many calls.
+    """
+    try:
+        return inspect(tenant, version, root, base, limits, real_root=real_root)
+    except AdapterError as exc:
+        reason = str(exc)
+    except OSError as exc:
+        reason = _why(exc, "the version folder")
+    except Exception as exc:  # a bug here must cost one version, not the daemon
+        log.exception("inspecting adapter %s/%s failed", printable(tenant), printable(version))
+        reason = f"could not be inspected ({type(exc).__name__})"
+    if not (is_tenant_name(tenant) and is_version_name(version)):
+        tenant, version = printable(tenant), printable(version)
+    reason = reason[:MAX_REASON_CHARS]
+    path = os.path.join(root, tenant, version)
+    return AdapterVersion(tenant, version, path, "", 0, 0.0, (), 0, "refused", reason)
 
 
 def inspect(
-    tenant: str, version: str, folder: Path, base: BaseModelInfo, limits: AdapterLimits, root: Path
+    tenant: str,
+    version: str,
+    root: Path,
+    base: BaseModelInfo,
+    limits: AdapterLimits,
+    *,
+    real_root: str | None = None,
 ) -> AdapterVersion:
-    """Validate one version folder; raises AdapterError with the reason it cannot be served."""
+    """Validate `root/tenant/version`; raises AdapterError (or OSError) with why it cannot be served."""
     if not is_tenant_name(tenant):
         raise AdapterError(f"invalid tenant folder name {tenant!r}")
     if not is_version_name(version):
         raise AdapterError(f"invalid version folder name {version!r}")
     # Links may not leave the tenant's own folder: not out of the adapters directory, and not
     # into another tenant's adapters either.
-    tenant_root = root / tenant
-    if not (_inside(tenant_root, root) and _inside(folder, tenant_root)):
-        raise AdapterError("folder is a link that leaves the adapters directory or its tenant's folder")
-    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-    for path in (config_path, weights_path):
-        if path.is_symlink() and not _inside(path, tenant_root):
-            raise AdapterError(
-                f"{path.name} is a link that leaves the adapters directory or its tenant's folder"
-            )
-    if not weights_path.is_file():
-        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if pickled:
-            raise AdapterError(f"pickle weights ({', '.join(pickled)}) are refused; ship {WEIGHTS_FILE}")
-        raise AdapterError(f"missing {WEIGHTS_FILE}")
-    if not config_path.is_file():
-        raise AdapterError(f"missing {CONFIG_FILE}")
-    if config_path.stat().st_size > MAX_CONFIG_BYTES:
-        raise AdapterError(f"{CONFIG_FILE} is larger than {MAX_CONFIG_BYTES} bytes")
-    size = weights_path.stat().st_size
-    if size > limits.max_bytes:
-        raise AdapterError(f"{WEIGHTS_FILE} is {size} bytes; the limit is {limits.max_bytes}")
+    real_root = real_root or _real(root, "the adapters directory")
+    tenant_root = _follow(real_root, tenant, "the tenant folder")
+    folder = _follow(tenant_root, version, "the version folder")
+    if not (_inside(tenant_root, real_root) and _inside(folder, tenant_root)):
+        raise AdapterError(f"folder {LEAVES}")
+    if not stat.S_ISDIR(os.stat(folder).st_mode):
+        raise AdapterError("the version is a file, not a folder")
 
-    config_bytes = config_path.read_bytes()
+    with contextlib.ExitStack() as files:
+        weights = _open_member(folder, WEIGHTS_FILE, tenant_root)
+        if weights is None:
+            pickled = sorted(name for name in _names(folder) if name.endswith(PICKLE_SUFFIXES))
+            if pickled:
+                raise AdapterError(f"pickle weights ({', '.join(pickled)}) are refused; ship {WEIGHTS_FILE}")
+            raise AdapterError(f"missing {WEIGHTS_FILE}")
+        files.enter_context(weights)
+        config_file = _open_member(folder, CONFIG_FILE, tenant_root)
+        if config_file is None:
+            raise AdapterError(f"missing {CONFIG_FILE}")
+        files.enter_context(config_file)
+        config_bytes = config_file.read(MAX_CONFIG_BYTES + 1)
+        if len(config_bytes) > MAX_CONFIG_BYTES:
+            raise AdapterError(f"{CONFIG_FILE} is larger than {MAX_CONFIG_BYTES} bytes")
+        before = os.fstat(weights.fileno())
+        if before.st_size > limits.max_bytes:
+            raise AdapterError(f"{WEIGHTS_FILE} is {before.st_size} bytes; the limit is {limits.max_bytes}")
+
+        rank, alpha, targets = _check_config(config_bytes, base, limits)
+        header = parse_header(weights, before.st_size, WEIGHTS_FILE, MAX_ADAPTER_HEADER_BYTES)
+        _check_tensors(header, base, rank, targets)
+        sha256 = _digest(config_bytes, weights, before)
+    return AdapterVersion(
+        tenant=tenant,
+        version=version,
+        path=folder,
+        sha256=sha256,
+        rank=rank,
+        alpha=float(alpha),
+        target_modules=tuple(sorted(targets)),
+        size_bytes=before.st_size,
+    )
+
+
+def _why(exc: OSError, what: str) -> str:
+    if exc.errno == errno.ELOOP:
+        return f"{what} is a symbolic link loop"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"{what}: permission denied"
+    if exc.errno == errno.ENOENT:
+        return f"{what} is missing or a link to nothing"
+    return f"{what} cannot be read: {exc.strerror or exc}"
+
+
+# Paths below are strings, not pathlib's: these run for every version folder, thousands at once.
+
+
+def _real(path: str | Path, what: str) -> str:
     try:
-        config = json.loads(config_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        return os.path.realpath(path, strict=True)
+    except OSError as exc:
+        raise AdapterError(_why(exc, what)) from exc
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _follow(real_parent: str, name: str, what: str) -> str:
+    """`real_parent/name` with links followed, for a parent already resolved."""
+    path = os.path.join(real_parent, name)
+    try:
+        is_link = stat.S_ISLNK(os.lstat(path).st_mode)
+    except OSError as exc:
+        raise AdapterError(_why(exc, what)) from exc
+    return _real(path, what) if is_link else path
+
+
+def _names(folder: str) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except OSError:
+        return []
+
+
+def _kind(mode: int) -> str:
+    kinds = [
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ]
+    return next((label for test, label in kinds if test(mode)), "not a regular file")
+
+
+def _open_member(folder: str, name: str, tenant_root: str) -> BinaryIO | None:
+    """Open one of the version's files for reading, or None when there is none.
+
+    Links must stay in the tenant's folder; anything but a regular file is refused unopened.
+    """
+    path = os.path.join(folder, name)
+    try:
+        if stat.S_ISLNK(os.lstat(path).st_mode):
+            path = _real(path, name)
+            if not _inside(path, tenant_root):
+                raise AdapterError(f"{name} {LEAVES}")
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise AdapterError(_why(exc, name)) from exc
+    if not stat.S_ISREG(mode):
+        raise AdapterError(f"{name} is {_kind(mode)}, not a regular file")
+    try:
+        fd = os.open(path, OPEN_FLAGS)
+    except OSError as exc:  # ENOENT, ELOOP: it was removed or replaced by a link since the check
+        changed = exc.errno in (errno.ENOENT, errno.ELOOP)
+        raise AdapterError(f"{name} changed while being read" if changed else _why(exc, name)) from exc
+    opened = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        opened.close()
+        raise AdapterError(f"{name} changed while being read (no longer a regular file)")
+    return opened
+
+
+def _check_config(raw: bytes, base: BaseModelInfo, limits: AdapterLimits) -> tuple[int, float, set[str]]:
+    """(rank, alpha, target modules) of a PEFT LoRA config that this engine and base can serve."""
+    try:
+        config = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, a 5,000-digit int, nesting
         raise AdapterError(f"{CONFIG_FILE} is not valid JSON ({type(exc).__name__})") from exc
     if not isinstance(config, dict):
         raise AdapterError(f"{CONFIG_FILE} must be a JSON object")
     if config.get("peft_type") != "LORA":
-        raise AdapterError(f"peft_type must be LORA, not {config.get('peft_type')!r}")
+        raise AdapterError(f"peft_type must be LORA, not {_short(config.get('peft_type'))}")
     rank, alpha = config.get("r"), config.get("lora_alpha", config.get("r"))
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise AdapterError(f"rank r must be a positive integer, not {rank!r}")
+        raise AdapterError(f"rank r must be a positive integer, not {_short(rank)}")
     if rank > limits.max_rank:
         raise AdapterError(f"rank {rank} exceeds the engine's max_lora_rank {limits.max_rank}")
     if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        raise AdapterError(f"lora_alpha must be a finite number, not {alpha!r}")
+        raise AdapterError(f"lora_alpha must be a finite number, not {_short(alpha)}")
     if config.get("use_dora"):
         raise AdapterError("DoRA adapters are not supported")
     if config.get("bias", "none") != "none":
@@ -142,25 +350,17 @@ def inspect(
     targets = config.get("target_modules")
     if isinstance(targets, str) or not isinstance(targets, list) or not targets:
         raise AdapterError("target_modules must be a non-empty list of module names")
-    unknown = sorted(set(map(str, targets)) - base.module_names)
+    names = set(map(str, targets))
+    unknown = sorted(names - base.module_names)
     if unknown:
         raise AdapterError(f"target modules not in the base model: {', '.join(unknown)}")
+    return rank, float(alpha), names
 
-    _check_tensors(read_header(weights_path), base, rank, set(map(str, targets)))
-    digest = hashlib.sha256(config_bytes)
-    with weights_path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return AdapterVersion(
-        tenant=tenant,
-        version=version,
-        path=str(folder.resolve()),
-        sha256=digest.hexdigest(),
-        rank=rank,
-        alpha=float(alpha),
-        target_modules=tuple(sorted(map(str, targets))),
-        size_bytes=size,
-    )
+
+def _short(value: object) -> str:
+    """A config value in a reason: the reason is stored and shown, the value may be a megabyte."""
+    text = repr(value)
+    return text if len(text) <= 160 else text[:160] + "…"
 
 
 def _check_tensors(tensors: dict, base: BaseModelInfo, rank: int, targets: set[str]) -> None:  # type: ignore[type-arg]
@@ -168,15 +368,16 @@ def _check_tensors(tensors: dict, base: BaseModelInfo, rank: int, targets: set[s
         raise AdapterError(f"{WEIGHTS_FILE} holds no tensors")
     pairs: dict[str, set[str]] = {}
     for name, info in tensors.items():
+        label = _short(name)
         stem, _, kind = name.removeprefix(PEFT_PREFIX).rpartition(".lora_")
         if kind not in ("A.weight", "B.weight"):
-            raise AdapterError(f"unexpected tensor {name!r} (only lora_A / lora_B weights are served)")
+            raise AdapterError(f"unexpected tensor {label} (only lora_A / lora_B weights are served)")
         if stem not in base.linear_shapes:
-            raise AdapterError(f"tensor {name!r} targets a layer the base model does not have")
+            raise AdapterError(f"tensor {label} targets a layer the base model does not have")
         out_features, in_features = base.linear_shapes[stem]
         expected = (rank, in_features) if kind == "A.weight" else (out_features, rank)
         if info.shape != expected:
-            raise AdapterError(f"tensor {name!r} has shape {list(info.shape)}, expected {list(expected)}")
+            raise AdapterError(f"tensor {label} has shape {list(info.shape)}, expected {list(expected)}")
         pairs.setdefault(stem, set()).add(kind)
     unpaired = sorted(stem for stem, kinds in pairs.items() if len(kinds) != 2)
     if unpaired:
@@ -188,26 +389,15 @@ def _check_tensors(tensors: dict, base: BaseModelInfo, rank: int, targets: set[s
         )
 
 
-def register_version(
-    store: Store,
-    tenant: str,
-    version: str,
-    folder: Path,
-    base: BaseModelInfo,
-    limits: AdapterLimits,
-    root: Path,
-) -> AdapterVersion | None:
-    """Inspect one version and record the verdict: ready, or refused with its reason.
-
-    Returns None when the names are too broken to be a registry row (an event records why).
-    """
-    try:
-        adapter = inspect(tenant, version, folder, base, limits, root)
-    except (AdapterError, OSError) as exc:
-        log.warning("refused adapter %s/%s: %s", tenant, version, exc)
-        if not (is_tenant_name(tenant) and is_version_name(version)):
-            store.record_event("adapter_refused", tenant=tenant[:64], version=version[:64], detail=str(exc))
-            return None
-        adapter = AdapterVersion(tenant, version, str(folder), "", 0, 0.0, (), 0, "refused", str(exc))
-    store.register_adapter(adapter)
-    return adapter
+def _digest(config_bytes: bytes, weights: BinaryIO, before: os.stat_result) -> str:
+    """SHA-256 of config and weights, read from the file already checked: the same bytes, or a refusal."""
+    digest = hashlib.sha256(config_bytes)
+    weights.seek(0)
+    read = 0
+    while chunk := weights.read(1 << 20):
+        digest.update(chunk)
+        read += len(chunk)
+    after = os.fstat(weights.fileno())
+    if read != before.st_size or (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+        raise AdapterError(f"{WEIGHTS_FILE} changed while being read")
+    return digest.hexdigest()

@@ -1,8 +1,9 @@
 """Which version of each tenant's adapter serves, and switching without dropping a request.
 
 `sync(tenant)` reconciles one tenant's folder with the store and the engine:
-  1. versions whose files changed are inspected again (a copy still in progress is refused as
-     incomplete, then accepted once the file is whole); vanished versions are unregistered;
+  1. the registry (registry.py, off the event loop) judges the versions whose files changed (a
+     copy still in progress is refused as incomplete, then accepted once the file is whole) and
+     unregisters vanished ones;
   2. the desired version is the operator's pin if it is servable, else the newest valid one;
   3. it is loaded into the engine first (warm) and only then made active, so the first request
      after a switch pays no load; the previous version is retired and unloaded once the
@@ -27,39 +28,16 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 from ..engines.base import AdapterRef, Engine
-from ..errors import AdapterError, StoreError
+from ..errors import AdapterError, EngineDead, StoreError
 from ..names import is_tenant_name, natural_key
 from ..tenancy.store import AdapterVersion, Route, Store
-from .drops import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    AdapterLimits,
-    BaseModelInfo,
-    register_version,
-    scan,
-    scan_tenant,
-)
+from .drops import printable
+from .registry import RegistryThread
 from .residency import ResidencyTracker
 
 log = logging.getLogger(__name__)
-
-Fingerprint = tuple[tuple[str, int, int], ...]
-
-
-def fingerprint(folder: Path) -> Fingerprint:
-    """What changes when an adapter's files are written, replaced or relinked."""
-    parts = []
-    for name in ("", CONFIG_FILE, WEIGHTS_FILE):
-        path = folder / name if name else folder
-        try:
-            stat = path.stat()
-            parts.append((str(path.resolve()), stat.st_size, stat.st_mtime_ns))
-        except OSError:
-            parts.append((str(path), -1, -1))
-    return tuple(parts)
 
 
 def _version_of(engine_name: str) -> str:
@@ -76,16 +54,12 @@ class VersionManager:
         self,
         store: Store,
         engine: Engine,
-        base: BaseModelInfo,
-        limits: AdapterLimits,
-        adapters_dir: Path,
+        registry: RegistryThread,
         residency: ResidencyTracker,
     ):
-        self.store, self.engine, self.base, self.limits = store, engine, base, limits
-        self.adapters_dir = adapters_dir
+        self.store, self.engine, self.registry = store, engine, registry
         self.residency = residency
         self.requests_per_version: Counter[tuple[str, str]] = Counter()
-        self._seen: dict[tuple[str, str], Fingerprint] = {}
         self._active: dict[str, AdapterVersion] = {}
         self._canary: dict[str, tuple[AdapterVersion, int]] = {}
         self._loaded: dict[str, AdapterRef] = {}  # engine name → ref, warm in the engine
@@ -135,34 +109,23 @@ class VersionManager:
     # -- reconciling folder, store and engine -------------------------------------------------
 
     async def sync_all(self) -> None:
-        on_disk = {tenant for tenant, _, _ in scan(self.adapters_dir)}
+        """Every tenant on disk, registered or routed; one tenant's failure is not the others'."""
+        on_disk = set(await self.registry.tenants())
         registered = {a.tenant for a in self.store.adapters()}
         routed = {r.tenant for r in self.store.routes()}
         for tenant in sorted(on_disk | registered | routed):
-            await self.sync(tenant)
+            try:
+                await self.sync(tenant)
+            except EngineDead:
+                raise
+            except Exception:
+                log.exception("could not bring tenant %s's adapters up to date", printable(tenant))
 
     async def sync(self, tenant: str) -> None:
         async with self._locks.setdefault(tenant, asyncio.Lock()):
-            self._reconcile_folder(tenant)
+            await self.registry.reconcile(tenant)  # the folder → the registry, off the loop
             if is_tenant_name(tenant):
                 await self._apply_route(tenant)
-
-    def _reconcile_folder(self, tenant: str) -> None:
-        tenant_dir = self.adapters_dir / tenant
-        on_disk = {version: folder for _, version, folder in scan_tenant(self.adapters_dir, tenant)}
-        for version, folder in on_disk.items():
-            current = fingerprint(folder)
-            if self._seen.get((tenant, version)) == current:
-                continue
-            self._seen[(tenant, version)] = current
-            register_version(self.store, tenant, version, folder, self.base, self.limits, self.adapters_dir)
-        if not is_tenant_name(tenant):
-            return
-        for adapter in self.store.adapters(tenant):
-            if adapter.version not in on_disk:
-                log.info("adapter %s is gone from %s", adapter.label, tenant_dir)
-                self._seen.pop((tenant, adapter.version), None)
-                self.store.remove_adapter(tenant, adapter.version)
 
     def _ready(self, tenant: str) -> dict[str, AdapterVersion]:
         return {a.version: a for a in self.store.adapters(tenant) if a.state == "ready"}

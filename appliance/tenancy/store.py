@@ -123,6 +123,21 @@ class Store:
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the state database {path}: {exc}") from exc
 
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """One transaction that takes the write lock first (BEGIN IMMEDIATE), for a batch of writes
+        from a connection other than the loop's. A plain BEGIN that reads before it writes fails
+        at once with "database is locked" when another connection committed in between (WAL);
+        this one waits its turn (busy_timeout) instead."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            if self.db.conn.in_transaction:  # an error may have ended it already
+                self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
     # -- tenants ------------------------------------------------------------------------------
 
     def add_tenant(self, name: str, *, allow_base_model: bool = False) -> Tenant:
@@ -235,10 +250,9 @@ class Store:
         ]
         return sorted(found, key=lambda a: (a.tenant, natural_key(a.version)))
 
-    def remove_adapter(self, tenant: str, version: str) -> None:
+    def remove_adapter(self, tenant: str, version: str, *, detail: str = "") -> None:
         self.db.execute("delete from adapter_versions where tenant = ? and version = ?", [tenant, version])
-        self.db.conn.commit()
-        self.record_event("adapter_removed", tenant=tenant, version=version)
+        self.record_event("adapter_removed", tenant=tenant, version=version, detail=detail)
 
     def active_adapter(self, tenant: str) -> AdapterVersion | None:
         """The newest ready version (natural sort)."""
