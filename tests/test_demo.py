@@ -4,13 +4,14 @@ tenants that answer the README's greeting each in its own voice, through a live 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 from openai import OpenAI
 
 from appliance import demo_training
-from appliance.adapters.drops import AdapterLimits, BaseModelInfo, inspect
+from appliance.adapters.drops import AdapterLimits, BaseModelInfo, judge
 from appliance.cli import greeting_answers
 from appliance.demo import (
     CHAT_TEMPLATE,
@@ -66,13 +67,14 @@ def test_committed_model_has_the_shape_and_tokenizer_the_code_expects():
 
 
 @pytest.mark.parametrize("tenant", DEMO_TENANTS, ids=lambda t: t.name)
-def test_committed_adapters_have_each_tenants_rank_and_modules(tenant):
+def test_committed_adapters_have_each_tenants_rank_and_modules(tenant, tmp_path):
     folder = DEMO_DATA_DIR / "adapters" / tenant.name
     config = json.loads((folder / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"]) == (tenant.rank, tenant.alpha)
     assert config["target_modules"] == sorted(tenant.target_modules)
     base = BaseModelInfo.from_model_dir(DEMO_DATA_DIR / "model")
-    found = inspect(tenant.name, "v1", folder, base, AdapterLimits(max_rank=16), folder.parent)
+    shutil.copytree(folder, tmp_path / tenant.name / "v1")  # as `demo init` lays it out
+    found = judge(tenant.name, "v1", tmp_path, base, AdapterLimits(max_rank=16))
     assert (found.state, found.reason) == ("ready", "")
 
 
