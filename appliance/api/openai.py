@@ -8,6 +8,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +22,7 @@ from ..serving.generator import ContextTooLong, GenerationResult, Generator
 from ..serving.lifecycle import InFlight, Interrupted, Lifecycle
 from ..serving.tokenization import PromptEncoder, PromptError, TextCodec
 from ..telemetry.looplag import LoopLagMonitor
-from ..tenancy.ledger import UsageLedger
+from ..tenancy.ledger import RequestRecord, UsageLedger
 from ..tenancy.store import Store, Tenant
 from .body import read_request
 from .connections import ConnectionCounters
@@ -48,10 +49,21 @@ class Services:
     loop_lag: LoopLagMonitor = field(default_factory=LoopLagMonitor)
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
     connections: ConnectionCounters = field(default_factory=ConnectionCounters)
+    sinks: list[Callable[[RequestRecord], None]] = field(default_factory=list)
+    """Besides the ledger, who learns of every request's outcome (telemetry)."""
     encoder: PromptEncoder = field(init=False)
 
     def __post_init__(self) -> None:
         self.encoder = PromptEncoder(self.codec)
+
+    def publish(self, record: RequestRecord) -> None:
+        """One request's outcome: booked by the ledger (if admitted), counted by every sink."""
+        self.ledger.record(record)
+        for sink in self.sinks:
+            try:
+                sink(record)
+            except Exception:  # a counting bug must not fail the request it counts
+                log.exception("request record sink %r failed", sink)
 
 
 SERVICES = web.AppKey("services", Services)
@@ -62,18 +74,91 @@ UNAVAILABLE = 503
 FINAL_WRITE_S = 1.0  # how long a cut stream may take to send its error event (the client may be stuck)
 
 
-def authenticate(request: web.Request, services: Services) -> Tenant:
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request: the tenant its key belongs to, and which of the tenant's keys."""
+
+    tenant: Tenant
+    key_id: str
+
+
+def authenticate(request: web.Request, services: Services) -> Caller:
     header = request.headers.get("Authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise APIError(
             401, "Missing API key. Send it as 'Authorization: Bearer <key>'.", code="missing_api_key"
         )
-    name = services.store.tenant_for_key(key.strip())
-    tenant = services.store.get_tenant(name) if name else None
-    if tenant is None:
+    owner = services.store.key_owner(key.strip())
+    tenant = services.store.get_tenant(owner[0]) if owner else None
+    if owner is None or tenant is None:
         raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
-    return tenant
+    return Caller(tenant, owner[1])
+
+
+@dataclass
+class Trace:
+    """What a request's `RequestRecord` will say, filled in as the request goes."""
+
+    caller: Caller
+    endpoint: str
+    engine: str
+    started: float = field(default_factory=time.perf_counter)
+    model: str = ""
+    adapter_version: str = ""
+    status: int = 500  # until something better is known
+    admitted: bool = False  # set once the request reaches generation; it then owns `status`
+    result: GenerationResult | None = None
+
+    def record(self) -> RequestRecord:
+        result = self.result
+        first = result.first_token_at if result else None
+        return RequestRecord(
+            tenant=self.caller.tenant.name,
+            key_id=self.caller.key_id,
+            model=self.model,
+            adapter_version=self.adapter_version,
+            endpoint=self.endpoint,
+            engine=self.engine,
+            status=self.status,
+            finish_reason=(result.finish_reason or "") if result else "",
+            prompt_tokens=result.prompt_tokens if result else 0,
+            completion_tokens=result.completion_tokens if result else 0,
+            ttft_ms=round((first - self.started) * 1000, 2) if first is not None else None,
+            latency_ms=round((time.perf_counter() - self.started) * 1000, 2),
+            admitted=self.admitted,
+        )
+
+
+Handler = Callable[[web.Request, "Services", Trace], Awaitable[web.StreamResponse]]
+
+
+async def traced(request: web.Request, endpoint: str, handle: Handler) -> web.StreamResponse:
+    """Run a generation endpoint for an authenticated caller; publish its record however it ends.
+
+    No await separates the end of `handle` from the publishing: a shutdown that waits for the
+    requests in flight to end finds every one of them booked."""
+    services = request.app[SERVICES]
+    trace = Trace(authenticate(request, services), endpoint, services.engine_name)
+    try:
+        response = await handle(request, services, trace)
+        if not trace.admitted:
+            trace.status = response.status
+        return response
+    except APIError as exc:
+        if not trace.admitted:
+            trace.status = exc.status
+        raise
+    except web.HTTPException as exc:
+        if not trace.admitted:
+            trace.status = exc.status
+        raise
+    except (asyncio.CancelledError, ConnectionResetError):
+        if not trace.admitted:
+            trace.status = CLIENT_CLOSED
+        raise
+    finally:
+        services.publish(trace.record())
 
 
 def ready_generator(services: Services) -> Generator:
@@ -98,30 +183,36 @@ def resolve(request: web.Request, services: Services, tenant: Tenant, parsed: Pa
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    services = request.app[SERVICES]
-    tenant = authenticate(request, services)
+    return await traced(request, "chat", _chat)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await traced(request, "completions", _completion)
+
+
+async def _chat(request: web.Request, services: Services, trace: Trace) -> web.StreamResponse:
     generator = ready_generator(services)
     parsed = await read_request(request, parse_chat)
-    target = resolve(request, services, tenant, parsed)
+    trace.model = parsed.model
+    target = resolve(request, services, trace.caller.tenant, parsed)
     try:
         prompt_ids = await services.encoder.chat(parsed.messages or [], generator.max_model_len)
     except PromptError as exc:
         raise bad_request(str(exc), "messages") from exc
-    return await _complete(request, services, generator, tenant, target, parsed, prompt_ids, chat=True)
+    return await _complete(request, services, generator, trace, target, parsed, prompt_ids)
 
 
-async def completions(request: web.Request) -> web.StreamResponse:
-    services = request.app[SERVICES]
-    tenant = authenticate(request, services)
+async def _completion(request: web.Request, services: Services, trace: Trace) -> web.StreamResponse:
     generator = ready_generator(services)
     parsed = await read_request(request, parse_completion)
-    target = resolve(request, services, tenant, parsed)
+    trace.model = parsed.model
+    target = resolve(request, services, trace.caller.tenant, parsed)
     if isinstance(parsed.prompt, list):
         prompt_ids = parsed.prompt[: generator.max_model_len]  # as for text: past it, too long anyway
         check_token_ids(prompt_ids, len(services.codec.tokenizer))
     else:
         prompt_ids = await services.encoder.prompt(parsed.prompt or "", generator.max_model_len)
-    return await _complete(request, services, generator, tenant, target, parsed, prompt_ids, chat=False)
+    return await _complete(request, services, generator, trace, target, parsed, prompt_ids)
 
 
 class _Shape:
@@ -166,13 +257,12 @@ async def _complete(
     request: web.Request,
     services: Services,
     generator: Generator,
-    tenant: Tenant,
+    trace: Trace,
     target: Target,
     parsed: ParsedRequest,
     prompt_ids: list[int],
-    *,
-    chat: bool,
 ) -> web.StreamResponse:
+    chat = trace.endpoint == "chat"
     if not prompt_ids:
         raise bad_request("The prompt is empty.", "messages" if chat else "prompt")
     try:
@@ -181,17 +271,17 @@ async def _complete(
         raise bad_request(str(exc), "max_tokens", "context_length_exceeded") from exc
 
     shape = _Shape(chat, parsed.model)
-    result = GenerationResult(prompt_tokens=len(prompt_ids))
+    result = trace.result = GenerationResult(prompt_tokens=len(prompt_ids))
+    trace.adapter_version = target.adapter.version if target.adapter else ""
     chunks = generator.stream(
         request_id=shape.id,
         target=target,
-        cache_salt=f"tenant:{tenant.name}",
+        cache_salt=f"tenant:{trace.caller.tenant.name}",
         prompt_ids=prompt_ids,
         options=parsed.options,
         result=result,
     )
-    started = time.perf_counter()
-    status = 200
+    trace.admitted, trace.status = True, 200
     try:
         # Entering the lease is synchronous: a version retired from now on waits for this request.
         with services.lifecycle.request() as in_flight, services.catalog.versions.lease(target.adapter):
@@ -199,31 +289,19 @@ async def _complete(
                 with in_flight.interruptible():
                     text = "".join([chunk.text async for chunk in chunks])
                 return web.json_response(shape.body(text, result))
-            response, status = await _stream(request, shape, chunks, result, parsed.include_usage, in_flight)
+            response, trace.status = await _stream(
+                request, shape, chunks, result, parsed.include_usage, in_flight
+            )
             return response
     except (Interrupted, EngineDead) as exc:
-        status = UNAVAILABLE
+        trace.status = UNAVAILABLE
         raise _unavailable(exc) from exc
     except (asyncio.CancelledError, ConnectionResetError):
-        status = CLIENT_CLOSED
+        trace.status = CLIENT_CLOSED
         raise
     except Exception:
-        status = 500
+        trace.status = 500
         raise
-    finally:
-        # No await between leaving the lifecycle's tracking and this row: a shutdown that waits
-        # for the tracking to empty finds every row booked.
-        services.ledger.record(
-            tenant=tenant.name,
-            model=parsed.model,
-            adapter_version=target.adapter.version if target.adapter else "",
-            endpoint="chat" if chat else "completions",
-            prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens,
-            finish_reason=result.finish_reason or "",
-            status=status,
-            latency_ms=round((time.perf_counter() - started) * 1000, 2),
-        )
 
 
 def _unavailable(exc: Interrupted | EngineDead) -> APIError:
@@ -293,7 +371,7 @@ async def _stream(
 
 async def list_models(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    tenant = authenticate(request, services)
+    tenant = authenticate(request, services).tenant
     created = int(services.started_at)
     data = [
         {"id": model_id, "object": "model", "created": created, "owned_by": owner}

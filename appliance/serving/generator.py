@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -37,6 +38,8 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int = 0
     finish_reason: str | None = None
+    first_token_at: float | None = None
+    """time.perf_counter() when the engine produced the first token."""
 
     @property
     def usage(self) -> dict[str, int]:
@@ -92,6 +95,8 @@ class Generator:
         stops = StopMatcher(options.stop)
         async with contextlib.aclosing(self.engine.generate(request)) as deltas:
             async for delta in deltas:
+                if result.first_token_at is None and delta.token_ids:
+                    result.first_token_at = time.perf_counter()
                 result.completion_tokens += len(delta.token_ids)
                 text, stopped = stops.push(detok.feed(delta.token_ids))
                 if stopped:

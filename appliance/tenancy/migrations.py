@@ -128,3 +128,11 @@ def m004_routes(db: sqlite_utils.Database) -> None:
 def m005_keep_resident(db: sqlite_utils.Database) -> None:
     # The operator's "keep this tenant's adapter in a GPU slot" (`lorabox residency pin`).
     db.table("routes").add_column("keep_resident", int, not_null_default=0)
+
+
+@migration
+def m006_usage_billing_fields(db: sqlite_utils.Database) -> None:
+    # The billing record: which key, which engine, and the time to the first token.
+    db.table("usage").add_column("key_id", str)
+    db.table("usage").add_column("engine", str)
+    db.table("usage").add_column("ttft_ms", float)

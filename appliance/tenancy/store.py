@@ -202,17 +202,22 @@ class Store:
             for r in self.db.table("api_keys").rows_where(where, args, order_by="created_at")
         ]
 
-    def tenant_for_key(self, plaintext: str) -> str | None:
-        """The tenant an active key belongs to, or None. The stored hash is compared in constant time."""
+    def key_owner(self, plaintext: str) -> tuple[str, str] | None:
+        """(tenant, key id) of an active key, or None. The stored hash is compared in constant time."""
         presented = hash_key(plaintext)
         row = self.db.execute(
-            "select k.key_hash, k.tenant from api_keys k join tenants t on t.name = k.tenant "
+            "select k.key_hash, k.tenant, k.key_id from api_keys k join tenants t on t.name = k.tenant "
             "where k.key_hash = ? and k.revoked_at is null and t.disabled = 0",
             [presented],
         ).fetchone()
         if row is None or not hmac.compare_digest(row[0], presented):
             return None
-        return str(row[1])
+        return str(row[1]), str(row[2])
+
+    def tenant_for_key(self, plaintext: str) -> str | None:
+        """The tenant an active key belongs to, or None."""
+        owner = self.key_owner(plaintext)
+        return owner[0] if owner else None
 
     # -- adapter versions ---------------------------------------------------------------------
 
