@@ -62,6 +62,20 @@ def write_zero_adapter(model_dir: Path, out_dir: Path) -> None:
     (out_dir / CONFIG_FILE).write_text(json.dumps(config))
 
 
+def import_vllm() -> None:
+    """Import the parts of vLLM the engine uses, now.
+
+    The import costs seconds of CPU under the GIL: done while the daemon is being built, before it
+    listens, it delays nothing; done in `start()` it held the event loop (and so /healthz) for 2 s
+    (measured on the demo, CPU build)."""
+    import vllm.engine.arg_utils
+    import vllm.inputs
+    import vllm.lora.request
+    import vllm.platforms
+    import vllm.sampling_params
+    import vllm.v1.engine.async_llm  # noqa: F401
+
+
 class VLLMEngine:
     name = "vllm"
 
