@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..telemetry.metrics import MetricsSnapshot, render
 from .overview import OVERVIEW
+
+# The classic text format, which every Prometheus reads (render writes nothing newer).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -22,4 +24,4 @@ async def metrics(request: web.Request) -> web.Response:
     loads = [(name, load.running, load.queued) for name, load in overview.loads().items()]
     snapshot = MetricsSnapshot.take(overview.traffic, status, loads)
     body = await asyncio.to_thread(render, snapshot)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})

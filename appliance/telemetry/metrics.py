@@ -98,7 +98,8 @@ def _histogram(name: str, doc: str, series: list[SeriesCounts], pick: str) -> Hi
     bounds = [str(b) for b in LATENCY_BUCKETS_S] + ["+Inf"]
     for s in series:
         cumulative, total = getattr(s, pick)
-        family.add_metric([s.tenant, s.version], list(zip(bounds, cumulative, strict=True)), total)
+        if cumulative[-1]:  # a series that never reached generation has no latency to show
+            family.add_metric([s.tenant, s.version], list(zip(bounds, cumulative, strict=True)), total)
     return family
 
 
