@@ -75,7 +75,7 @@ def device_payload(reading: DeviceReading, engine: EngineStats | None) -> dict[s
     on_gpu = engine is not None and engine.device not in ("cpu", "unknown")
     kind = "gpu" if reading.gpus or on_gpu else "cpu"
     split = None
-    if kind == "gpu" and on_gpu and engine is not None:
+    if on_gpu and engine is not None:
         memory = engine.memory
         known = (memory.weights, memory.kv_cache, memory.adapter_slots)
         used = reading.gpus[0].memory_used if reading.gpus else None
