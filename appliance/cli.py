@@ -311,6 +311,25 @@ def cmd_usage(args: argparse.Namespace) -> None:
         _table(store.usage_summary(args.tenant), ["tenant", "requests", "prompt_tokens", "completion_tokens"])
 
 
+def cmd_status(args: argparse.Namespace) -> None:
+    from .report import status_text
+
+    client = _admin(_settings(args))
+    status = client.call("GET", "/admin/status")
+    tenants = client.call("GET", "/admin/tenants")["tenants"]
+    if args.json:
+        print(json.dumps({"status": status, "tenants": tenants}, indent=2))
+    else:
+        print(status_text(status, tenants))
+
+
+def cmd_ps(args: argparse.Namespace) -> None:
+    from .report import ps_rows, ps_text
+
+    rows = ps_rows(_admin(_settings(args)).call("GET", "/admin/residency")["adapters"])
+    print(json.dumps({"adapters": rows}, indent=2) if args.json else ps_text(rows))
+
+
 def cmd_tui(args: argparse.Namespace) -> None:
     from tui.app import run
 
@@ -418,6 +437,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("usage", parents=[common], help="tokens per tenant from the usage ledger")
     p.add_argument("tenant", nargs="?")
     p.set_defaults(func=cmd_usage)
+
+    p = sub.add_parser(
+        "status", parents=[common], help="the box now: engine, device, totals and every tenant's traffic"
+    )
+    p.add_argument("--json", action="store_true", help="the admin API's status and tenants, as JSON")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("ps", parents=[common], help="loaded adapters: size, tier, pinned, idle since")
+    p.add_argument("--json", action="store_true", help="as JSON")
+    p.set_defaults(func=cmd_ps)
 
     p = sub.add_parser("tui", parents=[common], help="watch and steer the box live (terminal UI)")
     p.add_argument(

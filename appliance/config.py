@@ -130,6 +130,10 @@ class Settings:
     error (`engine_failed`, 503) and the daemon exits non-zero, for systemd to restart it. Long
     enough for the slowest single engine step (a huge prefill, loading a large adapter)."""
 
+    telemetry: bool = True
+    """Count every request per tenant and adapter version (/metrics, the admin API, `lorabox tui`)
+    and read vLLM's scheduler stats. Off only to measure what it costs: the counts then stay 0."""
+
     source: Path | None = field(default=None, compare=False)
     """The file these settings were read from, if any (not a setting)."""
 
