@@ -326,6 +326,11 @@ def _refresh_interval(text: str) -> float:
 
 
 def cmd_config(args: argparse.Namespace) -> None:
+    if args.example:
+        from .config_example import example_config
+
+        sys.stdout.write(example_config())
+        return
     settings = _settings(args)
     print(f"# from {settings.source or '(defaults and environment)'}")
     for field in dataclasses.fields(Settings):
@@ -433,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tui)
 
     p = sub.add_parser("config", parents=[common], help="print the effective settings")
+    p.add_argument(
+        "--example", action="store_true", help="print every setting with its documentation and default"
+    )
     p.set_defaults(func=cmd_config)
     return parser
 
