@@ -60,10 +60,14 @@ def _model_dir(settings: Settings) -> Path:
 
 
 def _serve(settings: Settings, on_ready: Callable[[], None] | None = None) -> None:
+    from .systemd import StartupExtender
+
+    # First, before the engine's imports: systemd's TimeoutStartSec only covers until we speak.
+    startup = StartupExtender(settings.start_timeout_s).start()
     from .daemon import serve
 
     _setup_logging(settings.log_level)
-    serve(settings, _model_dir(settings), on_ready=on_ready)
+    serve(settings, _model_dir(settings), on_ready=on_ready, startup=startup)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

@@ -139,7 +139,15 @@ class Settings:
     engine_probe_timeout_s: float = 20.0
     """A probe unanswered this long means the engine hangs: every request in flight ends with an
     error (`engine_failed`, 503) and the daemon exits non-zero, for systemd to restart it. Long
-    enough for the slowest single engine step (a huge prefill, loading a large adapter)."""
+    enough for the slowest single engine step (a huge prefill, loading a large adapter). Longer
+    than `engine_probe_interval_s`; the systemd watchdog pings stop once no probe has been
+    answered for this long."""
+
+    start_timeout_s: float = 1800.0
+    """How long start-up may take in all: downloading the model (first start, with a Hugging Face
+    id), loading it and warming every tenant's adapter. Meanwhile lorabox asks systemd for more
+    time every 10 s (EXTEND_TIMEOUT_USEC), so the unit's TimeoutStartSec only covers the seconds
+    before it first speaks; past this, systemd stops the service as failed to start."""
 
     source: Path | None = field(default=None, compare=False)
     """The file these settings were read from, if any (not a setting)."""
@@ -210,6 +218,11 @@ class Settings:
         for name in ("engine_probe_interval_s", "engine_probe_timeout_s"):
             if getattr(self, name) <= 0:
                 raise InvalidSetting(name, "must be > 0")
+        if self.engine_probe_timeout_s <= self.engine_probe_interval_s:
+            # A working engine answers at least once per timeout: the systemd watchdog relies on it.
+            raise InvalidSetting("engine_probe_timeout_s", "must be longer than engine_probe_interval_s")
+        if self.start_timeout_s <= 0:
+            raise InvalidSetting("start_timeout_s", "must be > 0")
         if self.llamacpp_parallel < 1:
             raise InvalidSetting("llamacpp_parallel", "must be >= 1")
         if self.llamacpp_threads < 0:

@@ -183,6 +183,8 @@ def test_wrong_types_in_the_env(name: str, value: str) -> None:
         ("drain_timeout_s = -1", "drain_timeout_s: must be >= 0"),
         ("engine_probe_interval_s = 0", "engine_probe_interval_s: must be > 0"),
         ("engine_probe_timeout_s = -2", "engine_probe_timeout_s: must be > 0"),
+        ("engine_probe_interval_s = 20.0", "engine_probe_timeout_s: must be longer than"),
+        ("start_timeout_s = 0", "start_timeout_s: must be > 0"),
         ("llamacpp_parallel = 0", "llamacpp_parallel: must be >= 1"),
         ("llamacpp_threads = -1", "llamacpp_threads: must be >= 0"),
     ],
