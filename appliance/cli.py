@@ -51,12 +51,10 @@ def _setup_logging(level: str) -> None:
 
 
 def _model_dir(settings: Settings) -> Path:
-    from .demo import ensure_builtin_model
+    """The base model's folder; a Hugging Face id is downloaded first if need be (with progress)."""
+    from .basemodel import resolve
 
-    model_dir = Path(settings.model) if settings.model else ensure_builtin_model(settings.state_dir)
-    if not (model_dir / "config.json").is_file():
-        raise LoraboxError(f"model directory {model_dir} has no config.json (Hugging Face format expected)")
-    return model_dir
+    return resolve(settings)
 
 
 def _serve(settings: Settings, on_ready: Callable[[], None] | None = None) -> None:
@@ -329,6 +327,40 @@ def _refresh_interval(text: str) -> float:
     return seconds
 
 
+def cmd_doctor(args: argparse.Namespace) -> None:
+    from . import doctor
+
+    root = Path(args.root).resolve() if args.root else None
+    config = Path(args.config) if getattr(args, "config", None) else None
+    if doctor.report(doctor.run(config, root=root, service_user=args.user)):
+        raise SystemExit(1)
+
+
+def cmd_logs(args: argparse.Namespace) -> None:
+    import shutil
+
+    journalctl = shutil.which("journalctl")
+    if journalctl is None:
+        raise LoraboxError(
+            "journalctl not found: `lorabox logs` reads systemd's journal; "
+            "a daemon started by hand logs to its own stderr"
+        )
+    argv = [journalctl, "--unit", "lorabox.service", "--lines", str(args.lines), "--no-pager"]
+    argv += ["--follow"] if args.follow else []
+    argv += ["--since", args.since] if args.since else []
+    sys.stdout.flush()
+    os.execv(journalctl, argv)  # noqa: S606 (journalctl takes over the terminal, for -f)
+
+
+def cmd_model(args: argparse.Namespace) -> None:
+    from .basemodel import model_source, resolve
+
+    settings = _settings(args)
+    source = model_source(settings)
+    folder = resolve(settings)
+    print(f"model: {source.describe() if source.kind != 'hub' else source.repo_id} in {folder}")
+
+
 def cmd_config(args: argparse.Namespace) -> None:
     if args.example:
         from .config_example import example_config
@@ -440,6 +472,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="refresh period in seconds (default 2; r cycles)",
     )
     p.set_defaults(func=cmd_tui)
+
+    p = sub.add_parser(
+        "doctor", parents=[common], help="check this box: driver, engines, port, folders, config, daemon"
+    )
+    p.add_argument("--root", help="check an install made with install.sh --root DIR")
+    p.add_argument("--user", help="the service user (default: the unit's User=, else lorabox)")
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("logs", help="the daemon's log (systemd journal): lorabox logs [-f]")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    p.add_argument("-n", "--lines", type=int, default=100, help="how many recent lines (default 100)")
+    p.add_argument("--since", help='e.g. "1 hour ago", "today" (journalctl --since)')
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("model", parents=[common], help="the base model: lorabox model fetch")
+    msub = p.add_subparsers(dest="action", required=True)
+    msub.add_parser(
+        "fetch", parents=[common], help="download the configured Hugging Face model now (else: at start)"
+    )
+    p.set_defaults(func=cmd_model)
 
     p = sub.add_parser("config", parents=[common], help="print the effective settings")
     p.add_argument(
