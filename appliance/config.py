@@ -108,6 +108,11 @@ class Settings:
     gpu_memory_utilization: float = 0.90
     """Fraction of GPU memory vLLM may use for weights, adapters and KV cache."""
 
+    tensor_parallel_size: int = 1
+    """GPUs of this box that vLLM splits the model across (tensor parallelism; alike GPUs, a power
+    of two that divides the model's attention heads). 1: one GPU. llama.cpp spreads its layers over
+    every visible GPU by itself. See docs/scaling.md."""
+
     cpu_kv_cache_gib: int = 4
     """KV cache size on CPU-only boxes (vLLM's VLLM_CPU_KVCACHE_SPACE)."""
 
@@ -209,6 +214,8 @@ class Settings:
             raise InvalidSetting(
                 "log_level", f"must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}"
             )
+        if self.tensor_parallel_size < 1:
+            raise InvalidSetting("tensor_parallel_size", "must be at least 1")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise InvalidSetting("gpu_memory_utilization", "must be in (0, 1]")
         if self.cpu_kv_cache_gib < 1:

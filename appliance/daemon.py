@@ -74,6 +74,7 @@ def engine_options(settings: Settings, model_dir: Path) -> EngineOptions:
         max_cpu_loras=settings.max_cpu_loras,
         max_lora_rank=settings.max_lora_rank,
         gpu_memory_utilization=settings.gpu_memory_utilization,
+        tensor_parallel_size=settings.tensor_parallel_size,
         cpu_kv_cache_gib=settings.cpu_kv_cache_gib,
         log_level=settings.log_level,
         gguf_model=str(settings.gguf_model or ""),
@@ -91,7 +92,10 @@ def plan_residency(settings: Settings, base: BaseModelInfo, model_dir: Path, sto
     gpu_free = None
     if memory is not None:  # vLLM takes its share of the GPU; the weights come out of it first
         weights = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
-        gpu_free = int(memory.total * settings.gpu_memory_utilization) - weights
+        # Tensor parallelism shards the weights and every adapter slot alike across the GPUs
+        # (alike GPUs): the budget is their sum.
+        usable = memory.total * settings.gpu_memory_utilization * settings.tensor_parallel_size
+        gpu_free = int(usable) - weights
     dtype_bytes = 4 if settings.dtype == "float32" else 2
     return plan(
         adapters=len(tenants),

@@ -178,6 +178,7 @@ def test_wrong_types_in_the_env(name: str, value: str) -> None:
         ('dtype = "fp8"', "dtype: must be one of auto, float32, bfloat16, float16"),
         ("gpu_memory_utilization = 0", "gpu_memory_utilization: must be in"),
         ("gpu_memory_utilization = 1.5", "gpu_memory_utilization: must be in"),
+        ("tensor_parallel_size = 0", "tensor_parallel_size: must be at least 1"),
         ("cpu_kv_cache_gib = 0", "cpu_kv_cache_gib: must be at least 1"),
         ('log_level = "loud"', "log_level: must be one of debug"),
         ("drain_timeout_s = -1", "drain_timeout_s: must be >= 0"),

@@ -103,6 +103,7 @@ class VLLMEngine:
             max_lora_rank=vllm_lora_rank(opts.max_lora_rank),  # type: ignore[arg-type]
             enable_prefix_caching=True,
             gpu_memory_utilization=opts.gpu_memory_utilization,
+            tensor_parallel_size=opts.tensor_parallel_size,
             disable_log_stats=True,
         )
         # Construction blocks for the whole model load; a thread keeps the event loop (and
