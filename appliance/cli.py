@@ -177,6 +177,9 @@ def cmd_key(args: argparse.Namespace) -> None:
                 f"key id {issued.key_id} for tenant {issued.tenant}. This key is shown once; store it now.",
                 file=sys.stderr,
             )
+        elif args.action == "import":
+            key_id = store.import_key(args.target, sys.stdin.readline().strip())
+            print(f"imported key {key_id} for tenant {args.target}")
         elif args.action == "revoke":
             tenant, key_id = store.revoke_key(args.target)
             print(f"revoked key {key_id} of tenant {tenant}")
@@ -410,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("key", parents=[common], help="issue, revoke or list API keys")
     ksub = p.add_subparsers(dest="action", required=True)
     ksub.add_parser("issue", parents=[common]).add_argument("target", metavar="TENANT")
+    ksub.add_parser(
+        "import", parents=[common], help="accept a key issued on another box (read from stdin)"
+    ).add_argument("target", metavar="TENANT")
     ksub.add_parser("revoke", parents=[common]).add_argument("target", metavar="KEY_ID")
     ksub.add_parser("list", parents=[common]).add_argument("target", metavar="TENANT", nargs="?")
     p.set_defaults(func=cmd_key)
