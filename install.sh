@@ -565,6 +565,11 @@ main() {
     if [ "$MODE" = dev ] && { [ -n "$ROOT" ] || [ "$ACTION" = uninstall ]; }; then
         error "--dev installs into the checkout: no --root, no --uninstall"
     fi
+    if [ -n "$ROOT" ]; then
+        mkdir -p "$ROOT" || error "cannot create --root $ROOT"
+        ROOT=$(cd "$ROOT" && pwd)
+        [ "$ROOT" != / ] || ROOT=""
+    fi
 
     REPO_DIR=$(cd "$(dirname "$0")" && pwd)
     grep -qs '^name = "lorabox"' "$REPO_DIR/pyproject.toml" ||
@@ -582,11 +587,7 @@ main() {
 
 set_option() {
     case $1 in
-        --root)
-            mkdir -p "$2" || error "cannot create --root $2"
-            ROOT=$(cd "$2" && pwd)
-            [ "$ROOT" != / ] || ROOT=""
-            ;;
+        --root) ROOT=$2 ;;
         --model) MODEL=$2 ;;
         --engine) ENGINE=$2 ;;
     esac
