@@ -435,11 +435,10 @@ fetch_model() {
     [ -n "$ROOT" ] && return 0
     [ "${LORABOX_SKIP_PIP:-}" = 1 ] && return 0
     status "Fetching the base model named in $CONFIG, if it is a Hugging Face id"
-    if "$VENV/bin/lorabox" model fetch --config "$CONFIG"; then
-        own -R "$STATE_DIR/models" 2>/dev/null || true
-    else
+    "$VENV/bin/lorabox" model fetch --config "$CONFIG" ||
         warning "the model could not be fetched now; lorabox will try again when it starts"
-    fi
+    # Downloaded as root: the service's own from now on (a partial download too, to resume).
+    if [ -d "$STATE_DIR/models" ]; then own -R "$STATE_DIR/models"; fi
 }
 
 install_server() {

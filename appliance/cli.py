@@ -360,8 +360,11 @@ def cmd_model(args: argparse.Namespace) -> None:
 
     settings = _settings(args)
     source = model_source(settings)
+    if source.kind == "builtin":
+        print(f"model: {source.describe()}, written at the first start: nothing to fetch")
+        return
     folder = resolve(settings)
-    print(f"model: {source.describe() if source.kind != 'hub' else source.repo_id} in {folder}")
+    print(f"model: {source.repo_id or source.path} in {folder}")
 
 
 def cmd_config(args: argparse.Namespace) -> None:

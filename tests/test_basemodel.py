@@ -130,3 +130,11 @@ def test_lorabox_logs_runs_journalctl_for_the_unit(tmp_path: Path):
         result.stdout
         == "journalctl --unit lorabox.service --lines 20 --no-pager --follow --since 1 hour ago\n"
     )
+
+
+def test_lorabox_model_fetch_leaves_the_builtin_model_to_the_first_start(tmp_path: Path, capsys):
+    config = tmp_path / "lorabox.toml"
+    config.write_text(f'state_dir = "{tmp_path / "state"}"\n')
+    assert main(["model", "fetch", "--config", str(config)]) == 0
+    assert "nothing to fetch" in capsys.readouterr().out
+    assert not (tmp_path / "state").exists()  # install.sh runs it as root: nothing root-owned left
