@@ -251,7 +251,10 @@ def _coerce(name: str, kind: Any, value: Any) -> Any:
                 raise ValueError("not a number")
             if kind is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError("not a whole number")
-            return kind(value)
+            try:
+                return kind(value)
+            except ValueError:  # a string: Python's own words ("invalid literal for int()") say less
+                raise ValueError("not a whole number" if kind is int else "not a number") from None
         if not isinstance(value, str):
             raise ValueError("not a string")
         if kind == Path | None and value == "":

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import get_type_hints
 
@@ -268,3 +271,18 @@ def test_unreadable_config_file_is_a_config_error(tmp_path: Path, kind: str) -> 
 def test_unknown_log_level_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="log_level"):
         load_config(write(tmp_path, 'log_level = "loud"\n'), env={})
+
+
+def test_the_daemon_refuses_a_bad_value_in_one_line_naming_it_and_the_file(tmp_path: Path) -> None:
+    """What systemd's journal shows when the config is wrong: `lorabox serve` exits 1 at once."""
+    path = write(tmp_path, 'port = 8400\nengine_probe_timeout_s = "soon"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "appliance", "serve", "--config", str(path)],
+        cwd=Path(__file__).resolve().parents[1],
+        env={k: v for k, v in os.environ.items() if not k.startswith("LORABOX_")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == f"lorabox: {path}: engine_probe_timeout_s: cannot use 'soon' (not a number)\n"
