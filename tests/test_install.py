@@ -186,6 +186,30 @@ def test_an_nvidia_gpu_without_its_driver_is_found_on_the_pci_bus(box: Installed
     assert "Installing lorabox with [vllm]" in output
 
 
+def test_a_gpu_listed_by_nvidia_smi_gets_vllm_and_llamacpp_built_for_it(box: Installed, tmp_path: Path):
+    """A box with the driver and the CUDA toolkit: vllm (CUDA), and llama.cpp built with CUDA for
+    that GPU's compute capability only (building for every architecture takes far longer)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, script in (
+        (
+            "nvidia-smi",
+            'case "$*" in *compute_cap*) echo 8.9 ;; '
+            '*) echo "GPU 0: NVIDIA GeForce RTX 4090 (UUID: GPU-0a1b2c3d)" ;; esac',
+        ),
+        ("nvcc", "exit 0"),
+    ):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{script}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "LORABOX_WHEEL_CACHE": str(tmp_path / "wheels")}
+    output = box.install(env=env)
+    assert "Engine: vllm (CUDA), because nvidia-smi lists 1 GPU(s): GPU 0: NVIDIA GeForce RTX 4090" in output
+    assert f"llama.cpp: CUDA build for compute capability 89 ({bin_dir / 'nvcc'})" in output
+    assert "-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=89-real" in output
+    assert "Installing lorabox with [vllm,llamacpp]" in output
+    assert "NVIDIA driver" not in output
+
+
 def test_no_nvidia_gpu_means_the_cpu_build(box: Installed, tmp_path: Path, no_driver):
     pci = fake_pci(tmp_path / "pci", vendor="0x8086", kind="0x030000")  # an Intel display controller
     output = box.install("--without-llamacpp", env={**no_driver, "LORABOX_PCI_DEVICES": str(pci)})
