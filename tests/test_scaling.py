@@ -200,9 +200,29 @@ def test_one_key_sticks_to_one_box_and_moves_when_that_box_stops(boxes: list[Ser
 
     failed = [r for r in results if r[2] != 200]
     in_flight = [r for r in failed if r[0] < stopping_at < r[1]]
+    print(
+        f"failover: {len(results)} requests, {len(failed)} failed ({len(in_flight)} in flight at the stop),"
+        f" stop took {stopped_at - stopping_at:.2f} s"
+    )
     assert failed == in_flight, failed
     after = [r for r in results if r[0] > stopped_at]
     assert len(after) >= 4, len(results)
     assert all(r[2] == 200 for r in after)
     moved = served_by([other], at_least=len(after))[0]
     assert moved >= len(after)  # served by the other box: it was the only one left
+
+
+def test_the_sizing_table_is_the_planners_arithmetic():
+    """docs/scaling.md's table is what benchmarks/sizing.py prints from residency.py today."""
+    printed = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "sizing.py")],
+        env={"PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    table = [line for line in printed.splitlines() if line.startswith("|")]
+    assert len(table) == 5, printed
+    documented = DOC.read_text().splitlines()
+    start = documented.index(table[0])
+    assert documented[start : start + len(table)] == table
