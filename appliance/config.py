@@ -41,7 +41,9 @@ class InvalidSetting(ConfigError):
 @dataclass(frozen=True)
 class Settings:
     model: str = ""
-    """Base model: a local directory in Hugging Face format. Empty: the built-in demo model."""
+    """Base model: a local directory in Hugging Face format, or a Hugging Face id (`org/name`),
+    downloaded once into <state_dir>/models (`lorabox model fetch`, else at the first start).
+    Empty: the built-in demo model."""
 
     served_model_name: str = ""
     """Name clients use for the base model (`model` field). Empty: the model directory's name."""
