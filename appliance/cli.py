@@ -51,19 +51,21 @@ def _setup_logging(level: str) -> None:
 
 
 def _model_dir(settings: Settings) -> Path:
-    from .demo import ensure_builtin_model
+    """The base model's folder; a Hugging Face id is downloaded first if need be (with progress)."""
+    from .basemodel import resolve
 
-    model_dir = Path(settings.model) if settings.model else ensure_builtin_model(settings.state_dir)
-    if not (model_dir / "config.json").is_file():
-        raise LoraboxError(f"model directory {model_dir} has no config.json (Hugging Face format expected)")
-    return model_dir
+    return resolve(settings)
 
 
 def _serve(settings: Settings, on_ready: Callable[[], None] | None = None) -> None:
+    from .systemd import StartupExtender
+
+    # First, before the engine's imports: systemd's TimeoutStartSec only covers until we speak.
+    startup = StartupExtender(settings.start_timeout_s).start()
     from .daemon import serve
 
     _setup_logging(settings.log_level)
-    serve(settings, _model_dir(settings), on_ready=on_ready)
+    serve(settings, _model_dir(settings), on_ready=on_ready, startup=startup)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -175,6 +177,9 @@ def cmd_key(args: argparse.Namespace) -> None:
                 f"key id {issued.key_id} for tenant {issued.tenant}. This key is shown once; store it now.",
                 file=sys.stderr,
             )
+        elif args.action == "import":
+            key_id = store.import_key(args.target, sys.stdin.readline().strip())
+            print(f"imported key {key_id} for tenant {args.target}")
         elif args.action == "revoke":
             tenant, key_id = store.revoke_key(args.target)
             print(f"revoked key {key_id} of tenant {tenant}")
@@ -344,7 +349,49 @@ def _refresh_interval(text: str) -> float:
     return seconds
 
 
+def cmd_doctor(args: argparse.Namespace) -> None:
+    from . import doctor
+
+    root = Path(args.root).resolve() if args.root else None
+    config = Path(args.config) if getattr(args, "config", None) else None
+    if doctor.report(doctor.run(config, root=root, service_user=args.user)):
+        raise SystemExit(1)
+
+
+def cmd_logs(args: argparse.Namespace) -> None:
+    import shutil
+
+    journalctl = shutil.which("journalctl")
+    if journalctl is None:
+        raise LoraboxError(
+            "journalctl not found: `lorabox logs` reads systemd's journal; "
+            "a daemon started by hand logs to its own stderr"
+        )
+    argv = [journalctl, "--unit", "lorabox.service", "--lines", str(args.lines), "--no-pager"]
+    argv += ["--follow"] if args.follow else []
+    argv += ["--since", args.since] if args.since else []
+    sys.stdout.flush()
+    os.execv(journalctl, argv)  # noqa: S606 (journalctl takes over the terminal, for -f)
+
+
+def cmd_model(args: argparse.Namespace) -> None:
+    from .basemodel import model_source, resolve
+
+    settings = _settings(args)
+    source = model_source(settings)
+    if source.kind == "builtin":
+        print(f"model: {source.describe()}, written at the first start: nothing to fetch")
+        return
+    folder = resolve(settings)
+    print(f"model: {source.repo_id or source.path} in {folder}")
+
+
 def cmd_config(args: argparse.Namespace) -> None:
+    if args.example:
+        from .config_example import example_config
+
+        sys.stdout.write(example_config())
+        return
     settings = _settings(args)
     print(f"# from {settings.source or '(defaults and environment)'}")
     for field in dataclasses.fields(Settings):
@@ -388,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("key", parents=[common], help="issue, revoke or list API keys")
     ksub = p.add_subparsers(dest="action", required=True)
     ksub.add_parser("issue", parents=[common]).add_argument("target", metavar="TENANT")
+    ksub.add_parser(
+        "import", parents=[common], help="accept a key issued on another box (read from stdin)"
+    ).add_argument("target", metavar="TENANT")
     ksub.add_parser("revoke", parents=[common]).add_argument("target", metavar="KEY_ID")
     ksub.add_parser("list", parents=[common]).add_argument("target", metavar="TENANT", nargs="?")
     p.set_defaults(func=cmd_key)
@@ -461,7 +511,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_tui)
 
+    p = sub.add_parser(
+        "doctor", parents=[common], help="check this box: driver, engines, port, folders, config, daemon"
+    )
+    p.add_argument("--root", help="check an install made with install.sh --root DIR")
+    p.add_argument("--user", help="the service user (default: the unit's User=, else lorabox)")
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("logs", help="the daemon's log (systemd journal): lorabox logs [-f]")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    p.add_argument("-n", "--lines", type=int, default=100, help="how many recent lines (default 100)")
+    p.add_argument("--since", help='e.g. "1 hour ago", "today" (journalctl --since)')
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("model", parents=[common], help="the base model: lorabox model fetch")
+    msub = p.add_subparsers(dest="action", required=True)
+    msub.add_parser(
+        "fetch", parents=[common], help="download the configured Hugging Face model now (else: at start)"
+    )
+    p.set_defaults(func=cmd_model)
+
     p = sub.add_parser("config", parents=[common], help="print the effective settings")
+    p.add_argument(
+        "--example", action="store_true", help="print every setting with its documentation and default"
+    )
     p.set_defaults(func=cmd_config)
     return parser
 

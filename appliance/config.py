@@ -24,13 +24,26 @@ SHUTDOWN_MARGIN_S = 20.0
 write (SQLite waits up to 5 s for a lock), aiohttp closing connections (2 x 1 s) and the engine
 core's exit (5 s, then it is killed), with room to spare. See `Settings.stop_timeout_s`."""
 LOG_LEVELS = ("debug", "info", "warning", "error")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 MAX_REQUEST_BYTES = 2 << 20
+MAX_LORA_RANK = 512  # vLLM's largest
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+class InvalidSetting(ConfigError):
+    """One setting's value is wrong; `load_config` adds where the value came from."""
+
+    def __init__(self, name: str, problem: str):
+        super().__init__(f"{name}: {problem}")
+        self.name = name
 
 
 @dataclass(frozen=True)
 class Settings:
     model: str = ""
-    """Base model: a local directory in Hugging Face format. Empty: the built-in demo model."""
+    """Base model: a local directory in Hugging Face format, or a Hugging Face id (`org/name`),
+    downloaded once into <state_dir>/models (`lorabox model fetch`, else at the first start).
+    Empty: the built-in demo model."""
 
     served_model_name: str = ""
     """Name clients use for the base model (`model` field). Empty: the model directory's name."""
@@ -97,6 +110,11 @@ class Settings:
     gpu_memory_utilization: float = 0.90
     """Fraction of GPU memory vLLM may use for weights, adapters and KV cache."""
 
+    tensor_parallel_size: int = 1
+    """GPUs of this box that vLLM splits the model across (tensor parallelism; alike GPUs, a power
+    of two that divides the model's attention heads). 1: one GPU. llama.cpp spreads its layers over
+    every visible GPU by itself. See docs/scaling.md."""
+
     cpu_kv_cache_gib: int = 4
     """KV cache size on CPU-only boxes (vLLM's VLLM_CPU_KVCACHE_SPACE)."""
 
@@ -128,7 +146,15 @@ class Settings:
     engine_probe_timeout_s: float = 20.0
     """A probe unanswered this long means the engine hangs: every request in flight ends with an
     error (`engine_failed`, 503) and the daemon exits non-zero, for systemd to restart it. Long
-    enough for the slowest single engine step (a huge prefill, loading a large adapter)."""
+    enough for the slowest single engine step (a huge prefill, loading a large adapter). Longer
+    than `engine_probe_interval_s`; the systemd watchdog pings stop once no probe has been
+    answered for this long."""
+
+    start_timeout_s: float = 1800.0
+    """How long start-up may take in all: downloading the model (first start, with a Hugging Face
+    id), loading it and warming every tenant's adapter. Meanwhile lorabox asks systemd for more
+    time every 10 s (EXTEND_TIMEOUT_USEC), so the unit's TimeoutStartSec only covers the seconds
+    before it first speaks; past this, systemd stops the service as failed to start."""
 
     telemetry: bool = True
     """Count every request per tenant and adapter version (/metrics, the admin API, `lorabox tui`)
@@ -165,60 +191,99 @@ class Settings:
         return self.served_model_name or (Path(self.model).name if self.model else "lorabox-demo")
 
     def validate(self) -> Settings:
+        """Raises InvalidSetting, naming the field, for the first value out of its range."""
         if self.engine not in ENGINES:
-            raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
+            raise InvalidSetting("engine", f"must be one of {', '.join(ENGINES)}, not {self.engine!r}")
         if not 0 < self.port < 65536:
-            raise ConfigError(f"port must be 1-65535, not {self.port}")
+            raise InvalidSetting("port", f"must be 1-65535, not {self.port}")
         if not 1024 <= self.max_request_bytes <= MAX_REQUEST_BYTES:
-            raise ConfigError(f"max_request_bytes must be between 1024 and {MAX_REQUEST_BYTES}")
-        if self.request_header_timeout_s <= 0 or self.request_body_timeout_s <= 0:
-            raise ConfigError("request_header_timeout_s and request_body_timeout_s must be > 0")
+            raise InvalidSetting("max_request_bytes", f"must be between 1024 and {MAX_REQUEST_BYTES}")
+        for name in ("request_header_timeout_s", "request_body_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise InvalidSetting(name, "must be > 0")
         if self.max_connections < 1:
-            raise ConfigError("max_connections must be at least 1")
-        if self.max_loras < 0 or self.max_cpu_loras < 0:
-            raise ConfigError("max_loras and max_cpu_loras must be >= 0 (0 means planned)")
+            raise InvalidSetting("max_connections", "must be at least 1")
+        for name in ("max_loras", "max_cpu_loras"):
+            if getattr(self, name) < 0:
+                raise InvalidSetting(name, "must be >= 0 (0 means planned)")
         if self.max_loras and self.max_cpu_loras and self.max_cpu_loras < self.max_loras:
-            raise ConfigError("need max_cpu_loras >= max_loras")
+            raise InvalidSetting("max_cpu_loras", "need max_cpu_loras >= max_loras")
+        if self.lora_cpu_budget_mib < 1:
+            raise InvalidSetting("lora_cpu_budget_mib", "must be at least 1")
+        if not 1 <= self.max_lora_rank <= MAX_LORA_RANK:
+            raise InvalidSetting("max_lora_rank", f"must be 1-{MAX_LORA_RANK}")
+        if self.max_model_len < 0:
+            raise InvalidSetting("max_model_len", "must be >= 0 (0: the model's own maximum)")
+        if self.dtype not in DTYPES:
+            raise InvalidSetting("dtype", f"must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.log_level not in LOG_LEVELS:
-            raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}")
+            raise InvalidSetting(
+                "log_level", f"must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}"
+            )
+        if self.tensor_parallel_size < 1:
+            raise InvalidSetting("tensor_parallel_size", "must be at least 1")
         if not 0 < self.gpu_memory_utilization <= 1:
-            raise ConfigError("gpu_memory_utilization must be in (0, 1]")
+            raise InvalidSetting("gpu_memory_utilization", "must be in (0, 1]")
+        if self.cpu_kv_cache_gib < 1:
+            raise InvalidSetting("cpu_kv_cache_gib", "must be at least 1")
         if self.drain_timeout_s < 0:
-            raise ConfigError("drain_timeout_s must be >= 0")
-        if self.engine_probe_interval_s <= 0 or self.engine_probe_timeout_s <= 0:
-            raise ConfigError("engine_probe_interval_s and engine_probe_timeout_s must be > 0")
-        if self.llamacpp_parallel < 1 or self.llamacpp_threads < 0:
-            raise ConfigError("llamacpp_parallel must be >= 1 and llamacpp_threads >= 0 (0: one per core)")
+            raise InvalidSetting("drain_timeout_s", "must be >= 0")
+        for name in ("engine_probe_interval_s", "engine_probe_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise InvalidSetting(name, "must be > 0")
+        if self.engine_probe_timeout_s <= self.engine_probe_interval_s:
+            # A working engine answers at least once per timeout: the systemd watchdog relies on it.
+            raise InvalidSetting("engine_probe_timeout_s", "must be longer than engine_probe_interval_s")
+        if self.start_timeout_s <= 0:
+            raise InvalidSetting("start_timeout_s", "must be > 0")
+        if self.llamacpp_parallel < 1:
+            raise InvalidSetting("llamacpp_parallel", "must be >= 1")
+        if self.llamacpp_threads < 0:
+            raise InvalidSetting("llamacpp_threads", "must be >= 0 (0: one per core)")
         return self
 
 
 def _coerce(name: str, kind: Any, value: Any) -> Any:
+    """The value as the field's type. TOML gives typed values, the environment strings."""
     try:
         if kind is bool:
-            if isinstance(value, str):
-                return value.strip().lower() in {"1", "true", "yes", "on"}
-            return bool(value)
-        if kind in (int, float):
             if isinstance(value, bool):
-                raise ValueError("a boolean")
+                return value
+            if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
+                return value.strip().lower() in TRUE_WORDS
+            raise ValueError(f"not true or false ({', '.join(TRUE_WORDS + FALSE_WORDS)})")
+        if kind in (int, float):
+            if isinstance(value, bool) or not isinstance(value, int | float | str):
+                raise ValueError("not a number")
             if kind is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError("not a whole number")
-            return kind(value)
+            try:
+                return kind(value)
+            except ValueError:  # a string: Python's own words ("invalid literal for int()") say less
+                raise ValueError("not a whole number" if kind is int else "not a number") from None
+        if not isinstance(value, str):
+            raise ValueError("not a string")
         if kind == Path | None and value == "":
             return None  # `key = ""` in the file means "not set", as for the string settings
         if kind in (Path, Path | None):
-            return Path(os.path.expanduser(str(value)))
+            return Path(os.path.expanduser(value))
         if kind is str:
-            if not isinstance(value, str):
-                raise ValueError("not a string")
             return value
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{name}: cannot use {value!r} ({exc})") from exc
-    raise ConfigError(f"{name}: unsupported setting type")
+        raise InvalidSetting(name, f"cannot use {value!r} ({exc})") from exc
+    raise InvalidSetting(name, "unsupported setting type")
+
+
+def setting_names() -> list[str]:
+    """Every setting, in declaration order (`source` is not one)."""
+    return [f.name for f in dataclasses.fields(Settings) if f.name != "source"]
 
 
 def load_config(path: Path | str | None = None, env: dict[str, str] | None = None) -> Settings:
-    """Read settings from `path` (or LORABOX_CONFIG, or the system file if present) plus env."""
+    """Read settings from `path` (or LORABOX_CONFIG, or the system file if present) plus env.
+
+    A wrong value raises ConfigError naming the setting and where the value came from: the
+    file, or the LORABOX_<NAME> environment variable."""
     env = dict(os.environ if env is None else env)
     explicit = path or env.get(f"{ENV_PREFIX}CONFIG")
     config_path = Path(explicit) if explicit else DEFAULT_CONFIG_PATH
@@ -231,14 +296,21 @@ def load_config(path: Path | str | None = None, env: dict[str, str] | None = Non
     elif explicit:
         raise ConfigError(f"config file not found: {config_path}")
 
-    hints = get_type_hints(Settings)
-    names = {f.name for f in dataclasses.fields(Settings) if f.name != "source"}
-    unknown = set(values) - names
+    names = setting_names()
+    unknown = set(values) - set(names)
     if unknown:
         raise ConfigError(f"{config_path}: unknown setting(s): {', '.join(sorted(unknown))}")
+    origins = dict.fromkeys(values, str(config_path))
     for name in names:
         env_value = env.get(ENV_PREFIX + name.upper())
         if env_value is not None:
             values[name] = env_value
-    typed = {name: _coerce(name, hints[name], value) for name, value in values.items()}
-    return Settings(**typed, source=config_path if config_path.exists() else None).validate()
+            origins[name] = f"{ENV_PREFIX}{name.upper()} (environment)"
+    # A default found wrong in a cross-field check is the file's to fix.
+    where = str(config_path) if config_path.exists() else "defaults"
+    hints = get_type_hints(Settings)
+    try:
+        typed = {name: _coerce(name, hints[name], value) for name, value in values.items()}
+        return Settings(**typed, source=config_path if config_path.exists() else None).validate()
+    except InvalidSetting as exc:
+        raise ConfigError(f"{origins.get(exc.name, where)}: {exc}") from exc

@@ -1,8 +1,9 @@
-"""Wiring: the app factory, start-up and shutdown order, sd_notify.
+"""Wiring: the app factory, start-up and shutdown order, and when systemd hears of each step.
 
 Start-up: open the store → listen (healthz answers, readyz says "starting") → start the engine
 and watch its health → register the drop folder and warm every tenant's active version → watch
-the folder → ready (sd_notify READY=1).
+the folder → ready (sd_notify READY=1; systemd.py: more time asked while starting, then watchdog
+pings while the engine answers its health probes).
 
 Shutdown, on SIGTERM: refuse new requests (readyz "stopping"), drain those in flight until
 `drain_timeout_s`, cut the rest (an error event each), write the usage ledger, then close the
@@ -19,7 +20,6 @@ import gc
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -46,6 +46,7 @@ from .gguf.export import Exporter
 from .serving.catalog import Catalog
 from .serving.generator import Generator
 from .serving.tokenization import TextCodec
+from .systemd import StartupExtender, Watchdog, sd_notify
 from .telemetry.device import DeviceSampler
 from .telemetry.gpu import gpu_memory
 from .telemetry.stats import TrafficStats
@@ -63,20 +64,8 @@ HANDLER_SHUTDOWN_S = 1.0
 # whoever polls /readyz or sends a request sees why rather than only a refused connection.
 FAILED_LINGER_S = 2.0
 ENGINE_SELECTION = web.AppKey("engine_selection", Selection)
-
-
-def sd_notify(state: str) -> None:
-    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.sendto(state.encode(), address)
-        except OSError as exc:
-            log.warning("sd_notify failed: %s", exc)
+STARTUP = web.AppKey("startup", StartupExtender)
+WATCHDOG = web.AppKey("watchdog", Watchdog)
 
 
 def engine_options(settings: Settings, model_dir: Path) -> EngineOptions:
@@ -88,6 +77,7 @@ def engine_options(settings: Settings, model_dir: Path) -> EngineOptions:
         max_cpu_loras=settings.max_cpu_loras,
         max_lora_rank=settings.max_lora_rank,
         gpu_memory_utilization=settings.gpu_memory_utilization,
+        tensor_parallel_size=settings.tensor_parallel_size,
         cpu_kv_cache_gib=settings.cpu_kv_cache_gib,
         log_level=settings.log_level,
         gguf_model=str(settings.gguf_model or ""),
@@ -106,7 +96,10 @@ def plan_residency(settings: Settings, base: BaseModelInfo, model_dir: Path, sto
     gpu_free = None
     if memory is not None:  # vLLM takes its share of the GPU; the weights come out of it first
         weights = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
-        gpu_free = int(memory.total * settings.gpu_memory_utilization) - weights
+        # Tensor parallelism shards the weights and every adapter slot alike across the GPUs
+        # (alike GPUs): the budget is their sum.
+        usable = memory.total * settings.gpu_memory_utilization * settings.tensor_parallel_size
+        gpu_free = int(usable) - weights
     dtype_bytes = 4 if settings.dtype == "float32" else 2
     return plan(
         adapters=len(tenants),
@@ -123,7 +116,10 @@ def plan_residency(settings: Settings, base: BaseModelInfo, model_dir: Path, sto
 
 
 def build_app(
-    settings: Settings, model_dir: Path, on_ready: Callable[[], None] | None = None
+    settings: Settings,
+    model_dir: Path,
+    on_ready: Callable[[], None] | None = None,
+    startup: StartupExtender | None = None,
 ) -> web.Application:
     store = Store.connect(settings.database_path)
     base = BaseModelInfo.from_model_dir(model_dir)
@@ -172,6 +168,8 @@ def build_app(
     app[ENGINE_SELECTION] = selection
     app[EXPORTER] = Exporter(model_dir, settings.exports_dir)
     app[ON_READY] = on_ready or (lambda: None)
+    app[STARTUP] = startup or StartupExtender(settings.start_timeout_s)  # not started: stop() is a no-op
+    app[WATCHDOG] = Watchdog.for_health(services.health.snapshot)
     add_routes(app)
     app.cleanup_ctx.append(_watch_loop_lag)
     app.cleanup_ctx.append(_run_engine)
@@ -197,6 +195,7 @@ async def _run_engine(app: web.Application) -> AsyncIterator[None]:
 
     async def start() -> None:
         began = time.perf_counter()
+        sd_notify("STATUS=loading the model")
         selection = await start_engine(app[ENGINE_SELECTION])  # under `auto`, may fall back
         services.engine = versions.engine = services.health.engine = selection.engine
         services.engine_name, services.engine_reason = selection.engine.name, selection.reason
@@ -211,13 +210,16 @@ async def _run_engine(app: web.Application) -> AsyncIterator[None]:
         max_len = getattr(services.engine, "max_model_len", None) or 4096
         services.generator = Generator(services.engine, services.codec, max_len)
         log.info("ready in %.1f s (%s)", time.perf_counter() - began, services.engine_reason)
+        app[STARTUP].stop()
         sd_notify("READY=1\nSTATUS=serving")
+        app[WATCHDOG].start()  # systemd arms its watchdog at READY=1
         app[ON_READY]()
 
     task = asyncio.create_task(start())
     task.add_done_callback(_exit_if_failed)
     yield
     task.cancel()
+    await app[WATCHDOG].stop()
     await services.health.stop()
     await watcher.stop()
     services.generator = None
@@ -271,6 +273,7 @@ async def _serve(settings: Settings, app: web.Application) -> str | None:
     try:
         await lifecycle.stopped()
     finally:
+        await app[WATCHDOG].stop()  # systemd disarms it when the service stops, or restarts it
         await services.health.stop()  # stopping, the engine's end is expected
         if lifecycle.failure:
             log.error("the engine failed (%s): ending every request and exiting", lifecycle.failure)
@@ -290,9 +293,16 @@ async def _serve(settings: Settings, app: web.Application) -> str | None:
     return lifecycle.failure
 
 
-def serve(settings: Settings, model_dir: Path, on_ready: Callable[[], None] | None = None) -> NoReturn:
-    """Serve until stopped; exits the process: 0 after SIGTERM/SIGINT, 1 after an engine failure."""
-    failure = asyncio.run(_serve(settings, build_app(settings, model_dir, on_ready)))
+def serve(
+    settings: Settings,
+    model_dir: Path,
+    on_ready: Callable[[], None] | None = None,
+    startup: StartupExtender | None = None,
+) -> NoReturn:
+    """Serve until stopped; exits the process: 0 after SIGTERM/SIGINT, 1 after an engine failure.
+
+    `startup`, already running, asks systemd for time until the engine is ready."""
+    failure = asyncio.run(_serve(settings, build_app(settings, model_dir, on_ready, startup)))
     if failure is not None:
         print(
             f"lorabox: the engine failed ({failure}); exiting for systemd to restart lorabox", file=sys.stderr

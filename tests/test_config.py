@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import get_type_hints
 
 import pytest
 
 from appliance import config as config_module
-from appliance.config import Settings, load_config
+from appliance.config import Settings, load_config, setting_names
 from appliance.errors import ConfigError
 
 
@@ -159,24 +163,61 @@ def test_wrong_types_in_the_env(name: str, value: str) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ('engine = "tensorrt"', "engine must be one of auto, vllm, llamacpp"),
-        ("port = 0", "port must be 1-65535"),
-        ("port = 65536", "port must be 1-65535"),
-        ("max_request_bytes = 10", "max_request_bytes"),
-        ("max_request_bytes = 4194304", "max_request_bytes must be between 1024 and 2097152"),
-        ("request_header_timeout_s = 0", "request_header_timeout_s"),
-        ("request_body_timeout_s = -1", "request_body_timeout_s"),
-        ("max_connections = 0", "max_connections"),
-        ("max_loras = -1", "max_loras"),
-        ("max_cpu_loras = -1", "max_cpu_loras"),
-        ("max_loras = 8\nmax_cpu_loras = 4", "max_cpu_loras >= max_loras"),
-        ("gpu_memory_utilization = 0", "gpu_memory_utilization"),
-        ("gpu_memory_utilization = 1.5", "gpu_memory_utilization"),
+        ('engine = "tensorrt"', "engine: must be one of auto, vllm, llamacpp, not 'tensorrt'"),
+        ("port = 0", "port: must be 1-65535"),
+        ("port = 65536", "port: must be 1-65535"),
+        ("max_request_bytes = 10", "max_request_bytes: must be between"),
+        ("max_request_bytes = 4194304", "max_request_bytes: must be between 1024 and 2097152"),
+        ("request_header_timeout_s = 0", "request_header_timeout_s: must be > 0"),
+        ("request_body_timeout_s = -1", "request_body_timeout_s: must be > 0"),
+        ("max_connections = 0", "max_connections: must be at least 1"),
+        ("max_loras = -1", "max_loras: must be >= 0"),
+        ("max_cpu_loras = -1", "max_cpu_loras: must be >= 0"),
+        ("max_loras = 8\nmax_cpu_loras = 4", "max_cpu_loras: need max_cpu_loras >= max_loras"),
+        ("lora_cpu_budget_mib = 0", "lora_cpu_budget_mib: must be at least 1"),
+        ("max_lora_rank = 0", "max_lora_rank: must be 1-512"),
+        ("max_lora_rank = 1024", "max_lora_rank: must be 1-512"),
+        ("max_model_len = -1", "max_model_len: must be >= 0"),
+        ('dtype = "fp8"', "dtype: must be one of auto, float32, bfloat16, float16"),
+        ("gpu_memory_utilization = 0", "gpu_memory_utilization: must be in"),
+        ("gpu_memory_utilization = 1.5", "gpu_memory_utilization: must be in"),
+        ("tensor_parallel_size = 0", "tensor_parallel_size: must be at least 1"),
+        ("cpu_kv_cache_gib = 0", "cpu_kv_cache_gib: must be at least 1"),
+        ('log_level = "loud"', "log_level: must be one of debug"),
+        ("drain_timeout_s = -1", "drain_timeout_s: must be >= 0"),
+        ("engine_probe_interval_s = 0", "engine_probe_interval_s: must be > 0"),
+        ("engine_probe_timeout_s = -2", "engine_probe_timeout_s: must be > 0"),
+        ("engine_probe_interval_s = 20.0", "engine_probe_timeout_s: must be longer than"),
+        ("start_timeout_s = 0", "start_timeout_s: must be > 0"),
+        ("llamacpp_parallel = 0", "llamacpp_parallel: must be >= 1"),
+        ("llamacpp_threads = -1", "llamacpp_threads: must be >= 0"),
     ],
 )
-def test_invalid_values(tmp_path: Path, text: str, message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
-        load_config(write(tmp_path, text + "\n"), env={})
+def test_invalid_values_name_the_setting_and_the_file(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text + "\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(path, env={})
+    assert str(refused.value) == f"{path}: {message}" or str(refused.value).startswith(f"{path}: {message}")
+
+
+@pytest.mark.parametrize("name", setting_names())
+def test_every_setting_refuses_a_wrong_value_by_name_and_file(tmp_path: Path, name: str) -> None:
+    """A TOML table is no setting's type: each one refuses it, naming itself and the file."""
+    path = write(tmp_path, f"{name} = {{ x = 1 }}\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(path, env={})
+    assert str(refused.value).startswith(f"{path}: {name}: cannot use {{'x': 1}}")
+
+
+NUMERIC = [n for n in setting_names() if get_type_hints(Settings)[n] in (int, float, bool)]
+
+
+@pytest.mark.parametrize("name", NUMERIC)
+def test_a_wrong_value_from_the_environment_names_its_variable(name: str) -> None:
+    variable = f"LORABOX_{name.upper()}"
+    with pytest.raises(ConfigError) as refused:
+        load_config(env={variable: "plenty"})
+    assert str(refused.value).startswith(f"{variable} (environment): {name}: cannot use 'plenty'")
 
 
 def test_bad_engine_from_env() -> None:
@@ -230,3 +271,18 @@ def test_unreadable_config_file_is_a_config_error(tmp_path: Path, kind: str) -> 
 def test_unknown_log_level_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="log_level"):
         load_config(write(tmp_path, 'log_level = "loud"\n'), env={})
+
+
+def test_the_daemon_refuses_a_bad_value_in_one_line_naming_it_and_the_file(tmp_path: Path) -> None:
+    """What systemd's journal shows when the config is wrong: `lorabox serve` exits 1 at once."""
+    path = write(tmp_path, 'port = 8400\nengine_probe_timeout_s = "soon"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "appliance", "serve", "--config", str(path)],
+        cwd=Path(__file__).resolve().parents[1],
+        env={k: v for k, v in os.environ.items() if not k.startswith("LORABOX_")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == f"lorabox: {path}: engine_probe_timeout_s: cannot use 'soon' (not a number)\n"

@@ -7,6 +7,7 @@ little VRAM) are decided before anything starts, from NVML; here NVML is replace
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import urllib.request
 from pathlib import Path
@@ -73,6 +74,14 @@ def test_too_little_free_vram_sends_auto_to_llamacpp(gpu, options):
     chosen = select.select_engine("auto", options)
     assert isinstance(chosen.engine, LlamaCppEngine)
     assert "too little VRAM for vLLM" in chosen.reason
+
+
+def test_tensor_parallelism_splits_the_weights_across_the_gpus(gpu, options):
+    weights = sum(p.stat().st_size for p in Path(options.model).glob("*.safetensors"))
+    gpu["memory"] = GpuMemory(total=80 * GIB, used=80 * GIB - weights * 3 // 4, free=weights * 3 // 4)
+    assert "too little VRAM" in select.select_engine("auto", options).reason
+    split = dataclasses.replace(options, tensor_parallel_size=2)  # 3/4 of the weights free on each of 2
+    assert select.select_engine("auto", split).engine.name == "vllm"
 
 
 def test_no_engine_at_all_says_both_reasons(gpu, options, monkeypatch):
@@ -144,3 +153,10 @@ def test_auto_falls_back_to_llamacpp_and_says_why(fallback_demo, tmp_path, shim,
         )
     finally:
         server.stop()
+
+
+def test_the_daemon_passes_tensor_parallelism_to_the_engine(tmp_path):
+    from appliance.config import Settings
+    from appliance.daemon import engine_options
+
+    assert engine_options(Settings(tensor_parallel_size=4), tmp_path).tensor_parallel_size == 4

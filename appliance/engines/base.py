@@ -117,6 +117,7 @@ class EngineOptions:
     max_cpu_loras: int = 64
     max_lora_rank: int = 64
     gpu_memory_utilization: float = 0.90
+    tensor_parallel_size: int = 1  # vLLM: GPUs the model is split across
     cpu_kv_cache_gib: int = 4
     log_level: str = "info"
     gguf_model: str = ""  # llama.cpp: the base model's GGUF; empty: converted from `model`

@@ -55,6 +55,7 @@ def vllm_unavailable_reason(options: EngineOptions) -> str | None:
     if memory is not None:
         weights = sum(p.stat().st_size for p in Path(options.model).glob("*.safetensors"))
         usable = min(int(memory.total * options.gpu_memory_utilization), memory.free)
+        usable *= options.tensor_parallel_size  # the weights are split across alike GPUs
         if weights >= usable:
             gib = 1 << 30
             return (

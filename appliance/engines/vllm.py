@@ -120,6 +120,7 @@ class VLLMEngine:
             max_lora_rank=vllm_lora_rank(opts.max_lora_rank),  # type: ignore[arg-type]
             enable_prefix_caching=True,
             gpu_memory_utilization=opts.gpu_memory_utilization,
+            tensor_parallel_size=opts.tensor_parallel_size,
             disable_log_stats=True,
         )
         readout = [scheduler_readout(self._keep_scheduler_stats)] if opts.collect_stats else None

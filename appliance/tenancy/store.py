@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import hmac
 import json
+import re
 import secrets
 import sqlite3
 from collections.abc import Iterator
@@ -181,6 +182,25 @@ class Store:
         )
         self.record_event("key_issued", tenant=tenant, detail=key_id)
         return IssuedKey(key_id, tenant, plaintext)
+
+    def import_key(self, tenant: str, plaintext: str) -> str:
+        """Accept a key issued on another box (several boxes serve the same tenants, docs/scaling.md):
+        only its hash is stored, under the id it carries. Returns the key id."""
+        if not self.get_tenant(tenant):
+            raise StoreError(f"no tenant named {tenant!r}")
+        match = re.fullmatch(rf"{KEY_PREFIX}-([0-9a-f]{{8}})-[A-Za-z0-9_-]{{32,}}", plaintext)
+        if match is None:
+            raise StoreError(f"not a lorabox key (expected {KEY_PREFIX}-<8 hex digits>-<secret>)")
+        key_id = match.group(1)
+        existing = list(self.db.table("api_keys").rows_where("key_id = ?", [key_id]))
+        if existing:
+            same = existing[0]["key_hash"] == hash_key(plaintext) and existing[0]["tenant"] == tenant
+            raise StoreError(f"key {key_id} is {'already here' if same else 'taken by another key'}")
+        self.db.table("api_keys").insert(
+            {"key_id": key_id, "tenant": tenant, "key_hash": hash_key(plaintext), "created_at": _now()}
+        )
+        self.record_event("key_imported", tenant=tenant, detail=key_id)
+        return key_id
 
     def revoke_key(self, key_id: str) -> tuple[str, str]:
         """Revoke by public id (or the full key); returns (tenant, key id)."""

@@ -1,0 +1,228 @@
+"""Several boxes behind nginx, as docs/scaling.md sets them up: two real lorabox instances (llama.cpp,
+light and quick to start) on loopback ports, the second one's adapters rsync'd from the first's
+with the documented flags and the tenant's key imported, behind a real nginx running the doc's own
+configuration. One key's requests stick to one box; stopping that box moves them to the other with
+no failed request beyond those in flight."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from appliance.demo import init_demo
+from appliance.testing.localserver import LocalServer, ServerFailed, free_port, http_status
+from tests.conftest import SERVER_START_TIMEOUT_S, Demo, Server, post_json
+from tests.dedicated import usage_rows
+
+REPO = Path(__file__).resolve().parents[1]
+DOC = REPO / "docs" / "scaling.md"
+TENANT = "acme"
+REQUEST = {"model": TENANT, "prompt": "Hello", "max_tokens": 4, "temperature": 0}
+
+
+def documented_nginx_block() -> str:
+    blocks = re.findall(r"```nginx\n(.*?)```", DOC.read_text(), re.S)
+    assert len(blocks) == 1, "docs/scaling.md should hold one nginx block"
+    return str(blocks[0])
+
+
+def render(block: str, upstreams: list[str], port: int) -> str:
+    """The doc's block with its boxes' addresses replaced, listening on a loopback port without TLS."""
+    boxes = iter(upstreams)
+    lines = []
+    for line in block.splitlines():
+        words = line.split()
+        if words[:1] == ["server"] and ":" in words[1]:  # an upstream box, parameters kept
+            line = line.replace(words[1], next(boxes))
+        elif words[:1] == ["listen"]:
+            line = f"    listen 127.0.0.1:{port};"
+        elif words[:1] and words[0].startswith("ssl_"):
+            continue
+        lines.append(line)
+    assert next(boxes, None) is None, "the doc's upstream should name exactly the two boxes"
+    return "\n".join(lines)
+
+
+def nginx_conf(prefix: Path, http_block: str) -> str:
+    temp = "\n".join(
+        f"    {kind}_temp_path {prefix / kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    return f"""\
+master_process off;
+daemon off;
+pid {prefix / "nginx.pid"};
+error_log {prefix / "error.log"} warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+{temp}
+{http_block}
+}}
+"""
+
+
+@pytest.fixture(scope="module")
+def boxes(demo: Demo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Server]]:
+    """Box one: a demo copy. Box two: another, its adapters rsync'd from box one's and box one's
+    key for the tenant imported, as docs/scaling.md says."""
+    demos = []
+    for name in ("box1", "box2"):
+        directory = tmp_path_factory.mktemp(name)
+        shutil.copytree(demo.model_dir, directory / "model")
+        shutil.copy2(demo.dir / "model.gguf", directory / "model.gguf")
+        demos.append(Demo(directory, init_demo(directory)))
+    first, second = demos
+    shutil.rmtree(second.dir / "adapters")
+    (second.dir / "adapters").mkdir()
+    subprocess.run(
+        [
+            "rsync",
+            "-rt",
+            "--delay-updates",
+            "--delete-delay",
+            f"{first.dir / 'adapters'}/",
+            f"{second.dir / 'adapters'}/",
+        ],
+        check=True,
+    )
+    subprocess.run(
+        [sys.executable, "-m", "appliance", "key", "import", TENANT, "--config", str(second.config)],
+        input=first.keys[TENANT] + "\n",
+        text=True,
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    second.keys[TENANT] = first.keys[TENANT]
+
+    started: list[Server] = []
+    failures: list[BaseException] = []
+
+    def start(box: Demo) -> None:
+        try:
+            local = LocalServer.start(
+                box.config,
+                box.dir / "server.log",
+                timeout_s=SERVER_START_TIMEOUT_S,
+                env={"LORABOX_ENGINE": "llamacpp"},
+            )
+            started.append(Server(local, box))
+        except ServerFailed as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=start, args=(box,)) for box in demos]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        if failures:
+            pytest.fail(str(failures[0]))
+        yield sorted(started, key=lambda server: str(server.demo.dir))
+    finally:
+        for server in started:
+            server.local.kill()
+
+
+@pytest.fixture(scope="module")
+def nginx(boxes: list[Server], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    prefix = tmp_path_factory.mktemp("nginx")
+    port = free_port()
+    upstreams = [server.url.removeprefix("http://") for server in boxes]
+    conf = prefix / "nginx.conf"
+    conf.write_text(nginx_conf(prefix, render(documented_nginx_block(), upstreams, port)))
+    process = subprocess.Popen(["nginx", "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(conf)])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 10
+        while http_status(f"{url}/healthz") != 200:
+            assert process.poll() is None, (prefix / "error.log").read_text()
+            assert time.monotonic() < deadline, "nginx did not come up"
+            time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def served_by(boxes: list[Server], at_least: int, timeout_s: float = 15) -> list[int]:
+    """The tenant's requests in each box's usage ledger, once they add up to `at_least`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        counts = [
+            sum(1 for row in usage_rows(s.demo) if row["tenant"] == TENANT and row["status"] == 200)
+            for s in boxes
+        ]
+        if sum(counts) >= at_least or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.2)
+
+
+def test_one_key_sticks_to_one_box_and_moves_when_that_box_stops(boxes: list[Server], nginx: str):
+    key = boxes[0].demo.keys[TENANT]
+    for _ in range(8):
+        status, body = post_json(f"{nginx}/v1/completions", REQUEST, key=key)
+        assert status == 200, body
+    counts = served_by(boxes, at_least=8)
+    assert sorted(counts) == [0, 8], counts  # affinity: every request on the same box
+    home, other = (boxes[0], boxes[1]) if counts[0] else (boxes[1], boxes[0])
+
+    results: list[tuple[float, float, int, object]] = []  # (sent, answered, status, body)
+    stop_clients = threading.Event()
+
+    def client() -> None:
+        while not stop_clients.is_set():
+            sent = time.monotonic()
+            status, body = post_json(f"{nginx}/v1/completions", REQUEST, key=key)
+            results.append((sent, time.monotonic(), status, body))
+
+    clients = [threading.Thread(target=client, daemon=True) for _ in range(2)]
+    for thread in clients:
+        thread.start()
+    time.sleep(1.0)
+    stopping_at = time.monotonic()
+    home.local.stop()  # SIGTERM, as systemctl stop: drains, then exits
+    stopped_at = time.monotonic()
+    assert home.local.process.returncode == 0
+    time.sleep(2.0)
+    stop_clients.set()
+    for thread in clients:
+        thread.join(60)
+
+    failed = [r for r in results if r[2] != 200]
+    in_flight = [r for r in failed if r[0] < stopping_at < r[1]]
+    print(
+        f"failover: {len(results)} requests, {len(failed)} failed ({len(in_flight)} in flight at the stop),"
+        f" stop took {stopped_at - stopping_at:.2f} s"
+    )
+    assert failed == in_flight, failed
+    after = [r for r in results if r[0] > stopped_at]
+    assert len(after) >= 4, len(results)
+    assert all(r[2] == 200 for r in after)
+    moved = served_by([other], at_least=len(after))[0]
+    assert moved >= len(after)  # served by the other box: it was the only one left
+
+
+def test_the_sizing_table_is_the_planners_arithmetic():
+    """docs/scaling.md's table is what benchmarks/sizing.py prints from residency.py today."""
+    printed = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "sizing.py")],
+        env={"PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    table = [line for line in printed.splitlines() if line.startswith("|")]
+    assert len(table) == 5, printed
+    documented = DOC.read_text().splitlines()
+    start = documented.index(table[0])
+    assert documented[start : start + len(table)] == table
