@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from .errors import ConfigError
+from .errors import ConfigError, PolicyError
+from .tenancy.policy import Policy, parse_values
 
 DEFAULT_CONFIG_PATH = Path("/etc/lorabox/lorabox.toml")
 ENV_PREFIX = "LORABOX_"
@@ -24,6 +25,9 @@ SHUTDOWN_MARGIN_S = 20.0
 write (SQLite waits up to 5 s for a lock), aiohttp closing connections (2 x 1 s) and the engine
 core's exit (5 s, then it is killed), with room to spare. See `Settings.stop_timeout_s`."""
 LOG_LEVELS = ("debug", "info", "warning", "error")
+SCHEDULERS = ("fair", "fifo")
+DEFAULTS_SECTION = "tenant_defaults"
+DEFAULTS_ENV_PREFIX = ENV_PREFIX + "DEFAULT_"
 MAX_REQUEST_BYTES = 2 << 20
 
 
@@ -130,6 +134,36 @@ class Settings:
     error (`engine_failed`, 503) and the daemon exits non-zero, for systemd to restart it. Long
     enough for the slowest single engine step (a huge prefill, loading a large adapter)."""
 
+    scheduler: str = "fair"
+    """Which waiting request the engine gets next. `fair`: weighted fair across tenants (virtual
+    token counters, as VTC: a tenant's tokens served, prompt + 2 x completion, over its weight;
+    the lowest goes first, and a tenant with nothing running starts at once). `fifo`: in order of
+    arrival, whoever sent it (for comparison; see benchmarks/noisy_neighbour.py)."""
+
+    max_running: int = 32
+    """Generation requests in the engine at once (beyond them, requests wait in lorabox's fair
+    queue). The knob between latency isolation and throughput: lower keeps the engine's batches
+    small (each token comes sooner) and bounds how far a tenant can get ahead of its share (at most
+    `max_running` requests' tokens; README, "Fair scheduling"); higher batches more requests per
+    step, for more tokens per second in all. A tenant with no request running may start one even
+    when all are taken, so one request per tenant can come on top."""
+
+    max_queued: int = 1024
+    """Requests waiting for the engine, all tenants together, at most; past it new requests get 503
+    with Retry-After. Each tenant's own bound is its policy's `max_queued`."""
+
+    usage_sync_commit: bool = True
+    """Commit each request's usage-ledger row before the last byte of its response is sent (rows
+    are committed in groups, off the event loop): once a client has its whole answer, the billing
+    record survives a crash or kill -9. false: rows are written within a second, after the
+    response; a crash loses what was not yet written."""
+
+    tenant_defaults: Policy = field(default_factory=Policy)
+    """The policy of every tenant that has not set its own value (`[tenant_defaults]` in the file;
+    `LORABOX_DEFAULT_<FIELD>` in the environment): weight, rpm, tpm, max_concurrent, max_queued,
+    quota_tokens, quota_period, quota_warn_pct, max_tokens, system_prompt, price_in, price_out
+    (tenancy/policy.py documents each; "none" is no limit). Unset: no limits, weight 1, 32 queued."""
+
     source: Path | None = field(default=None, compare=False)
     """The file these settings were read from, if any (not a setting)."""
 
@@ -183,6 +217,10 @@ class Settings:
             raise ConfigError("drain_timeout_s must be >= 0")
         if self.engine_probe_interval_s <= 0 or self.engine_probe_timeout_s <= 0:
             raise ConfigError("engine_probe_interval_s and engine_probe_timeout_s must be > 0")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"scheduler must be one of {', '.join(SCHEDULERS)}, not {self.scheduler!r}")
+        if self.max_running < 1 or self.max_queued < 0:
+            raise ConfigError("max_running must be >= 1 and max_queued >= 0")
         if self.llamacpp_parallel < 1 or self.llamacpp_threads < 0:
             raise ConfigError("llamacpp_parallel must be >= 1 and llamacpp_threads >= 0 (0: one per core)")
         return self
@@ -228,7 +266,8 @@ def load_config(path: Path | str | None = None, env: dict[str, str] | None = Non
         raise ConfigError(f"config file not found: {config_path}")
 
     hints = get_type_hints(Settings)
-    names = {f.name for f in dataclasses.fields(Settings) if f.name != "source"}
+    defaults = _tenant_defaults(values.pop(DEFAULTS_SECTION, {}), env, config_path)
+    names = {f.name for f in dataclasses.fields(Settings) if f.name not in ("source", DEFAULTS_SECTION)}
     unknown = set(values) - names
     if unknown:
         raise ConfigError(f"{config_path}: unknown setting(s): {', '.join(sorted(unknown))}")
@@ -237,4 +276,20 @@ def load_config(path: Path | str | None = None, env: dict[str, str] | None = Non
         if env_value is not None:
             values[name] = env_value
     typed = {name: _coerce(name, hints[name], value) for name, value in values.items()}
-    return Settings(**typed, source=config_path if config_path.exists() else None).validate()
+    return Settings(
+        **typed, tenant_defaults=defaults, source=config_path if config_path.exists() else None
+    ).validate()
+
+
+def _tenant_defaults(section: Any, env: dict[str, str], config_path: Path) -> Policy:
+    """The `[tenant_defaults]` table, with LORABOX_DEFAULT_<FIELD> on top, as checked policy values."""
+    if not isinstance(section, dict):
+        raise ConfigError(f"{config_path}: {DEFAULTS_SECTION} must be a table ([{DEFAULTS_SECTION}])")
+    values = dict(section)
+    for name, value in env.items():
+        if name.startswith(DEFAULTS_ENV_PREFIX):
+            values[name.removeprefix(DEFAULTS_ENV_PREFIX).lower()] = value
+    try:
+        return Policy(**parse_values(values))
+    except PolicyError as exc:
+        raise ConfigError(f"{DEFAULTS_SECTION}.{exc}") from exc

@@ -46,7 +46,11 @@ from .serving.catalog import Catalog
 from .serving.generator import Generator
 from .serving.tokenization import TextCodec
 from .telemetry.gpu import gpu_memory
+from .tenancy.admission import Admission
 from .tenancy.ledger import UsageLedger
+from .tenancy.policybook import PolicyBook
+from .tenancy.quota import QuotaMeter
+from .tenancy.scheduler import FairScheduler
 from .tenancy.store import Store
 
 log = logging.getLogger(__name__)
@@ -60,6 +64,7 @@ HANDLER_SHUTDOWN_S = 1.0
 # whoever polls /readyz or sends a request sees why rather than only a refused connection.
 FAILED_LINGER_S = 2.0
 ENGINE_SELECTION = web.AppKey("engine_selection", Selection)
+LLAMACPP_PARALLEL = web.AppKey("llamacpp_parallel", int)
 
 
 def sd_notify(state: str) -> None:
@@ -133,17 +138,19 @@ def build_app(
     versions = VersionManager(
         store, selection.engine, registry, ResidencyTracker(sizes.max_loras, sizes.max_cpu_loras)
     )
+    ledger = UsageLedger(settings.database_path, sync_commit=settings.usage_sync_commit)
     services = Services(
         store=store,
         catalog=Catalog(store, versions, settings.base_model_name),
         codec=TextCodec.from_model_dir(model_dir),
-        ledger=UsageLedger(settings.database_path),
+        ledger=ledger,
         engine=selection.engine,
         health=EngineHealth(
             selection.engine,
             probe_every_s=settings.engine_probe_interval_s,
             probe_timeout_s=settings.engine_probe_timeout_s,
         ),
+        admission=build_admission(settings, store, ledger),
         engine_name=selection.engine.name,
         engine_reason=selection.reason,
     )
@@ -154,15 +161,32 @@ def build_app(
     app[ADAPTERS_DIR] = settings.adapters_dir
     app[PLAN] = sizes
     app[ENGINE_SELECTION] = selection
+    app[LLAMACPP_PARALLEL] = settings.llamacpp_parallel
     app[EXPORTER] = Exporter(model_dir, settings.exports_dir)
     app[ON_READY] = on_ready or (lambda: None)
     add_routes(app)
     app.cleanup_ctx.append(_watch_loop_lag)
     app.cleanup_ctx.append(_run_engine)
     app.cleanup_ctx.append(lambda _app: services.ledger.run())
+    app.cleanup_ctx.append(lambda _app: services.admission.policies.follow(settings.database_path))
     app.on_cleanup.append(lambda _app: registry.close())
     app.on_cleanup.append(lambda _app: _close_store(store))
     return app
+
+
+def build_admission(settings: Settings, store: Store, ledger: UsageLedger) -> Admission:
+    """Policies from the store, quota use seeded from the ledger, the fair queue."""
+
+    def warn(tenant: str, detail: str) -> None:
+        ledger.event("quota_warning", tenant=tenant, detail=detail)
+
+    quota = QuotaMeter(on_warning=warn)
+    quota.seed(store.tokens_since, store.last_events("quota_warning"))
+    return Admission(
+        PolicyBook.load(store, settings.tenant_defaults),
+        quota,
+        FairScheduler(settings.max_running, settings.max_queued, fair=settings.scheduler == "fair"),
+    )
 
 
 async def _watch_loop_lag(app: web.Application) -> AsyncIterator[None]:
@@ -184,6 +208,9 @@ async def _run_engine(app: web.Application) -> AsyncIterator[None]:
         selection = await start_engine(app[ENGINE_SELECTION])  # under `auto`, may fall back
         services.engine = versions.engine = services.health.engine = selection.engine
         services.engine_name, services.engine_reason = selection.engine.name, selection.reason
+        if selection.engine.name == "llamacpp":  # it runs this many at once; the rest would wait in FIFO
+            scheduler = services.admission.scheduler
+            scheduler.max_running = min(scheduler.max_running, app[LLAMACPP_PARALLEL])
         services.health.start(services.lifecycle.fail)
         # What start-up made (torch, vLLM, the tokenizer: 600,000 objects) lives as long as the
         # process: out of the collector's sight, or each full collection holds every thread, the

@@ -4,7 +4,9 @@ A `RequestRecord` is what one generation request leaves behind: the ledger books
 ones (the billing record) and telemetry counts them all. It never holds prompt or completion text.
 
 The writes happen on one writer thread with its own SQLite connection: a commit waits for the
-disk (fsync), and the event loop that streams every tenant's tokens must never wait with it.
+disk (fsync), and the event loop that streams every tenant's tokens must never wait with it; it
+awaits the commit's future instead (`book`), so that a response's last byte leaves only once
+its row is on disk.
 """
 
 from __future__ import annotations
@@ -49,9 +51,13 @@ class RequestRecord:
     ttft_ms: float | None = None
     """Time from the request's arrival to its first generated token."""
     latency_ms: float = 0.0
+    price_in: float = 0.0
+    price_out: float = 0.0
+    """The tenant's prices when it was served, per million prompt / completion tokens."""
     admitted: bool = True
-    """It reached generation (the ledger books only these; refusals before it are counted by
-    telemetry alone, so that a flood of refused requests cannot grow the ledger)."""
+    """It passed admission (rate limits, quota, queue bounds). The ledger books only these, with
+    the tokens the engine processed (none for one that never left the queue); refusals are
+    counted by telemetry alone, so that a flood of refused requests cannot grow the ledger."""
     ts: str = field(default_factory=_now)
 
     def row(self) -> dict[str, Any]:
@@ -61,21 +67,77 @@ class RequestRecord:
 
 
 class UsageLedger:
-    def __init__(self, database: Path, flush_every_s: float = 1.0):
+    """Usage rows (and the events that go with them) written by one writer thread.
+
+    With `sync_commit` (the default) a row is written as soon as it is booked, together with
+    whatever else was booked meanwhile (group commit: one transaction, one fsync, for all the
+    requests that ended while the previous commit ran), and `book` returns a future that is done
+    once it is committed: the request path awaits it before the last byte of its response. Without,
+    rows are written every `flush_every_s`. A failed write keeps its rows for the next one; the
+    requests waiting on it are let go (logged), so that a broken disk does not hold every answer.
+    """
+
+    def __init__(self, database: Path, *, sync_commit: bool = True, flush_every_s: float = 1.0):
         self.database = database
+        self.sync_commit = sync_commit
         self.flush_every_s = flush_every_s
         self._rows: list[dict[str, Any]] = []
+        self._events: list[dict[str, Any]] = []
+        self._waiting: list[asyncio.Future[None]] = []
+        self._writing: asyncio.Task[None] | None = None
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorabox-usage")
         self._store: Store | None = None  # opened and used on the writer thread only
 
-    def record(self, record: RequestRecord) -> None:
-        if record.admitted:
-            self._rows.append(record.row())
+    def book(self, record: RequestRecord) -> asyncio.Future[None]:
+        """Book an admitted request's row; the future is done once it is committed (at once for a
+        request that was not admitted, or without `sync_commit`)."""
+        committed = asyncio.get_running_loop().create_future()
+        if not record.admitted:
+            committed.set_result(None)
+            return committed
+        self._rows.append(record.row())
+        if self.sync_commit:
+            self._waiting.append(committed)
+            self._start_writing()
+        else:
+            committed.set_result(None)
+        return committed
 
-    def _write(self, rows: list[dict[str, Any]]) -> None:
+    def event(self, kind: str, *, tenant: str = "", version: str = "", detail: str = "") -> None:
+        """An event the request path raises (a quota warning), written with the next rows."""
+        self._events.append(
+            {"ts": _now(), "kind": kind, "tenant": tenant, "version": version, "detail": detail}
+        )
+        self._start_writing()
+
+    def _start_writing(self) -> None:
+        if self._writing is None or self._writing.done():
+            self._writing = asyncio.create_task(self._write_pending())
+
+    async def _write_pending(self) -> None:
+        while self._rows or self._events:
+            rows, events, waiting = self._rows, self._events, self._waiting
+            self._rows, self._events, self._waiting = [], [], []
+            try:
+                await asyncio.get_running_loop().run_in_executor(self._writer, self._write, rows, events)
+            except Exception:
+                log.exception(
+                    "could not write %d usage rows; keeping them for the next write", len(rows) + len(events)
+                )
+                self._rows[:0], self._events[:0] = rows, events
+                return
+            finally:
+                for future in waiting:
+                    if not future.done():
+                        future.set_result(None)
+
+    def _write(self, rows: list[dict[str, Any]], events: list[dict[str, Any]]) -> None:
         if self._store is None:
             self._store = Store.connect(self.database)
-        self._store.record_usage(rows)
+        with self._store.writing():
+            self._store.record_usage(rows)
+            if events:
+                self._store.db.table("events").insert_all(events)
 
     def _close(self) -> None:
         if self._store is not None:
@@ -83,17 +145,17 @@ class UsageLedger:
             self._store = None
 
     async def flush(self) -> None:
-        rows, self._rows = self._rows, []
-        if not rows:
-            return
-        try:
-            await asyncio.get_running_loop().run_in_executor(self._writer, self._write, rows)
-        except Exception:
-            log.exception("could not write %d usage rows; keeping them for the next flush", len(rows))
-            self._rows[:0] = rows
+        """Write everything booked so far; returns once it is written (or the write failed)."""
+        if self._writing is not None and not self._writing.done():
+            await self._writing  # what it took, and what came meanwhile
+        if self._rows or self._events:
+            self._start_writing()
+            assert self._writing is not None
+            await self._writing
 
     async def run(self) -> AsyncIterator[None]:
-        """aiohttp cleanup context: flush periodically, and once more on shutdown."""
+        """aiohttp cleanup context: write periodically (rows booked without `sync_commit`, and any a
+        failed write kept), and once more on shutdown."""
 
         async def loop() -> None:
             while True:
