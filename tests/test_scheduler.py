@@ -109,6 +109,17 @@ async def test_a_tenant_with_nothing_running_starts_at_once_even_when_the_engine
     assert scheduler.running == 3
 
 
+async def test_a_backlogged_tenant_gets_no_place_on_top_between_its_requests() -> None:
+    scheduler = FairScheduler(max_running=2, max_queued=1000)
+    for _ in range(5):
+        scheduler.enter("flood", weight=1, max_concurrent=None, max_queued=10, prompt_tokens=1)
+    first = scheduler.enter("b", weight=1, max_concurrent=None, max_queued=10, prompt_tokens=1)
+    second = scheduler.enter("b", weight=1, max_concurrent=None, max_queued=10, prompt_tokens=1)
+    scheduler.leave(first)  # b has nothing running now, but it was waiting all along
+    assert not second.granted.done()  # it waits for its turn like the flood's
+    assert scheduler.running == 2
+
+
 async def test_a_returning_tenant_banks_no_credit() -> None:
     clock = Clock()
     scheduler = FairScheduler(max_running=1, max_queued=1000, clock=clock)

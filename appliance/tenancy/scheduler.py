@@ -9,10 +9,11 @@ arrival order). Work-conserving: a tenant alone gets every place. A tenant that 
 waiting or running starts at the lowest counter of those active (or, with none active, at the
 counter of the last one to go idle): it banks no credit for the time it was away.
 
-One addition for latency isolation: a tenant with no request running may start one at once even
-when all `max_running` places are taken, so a tenant sending one request at a time never waits
-behind a flood; the flood's requests then start again only once the total is back under
-`max_running`. At most one such request per tenant comes on top.
+One addition for latency isolation: a request that finds its tenant idle (nothing queued or
+running) starts at once even when all `max_running` places are taken, so a tenant sending one
+request at a time never waits behind a flood; the flood's requests then start again only once the
+total is back under `max_running`. At most one such request per tenant comes on top, and a
+backlogged tenant gets none (its share stays what its weight says).
 
 The bound (for two tenants f and g waiting throughout an interval, fair mode): the service each
 received, in the counters' units (prompt + 2 x completion, over the weight), differs by at most
@@ -54,6 +55,7 @@ class Turn:
     tenant: str
     prompt_tokens: int
     arrived: float
+    fresh: bool = False  # its tenant had nothing queued or running when it came
     granted: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     started: float | None = None
     done: bool = False
@@ -110,9 +112,10 @@ class FairScheduler:
         when it would have to wait and its tenant's queue, or the box's, is full."""
         state = self._tenants.get(tenant) or self._tenants.setdefault(tenant, _Tenant(tenant))
         state.weight, state.max_concurrent = weight, max_concurrent
-        if not state.active:
+        fresh = not state.active
+        if fresh:
             self._wake_up(state)
-        turn = Turn(tenant, prompt_tokens, self._clock())
+        turn = Turn(tenant, prompt_tokens, self._clock(), fresh)
         state.queue.append(turn)
         self.queued += 1
         self._dispatch()
@@ -200,10 +203,10 @@ class FairScheduler:
             if self.running < self.max_running:
                 self._start(min(ready, key=self._order))
                 continue
-            idle = [t for t in ready if t.running == 0] if self.fair else []
-            if not idle:
+            returning = [t for t in ready if t.queue[0].fresh] if self.fair else []
+            if not returning:
                 return
-            self._start(min(idle, key=self._order))
+            self._start(min(returning, key=self._order))
 
     def _start(self, state: _Tenant) -> None:
         turn = state.queue.popleft()
