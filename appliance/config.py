@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from .errors import ConfigError, PolicyError
+from .tenancy.ledger import COMMIT_MODES
 from .tenancy.policy import Policy, parse_values
 
 DEFAULT_CONFIG_PATH = Path("/etc/lorabox/lorabox.toml")
@@ -140,23 +141,27 @@ class Settings:
     the lowest goes first, and a tenant with nothing running starts at once). `fifo`: in order of
     arrival, whoever sent it (for comparison; see benchmarks/noisy_neighbour.py)."""
 
-    max_running: int = 32
-    """Generation requests in the engine at once (beyond them, requests wait in lorabox's fair
-    queue). The knob between latency isolation and throughput: lower keeps the engine's batches
-    small (each token comes sooner) and bounds how far a tenant can get ahead of its share (at most
-    `max_running` requests' tokens; README, "Fair scheduling"); higher batches more requests per
-    step, for more tokens per second in all. A tenant with no request running may start one even
-    when all are taken, so one request per tenant can come on top."""
+    max_running: int = 0
+    """Generation requests in the engine at once; the rest wait in lorabox's fair queue. 0: as many
+    as the engine batches (vLLM's max_num_seqs, `llamacpp_parallel`), so the engine is kept just
+    saturated and fairness decides who waits when it is full. The knob between latency isolation
+    and throughput: lower keeps batches small (each token comes sooner, a tenant can get ahead of
+    its share by fewer tokens: README, "Fair scheduling") at the cost of tokens per second in
+    all. A request that finds its tenant idle starts at once even when all places are taken (one
+    per tenant on top). More than the engine batches is never used."""
 
     max_queued: int = 1024
     """Requests waiting for the engine, all tenants together, at most; past it new requests get 503
     with Retry-After. Each tenant's own bound is its policy's `max_queued`."""
 
-    usage_sync_commit: bool = True
-    """Commit each request's usage-ledger row before the last byte of its response is sent (rows
-    are committed in groups, off the event loop): once a client has its whole answer, the billing
-    record survives a crash or kill -9. false: rows are written within a second, after the
-    response; a crash loses what was not yet written."""
+    usage_commit: str = "commit"
+    """When a request's usage-ledger row is safe, and what its response waits for. `commit`: the row
+    is committed before the response's last byte and the database fsynced every second (a crash or
+    kill -9 of the daemon loses no row of a finished response; a power cut at most the last
+    second's). `fsync`: also fsynced before the last byte (nothing lost to a power cut; each
+    response waits for the disk). `async`: rows are written every second, after the responses (a
+    crash loses up to a second's). Rows are written in groups on a thread of their own: the event
+    loop never waits on the disk."""
 
     tenant_defaults: Policy = field(default_factory=Policy)
     """The policy of every tenant that has not set its own value (`[tenant_defaults]` in the file;
@@ -217,10 +222,16 @@ class Settings:
             raise ConfigError("drain_timeout_s must be >= 0")
         if self.engine_probe_interval_s <= 0 or self.engine_probe_timeout_s <= 0:
             raise ConfigError("engine_probe_interval_s and engine_probe_timeout_s must be > 0")
+        if self.usage_commit not in COMMIT_MODES:
+            raise ConfigError(
+                f"usage_commit must be one of {', '.join(COMMIT_MODES)}, not {self.usage_commit!r}"
+            )
         if self.scheduler not in SCHEDULERS:
             raise ConfigError(f"scheduler must be one of {', '.join(SCHEDULERS)}, not {self.scheduler!r}")
-        if self.max_running < 1 or self.max_queued < 0:
-            raise ConfigError("max_running must be >= 1 and max_queued >= 0")
+        if self.max_running < 0 or self.max_queued < 0:
+            raise ConfigError(
+                "max_running and max_queued must be >= 0 (max_running 0: the engine's batch size)"
+            )
         if self.llamacpp_parallel < 1 or self.llamacpp_threads < 0:
             raise ConfigError("llamacpp_parallel must be >= 1 and llamacpp_threads >= 0 (0: one per core)")
         return self

@@ -64,7 +64,7 @@ HANDLER_SHUTDOWN_S = 1.0
 # whoever polls /readyz or sends a request sees why rather than only a refused connection.
 FAILED_LINGER_S = 2.0
 ENGINE_SELECTION = web.AppKey("engine_selection", Selection)
-LLAMACPP_PARALLEL = web.AppKey("llamacpp_parallel", int)
+MAX_RUNNING = web.AppKey("max_running", int)
 
 
 def sd_notify(state: str) -> None:
@@ -138,7 +138,7 @@ def build_app(
     versions = VersionManager(
         store, selection.engine, registry, ResidencyTracker(sizes.max_loras, sizes.max_cpu_loras)
     )
-    ledger = UsageLedger(settings.database_path, sync_commit=settings.usage_sync_commit)
+    ledger = UsageLedger(settings.database_path, commit=settings.usage_commit)
     services = Services(
         store=store,
         catalog=Catalog(store, versions, settings.base_model_name),
@@ -161,7 +161,7 @@ def build_app(
     app[ADAPTERS_DIR] = settings.adapters_dir
     app[PLAN] = sizes
     app[ENGINE_SELECTION] = selection
-    app[LLAMACPP_PARALLEL] = settings.llamacpp_parallel
+    app[MAX_RUNNING] = settings.max_running
     app[EXPORTER] = Exporter(model_dir, settings.exports_dir)
     app[ON_READY] = on_ready or (lambda: None)
     add_routes(app)
@@ -185,7 +185,8 @@ def build_admission(settings: Settings, store: Store, ledger: UsageLedger) -> Ad
     return Admission(
         PolicyBook.load(store, settings.tenant_defaults),
         quota,
-        FairScheduler(settings.max_running, settings.max_queued, fair=settings.scheduler == "fair"),
+        # max_running is set once the engine runs (it depends on the engine's batch size).
+        FairScheduler(settings.max_running or 1, settings.max_queued, fair=settings.scheduler == "fair"),
     )
 
 
@@ -208,9 +209,11 @@ async def _run_engine(app: web.Application) -> AsyncIterator[None]:
         selection = await start_engine(app[ENGINE_SELECTION])  # under `auto`, may fall back
         services.engine = versions.engine = services.health.engine = selection.engine
         services.engine_name, services.engine_reason = selection.engine.name, selection.reason
-        if selection.engine.name == "llamacpp":  # it runs this many at once; the rest would wait in FIFO
-            scheduler = services.admission.scheduler
-            scheduler.max_running = min(scheduler.max_running, app[LLAMACPP_PARALLEL])
+        # More than the engine runs at once would wait inside it, first come first served: the
+        # fair queue keeps them (the knob may only lower it).
+        services.admission.scheduler.max_running = min(
+            app[MAX_RUNNING] or selection.engine.max_batch, selection.engine.max_batch
+        )
         services.health.start(services.lifecycle.fail)
         # What start-up made (torch, vLLM, the tokenizer: 600,000 objects) lives as long as the
         # process: out of the collector's sight, or each full collection holds every thread, the
@@ -292,6 +295,7 @@ async def _serve(settings: Settings, app: web.Application) -> str | None:
             sd_notify(f"STOPPING=1\nEXTEND_TIMEOUT_USEC={int(settings.stop_timeout_s * 1e6)}")
         await lifecycle.wind_down(settings.drain_timeout_s)
         await services.ledger.flush()  # before anything slow that a SIGKILL could cut short
+        await services.ledger.sync()
         if lifecycle.failure:
             await asyncio.sleep(FAILED_LINGER_S)
         await admin.cleanup()

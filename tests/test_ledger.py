@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -77,8 +78,28 @@ async def test_a_booked_row_is_on_disk_once_its_future_is_done(database):
         assert stored(database)[-1] == ("acme", tokens)
 
 
-async def test_without_sync_commit_rows_wait_for_the_periodic_write(database):
-    ledger = UsageLedger(database, sync_commit=False)
+@pytest.mark.parametrize(("mode", "synchronous"), [("fsync", 2), ("commit", 1)])
+async def test_fsync_mode_syncs_every_commit_and_commit_mode_the_wal_every_second(
+    database, monkeypatch, mode, synchronous
+):
+    synced = []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")))
+    ledger = UsageLedger(database, commit=mode)
+    await ledger.book(record("acme", 1))
+    store = ledger._store
+    assert store is not None
+    pragma = await asyncio.get_running_loop().run_in_executor(
+        ledger._writer, lambda: store.db.execute("PRAGMA synchronous").fetchone()
+    )
+    assert pragma == (synchronous,)
+    await ledger.sync()
+    assert synced == ([f"{database}-wal"] if mode == "commit" else [])
+    await ledger.sync()  # nothing written since: nothing to sync
+    assert len(synced) == (mode == "commit")
+
+
+async def test_in_async_mode_rows_wait_for_the_periodic_write(database):
+    ledger = UsageLedger(database, commit="async")
     booked = ledger.book(record("acme", 1))
     assert booked.done()
     await asyncio.sleep(0.05)
@@ -114,7 +135,7 @@ async def test_events_are_written_with_the_rows(database):
 
 
 async def test_shutdown_writes_what_is_left(database):
-    ledger = UsageLedger(database, sync_commit=False, flush_every_s=3600)
+    ledger = UsageLedger(database, commit="async", flush_every_s=3600)
     lifetime = ledger.run()
     await lifetime.__anext__()  # the daemon is serving
     ledger.book(record("initech", 7))

@@ -290,7 +290,13 @@ def policy_report(services: Services, tenant: str) -> dict[str, Any]:
         "policy": admission.policy_view(tenant),
         "own": admission.policies.own(tenant),
         "quota": admission.quota_view(tenant),
-        "load": dataclasses.asdict(admission.load().get(tenant) or TenantLoad(0, 0)),
+        "load": dataclasses.asdict(admission.load().get(tenant) or TenantLoad(0, 0))
+        | {"virtual_tokens": round(admission.scheduler.counters().get(tenant, 0.0), 1)},
+        "box": {
+            "running": admission.running,
+            "queued": admission.queued,
+            "max_running": admission.scheduler.max_running,
+        },
     }
 
 

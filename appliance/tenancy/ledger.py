@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -66,41 +67,56 @@ class RequestRecord:
         return row
 
 
+COMMIT_MODES = ("fsync", "commit", "async")
+
+
 class UsageLedger:
     """Usage rows (and the events that go with them) written by one writer thread.
 
-    With `sync_commit` (the default) a row is written as soon as it is booked, together with
-    whatever else was booked meanwhile (group commit: one transaction, one fsync, for all the
-    requests that ended while the previous commit ran), and `book` returns a future that is done
-    once it is committed: the request path awaits it before the last byte of its response. Without,
-    rows are written every `flush_every_s`. A failed write keeps its rows for the next one; the
-    requests waiting on it are let go (logged), so that a broken disk does not hold every answer.
+    `commit` decides when a request's row is safe, and what its response waits for:
+
+    - "fsync": the row is committed and fsynced before the response's last byte (each group of
+      rows one transaction and one fsync, for all the requests that ended while the previous
+      group was being written). Nothing is lost even to a power cut; each response waits for the
+      disk, which can take long when other programs write to it.
+    - "commit": the row is committed (written to SQLite's WAL, in the OS's cache) before the last
+      byte, and the WAL is fsynced every `flush_every_s`. A crash or kill -9 of the daemon loses
+      nothing; a power cut or kernel crash at most the last `flush_every_s` of rows.
+    - "async": rows are written every `flush_every_s`, after their responses; a crash of the
+      daemon loses those not yet written.
+
+    A failed write keeps its rows for the next one; the requests waiting on it are let go (and it
+    is logged), so that a broken disk does not hold every answer.
     """
 
-    def __init__(self, database: Path, *, sync_commit: bool = True, flush_every_s: float = 1.0):
+    def __init__(self, database: Path, *, commit: str = "commit", flush_every_s: float = 1.0):
+        if commit not in COMMIT_MODES:
+            raise ValueError(f"commit must be one of {COMMIT_MODES}")
         self.database = database
-        self.sync_commit = sync_commit
+        self.commit = commit
         self.flush_every_s = flush_every_s
         self._rows: list[dict[str, Any]] = []
         self._events: list[dict[str, Any]] = []
         self._waiting: list[asyncio.Future[None]] = []
         self._writing: asyncio.Task[None] | None = None
+        self._unsynced = False  # "commit": written since the WAL was last fsynced
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorabox-usage")
+        self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorabox-usage-sync")
         self._store: Store | None = None  # opened and used on the writer thread only
 
     def book(self, record: RequestRecord) -> asyncio.Future[None]:
         """Book an admitted request's row; the future is done once it is committed (at once for a
-        request that was not admitted, or without `sync_commit`)."""
+        request that was not admitted, or in "async" mode)."""
         committed = asyncio.get_running_loop().create_future()
         if not record.admitted:
             committed.set_result(None)
             return committed
         self._rows.append(record.row())
-        if self.sync_commit:
+        if self.commit == "async":
+            committed.set_result(None)
+        else:
             self._waiting.append(committed)
             self._start_writing()
-        else:
-            committed.set_result(None)
         return committed
 
     def event(self, kind: str, *, tenant: str = "", version: str = "", detail: str = "") -> None:
@@ -126,6 +142,8 @@ class UsageLedger:
                 )
                 self._rows[:0], self._events[:0] = rows, events
                 return
+            else:
+                self._unsynced = True
             finally:
                 for future in waiting:
                     if not future.done():
@@ -134,6 +152,9 @@ class UsageLedger:
     def _write(self, rows: list[dict[str, Any]], events: list[dict[str, Any]]) -> None:
         if self._store is None:
             self._store = Store.connect(self.database)
+            # In WAL mode NORMAL commits without an fsync; a commit is still atomic, and safe from
+            # a crash of this process (the OS has the WAL). FULL fsyncs every commit.
+            self._store.db.execute(f"PRAGMA synchronous = {'FULL' if self.commit == 'fsync' else 'NORMAL'}")
         with self._store.writing():
             self._store.record_usage(rows)
             if events:
@@ -153,14 +174,22 @@ class UsageLedger:
             assert self._writing is not None
             await self._writing
 
+    async def sync(self) -> None:
+        """ "commit" mode: fsync the WAL, on a thread of its own (the writer goes on meanwhile)."""
+        if self.commit != "commit" or not self._unsynced:
+            return
+        self._unsynced = False
+        await asyncio.get_running_loop().run_in_executor(self._syncer, _fsync, Path(f"{self.database}-wal"))
+
     async def run(self) -> AsyncIterator[None]:
-        """aiohttp cleanup context: write periodically (rows booked without `sync_commit`, and any a
-        failed write kept), and once more on shutdown."""
+        """aiohttp cleanup context: write periodically (rows booked in "async" mode, and any a
+        failed write kept), fsync the WAL in "commit" mode, and write and sync once more on shutdown."""
 
         async def loop() -> None:
             while True:
                 await asyncio.sleep(self.flush_every_s)
                 await self.flush()
+                await self.sync()
 
         task = asyncio.create_task(loop())
         yield
@@ -168,5 +197,23 @@ class UsageLedger:
         with contextlib.suppress(asyncio.CancelledError):
             await task  # a write already on the writer thread finishes there, before the last one
         await self.flush()
+        await self.sync()
         await asyncio.get_running_loop().run_in_executor(self._writer, self._close)
         self._writer.shutdown()
+        self._syncer.shutdown()
+
+
+def _fsync(path: Path) -> None:
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:  # checkpointed and gone: its rows are in the database, synced
+        return
+    except OSError:
+        log.exception("cannot open %s to sync it", path)
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        log.exception("cannot sync %s", path)
+    finally:
+        os.close(descriptor)
