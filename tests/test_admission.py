@@ -192,3 +192,22 @@ def test_hostile_values_are_refused_naming_the_field(field: str, value: Any) -> 
         parse_value(field, value)
     assert refused.value.field == field
     assert str(refused.value).startswith(f"{field}: ")
+
+
+async def test_tenant_load_tells_telemetry_the_queue_the_policy_and_the_quota(clocks: Clocks) -> None:
+    gate = Admission(
+        PolicyBook(Policy(), {"acme": {"quota_tokens": 1000, "weight": 2.0}}),
+        QuotaMeter(clock=clocks.utc),
+        FairScheduler(max_running=1, max_queued=64),
+        clock=clocks.monotonic,
+    )
+    running, waiting = gate.admit("acme", 10, 90), gate.admit("acme", 10, 90)
+    load = gate.tenant_load("acme")
+    assert (load["running"], load["queued"]) == (1, 1)
+    assert (load["policy"]["weight"], load["policy"]["system_prompt"]) == (2.0, False)
+    assert (load["quota"]["limit_tokens"], load["quota"]["used_tokens"]) == (1000, 0)
+    running.finish(10, 40)
+    waiting.finish(10, 40)
+    load = gate.tenant_load("acme")
+    assert (load["running"], load["queued"], load["quota"]["used_tokens"]) == (0, 0, 100)
+    assert gate.tenant_load("nobody")["running"] == 0

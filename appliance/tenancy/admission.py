@@ -240,6 +240,17 @@ class Admission:
     def running(self) -> int:
         return self.scheduler.running
 
+    def tenant_load(self, tenant: str) -> dict[str, Any]:
+        """One tenant's row for the admin API's /admin/tenants (api/overview.py's TenantLoad):
+        requests running and queued, the effective policy and the quota use."""
+        load = self.scheduler.tenant_load(tenant)
+        return {
+            "running": load.running,
+            "queued": load.queued,
+            "policy": self.policy_view(tenant),
+            "quota": self.quota_view(tenant),
+        }
+
     def policy_view(self, tenant: str) -> dict[str, Any]:
         """The admin API's `policy` object: the effective policy, None for "no limit"."""
         return self.policies.get(tenant).view()

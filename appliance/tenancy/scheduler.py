@@ -166,6 +166,10 @@ class FairScheduler:
     def load(self) -> dict[str, TenantLoad]:
         return {name: TenantLoad(len(t.queue), t.running) for name, t in self._active.items()}
 
+    def tenant_load(self, tenant: str) -> TenantLoad:
+        state = self._active.get(tenant)
+        return TenantLoad(len(state.queue), state.running) if state else TenantLoad(0, 0)
+
     def counters(self) -> dict[str, float]:
         return {name: t.counter for name, t in self._tenants.items()}
 
