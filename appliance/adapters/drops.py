@@ -46,6 +46,14 @@ OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CL
 Fingerprint = tuple[tuple[int, ...], ...]
 
 
+def model_shards(model_dir: Path) -> list[Path]:
+    """The safetensors files of a Hugging Face model directory (one, or those its index names)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        return [model_dir / s for s in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return [model_dir / "model.safetensors"]
+
+
 @dataclass(frozen=True)
 class BaseModelInfo:
     """Shapes of the base model's linear layers, read from its own safetensors headers."""
@@ -58,14 +66,9 @@ class BaseModelInfo:
 
     @classmethod
     def from_model_dir(cls, model_dir: Path) -> BaseModelInfo:
-        index = model_dir / "model.safetensors.index.json"
-        if index.exists():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        else:
-            shards = ["model.safetensors"]
         shapes: dict[str, tuple[int, int]] = {}
-        for shard in shards:
-            for name, info in read_header(model_dir / shard).items():
+        for shard in model_shards(model_dir):
+            for name, info in read_header(shard).items():
                 if name.endswith(".weight") and len(info.shape) == 2 and "embed" not in name:
                     shapes[name.removesuffix(".weight")] = (info.shape[0], info.shape[1])
         return cls(shapes)

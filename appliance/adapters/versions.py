@@ -316,6 +316,17 @@ class VersionManager:
         active = self._active.get(tenant)
         return active.version if active and active.engine_name in self._pins else None
 
+    def running_by_version(self) -> Counter[str]:
+        """Requests in flight per adapter version (engine name)."""
+        return Counter(self._inflight)
+
+    def running_by_tenant(self) -> Counter[str]:
+        """Requests in flight per tenant on its adapter versions (a base-model request holds no lease)."""
+        running: Counter[str] = Counter()
+        for name, count in self._inflight.items():
+            running[name.partition("@")[0]] += count
+        return running
+
     def canary(self, tenant: str) -> tuple[str, int] | None:
         entry = self._canary.get(tenant)
         return (entry[0].version, entry[1]) if entry else None

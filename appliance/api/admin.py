@@ -9,7 +9,6 @@ import asyncio
 import dataclasses
 import socket
 import struct
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,9 +26,11 @@ from ..telemetry.gpu import gpu_memory
 from ..tenancy.audit import Change, user_name
 from ..tenancy.scheduler import TenantLoad
 from ..tenancy.store import Route
+from .adminstream import FEED, EventFeed, stream
 from .body import read_json
 from .errors import MAX_BODY_BYTES, APIError, bad_request, openai_errors
 from .openai import SERVICES, Services
+from .overview import OVERVIEW, Overview, adapter_rows
 
 PLAN = web.AppKey("plan", Plan)
 EXPORTER = web.AppKey("exporter", Exporter)
@@ -82,47 +83,7 @@ def _conflict(param: str) -> Iterator[None]:
 
 
 async def status(request: web.Request) -> web.Response:
-    services = _services(request)
-    stats = services.engine.stats() if services.generator else None
-    return web.json_response(
-        {
-            "ready": services.generator is not None and services.lifecycle.phase == "serving",
-            "phase": services.lifecycle.phase,
-            "engine": services.engine_name,
-            "engine_reason": services.engine_reason,
-            "engine_health": dataclasses.asdict(services.health.snapshot()),
-            "uptime_s": round(time.time() - services.started_at, 1),
-            "engine_stats": dataclasses.asdict(stats) if stats else None,
-            "loop_lag": dataclasses.asdict(services.loop_lag.snapshot()),
-            "connections": dataclasses.asdict(services.connections),
-        }
-    )
-
-
-def adapter_rows(services: Services) -> list[dict[str, Any]]:
-    versions = services.catalog.versions
-    loaded = versions.loaded_names()
-    rows = []
-    for adapter in services.store.adapters():
-        active = versions.active(adapter.tenant)
-        canary = versions.canary(adapter.tenant)
-        rows.append(
-            {
-                "tenant": adapter.tenant,
-                "version": adapter.version,
-                "state": adapter.state,
-                "reason": adapter.reason,
-                "rank": adapter.rank,
-                "target_modules": list(adapter.target_modules),
-                "size_bytes": adapter.size_bytes,
-                "sha256": adapter.sha256,
-                "active": active is not None and active.engine_name == adapter.engine_name,
-                "canary_percent": canary[1] if canary and canary[0] == adapter.version else 0,
-                "loaded": adapter.engine_name in loaded,
-                "requests": versions.requests_per_version[(adapter.tenant, adapter.version)],
-            }
-        )
-    return rows
+    return web.json_response(await request.app[OVERVIEW].status())
 
 
 async def adapters(request: web.Request) -> web.Response:
@@ -130,12 +91,15 @@ async def adapters(request: web.Request) -> web.Response:
 
 
 async def tenants(request: web.Request) -> web.Response:
-    services = _services(request)
-    rows = [
-        dataclasses.asdict(t) | dataclasses.asdict(services.store.route(t.name))
-        for t in services.store.list_tenants()
-    ]
-    return web.json_response({"tenants": rows})
+    return web.json_response({"tenants": request.app[OVERVIEW].tenants()})
+
+
+async def tenant(request: web.Request) -> web.Response:
+    name = request.match_info["tenant"]
+    detail = request.app[OVERVIEW].tenant(name)
+    if detail is None:
+        raise APIError(404, f"no tenant named {name!r}", param="tenant", code="tenant_not_found")
+    return web.json_response(detail)
 
 
 async def events(request: web.Request) -> web.Response:
@@ -215,24 +179,37 @@ async def sync(request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
 
 
+async def revoke_key(request: web.Request) -> web.Response:
+    """Revoke an API key by its id (never by the key itself: it would be in a URL)."""
+    store, key_id = _services(request).store, request.match_info["key_id"]
+    found = next((k for k in store.list_keys() if k["key_id"] == key_id), None)
+    if found is None:
+        raise APIError(404, f"no key with id {key_id!r}", param="key_id", code="key_not_found")
+    if found["revoked_at"]:
+        raise APIError(409, f"key {key_id} was revoked at {found['revoked_at']}", param="key_id")
+    tenant, _ = store.revoke_key(key_id, actor=peer_user(request))
+    revoked_at = next(k["revoked_at"] for k in store.list_keys(tenant) if k["key_id"] == key_id)
+    return web.json_response({"key_id": key_id, "tenant": tenant, "revoked_at": revoked_at})
+
+
 async def residency(request: web.Request) -> web.Response:
     """Where each adapter lives now (gpu / cpu / disk), with the plan that sized the engine."""
     services, sizes = _services(request), request.app[PLAN]
     versions = services.catalog.versions
-    by_name = {a.engine_name: a for a in services.store.adapters() if a.state == "ready"}
-    report = versions.residency.report(sorted(by_name))
+    running = versions.running_by_version()
     rows = [
         {
-            "tenant": by_name[r.name].tenant,
-            "version": by_name[r.name].version,
-            "tier": r.tier,
-            "pinned": r.pinned,
-            "last_used": r.last_used,
-            "size_bytes": by_name[r.name].size_bytes,
+            "tenant": adapter.tenant,
+            "version": adapter.version,
+            "tier": placed.tier,
+            "pinned": placed.pinned,
+            "last_used": placed.last_used,
+            "size_bytes": adapter.size_bytes,
+            "running": running[placed.name],
         }
-        for r in report
+        for placed, adapter in request.app[OVERVIEW].residency().values()
     ]
-    gpu = gpu_memory()
+    gpu = await asyncio.to_thread(gpu_memory)  # NVML blocks: never on the event loop
     return web.json_response(
         {
             "plan": dataclasses.asdict(sizes),
@@ -341,9 +318,13 @@ async def audit_log(request: web.Request) -> web.Response:
     return web.json_response({"audit": rows})
 
 
-def build_admin_app(services: Services, sizes: Plan, exporter: Exporter) -> web.Application:
+def build_admin_app(
+    services: Services, sizes: Plan, exporter: Exporter, overview: Overview
+) -> web.Application:
     app = web.Application(middlewares=[openai_errors], client_max_size=1 << 20)
     app[SERVICES] = services
+    app[OVERVIEW] = overview
+    app[FEED] = EventFeed(services.store)
     app[PLAN] = sizes
     app[EXPORTER] = exporter
     app[EXPORT_LOCK] = asyncio.Lock()
@@ -351,6 +332,8 @@ def build_admin_app(services: Services, sizes: Plan, exporter: Exporter) -> web.
     app.router.add_get("/admin/status", status)
     app.router.add_get("/admin/adapters", adapters)
     app.router.add_get("/admin/tenants", tenants)
+    app.router.add_get("/admin/tenants/{tenant}", tenant)
+    app.router.add_get("/admin/stream", stream)
     app.router.add_get("/admin/events", events)
     app.router.add_get("/admin/usage", usage)
     app.router.add_get("/admin/residency", residency)
@@ -362,4 +345,5 @@ def build_admin_app(services: Services, sizes: Plan, exporter: Exporter) -> web.
     app.router.add_get("/admin/tenants/{tenant}/policy", get_policy)
     app.router.add_post("/admin/tenants/{tenant}/policy", set_policy)
     app.router.add_get("/admin/audit", audit_log)
+    app.router.add_post("/admin/keys/{key_id}/revoke", revoke_key)
     return app

@@ -30,6 +30,7 @@ from ..tenancy.store import Store, Tenant
 from .body import read_request
 from .connections import ConnectionCounters
 from .errors import APIError, bad_request, error_body
+from .metrics import metrics
 from .requests import ParsedRequest, check_token_ids, parse_chat, parse_completion
 
 log = logging.getLogger(__name__)
@@ -509,3 +510,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)

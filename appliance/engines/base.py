@@ -37,12 +37,32 @@ class TokenDelta:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
 
 
+@dataclass(frozen=True)
+class EngineMemory:
+    """What the engine holds, in bytes of the memory it runs on (VRAM on a GPU, else host memory),
+    as far as the engine knows it; None where it does not."""
+
+    weights: int | None = None
+    kv_cache: int | None = None
+    adapter_slots: int | None = None
+
+
 @dataclass
 class EngineStats:
     engine: str
     device: str
     loaded_adapters: list[str] = field(default_factory=list)
     running_requests: int = 0
+    """Requests the engine is generating for now."""
+    waiting_requests: int = 0
+    """Requests handed to the engine that wait there: for a batch place, or for an adapter slot."""
+    kv_cache_usage: float | None = None
+    """Fraction of the KV cache in use (0-1), or None where the engine does not say."""
+    gpu_slots: int | None = None
+    """Adapters one batch may use at once (vLLM's `max_loras`); None where there is no such limit."""
+    pinned: list[str] = field(default_factory=list)
+    """Adapters held in fast memory for good (engine names)."""
+    memory: EngineMemory = field(default_factory=EngineMemory)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -109,3 +129,4 @@ class EngineOptions:
     cache_dir: str = ""  # llama.cpp: where converted GGUF files (base model, adapters) are kept
     parallel: int = 4  # llama.cpp: requests decoded at once
     threads: int = 0  # llama.cpp: CPU threads; 0: one per core
+    collect_stats: bool = True  # vLLM: its scheduler's counts and KV-cache use (a little work per step)

@@ -51,6 +51,7 @@ class LlamaCppEngine:
         self._worker: DecodeWorker | None = None
         self._base: BaseGGUF | None = None
         self._free: asyncio.Semaphore | None = None  # sequences not held by a request
+        self._waiting = 0  # requests waiting for a free sequence
         self._conversions: dict[str, asyncio.Task[Path]] = {}
 
     async def start(self) -> None:
@@ -117,7 +118,11 @@ class LlamaCppEngine:
         assert free is not None
         loop = asyncio.get_running_loop()
         stream: asyncio.Queue[TokenDelta | BaseException] = asyncio.Queue()
-        await free.acquire()  # the worker releases it once the request holds no sequence
+        self._waiting += 1
+        try:
+            await free.acquire()  # the worker releases it once the request holds no sequence
+        finally:
+            self._waiting -= 1
         job = Job(
             request,
             emit=lambda item: loop.call_soon_threadsafe(stream.put_nowait, item),
@@ -183,11 +188,12 @@ class LlamaCppEngine:
             device=self.device,
             loaded_adapters=sorted(a.name for a in adapters),
             running_requests=len(worker.running) if worker else 0,
+            waiting_requests=self._waiting,
+            pinned=sorted(a.name for a in adapters if a.pinned),
             extra={
                 "model": str(self.model_path) if self.model_path else None,
                 "parallel": self.options.parallel,
                 "resident_adapters": sum(a.handle is not None for a in adapters),
-                "pinned": sorted(a.name for a in adapters if a.pinned),
                 "adapter_switches": worker.adapter_switches if worker else 0,
                 "prefix_reused_tokens": worker.prefix_reused_tokens if worker else 0,
                 "generated_tokens": worker.generated_tokens if worker else 0,

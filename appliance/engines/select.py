@@ -82,8 +82,13 @@ def select_engine(choice: str, options: EngineOptions) -> Selection:
         raise EngineUnavailable(f"engine {choice!r} is not available in this build")
     problem = vllm_unavailable_reason(options)
     if problem is None:
-        from .vllm import VLLMEngine
+        from .vllm import VLLMEngine, import_vllm
 
+        try:
+            import_vllm()
+        except Exception as exc:  # a broken install raises anything at import
+            problem = f"vLLM cannot be imported ({_first_line(exc)})"
+    if problem is None:
         return Selection(choice, options, VLLMEngine(options), f"engine={choice}: vLLM can run here")
     if choice == "vllm":
         raise EngineUnavailable(problem)

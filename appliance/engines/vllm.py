@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AdapterError, EngineDead
-from .base import AdapterRef, EngineOptions, EngineStats, GenerationRequest, TokenDelta
+from .base import AdapterRef, EngineMemory, EngineOptions, EngineStats, GenerationRequest, TokenDelta
 from .slots import SlotGate
+from .vllm_stats import engine_memory, scheduler_readout
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,20 @@ def write_zero_adapter(model_dir: Path, out_dir: Path) -> None:
     (out_dir / CONFIG_FILE).write_text(json.dumps(config))
 
 
+def import_vllm() -> None:
+    """Import the parts of vLLM the engine uses, now.
+
+    The import costs seconds of CPU under the GIL: done while the daemon is being built, before it
+    listens, it delays nothing; done in `start()` it held the event loop (and so /healthz) for 2 s
+    (measured on the demo, CPU build)."""
+    import vllm.engine.arg_utils
+    import vllm.inputs
+    import vllm.lora.request
+    import vllm.platforms
+    import vllm.sampling_params
+    import vllm.v1.engine.async_llm  # noqa: F401
+
+
 class VLLMEngine:
     name = "vllm"
 
@@ -80,6 +95,8 @@ class VLLMEngine:
         self._base_adapter: AdapterRef | None = None
         self._scratch: tempfile.TemporaryDirectory[str] | None = None
         self._slots: SlotGate | None = None  # sized at start; see slots.py for why it exists
+        self._scheduler: Any = None  # vLLM's latest SchedulerStats (with options.collect_stats)
+        self._memory = EngineMemory()
 
     async def start(self) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -105,9 +122,13 @@ class VLLMEngine:
             gpu_memory_utilization=opts.gpu_memory_utilization,
             disable_log_stats=True,
         )
+        readout = [scheduler_readout(self._keep_scheduler_stats)] if opts.collect_stats else None
         # Construction blocks for the whole model load; a thread keeps the event loop (and
         # /healthz) responsive meanwhile. AsyncLLM binds to the loop lazily, on first request.
-        self._engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        self._engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args, stat_loggers=readout)
+        self._memory = engine_memory(
+            self._engine.vllm_config, Path(opts.model), self._slots.slots, vllm_lora_rank(opts.max_lora_rank)
+        )
         if current_platform.is_cpu():
             self._scratch = tempfile.TemporaryDirectory(prefix="lorabox-base-adapter-")
             folder = Path(self._scratch.name)
@@ -243,17 +264,30 @@ class VLLMEngine:
                 raise
             raise dead from exc
 
+    def _keep_scheduler_stats(self, stats: Any) -> None:
+        self._scheduler = stats
+
     def stats(self) -> EngineStats:
+        waiting_for_slot = self._slots.waiting if self._slots else 0
+        inside = self._running - waiting_for_slot  # handed to vLLM, by our own count
+        running, waiting, kv_usage = inside, 0, None
+        scheduler = self._scheduler
+        if scheduler is not None:
+            # The scheduler reports at its steps only: bounded by our own count, an abort after
+            # its last step cannot leave a request counted, and an idle engine holds no KV cache.
+            running = min(getattr(scheduler, "num_running_reqs", inside), inside)
+            waiting = min(getattr(scheduler, "num_waiting_reqs", 0), inside - running)
+            kv_usage = float(getattr(scheduler, "kv_cache_usage", 0.0)) if inside else 0.0
         return EngineStats(
             engine=self.name,
             device=self._device,
             loaded_adapters=sorted(self._loaded),
-            running_requests=self._running,
-            extra={
-                "gpu_slots": self._slots.slots if self._slots else 0,
-                "pinned": sorted(self._slots.pinned) if self._slots else [],
-                "waiting_for_slot": self._slots.waiting if self._slots else 0,
-            },
+            running_requests=running,
+            waiting_requests=waiting + waiting_for_slot,
+            kv_cache_usage=kv_usage,
+            gpu_slots=self._slots.slots if self._slots else None,
+            pinned=sorted(self._slots.pinned) if self._slots else [],
+            memory=self._memory,
         )
 
     async def shutdown(self) -> None:

@@ -425,3 +425,7 @@ class Store:
 
     def events(self, limit: int = 100) -> list[dict[str, Any]]:
         return list(self.db.table("events").rows_where(order_by="id desc", limit=limit))
+
+    def events_after(self, event_id: int, limit: int = 1000) -> list[dict[str, Any]]:
+        """Events newer than `event_id`, oldest first."""
+        return list(self.db.table("events").rows_where("id > ?", [event_id], order_by="id", limit=limit))
