@@ -8,16 +8,14 @@ into a first-come-first-served queue of its own on a busy machine).
         [--stream] [--max-tokens 32] [--prompt TEXT] [--model M]
 
 prints one JSON object: the requests that completed within the window, each with its time to
-first token, end-to-end time, usage and (streamed) median gap between chunks.
+first token, end-to-end time and usage.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -36,7 +34,6 @@ class Done:
     e2e_s: float
     prompt_tokens: int
     completion_tokens: int
-    gap_s: float | None = None  # median time between streamed chunks
 
 
 @dataclass
@@ -55,7 +52,6 @@ class LoadResult:
 async def _one(session: aiohttp.ClientSession, url: str, key: str, body: dict[str, Any]) -> Done | int:
     began = time.monotonic()
     first: float | None = None
-    chunks: list[float] = []
     headers = {"Authorization": f"Bearer {key}"}
     async with session.post(f"{url}/v1/completions", json=body, headers=headers) as response:
         if response.status != 200:
@@ -73,18 +69,14 @@ async def _one(session: aiohttp.ClientSession, url: str, key: str, body: dict[st
                 if event.get("usage"):
                     usage = event["usage"]
                 elif event.get("choices") and event["choices"][0].get("text"):
-                    now = time.monotonic()
-                    first = first or now
-                    chunks.append(now)
+                    first = first or time.monotonic()
     ended = time.monotonic()
-    gaps = [b - a for a, b in itertools.pairwise(chunks)]
     return Done(
         sent=began,
         ttft_s=(first or ended) - began,
         e2e_s=ended - began,
         prompt_tokens=int(usage.get("prompt_tokens", 0)),
         completion_tokens=int(usage.get("completion_tokens", 0)),
-        gap_s=statistics.median(gaps) if gaps else None,
     )
 
 
