@@ -200,6 +200,12 @@ def test_quota_warns_past_the_soft_threshold_once_then_refuses_for_good(tenants:
     assert response.json()["error"]["code"] == "insufficient_quota"
     assert response.headers["x-should-retry"] == "false"
     assert tenants.booked_tokens(name) <= 400
+    # What telemetry shows of it: /admin/tenants reads admission, /admin/events the warning.
+    row = tenants.admin("GET", f"/admin/tenants/{name}")
+    assert (row["policy"]["quota_tokens"], row["quota"]["limit_tokens"]) == (400, 400)
+    assert row["quota"]["used_tokens"] == tenants.booked_tokens(name)
+    feed = tenants.admin("GET", "/admin/events?limit=1000")["events"]
+    assert [e["detail"] for e in feed if (e["kind"], e["tenant"]) == ("quota_warning", name)] == [event]
 
     sent = []
     counting = httpx.Client(event_hooks={"request": [sent.append]})
