@@ -56,10 +56,11 @@ sys.exit(main())
 
 @contextlib.contextmanager
 def vllm_serve(demo_dir: Path, log: Path) -> Iterator[str]:
-    """`vllm serve` on the demo's model with B's and A's adapters (as lorabox's engine is set up)."""
+    """`vllm serve` on the demo's model with B's and A's adapters, set up as lorabox's engine is for
+    the demo (its max_model_len is the model's 1024)."""
     port = free_port()
     command = [sys.executable, "-c", VLLM_CLI, "serve", str(demo_dir / "model"), "--port", str(port)]
-    command += ["--dtype", "float32", "--max-model-len", "4096", "--enable-lora", "--max-lora-rank", "16"]
+    command += ["--dtype", "float32", "--max-model-len", "1024", "--enable-lora", "--max-lora-rank", "16"]
     command += ["--max-loras", "2", "--enable-prefix-caching", "--disable-log-stats", "--lora-modules"]
     command += [f"{t}={demo_dir / 'adapters' / t / 'v1'}" for t in (B, A)]
     env = os.environ | {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "4"}
@@ -72,7 +73,7 @@ def vllm_serve(demo_dir: Path, log: Path) -> Iterator[str]:
         deadline = time.monotonic() + 300
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"vllm serve exited ({process.returncode}); see {log}")
+                raise RuntimeError(f"vllm serve exited ({process.returncode}):\n{log.read_text()[-3000:]}")
             with contextlib.suppress(OSError):
                 urllib.request.urlopen(f"{url}/v1/models", timeout=2)  # noqa: S310 (loopback only)
                 break
@@ -81,7 +82,8 @@ def vllm_serve(demo_dir: Path, log: Path) -> Iterator[str]:
             time.sleep(1)
         yield url
     finally:
-        os.killpg(process.pid, 15)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, 15)
         process.wait()
 
 
