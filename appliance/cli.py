@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
 import logging
@@ -12,12 +13,17 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from .api.adminclient import AdminClient, AdminError, AdminUnavailable
 from .config import Settings, load_config
-from .errors import LoraboxError
+from .errors import LoraboxError, PolicyError
 from .gguf import EXPORT_QUANTS
+from .tenancy.audit import Change, change_text
+from .tenancy.policy import FIELDS, MAX_SYSTEM_PROMPT_CHARS, QUOTA_PERIODS, describe, effective
+from .tenancy.quota import period_start, timestamp
 from .tenancy.store import Store
 
 DEFAULT_DEMO_DIR = (
@@ -153,6 +159,12 @@ def greeting_answers(url: str, keys: dict[str, str]) -> list[tuple[str, str]]:
 
 
 def cmd_tenant(args: argparse.Namespace) -> None:
+    if args.action == "set":
+        _tenant_set(args)
+        return
+    if args.action == "show":
+        _tenant_show(args)
+        return
     with Store.open(_settings(args).database_path) as store:
         if args.action == "add":
             tenant = store.add_tenant(args.name, allow_base_model=args.allow_base)
@@ -166,6 +178,90 @@ def cmd_tenant(args: argparse.Namespace) -> None:
                 [dataclasses.asdict(t) for t in store.list_tenants()],
                 ["name", "allow_base_model", "disabled", "created_at"],
             )
+
+
+POLICY_OPTIONS = [f for f in FIELDS if f != "system_prompt"]
+
+
+def _read_system_prompt(path: str) -> str:
+    """The file's text; no more than one character past the limit is read."""
+    try:
+        if path == "-":
+            text = sys.stdin.read(MAX_SYSTEM_PROMPT_CHARS + 1)
+        else:
+            with open(path, encoding="utf-8") as file:
+                text = file.read(MAX_SYSTEM_PROMPT_CHARS + 1)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError("system_prompt", f"cannot read {path}: {exc}") from exc
+    if len(text) > MAX_SYSTEM_PROMPT_CHARS:
+        raise PolicyError("system_prompt", f"at most {MAX_SYSTEM_PROMPT_CHARS} characters; {path} has more")
+    return text
+
+
+def _policy_changes(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
+    """The values to set and the fields to reset ("default") from `tenant set`'s options."""
+    given = {field: getattr(args, field) for field in POLICY_OPTIONS if getattr(args, field) is not None}
+    if args.system_prompt_file is not None:
+        path = args.system_prompt_file
+        given["system_prompt"] = path if path in ("none", "default") else _read_system_prompt(path)
+    if not given:
+        raise LoraboxError("nothing to set: name at least one option (see lorabox tenant set --help)")
+    reset = [f for f, v in given.items() if isinstance(v, str) and v.strip().lower() == "default"]
+    return {f: v for f, v in given.items() if f not in reset}, reset
+
+
+def _tenant_set(args: argparse.Namespace) -> None:
+    settings = _settings(args)
+    values, reset = _policy_changes(args)
+    try:
+        report = _admin(settings).call(
+            "POST", f"/admin/tenants/{args.name}/policy", values | {"reset": reset}
+        )
+    except AdminUnavailable:
+        with Store.open(settings.database_path) as store:
+            before, after = store.set_policy(args.name, values, reset)
+        print(f"{args.name}: saved; the daemon was not reachable (it applies this within seconds if it runs)")
+        change = Change.of(before, after)
+    else:
+        print(f"{args.name}: applies to the next request")
+        change = Change.of({}, report["own"])
+    for field in FIELDS:
+        if field in change.before or field in change.after:
+            mark = describe(field, change.after[field]) if field in change.after else "(default)"
+            print(f"  {field:<15} {mark}")
+
+
+def _tenant_show(args: argparse.Namespace) -> None:
+    settings = _settings(args)
+    try:
+        report = _admin(settings).call("GET", f"/admin/tenants/{args.name}/policy")
+        own, quota, load = report["own"], report["quota"], report["load"]
+    except AdminUnavailable:
+        with Store.open(settings.database_path) as store:
+            if store.get_tenant(args.name) is None:
+                raise LoraboxError(f"no tenant named {args.name!r}") from None
+            own = store.policy_values(args.name)
+            policy = effective(settings.tenant_defaults, own)
+            start = period_start(policy.quota_period, datetime.now(UTC))
+            used = store.tokens_since(timestamp(start)).get(args.name, 0)
+        quota = {"used_tokens": used, "limit_tokens": policy.quota_tokens, "period_start": start.isoformat()}
+        load = None
+    policy = effective(settings.tenant_defaults, own)
+    print(
+        f"tenant {args.name}"
+        + ("" if load is None else f"  (now: {load['running']} running, {load['queued']} queued)")
+    )
+    for field in FIELDS:
+        source = "tenant" if field in own else "default"
+        print(f"  {field:<15} {describe(field, getattr(policy, field)):<40} ({source})")
+    limit = quota["limit_tokens"]
+    of = f" of {limit:,} ({100 * quota['used_tokens'] / limit:.1f}%)" if limit else " (no quota)"
+    print(f"quota: {quota['used_tokens']:,} tokens used{of} since {quota['period_start'][:10]}")
+    if policy.system_prompt:
+        shown = (
+            policy.system_prompt if len(policy.system_prompt) <= 400 else policy.system_prompt[:400] + " …"
+        )
+        print("system prompt:\n" + "\n".join(f"  | {line}" for line in shown.splitlines()))
 
 
 def cmd_key(args: argparse.Namespace) -> None:
@@ -276,7 +372,10 @@ def _keep_resident_offline(settings: Settings, tenant: str, keep: bool) -> None:
     with Store.open(settings.database_path) as store:
         if store.get_tenant(tenant) is None and not store.adapters(tenant):
             raise LoraboxError(f"unknown tenant {tenant!r}")
-        store.set_keep_resident(tenant, keep)
+        before = store.route(tenant).keep_resident
+        if store.set_keep_resident(tenant, keep):
+            action = "residency_pin" if keep else "residency_unpin"
+            store.audit(None, action, tenant, Change({"keep_resident": before}, {"keep_resident": keep}))
 
 
 def _adapter_rows_offline(settings: Settings) -> list[dict]:  # type: ignore[type-arg]
@@ -311,9 +410,49 @@ def cmd_events(args: argparse.Namespace) -> None:
         _table(list(reversed(store.events(args.limit))), ["ts", "kind", "tenant", "version", "detail"])
 
 
+def _moment(text: str) -> str:
+    """`7d`, `24h`, `30m` ago, or a date or time (ISO 8601, UTC unless it says otherwise), as the
+    ledger writes times."""
+    units = {"d": "days", "h": "hours", "m": "minutes", "w": "weeks"}
+    text = text.strip()
+    if text[-1:] in units and text[:-1].isdigit():
+        return timestamp(datetime.now(UTC) - timedelta(**{units[text[-1]]: int(text[:-1])}))
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: use e.g. 7d, 24h, 30m, 2026-11-01 or 2026-11-01T12:00"
+        ) from None
+    return timestamp(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
+
+
 def cmd_usage(args: argparse.Namespace) -> None:
+    tenant = args.tenant_option or args.tenant
     with Store.open(_settings(args).database_path) as store:
-        _table(store.usage_summary(args.tenant), ["tenant", "requests", "prompt_tokens", "completion_tokens"])
+        rows = store.usage_report(tenant, args.since, args.until, args.by or "")
+    columns = (["period"] if args.by else []) + [
+        "tenant",
+        "requests",
+        "prompt_tokens",
+        "completion_tokens",
+        "cost",
+    ]
+    if args.csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows([[row[c] for c in columns] for row in rows])
+        return
+    for row in rows:
+        row["cost"] = f"{row['cost']:.4f}"
+    _table(rows, columns)
+
+
+def cmd_audit(args: argparse.Namespace) -> None:
+    with Store.open(_settings(args).database_path) as store:
+        rows = list(reversed(store.audit_log(args.tenant, args.limit)))
+    for row in rows:
+        row["change"] = change_text(row["before"], row["after"])
+    _table(rows, ["ts", "actor", "action", "tenant", "change"])
 
 
 def cmd_status(args: argparse.Namespace) -> None:
@@ -396,9 +535,18 @@ def cmd_config(args: argparse.Namespace) -> None:
     print(f"# from {settings.source or '(defaults and environment)'}")
     for field in dataclasses.fields(Settings):
         value = getattr(settings, field.name)
-        if field.name == "source" or value is None:
+        if field.name in ("source", "tenant_defaults") or value is None:
             continue
-        print(f"{field.name} = {json.dumps(value if isinstance(value, int | float) else str(value))}")
+        print(f"{field.name} = {_toml(value)}")
+    print("\n[tenant_defaults]")
+    for name, value in dataclasses.asdict(settings.tenant_defaults).items():
+        print(f"{name} = {_toml('none' if value is None else value)}")
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value if isinstance(value, int | float) else str(value), ensure_ascii=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -430,6 +578,29 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("name")
     add.add_argument("--allow-base", action="store_true", help="tenant may also call the base model")
     tsub.add_parser("list", parents=[common])
+    tset = tsub.add_parser(
+        "set",
+        parents=[common],
+        help="set a tenant's policy (applies to its next request)",
+        description="Each value may also be `default` (follow [tenant_defaults] in the config) or, for "
+        "limits, `none` (no limit). Prices are per million tokens.",
+    )
+    tset.add_argument("name")
+    for field in POLICY_OPTIONS:
+        tset.add_argument(
+            f"--{field.replace('_', '-')}",
+            dest=field,
+            metavar="|".join(QUOTA_PERIODS) if field == "quota_period" else "N",
+        )
+    tset.add_argument(
+        "--system-prompt-file",
+        metavar="FILE",
+        help=f"the first system message of every chat request (UTF-8, at most {MAX_SYSTEM_PROMPT_CHARS} "
+        "characters; - reads stdin); `none` removes it",
+    )
+    tsub.add_parser("show", parents=[common], help="a tenant's effective policy and quota use").add_argument(
+        "name"
+    )
     p.set_defaults(func=cmd_tenant)
 
     p = sub.add_parser("key", parents=[common], help="issue, revoke or list API keys")
@@ -484,9 +655,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50)
     p.set_defaults(func=cmd_events)
 
-    p = sub.add_parser("usage", parents=[common], help="tokens per tenant from the usage ledger")
+    p = sub.add_parser("usage", parents=[common], help="requests, tokens and cost per tenant (the ledger)")
     p.add_argument("tenant", nargs="?")
+    p.add_argument("--tenant", dest="tenant_option", metavar="TENANT")
+    p.add_argument("--since", type=_moment, help="7d, 24h, 30m ago, or a date/time (UTC)")
+    p.add_argument("--until", type=_moment, help="as --since; up to (not including) it")
+    p.add_argument("--by", choices=("day", "month"), help="one row per tenant and day (or month)")
+    p.add_argument("--csv", action="store_true", help="comma-separated values, for a spreadsheet")
     p.set_defaults(func=cmd_usage)
+
+    p = sub.add_parser("audit", parents=[common], help="operator actions: who changed what, when")
+    p.add_argument("--tenant")
+    p.add_argument("--limit", type=int, default=100)
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser(
         "status", parents=[common], help="the box now: engine, device, totals and every tenant's traffic"

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from .errors import ConfigError
+from .errors import ConfigError, PolicyError
+from .tenancy.policy import Policy, parse_values
 
 DEFAULT_CONFIG_PATH = Path("/etc/lorabox/lorabox.toml")
 ENV_PREFIX = "LORABOX_"
@@ -25,6 +26,10 @@ write (SQLite waits up to 5 s for a lock), aiohttp closing connections (2 x 1 s)
 core's exit (5 s, then it is killed), with room to spare. See `Settings.stop_timeout_s`."""
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+SCHEDULERS = ("fair", "fifo")
+COMMIT_MODES = ("fsync", "commit", "async")  # the usage ledger's durability, `usage_commit`
+DEFAULTS_SECTION = "tenant_defaults"
+DEFAULTS_ENV_PREFIX = ENV_PREFIX + "DEFAULT_"
 MAX_REQUEST_BYTES = 2 << 20
 MAX_LORA_RANK = 512  # vLLM's largest
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -156,6 +161,40 @@ class Settings:
     time every 10 s (EXTEND_TIMEOUT_USEC), so the unit's TimeoutStartSec only covers the seconds
     before it first speaks; past this, systemd stops the service as failed to start."""
 
+    scheduler: str = "fair"
+    """Which waiting request the engine gets next. `fair`: weighted fair across tenants (virtual
+    token counters, as VTC: a tenant's tokens served, prompt + 2 x completion, over its weight;
+    the lowest goes first, and a tenant with nothing running starts at once). `fifo`: in order of
+    arrival, whoever sent it (for comparison; see benchmarks/noisy_neighbour.py)."""
+
+    max_running: int = 0
+    """Generation requests in the engine at once; the rest wait in lorabox's fair queue. 0: as many
+    as the engine batches (vLLM's max_num_seqs, `llamacpp_parallel`), so the engine is kept just
+    saturated and fairness decides who waits when it is full. The knob between latency isolation
+    and throughput: lower keeps batches small (each token comes sooner, a tenant can get ahead of
+    its share by fewer tokens: README, "Fair scheduling") at the cost of tokens per second in
+    all. A request that finds its tenant idle starts at once even when all places are taken (one
+    per tenant on top). More than the engine batches is never used."""
+
+    max_queued: int = 1024
+    """Requests waiting for the engine, all tenants together, at most; past it new requests get 503
+    with Retry-After. Each tenant's own bound is its policy's `max_queued`."""
+
+    usage_commit: str = "commit"
+    """When a request's usage-ledger row is safe, and what its response waits for. `commit`: the row
+    is committed before the response's last byte and the database fsynced every second (a crash or
+    kill -9 of the daemon loses no row of a finished response; a power cut at most the last
+    second's). `fsync`: also fsynced before the last byte (nothing lost to a power cut; each
+    response waits for the disk). `async`: rows are written every second, after the responses (a
+    crash loses up to a second's). Rows are written in groups on a thread of their own: the event
+    loop never waits on the disk."""
+
+    tenant_defaults: Policy = field(default_factory=Policy)
+    """The policy of every tenant that has not set its own value (`[tenant_defaults]` in the file;
+    `LORABOX_DEFAULT_<FIELD>` in the environment): weight, rpm, tpm, max_concurrent, max_queued,
+    quota_tokens, quota_period, quota_warn_pct, max_tokens, system_prompt, price_in, price_out
+    (tenancy/policy.py documents each; "none" is no limit). Unset: no limits, weight 1, 32 queued."""
+
     telemetry: bool = True
     """Count every request per tenant and adapter version (/metrics, the admin API, `lorabox tui`)
     and read vLLM's scheduler stats. Off only to measure what it costs: the counts then stay 0."""
@@ -240,6 +279,18 @@ class Settings:
             raise InvalidSetting("llamacpp_parallel", "must be >= 1")
         if self.llamacpp_threads < 0:
             raise InvalidSetting("llamacpp_threads", "must be >= 0 (0: one per core)")
+        if self.usage_commit not in COMMIT_MODES:
+            raise InvalidSetting(
+                "usage_commit", f"must be one of {', '.join(COMMIT_MODES)}, not {self.usage_commit!r}"
+            )
+        if self.scheduler not in SCHEDULERS:
+            raise InvalidSetting(
+                "scheduler", f"must be one of {', '.join(SCHEDULERS)}, not {self.scheduler!r}"
+            )
+        if self.max_running < 0:
+            raise InvalidSetting("max_running", "must be >= 0 (0: the engine's batch size)")
+        if self.max_queued < 0:
+            raise InvalidSetting("max_queued", "must be >= 0")
         return self
 
 
@@ -275,8 +326,9 @@ def _coerce(name: str, kind: Any, value: Any) -> Any:
 
 
 def setting_names() -> list[str]:
-    """Every setting, in declaration order (`source` is not one)."""
-    return [f.name for f in dataclasses.fields(Settings) if f.name != "source"]
+    """Every top-level setting, in declaration order (`source` is not one; the `[tenant_defaults]`
+    table is a section of its own)."""
+    return [f.name for f in dataclasses.fields(Settings) if f.name not in ("source", DEFAULTS_SECTION)]
 
 
 def load_config(path: Path | str | None = None, env: dict[str, str] | None = None) -> Settings:
@@ -296,6 +348,7 @@ def load_config(path: Path | str | None = None, env: dict[str, str] | None = Non
     elif explicit:
         raise ConfigError(f"config file not found: {config_path}")
 
+    defaults = _tenant_defaults(values.pop(DEFAULTS_SECTION, {}), env, config_path)
     names = setting_names()
     unknown = set(values) - set(names)
     if unknown:
@@ -311,6 +364,22 @@ def load_config(path: Path | str | None = None, env: dict[str, str] | None = Non
     hints = get_type_hints(Settings)
     try:
         typed = {name: _coerce(name, hints[name], value) for name, value in values.items()}
-        return Settings(**typed, source=config_path if config_path.exists() else None).validate()
+        return Settings(
+            **typed, tenant_defaults=defaults, source=config_path if config_path.exists() else None
+        ).validate()
     except InvalidSetting as exc:
         raise ConfigError(f"{origins.get(exc.name, where)}: {exc}") from exc
+
+
+def _tenant_defaults(section: Any, env: dict[str, str], config_path: Path) -> Policy:
+    """The `[tenant_defaults]` table, with LORABOX_DEFAULT_<FIELD> on top, as checked policy values."""
+    if not isinstance(section, dict):
+        raise ConfigError(f"{config_path}: {DEFAULTS_SECTION} must be a table ([{DEFAULTS_SECTION}])")
+    values = dict(section)
+    for name, value in env.items():
+        if name.startswith(DEFAULTS_ENV_PREFIX):
+            values[name.removeprefix(DEFAULTS_ENV_PREFIX).lower()] = value
+    try:
+        return Policy(**parse_values(values))
+    except PolicyError as exc:
+        raise ConfigError(f"{config_path}: {DEFAULTS_SECTION}.{exc}") from exc

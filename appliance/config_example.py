@@ -15,13 +15,16 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import itertools
 import json
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from . import config
-from .config import TRUE_WORDS, Settings, setting_names
+from .config import DEFAULTS_ENV_PREFIX, DEFAULTS_SECTION, TRUE_WORDS, Settings, setting_names
+from .tenancy import policy
+from .tenancy.policy import Policy
 
 HEADER = """\
 # lorabox configuration (/etc/lorabox/lorabox.toml). Every setting is optional: a commented one
@@ -30,12 +33,20 @@ HEADER = """\
 """
 
 
-def field_docs() -> dict[str, str]:
-    """Each setting's docstring, read from config.py's source (Python keeps none at run time)."""
-    tree = ast.parse(inspect.getsource(config))
-    settings = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == Settings.__name__)
+NO_LIMIT = '"none"'
+TENANT_DEFAULTS_HEADER = f"""\
+# Defaults for every tenant without a value of its own (`lorabox tenant set` gives one);
+# {DEFAULTS_ENV_PREFIX}<NAME> environment variables override them. "none": no limit.
+[{DEFAULTS_SECTION}]
+"""
+
+
+def field_docs(module: Any = config, cls: type = Settings) -> dict[str, str]:
+    """Each field's docstring, read from its module's source (Python keeps none at run time)."""
+    tree = ast.parse(inspect.getsource(module))
+    body = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls.__name__).body
     docs: dict[str, str] = {}
-    for node, following in zip(settings.body, settings.body[1:], strict=False):
+    for node, following in itertools.pairwise(body):
         if (
             isinstance(node, ast.AnnAssign)
             and isinstance(node.target, ast.Name)
@@ -47,9 +58,9 @@ def field_docs() -> dict[str, str]:
     return docs
 
 
-def toml_value(value: Any) -> str:
+def toml_value(value: Any, none: str = '""') -> str:
     if value is None:
-        return '""'
+        return none
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
@@ -73,6 +84,13 @@ def example_config(values: Mapping[str, Any] | None = None) -> str:
         else:
             line = f"# {name} = {toml_value(defaults[name])}"
         blocks.append(f"{comment}\n{line}\n")
+    # A table ends the top level: it comes last, so that every setting above stays top-level.
+    blocks.append(TENANT_DEFAULTS_HEADER)
+    policy_docs = field_docs(policy, Policy)
+    for item in dataclasses.fields(Policy):
+        comment = "\n".join(f"# {line}".rstrip() for line in policy_docs[item.name].splitlines())
+        value = toml_value(item.default, none=NO_LIMIT)
+        blocks.append(f"{comment}\n# {item.name} = {value}\n")
     return "\n".join(blocks)
 
 

@@ -50,7 +50,11 @@ from .systemd import StartupExtender, Watchdog, sd_notify
 from .telemetry.device import DeviceSampler
 from .telemetry.gpu import gpu_memory
 from .telemetry.stats import TrafficStats
+from .tenancy.admission import Admission
 from .tenancy.ledger import UsageLedger
+from .tenancy.policybook import PolicyBook
+from .tenancy.quota import QuotaMeter
+from .tenancy.scheduler import FairScheduler
 from .tenancy.store import Store
 
 log = logging.getLogger(__name__)
@@ -66,6 +70,7 @@ FAILED_LINGER_S = 2.0
 ENGINE_SELECTION = web.AppKey("engine_selection", Selection)
 STARTUP = web.AppKey("startup", StartupExtender)
 WATCHDOG = web.AppKey("watchdog", Watchdog)
+MAX_RUNNING = web.AppKey("max_running", int)
 
 
 def engine_options(settings: Settings, model_dir: Path) -> EngineOptions:
@@ -133,17 +138,19 @@ def build_app(
     versions = VersionManager(
         store, selection.engine, registry, ResidencyTracker(sizes.max_loras, sizes.max_cpu_loras)
     )
+    ledger = UsageLedger(settings.database_path, commit=settings.usage_commit)
     services = Services(
         store=store,
         catalog=Catalog(store, versions, settings.base_model_name),
         codec=TextCodec.from_model_dir(model_dir),
-        ledger=UsageLedger(settings.database_path),
+        ledger=ledger,
         engine=selection.engine,
         health=EngineHealth(
             selection.engine,
             probe_every_s=settings.engine_probe_interval_s,
             probe_timeout_s=settings.engine_probe_timeout_s,
         ),
+        admission=build_admission(settings, store, ledger),
         engine_name=selection.engine.name,
         engine_reason=selection.reason,
     )
@@ -166,6 +173,7 @@ def build_app(
     app[ADAPTERS_DIR] = settings.adapters_dir
     app[PLAN] = sizes
     app[ENGINE_SELECTION] = selection
+    app[MAX_RUNNING] = settings.max_running
     app[EXPORTER] = Exporter(model_dir, settings.exports_dir)
     app[ON_READY] = on_ready or (lambda: None)
     app[STARTUP] = startup or StartupExtender(settings.start_timeout_s)  # not started: stop() is a no-op
@@ -174,9 +182,26 @@ def build_app(
     app.cleanup_ctx.append(_watch_loop_lag)
     app.cleanup_ctx.append(_run_engine)
     app.cleanup_ctx.append(lambda _app: services.ledger.run())
+    app.cleanup_ctx.append(lambda _app: services.admission.policies.follow(settings.database_path))
     app.on_cleanup.append(lambda _app: registry.close())
     app.on_cleanup.append(lambda _app: _close_store(store))
     return app
+
+
+def build_admission(settings: Settings, store: Store, ledger: UsageLedger) -> Admission:
+    """Policies from the store, quota use seeded from the ledger, the fair queue."""
+
+    def warn(tenant: str, detail: str) -> None:
+        ledger.event("quota_warning", tenant=tenant, detail=detail)
+
+    quota = QuotaMeter(on_warning=warn)
+    quota.seed(store.tokens_since, store.last_events("quota_warning"))
+    return Admission(
+        PolicyBook.load(store, settings.tenant_defaults),
+        quota,
+        # max_running is set once the engine runs (it depends on the engine's batch size).
+        FairScheduler(settings.max_running or 1, settings.max_queued, fair=settings.scheduler == "fair"),
+    )
 
 
 async def _watch_loop_lag(app: web.Application) -> AsyncIterator[None]:
@@ -199,6 +224,11 @@ async def _run_engine(app: web.Application) -> AsyncIterator[None]:
         selection = await start_engine(app[ENGINE_SELECTION])  # under `auto`, may fall back
         services.engine = versions.engine = services.health.engine = selection.engine
         services.engine_name, services.engine_reason = selection.engine.name, selection.reason
+        # More than the engine runs at once would wait inside it, first come first served: the
+        # fair queue keeps them (the knob may only lower it).
+        services.admission.scheduler.max_running = min(
+            app[MAX_RUNNING] or selection.engine.max_batch, selection.engine.max_batch
+        )
         services.health.start(services.lifecycle.fail)
         # What start-up made (torch, vLLM, the tokenizer: 600,000 objects) lives as long as the
         # process: out of the collector's sight, or each full collection holds every thread, the
@@ -284,6 +314,7 @@ async def _serve(settings: Settings, app: web.Application) -> str | None:
             sd_notify(f"STOPPING=1\nEXTEND_TIMEOUT_USEC={int(settings.stop_timeout_s * 1e6)}")
         await lifecycle.wind_down(settings.drain_timeout_s)
         await services.ledger.flush()  # before anything slow that a SIGKILL could cut short
+        await services.ledger.sync()
         if lifecycle.failure:
             await asyncio.sleep(FAILED_LINGER_S)
         await admin.cleanup()

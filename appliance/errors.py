@@ -27,3 +27,11 @@ class EngineDead(LoraboxError):
 
 class ConversionError(LoraboxError):
     """A model cannot be written as GGUF (unsupported architecture or tokenizer); the message says why."""
+
+
+class PolicyError(LoraboxError):
+    """A tenant policy value that cannot be used; `field` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field

@@ -267,12 +267,132 @@ def test_usage(run: Run, box: Box) -> None:
     assert result.code == 0
     lines = [line.split() for line in result.out.splitlines()]
     assert lines == [
-        ["TENANT", "REQUESTS", "PROMPT_TOKENS", "COMPLETION_TOKENS"],
-        ["acme", "2", "15", "5"],
-        ["globex", "1", "3", "2"],
+        ["TENANT", "REQUESTS", "PROMPT_TOKENS", "COMPLETION_TOKENS", "COST"],
+        ["acme", "2", "15", "5", "0.0000"],
+        ["globex", "1", "3", "2", "0.0000"],
     ]
     only_globex = run("usage", "globex").out.splitlines()[1:]
-    assert [line.split() for line in only_globex] == [["globex", "1", "3", "2"]]
+    assert [line.split() for line in only_globex] == [["globex", "1", "3", "2", "0.0000"]]
+
+
+def test_usage_by_day_in_a_window_with_the_prices_each_request_was_served_at(run: Run, box: Box) -> None:
+    def row(ts: str, tenant: str, prompt: int, completion: int, price_in: float, price_out: float) -> dict:  # type: ignore[type-arg]
+        return {"ts": ts, "tenant": tenant, "prompt_tokens": prompt, "completion_tokens": completion} | {
+            "price_in": price_in,
+            "price_out": price_out,
+        }
+
+    with Store.open(box.database) as store:
+        store.record_usage(
+            [
+                row("2026-10-31T23:59:59.000+00:00", "acme", 1_000_000, 0, 9.0, 9.0),  # before --since
+                row("2026-11-01T08:00:00.000+00:00", "acme", 1_000_000, 1_000_000, 0.2, 0.6),
+                row("2026-11-01T09:00:00.000+00:00", "acme", 500_000, 0, 0.4, 0.6),  # the price went up
+                row("2026-11-02T10:00:00.000+00:00", "acme", 0, 2_000_000, 0.4, 1.0),
+                row("2026-11-03T00:00:00.000+00:00", "acme", 7, 7, 1.0, 1.0),  # at --until: left out
+            ]
+        )
+    result = run("usage", "--tenant", "acme", "--since", "2026-11-01", "--until", "2026-11-03", "--by", "day")
+    assert [line.split() for line in result.out.splitlines()] == [
+        ["PERIOD", "TENANT", "REQUESTS", "PROMPT_TOKENS", "COMPLETION_TOKENS", "COST"],
+        ["2026-11-01", "acme", "2", "1500000", "1000000", "1.0000"],  # 0.2 + 0.6 + 0.5 * 0.4
+        ["2026-11-02", "acme", "1", "0", "2000000", "2.0000"],
+    ]
+    csv_lines = run("usage", "--since", "2026-11-01", "--by", "month", "--csv").out.splitlines()
+    assert csv_lines == [
+        "period,tenant,requests,prompt_tokens,completion_tokens,cost",
+        "2026-11,acme,4,1500007,3000007,3.000014",
+    ]
+    assert run("usage", "--since", "7d").code == 0  # relative to now: nothing that old in this box
+    with pytest.raises(SystemExit):
+        run("usage", "--since", "last tuesday")
+
+
+# -- policies and the audit log -----------------------------------------------------------------
+
+
+def test_tenant_set_without_a_daemon_writes_the_policy_and_show_reads_it(
+    run: Run, box: Box, tmp_path: Path
+) -> None:
+    run("tenant", "add", "acme")
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("You are Acme's support desk.")
+    result = run(
+        "tenant", "set", "acme", "--weight", "2", "--rpm", "60", "--tpm", "none", "--max-queued", "5",
+        "--quota-tokens", "5000000", "--quota-period", "week", "--system-prompt-file", str(prompt),
+        "--price-in", "0.20", "--price-out", "0.60",
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    with Store.open(box.database) as store:
+        assert store.policy_values("acme") == {
+            "weight": 2.0, "rpm": 60, "tpm": None, "max_queued": 5, "quota_tokens": 5_000_000,
+            "quota_period": "week", "system_prompt": "You are Acme's support desk.", "price_in": 0.2,
+            "price_out": 0.6,
+        }  # fmt: skip
+    assert run("tenant", "set", "acme", "--rpm", "default").code == 0
+    shown = {line.split()[0]: line for line in run("tenant", "show", "acme").out.splitlines()}
+    assert shown["weight"].split()[1:] == ["2.0", "(tenant)"]
+    assert shown["rpm"].split()[1:] == ["none", "(default)"]
+    assert shown["tpm"].split()[1:] == ["none", "(tenant)"]
+    assert shown["system_prompt"].split()[1:3] == ["28", "characters,"]
+    assert "quota: 0 tokens used of 5,000,000 (0.0%)" in run("tenant", "show", "acme").out
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "field"),
+    [
+        ("--rpm", "-1", "rpm"),
+        ("--tpm", "1e30", "tpm"),
+        ("--tpm", "99999999999", "tpm"),
+        ("--weight", "abc", "weight"),
+        ("--weight", "nan", "weight"),
+        ("--weight", "0", "weight"),
+        ("--max-queued", "none", "max_queued"),
+        ("--max-concurrent", "2.5", "max_concurrent"),
+        ("--quota-period", "fortnight", "quota_period"),
+        ("--price-out", "-0.5", "price_out"),
+        ("--quota-warn-pct", "inf", "quota_warn_pct"),
+    ],
+)
+def test_hostile_policy_values_are_refused_naming_the_field(
+    run: Run, box: Box, option: str, value: str, field: str
+) -> None:
+    run("tenant", "add", "acme")
+    assert_one_line_error(run("tenant", "set", "acme", option, value), f"{field}: ")
+    with Store.open(box.database) as store:
+        assert store.policy_values("acme") == {}
+
+
+def test_a_1mb_system_prompt_is_refused(run: Run, box: Box, tmp_path: Path) -> None:
+    run("tenant", "add", "acme")
+    huge = tmp_path / "huge.txt"
+    huge.write_text("Be helpful. " * 90_000)  # about 1 MB
+    assert_one_line_error(
+        run("tenant", "set", "acme", "--system-prompt-file", str(huge)), "system_prompt: at most 32768"
+    )
+    with Store.open(box.database) as store:
+        assert store.policy_values("acme") == {}
+
+
+def test_audit_names_the_actor_and_what_changed(run: Run, box: Box) -> None:
+    import getpass
+
+    run("tenant", "add", "acme")
+    run("key", "issue", "acme")
+    with Store.open(box.database) as store:
+        key_id = store.list_keys("acme")[0]["key_id"]
+    run("key", "revoke", key_id)
+    run("tenant", "set", "acme", "--rpm", "60")
+    run("tenant", "set", "acme", "--rpm", "120", "--tpm", "40000")
+    run("residency", "pin", "acme")
+    rows = table(run("audit", "--tenant", "acme").out)
+    assert [r["ACTION"] for r in rows] == [
+        "tenant_add", "key_issue", "key_revoke", "tenant_set", "tenant_set", "residency_pin"
+    ]  # fmt: skip
+    assert {r["ACTOR"] for r in rows} == {getpass.getuser()}
+    assert rows[2]["CHANGE"] == f"key {key_id} active → revoked"
+    assert rows[4]["CHANGE"] == "rpm 60 → 120, tpm (default) → 40000"
+    assert rows[5]["CHANGE"] == "keep_resident False → True"
 
 
 def test_config_prints_effective_values(run: Run, box: Box, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -280,7 +400,8 @@ def test_config_prints_effective_values(run: Run, box: Box, monkeypatch: pytest.
     result = run("config")
     assert result.code == 0
     assert result.out.splitlines()[0] == f"# from {box.config}"
-    values = dict(line.split(" = ", 1) for line in result.out.splitlines()[1:])
+    settings_lines = result.out.split("\n\n[tenant_defaults]\n")[0].splitlines()[1:]
+    values = dict(line.split(" = ", 1) for line in settings_lines)
     assert "9123" in values["port"]
     assert "32" in values["max_lora_rank"]
     assert str(box.state_dir) in values["state_dir"]

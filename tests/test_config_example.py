@@ -10,6 +10,7 @@ from pathlib import Path
 from appliance.cli import main
 from appliance.config import Settings, load_config, setting_names
 from appliance.config_example import example_config
+from appliance.tenancy.policy import FIELDS as POLICY_FIELDS
 
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED = REPO / "docs" / "lorabox.example.toml"
@@ -25,7 +26,10 @@ def test_the_committed_example_is_the_generated_one():
 def test_it_lists_every_setting_once_with_its_documentation():
     text = example_config()
     listed = [m.group(1) for line in text.splitlines() if (m := SETTING_LINE.match(line))]
-    assert listed == setting_names()
+    tenant_defaults = text.partition("\n[tenant_defaults]\n")[2]
+    in_section = [m.group(1) for line in tenant_defaults.splitlines() if (m := SETTING_LINE.match(line))]
+    assert listed == setting_names() + list(POLICY_FIELDS)
+    assert in_section == list(POLICY_FIELDS)
     for name in setting_names():
         comment = text.split(f"# {name} = ", 1)[0].rstrip().rsplit("\n\n", 1)[-1]
         assert comment.startswith("# "), name

@@ -7,17 +7,25 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import socket
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
 from ..adapters.residency import Plan
-from ..errors import AdapterError, ConversionError, StoreError
+from ..adapters.versions import VersionManager
+from ..errors import AdapterError, ConversionError, PolicyError, StoreError
 from ..gguf import EXPORT_QUANTS
 from ..gguf.export import Exporter, tenant_adapter
+from ..names import natural_key
 from ..telemetry.gpu import gpu_memory
+from ..tenancy.audit import Change, user_name
+from ..tenancy.scheduler import TenantLoad
+from ..tenancy.store import Route
 from .adminstream import FEED, EventFeed, stream
 from .body import read_json
 from .errors import MAX_BODY_BYTES, APIError, bad_request, openai_errors
@@ -31,6 +39,38 @@ EXPORT_LOCK = web.AppKey("export_lock", asyncio.Lock)
 
 def _services(request: web.Request) -> Services:
     return request.app[SERVICES]
+
+
+def peer_user(request: web.Request) -> str:
+    """The Unix user on the other end of the admin socket (SO_PEERCRED): the audit log's actor."""
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is None:
+        return "unknown"
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return "unknown"
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return user_name(uid)
+
+
+def _route_state(route: Route, versions: VersionManager) -> dict[str, Any]:
+    active = versions.active(route.tenant)
+    canary = versions.canary(route.tenant)
+    return {
+        "active": active.version if active else None,
+        "pinned": route.pinned_version,
+        "canary": f"{canary[0]} {canary[1]}%" if canary else None,
+        "keep_resident": route.keep_resident,
+    }
+
+
+def _audit_route(
+    services: Services, request: web.Request, action: str, tenant: str, before: dict[str, Any]
+) -> None:
+    """Record an adapter action with the route as it was and as it is now."""
+    after = _route_state(services.store.route(tenant), services.catalog.versions)
+    services.store.audit(peer_user(request), action, tenant, Change.of(before, after))
 
 
 @contextmanager
@@ -82,8 +122,16 @@ async def activate(request: web.Request) -> web.Response:
     if version is not None and not isinstance(version, str):
         raise bad_request("version must be a string or null", "version")
     tenant = request.match_info["tenant"]
+    versions = services.catalog.versions
+    before = _route_state(services.store.route(tenant), versions)
     with _conflict("version"):
-        active = await services.catalog.versions.activate(tenant, version)
+        active = await versions.activate(tenant, version)
+    if version is None:
+        action = "unpin"
+    else:
+        older = before["active"] is not None and natural_key(version) < natural_key(before["active"])
+        action = "rollback" if older else "activate"
+    _audit_route(services, request, action, tenant, before)
     return web.json_response(
         {"tenant": tenant, "active": active.version if active else None, "pinned": version}
     )
@@ -100,8 +148,10 @@ async def canary(request: web.Request) -> web.Response:
     if isinstance(percent, bool) or not isinstance(percent, int):
         raise bad_request("percent must be an integer", "percent")
     tenant = request.match_info["tenant"]
+    before = _route_state(services.store.route(tenant), services.catalog.versions)
     with _conflict("version"):
         await services.catalog.versions.set_canary(tenant, version, percent)
+    _audit_route(services, request, "canary", tenant, before)
     current = services.catalog.versions.canary(tenant)
     return web.json_response(
         {"tenant": tenant, "canary": {"version": current[0], "percent": current[1]} if current else None}
@@ -116,8 +166,10 @@ async def resident(request: web.Request) -> web.Response:
     if not isinstance(keep, bool):
         raise bad_request("keep must be true or false", "keep")
     tenant = request.match_info["tenant"]
+    before = _route_state(services.store.route(tenant), services.catalog.versions)
     with _conflict("tenant"):
         pinned = await services.catalog.versions.keep_resident(tenant, keep)
+    _audit_route(services, request, "residency_pin" if keep else "residency_unpin", tenant, before)
     return web.json_response({"tenant": tenant, "keep_resident": keep, "pinned_version": pinned})
 
 
@@ -135,7 +187,7 @@ async def revoke_key(request: web.Request) -> web.Response:
         raise APIError(404, f"no key with id {key_id!r}", param="key_id", code="key_not_found")
     if found["revoked_at"]:
         raise APIError(409, f"key {key_id} was revoked at {found['revoked_at']}", param="key_id")
-    tenant, _ = store.revoke_key(key_id)
+    tenant, _ = store.revoke_key(key_id, actor=peer_user(request))
     revoked_at = next(k["revoked_at"] for k in store.list_keys(tenant) if k["key_id"] == key_id)
     return web.json_response({"key_id": key_id, "tenant": tenant, "revoked_at": revoked_at})
 
@@ -204,6 +256,68 @@ async def export(request: web.Request) -> web.Response:
     )
 
 
+# -- tenant policies and the audit log -------------------------------------------------------------
+
+
+def policy_report(services: Services, tenant: str) -> dict[str, Any]:
+    """A tenant's policy: effective, its own values (the rest are defaults), and its quota now."""
+    admission = services.admission
+    return {
+        "tenant": tenant,
+        "policy": admission.policy_view(tenant),
+        "own": admission.policies.own(tenant),
+        "quota": admission.quota_view(tenant),
+        "load": dataclasses.asdict(admission.load().get(tenant) or TenantLoad(0, 0))
+        | {"virtual_tokens": round(admission.scheduler.counters().get(tenant, 0.0), 1)},
+        "box": {
+            "running": admission.running,
+            "queued": admission.queued,
+            "max_running": admission.scheduler.max_running,
+        },
+    }
+
+
+def _known_tenant(services: Services, tenant: str) -> None:
+    if services.store.get_tenant(tenant) is None:
+        raise APIError(404, f"no tenant named {tenant!r}", param="tenant")
+
+
+async def get_policy(request: web.Request) -> web.Response:
+    services, tenant = _services(request), request.match_info["tenant"]
+    _known_tenant(services, tenant)
+    return web.json_response(policy_report(services, tenant))
+
+
+async def set_policy(request: web.Request) -> web.Response:
+    """`{"rpm": 60, "tpm": null, ..., "reset": ["weight"]}`: set values (null: no limit), or reset
+    them to the config's defaults. Applies to the tenant's next request."""
+    services, tenant = _services(request), request.match_info["tenant"]
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise bad_request("body must be an object of policy fields, and `reset`: a list of fields")
+    values = dict(body)
+    reset = values.pop("reset", [])
+    if not isinstance(reset, list) or not all(isinstance(field, str) for field in reset):
+        raise bad_request("reset must be a list of policy field names", "reset")
+    _known_tenant(services, tenant)
+    try:
+        _, after = services.store.set_policy(tenant, values, reset, actor=peer_user(request))
+    except PolicyError as exc:
+        raise bad_request(str(exc), exc.field) from exc
+    services.admission.policies.update(tenant, after)
+    return web.json_response(policy_report(services, tenant))
+
+
+async def audit_log(request: web.Request) -> web.Response:
+    """`?tenant=acme&limit=100`: operator actions, newest first."""
+    try:
+        limit = min(int(request.query.get("limit", "100")), 10_000)
+    except ValueError as exc:
+        raise bad_request("limit must be an integer", "limit") from exc
+    rows = _services(request).store.audit_log(request.query.get("tenant") or None, limit)
+    return web.json_response({"audit": rows})
+
+
 def build_admin_app(
     services: Services, sizes: Plan, exporter: Exporter, overview: Overview
 ) -> web.Application:
@@ -228,5 +342,8 @@ def build_admin_app(
     app.router.add_post("/admin/tenants/{tenant}/resident", resident)
     app.router.add_post("/admin/tenants/{tenant}/sync", sync)
     app.router.add_post("/admin/tenants/{tenant}/export", export)
+    app.router.add_get("/admin/tenants/{tenant}/policy", get_policy)
+    app.router.add_post("/admin/tenants/{tenant}/policy", set_policy)
+    app.router.add_get("/admin/audit", audit_log)
     app.router.add_post("/admin/keys/{key_id}/revoke", revoke_key)
     return app

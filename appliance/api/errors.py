@@ -30,9 +30,18 @@ MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = dict(headers or {})
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -45,9 +54,13 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 
 
 def error_response(
-    status: int, message: str, param: str | None = None, code: str | None = None
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> web.Response:
-    return web.json_response(error_body(status, message, param, code), status=status)
+    return web.json_response(error_body(status, message, param, code), status=status, headers=headers)
 
 
 def too_large(limit: int) -> web.Response:
@@ -65,7 +78,7 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
     try:
         return await handler(request)
     except APIError as exc:
-        return error_response(exc.status, exc.message, exc.param, exc.code)
+        return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
     except web.HTTPRequestEntityTooLarge:
         return too_large(request.app[MAX_BODY_BYTES])
     except web.HTTPException as exc:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -22,6 +24,7 @@ from ..serving.generator import ContextTooLong, GenerationResult, Generator
 from ..serving.lifecycle import InFlight, Interrupted, Lifecycle
 from ..serving.tokenization import PromptEncoder, PromptError, TextCodec
 from ..telemetry.looplag import LoopLagMonitor
+from ..tenancy.admission import Admission, Refusal, Ticket
 from ..tenancy.ledger import RequestRecord, UsageLedger
 from ..tenancy.store import Store, Tenant
 from .body import read_request
@@ -43,6 +46,8 @@ class Services:
     ledger: UsageLedger
     engine: Engine
     health: EngineHealth
+    admission: Admission
+    """Policies, rate limits, quotas and the fair queue; telemetry reads its load() and views."""
     engine_name: str = ""
     engine_reason: str = ""  # why this engine serves (and, under `auto`, why not vLLM)
     generator: Generator | None = None
@@ -57,14 +62,16 @@ class Services:
     def __post_init__(self) -> None:
         self.encoder = PromptEncoder(self.codec)
 
-    def publish(self, record: RequestRecord) -> None:
-        """One request's outcome: booked by the ledger (if admitted), counted by every sink."""
-        self.ledger.record(record)
+    def publish(self, record: RequestRecord) -> asyncio.Future[None]:
+        """One request's outcome: booked by the ledger (if admitted), counted by every sink. The
+        future is done once the ledger has committed the row."""
+        committed = self.ledger.book(record)
         for sink in self.sinks:
             try:
                 sink(record)
             except Exception:  # a counting bug must not fail the request it counts
                 log.exception("request record sink %r failed", sink)
+        return committed
 
 
 SERVICES = web.AppKey("services", Services)
@@ -108,12 +115,34 @@ class Trace:
     model: str = ""
     adapter_version: str = ""
     status: int = 500  # until something better is known
-    admitted: bool = False  # set once the request reaches generation; it then owns `status`
-    result: GenerationResult | None = None
+    admitted: bool = False  # set once the request passed admission; it then owns `status`
+    ticket: Ticket | None = None
+    result: GenerationResult | None = None  # once the request has started in the engine
+    published: bool = False
+
+    def settle(self) -> None:
+        """Give back what the request reserved and did not use (idempotent)."""
+        if self.ticket is not None:
+            result = self.result
+            self.ticket.finish(
+                result.prompt_tokens if result else 0, result.completion_tokens if result else 0
+            )
+
+    def publish(self, services: Services) -> asyncio.Future[None]:
+        self.published = True
+        return services.publish(self.record())
+
+    async def book(self, services: Services, status: int) -> None:
+        """Settle and book the request as `status`, and wait until its row is committed: called
+        before the last byte of the response goes out."""
+        self.settle()
+        self.status = status
+        await asyncio.shield(self.publish(services))
 
     def record(self) -> RequestRecord:
         result = self.result
         first = result.first_token_at if result else None
+        policy = self.ticket.policy if self.ticket else None
         return RequestRecord(
             tenant=self.caller.tenant.name,
             key_id=self.caller.key_id,
@@ -127,6 +156,8 @@ class Trace:
             completion_tokens=result.completion_tokens if result else 0,
             ttft_ms=round((first - self.started) * 1000, 2) if first is not None else None,
             latency_ms=round((time.perf_counter() - self.started) * 1000, 2),
+            price_in=policy.price_in if policy else 0.0,
+            price_out=policy.price_out if policy else 0.0,
             admitted=self.admitted,
         )
 
@@ -135,20 +166,27 @@ Handler = Callable[[web.Request, "Services", Trace], Awaitable[web.StreamRespons
 
 
 async def traced(request: web.Request, endpoint: str, handle: Handler) -> web.StreamResponse:
-    """Run a generation endpoint for an authenticated caller; publish its record however it ends.
+    """Run a generation endpoint for an authenticated caller; publish its record however it ends
+    (an admitted request that ran books itself before its last byte; see `Trace.book`).
 
     No await separates the end of `handle` from the publishing: a shutdown that waits for the
-    requests in flight to end finds every one of them booked."""
+    requests in flight to end finds every one of them booked. Every response that is not already
+    on its way carries the tenant's rate-limit headers."""
     services = request.app[SERVICES]
     trace = Trace(authenticate(request, services), endpoint, services.engine_name)
+    tenant = trace.caller.tenant.name
     try:
         response = await handle(request, services, trace)
         if not trace.admitted:
             trace.status = response.status
+        if not response.prepared:
+            for name, value in services.admission.headers(tenant).items():
+                response.headers.setdefault(name, value)
         return response
     except APIError as exc:
         if not trace.admitted:
             trace.status = exc.status
+        exc.headers = services.admission.headers(tenant) | exc.headers
         raise
     except web.HTTPException as exc:
         if not trace.admitted:
@@ -159,7 +197,28 @@ async def traced(request: web.Request, endpoint: str, handle: Handler) -> web.St
             trace.status = CLIENT_CLOSED
         raise
     finally:
-        services.publish(trace.record())
+        trace.settle()
+        if not trace.published:
+            trace.publish(services)
+
+
+def refused(refusal: Refusal) -> APIError:
+    """An admission refusal as the client sees it: 429 or 503, when to retry, whether at all."""
+    headers = dict(refusal.headers)
+    if refusal.retry_after_s is not None:
+        headers["Retry-After"] = str(math.ceil(refusal.retry_after_s))
+        headers["retry-after-ms"] = str(math.ceil(refusal.retry_after_s * 1000))
+    if not refusal.should_retry:
+        headers["x-should-retry"] = "false"
+    return APIError(refusal.status, refusal.message, code=refusal.code, headers=headers)
+
+
+def check_requests(services: Services, tenant: Tenant) -> None:
+    """A tenant out of requests for now is refused before its body is read."""
+    try:
+        services.admission.check_requests(tenant.name)
+    except Refusal as refusal:
+        raise refused(refusal) from None
 
 
 def ready_generator(services: Services) -> Generator:
@@ -193,11 +252,16 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 async def _chat(request: web.Request, services: Services, trace: Trace) -> web.StreamResponse:
     generator = ready_generator(services)
+    tenant = trace.caller.tenant
+    check_requests(services, tenant)
     parsed = await read_request(request, parse_chat)
     trace.model = parsed.model
-    target = resolve(request, services, trace.caller.tenant, parsed)
+    target = resolve(request, services, tenant, parsed)
+    system_prompt = services.admission.policy_for(tenant.name).system_prompt
     try:
-        prompt_ids = await services.encoder.chat(parsed.messages or [], generator.max_model_len)
+        prompt_ids = await services.encoder.chat(
+            parsed.messages or [], generator.max_model_len, system_prompt
+        )
     except PromptError as exc:
         raise bad_request(str(exc), "messages") from exc
     return await _complete(request, services, generator, trace, target, parsed, prompt_ids)
@@ -205,6 +269,7 @@ async def _chat(request: web.Request, services: Services, trace: Trace) -> web.S
 
 async def _completion(request: web.Request, services: Services, trace: Trace) -> web.StreamResponse:
     generator = ready_generator(services)
+    check_requests(services, trace.caller.tenant)
     parsed = await read_request(request, parse_completion)
     trace.model = parsed.model
     target = resolve(request, services, trace.caller.tenant, parsed)
@@ -254,6 +319,23 @@ class _Shape:
         return self._envelope([], chunk=True) | {"usage": result.usage}
 
 
+def _max_tokens(generator: Generator, prompt_ids: list[int], asked: int | None, cap: int | None) -> int:
+    """The completion tokens to run with: what the request asked for, refused past the tenant's
+    cap; when it asked for none, the cap (or the room left in the context)."""
+    if asked is not None and cap is not None and asked > cap:
+        raise bad_request(
+            f"max_tokens is too large: {asked}. This key may ask for at most {cap} completion tokens "
+            "per request.",
+            "max_tokens",
+            "invalid_value",
+        )
+    try:
+        room = generator.budget(prompt_ids, asked)
+    except ContextTooLong as exc:
+        raise bad_request(str(exc), "max_tokens", "context_length_exceeded") from exc
+    return room if asked is not None or cap is None else min(room, cap)
+
+
 async def _complete(
     request: web.Request,
     services: Services,
@@ -266,37 +348,52 @@ async def _complete(
     chat = trace.endpoint == "chat"
     if not prompt_ids:
         raise bad_request("The prompt is empty.", "messages" if chat else "prompt")
+    tenant = trace.caller.tenant.name
+    policy = services.admission.policy_for(tenant)
+    max_tokens = _max_tokens(generator, prompt_ids, parsed.options.max_tokens, policy.max_tokens)
     try:
-        generator.budget(prompt_ids, parsed.options.max_tokens)
-    except ContextTooLong as exc:
-        raise bad_request(str(exc), "max_tokens", "context_length_exceeded") from exc
-
-    shape = _Shape(chat, parsed.model)
-    result = trace.result = GenerationResult(prompt_tokens=len(prompt_ids))
-    trace.adapter_version = target.adapter.version if target.adapter else ""
-    chunks = generator.stream(
-        request_id=shape.id,
-        target=target,
-        cache_salt=f"tenant:{trace.caller.tenant.name}",
-        prompt_ids=prompt_ids,
-        options=parsed.options,
-        result=result,
-    )
+        ticket = trace.ticket = services.admission.admit(tenant, len(prompt_ids), max_tokens)
+    except Refusal as refusal:
+        raise refused(refusal) from None
     trace.admitted, trace.status = True, 200
+    trace.adapter_version = target.adapter.version if target.adapter else ""
+    shape = _Shape(chat, parsed.model)
     try:
         # Entering the lease is synchronous: a version retired from now on waits for this request.
         with services.lifecycle.request() as in_flight, services.catalog.versions.lease(target.adapter):
+            with in_flight.interruptible():
+                await ticket.wait()  # the fair queue
+            result = trace.result = GenerationResult(prompt_tokens=len(prompt_ids))
+            chunks = generator.stream(
+                request_id=shape.id,
+                target=target,
+                cache_salt=f"tenant:{tenant}",
+                prompt_ids=prompt_ids,
+                options=dataclasses.replace(parsed.options, max_tokens=max_tokens),
+                result=result,
+                on_tokens=ticket.served,
+            )
             if not parsed.stream:
                 with in_flight.interruptible():
                     text = "".join([chunk.text async for chunk in chunks])
-                return web.json_response(shape.body(text, result))
+                await trace.book(services, 200)
+                return web.json_response(shape.body(text, result), headers=ticket.headers)
             response, trace.status = await _stream(
-                request, shape, chunks, result, parsed.include_usage, in_flight
+                request,
+                shape,
+                chunks,
+                result,
+                parsed.include_usage,
+                in_flight,
+                ticket.headers,
+                lambda status: trace.book(services, status),
             )
             return response
     except (Interrupted, EngineDead) as exc:
-        trace.status = UNAVAILABLE
-        raise _unavailable(exc) from exc
+        error = _unavailable(exc)
+        error.headers = ticket.headers
+        await trace.book(services, UNAVAILABLE)
+        raise error from exc
     except (asyncio.CancelledError, ConnectionResetError):
         trace.status = CLIENT_CLOSED
         raise
@@ -317,10 +414,14 @@ async def _stream(
     result: GenerationResult,
     include_usage: bool,
     in_flight: InFlight,
+    headers: dict[str, str],
+    book: Callable[[int], Awaitable[None]],
 ) -> tuple[web.StreamResponse, int]:
-    """Stream the chunks as SSE; returns the response and the status to book for it."""
+    """Stream the chunks as SSE; returns the response and the status booked for it (`book` is
+    called before the last event: the usage chunk, if asked for, or [DONE])."""
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        | headers
     )
     await response.prepare(request)
     usage_field = {"usage": None} if include_usage else {}
@@ -340,8 +441,6 @@ async def _stream(
                     await send(shape.chunk(chunk.text, None) | usage_field)
                 if chunk.finish_reason:
                     await send(shape.chunk(None, chunk.finish_reason) | usage_field)
-            if include_usage:
-                await send(shape.usage_chunk(result))
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except (Interrupted, EngineDead) as exc:
@@ -356,16 +455,20 @@ async def _stream(
     async def finish() -> None:
         if error is not None:
             await send(error_body(error.status, error.message, error.param, error.code))
+        elif include_usage:
+            await send(shape.usage_chunk(result))
         await send("[DONE]")
         await response.write_eof()
 
     if error is None:
+        await book(200)
         await finish()
         return response, 200
     # The request is booked as the server's failure whether or not a stuck or vanished client
     # takes these last lines.
     with contextlib.suppress(TimeoutError, ConnectionResetError):
         async with asyncio.timeout(FINAL_WRITE_S):
+            await book(error.status)
             await finish()
     return response, error.status
 

@@ -69,6 +69,12 @@ class EngineStats:
 class Engine(Protocol):
     name: str
 
+    @property
+    def max_batch(self) -> int:
+        """How many requests it runs at once once started; more wait inside it, first come first
+        served (lorabox's fair queue keeps them out until there is room)."""
+        ...
+
     async def start(self) -> None:
         """Load the base model; return when requests can be served."""
 

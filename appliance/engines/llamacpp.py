@@ -94,6 +94,11 @@ class LlamaCppEngine:
         return "cuda" if self._worker is not None and self._worker.gpu else "cpu"
 
     @property
+    def max_batch(self) -> int:
+        """Requests decoded at once; more wait for a free sequence, first come first served."""
+        return self.options.parallel
+
+    @property
     def max_model_len(self) -> int:
         assert self._worker is not None, "engine not started"
         return self._worker.n_ctx_seq

@@ -143,6 +143,11 @@ class VLLMEngine:
     def max_model_len(self) -> int:
         return int(self._engine.model_config.max_model_len)
 
+    @property
+    def max_batch(self) -> int:
+        """Requests vLLM runs at once (max_num_seqs); more wait in its own queue, first come first served."""
+        return int(self._engine.vllm_config.scheduler_config.max_num_seqs)
+
     def _lora_request(self, adapter: AdapterRef) -> Any:
         from vllm.lora.request import LoRARequest
 

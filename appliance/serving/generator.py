@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from ..engines.base import Engine, GenerationRequest
@@ -79,7 +79,10 @@ class Generator:
         prompt_ids: list[int],
         options: SamplingOptions,
         result: GenerationResult,
+        on_tokens: Callable[[int], None] | None = None,
     ) -> AsyncIterator[TextChunk]:
+        """`on_tokens` learns of every completion token as the engine produces it (the fair
+        scheduler charges them as they come)."""
         request = GenerationRequest(
             request_id=request_id,
             prompt_token_ids=prompt_ids,
@@ -98,6 +101,8 @@ class Generator:
                 if result.first_token_at is None and delta.token_ids:
                     result.first_token_at = time.perf_counter()
                 result.completion_tokens += len(delta.token_ids)
+                if on_tokens is not None and delta.token_ids:
+                    on_tokens(len(delta.token_ids))
                 text, stopped = stops.push(detok.feed(delta.token_ids))
                 if stopped:
                     # Leaving the loop closes the engine stream, which aborts the request.

@@ -83,8 +83,11 @@ class PromptEncoder:
         self.codec = codec
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lorabox-tokenize")
 
-    async def chat(self, messages: list[dict[str, str]], limit: int) -> list[int]:
-        """As `TextCodec.encode_chat`: at most `limit` ids."""
+    async def chat(self, messages: list[dict[str, str]], limit: int, system_prompt: str = "") -> list[int]:
+        """As `TextCodec.encode_chat`: at most `limit` ids. A `system_prompt` (the tenant's, set by
+        the operator) goes first, before the client's own system message if it sent one."""
+        if system_prompt:
+            messages = [{"role": "system", "content": system_prompt}, *messages]
         size = sum(len(m["content"]) + self.MESSAGE_CHARS for m in messages)
         return await self._encode(size, self.codec.encode_chat, messages, limit)
 

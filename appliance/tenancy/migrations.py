@@ -136,3 +136,26 @@ def m006_usage_billing_fields(db: sqlite_utils.Database) -> None:
     db.table("usage").add_column("key_id", str)
     db.table("usage").add_column("engine", str)
     db.table("usage").add_column("ttft_ms", float)
+
+
+@migration
+def m007_policies_audit_prices(db: sqlite_utils.Database) -> None:
+    # A tenant's own policy values as a JSON object (tenancy/policy.py): an absent field follows
+    # the config's [tenant_defaults], a null one has no limit.
+    db.table("tenant_policies").create(
+        {"tenant": str, "policy": str, "updated_at": str},
+        pk="tenant",
+        foreign_keys=[("tenant", "tenants", "name")],
+        not_null={"policy", "updated_at"},
+    )
+    # Every operator action: who, when, on which tenant, and what changed (JSON, before → after).
+    db.table("audit_log").create(
+        {"id": int, "ts": str, "actor": str, "action": str, "tenant": str, "before": str, "after": str},
+        pk="id",
+        not_null={"ts", "actor", "action"},
+    )
+    db.table("audit_log").create_index(["tenant", "id"])
+    # The prices in force when a request was served (per million tokens): the bill of a past
+    # month does not change when the price does.
+    db.table("usage").add_column("price_in", float)
+    db.table("usage").add_column("price_out", float)

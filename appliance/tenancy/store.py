@@ -24,7 +24,9 @@ import sqlite_utils
 
 from ..errors import StoreError
 from ..names import is_tenant_name, natural_key
+from .audit import Change, local_user
 from .migrations import migrate
+from .policy import check_fields, describe, parse_values
 
 KEY_PREFIX = "lbx"
 
@@ -141,7 +143,7 @@ class Store:
 
     # -- tenants ------------------------------------------------------------------------------
 
-    def add_tenant(self, name: str, *, allow_base_model: bool = False) -> Tenant:
+    def add_tenant(self, name: str, *, allow_base_model: bool = False, actor: str | None = None) -> Tenant:
         if not is_tenant_name(name):
             raise StoreError(
                 f"invalid tenant name {name!r}: use 1-63 characters of a-z, 0-9, '_' and '-', "
@@ -153,6 +155,7 @@ class Store:
             {"name": name, "allow_base_model": int(allow_base_model), "disabled": 0, "created_at": _now()}
         )
         self.record_event("tenant_added", tenant=name)
+        self.audit(actor, "tenant_add", name, Change.of({}, {"allow_base_model": allow_base_model}))
         tenant = self.get_tenant(name)
         assert tenant is not None
         return tenant
@@ -172,7 +175,7 @@ class Store:
 
     # -- API keys -----------------------------------------------------------------------------
 
-    def issue_key(self, tenant: str) -> IssuedKey:
+    def issue_key(self, tenant: str, *, actor: str | None = None) -> IssuedKey:
         if not self.get_tenant(tenant):
             raise StoreError(f"no tenant named {tenant!r}")
         key_id = secrets.token_hex(4)
@@ -181,9 +184,10 @@ class Store:
             {"key_id": key_id, "tenant": tenant, "key_hash": hash_key(plaintext), "created_at": _now()}
         )
         self.record_event("key_issued", tenant=tenant, detail=key_id)
+        self.audit(actor, "key_issue", tenant, Change({}, {f"key {key_id}": "active"}))
         return IssuedKey(key_id, tenant, plaintext)
 
-    def import_key(self, tenant: str, plaintext: str) -> str:
+    def import_key(self, tenant: str, plaintext: str, *, actor: str | None = None) -> str:
         """Accept a key issued on another box (several boxes serve the same tenants, docs/scaling.md):
         only its hash is stored, under the id it carries. Returns the key id."""
         if not self.get_tenant(tenant):
@@ -200,9 +204,10 @@ class Store:
             {"key_id": key_id, "tenant": tenant, "key_hash": hash_key(plaintext), "created_at": _now()}
         )
         self.record_event("key_imported", tenant=tenant, detail=key_id)
+        self.audit(actor, "key_import", tenant, Change({}, {f"key {key_id}": "active"}))
         return key_id
 
-    def revoke_key(self, key_id: str) -> tuple[str, str]:
+    def revoke_key(self, key_id: str, *, actor: str | None = None) -> tuple[str, str]:
         """Revoke by public id (or the full key); returns (tenant, key id)."""
         rows = list(
             self.db.table("api_keys").rows_where("key_id = ? or key_hash = ?", [key_id, hash_key(key_id)])
@@ -213,6 +218,8 @@ class Store:
         if not row["revoked_at"]:
             self.db.table("api_keys").update(row["key_id"], {"revoked_at": _now()})
             self.record_event("key_revoked", tenant=row["tenant"], detail=row["key_id"])
+            key = f"key {row['key_id']}"
+            self.audit(actor, "key_revoke", row["tenant"], Change({key: "active"}, {key: "revoked"}))
         return str(row["tenant"]), str(row["key_id"])
 
     def list_keys(self, tenant: str | None = None) -> list[dict[str, Any]]:
@@ -326,6 +333,65 @@ class Store:
         self.record_event("residency_kept" if keep else "residency_released", tenant=tenant)
         return True
 
+    # -- policies -----------------------------------------------------------------------------
+
+    def policy_values(self, tenant: str) -> dict[str, Any]:
+        """The tenant's own policy values (checked when they were set); absent ones follow the defaults."""
+        row = self.db.execute("select policy from tenant_policies where tenant = ?", [tenant]).fetchone()
+        return dict(json.loads(row[0])) if row else {}
+
+    def all_policy_values(self) -> dict[str, dict[str, Any]]:
+        return {
+            str(tenant): dict(json.loads(values))
+            for tenant, values in self.db.execute("select tenant, policy from tenant_policies")
+        }
+
+    def policy_marker(self) -> tuple[int, str]:
+        """Changes whenever any tenant's policy does: a cheap check before reloading them all."""
+        count, latest = self.db.execute("select count(*), max(updated_at) from tenant_policies").fetchone()
+        return int(count), str(latest or "")
+
+    def set_policy(
+        self,
+        tenant: str,
+        values: dict[str, Any],
+        reset: list[str] | tuple[str, ...] = (),
+        *,
+        actor: str | None = None,
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Set some of a tenant's policy values (checked here) and reset others to the defaults, in one
+        transaction with its audit row. Returns the tenant's own values before and after."""
+        checked = parse_values(values)
+        check_fields(reset)
+        with self.writing():
+            if not self.get_tenant(tenant):
+                raise StoreError(f"no tenant named {tenant!r}")
+            before = self.policy_values(tenant)
+            after = {k: v for k, v in before.items() if k not in reset} | checked
+            self.db.table("tenant_policies").upsert(
+                {"tenant": tenant, "policy": json.dumps(after), "updated_at": _now()}, pk="tenant"
+            )
+            fields = dict.fromkeys([*before, *after])
+            shown = [
+                {f: describe(f, side[f]) if f in side else "(default)" for f in fields}
+                for side in (before, after)
+            ]
+            self.audit(actor, "tenant_set", tenant, Change.of(*shown))
+        return before, after
+
+    # -- the audit log --------------------------------------------------------------------------
+
+    def audit(self, actor: str | None, action: str, tenant: str, change: Change) -> None:
+        self.db.table("audit_log").insert(
+            {"ts": _now(), "actor": actor or local_user(), "action": action, "tenant": tenant}
+            | change.columns()
+        )
+
+    def audit_log(self, tenant: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Newest first."""
+        where, args = ("tenant = ?", [tenant]) if tenant else (None, [])
+        return list(self.db.table("audit_log").rows_where(where, args, order_by="id desc", limit=limit))
+
     # -- usage and events ---------------------------------------------------------------------
 
     def record_usage(self, rows: list[dict[str, Any]]) -> None:
@@ -341,6 +407,37 @@ class Store:
         )
         columns = [c[0] for c in cursor.description]
         return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
+
+    def usage_report(
+        self, tenant: str | None = None, since: str | None = None, until: str | None = None, by: str = ""
+    ) -> list[dict[str, Any]]:
+        """Requests, tokens and cost per tenant (and per `day` or `month` when `by` says so) from
+        `since` up to `until` (ISO 8601 UTC). Cost uses the prices each request was served at."""
+        period = {"": "''", "day": "substr(ts, 1, 10)", "month": "substr(ts, 1, 7)"}[by]
+        cursor = self.db.execute(
+            f"select {period} as period, tenant, count(*) as requests, "  # noqa: S608 (a fixed expression)
+            "sum(prompt_tokens) as prompt_tokens, sum(completion_tokens) as completion_tokens, "
+            "sum(prompt_tokens * coalesce(price_in, 0) + completion_tokens * coalesce(price_out, 0)) / 1e6 "
+            "as cost from usage where (:tenant is null or tenant = :tenant) "
+            "and (:since is null or ts >= :since) and (:until is null or ts < :until) "
+            "group by period, tenant order by period, tenant",
+            {"tenant": tenant, "since": since, "until": until},
+        )
+        columns = [c[0] for c in cursor.description]
+        return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
+
+    def tokens_since(self, since: str) -> dict[str, int]:
+        """Prompt + completion tokens booked per tenant from `since` (ISO 8601 UTC) on."""
+        rows = self.db.execute(
+            "select tenant, sum(prompt_tokens + completion_tokens) from usage where ts >= ? group by tenant",
+            [since],
+        )
+        return {str(tenant): int(tokens or 0) for tenant, tokens in rows}
+
+    def last_events(self, kind: str) -> dict[str, str]:
+        """When each tenant last had an event of this kind."""
+        rows = self.db.execute("select tenant, max(ts) from events where kind = ? group by tenant", [kind])
+        return {str(tenant): str(ts) for tenant, ts in rows}
 
     def record_event(self, kind: str, *, tenant: str = "", version: str = "", detail: str = "") -> None:
         self.db.table("events").insert(

@@ -1,0 +1,171 @@
+"""What a tenant may do: its policy, the checks on every value, and the daemon's cached view.
+
+A tenant's policy is the config file's `[tenant_defaults]` with the tenant's own values on top
+(`lorabox tenant set`, `POST /admin/tenants/<tenant>/policy`). The store keeps only the tenant's
+own values, as a JSON object: a field that is absent follows the default, a field set to null
+has no limit. Every value from outside (CLI, admin API, config) goes through `parse_value`,
+which refuses what is negative, huge, not a number or not finite, naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import PolicyError
+
+QUOTA_PERIODS = ("day", "week", "month")
+MAX_SYSTEM_PROMPT_CHARS = 32_768
+"""A longer system prompt is refused when it is set: it is sent before every chat request of the
+tenant, so it costs every request its tokens (and its share of the context length)."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    """One tenant's effective policy. None means "no limit"."""
+
+    weight: float = 1.0
+    """Share of the engine when tenants compete: twice the weight, twice the tokens served."""
+
+    rpm: int | None = None
+    """Requests per minute (a bucket of `rpm` requests, refilled continuously)."""
+
+    tpm: int | None = None
+    """Tokens per minute: prompt + max_tokens reserved when a request is admitted, settled to
+    prompt + completion tokens when it ends."""
+
+    max_concurrent: int | None = None
+    """Requests of this tenant running in the engine at once; more wait in its queue."""
+
+    max_queued: int = 32
+    """Requests of this tenant waiting for the engine at most; more get 429. Never unlimited."""
+
+    quota_tokens: int | None = None
+    """Tokens (prompt + completion) per quota period; a request that could cross it is refused."""
+
+    quota_period: str = "month"
+    """`day`, `week` (from Monday) or `month`, in UTC."""
+
+    quota_warn_pct: float = 80.0
+    """Share of the quota past which responses carry a warning header (and one event per period)."""
+
+    max_tokens: int | None = None
+    """Completion tokens per request at most: the default when a request names none; a request
+    asking for more is refused (400)."""
+
+    system_prompt: str = ""
+    """Sent as the first system message of every chat request ("": none)."""
+
+    price_in: float = 0.0
+    """Price per million prompt tokens, for `lorabox usage`."""
+
+    price_out: float = 0.0
+    """Price per million completion tokens, for `lorabox usage`."""
+
+    def view(self) -> dict[str, Any]:
+        """As the admin API shows it: the system prompt only as whether there is one."""
+        return dataclasses.asdict(self) | {"system_prompt": bool(self.system_prompt)}
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(Policy))
+
+
+@dataclass(frozen=True)
+class _Range:
+    kind: type
+    low: float
+    high: float
+    unlimited: bool  # may be None ("none": no limit)
+
+
+_RANGES = {
+    "weight": _Range(float, 0.01, 1000, False),
+    "rpm": _Range(int, 1, 1_000_000, True),
+    "tpm": _Range(int, 1, 1_000_000_000, True),
+    "max_concurrent": _Range(int, 1, 100_000, True),
+    "max_queued": _Range(int, 0, 100_000, False),
+    "quota_tokens": _Range(int, 1, 10**15, True),
+    "quota_warn_pct": _Range(float, 1, 100, False),
+    "max_tokens": _Range(int, 1, 10_000_000, True),
+    "price_in": _Range(float, 0, 1_000_000, False),
+    "price_out": _Range(float, 0, 1_000_000, False),
+}
+
+
+def _number(field: str, spec: _Range, raw: Any) -> int | float:
+    if isinstance(raw, str):
+        text = raw.strip()
+        try:
+            raw = int(text) if spec.kind is int else float(text)
+        except ValueError:
+            kind = "a whole number" if spec.kind is int else "a number"
+            extra = ' or "none"' if spec.unlimited else ""
+            raise PolicyError(field, f"must be {kind}{extra}, not {text[:40]!r}") from None
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
+        raise PolicyError(field, f"must be a number, not {type(raw).__name__}")
+    if isinstance(raw, float) and not math.isfinite(raw):
+        raise PolicyError(field, f"must be a finite number, not {raw}")
+    if spec.kind is int and isinstance(raw, float):
+        if not raw.is_integer():
+            raise PolicyError(field, f"must be a whole number, not {raw}")
+        raw = int(raw)
+    if not spec.low <= raw <= spec.high:
+        low, high = (int(spec.low), int(spec.high)) if spec.kind is int else (spec.low, spec.high)
+        raise PolicyError(field, f"must be between {low} and {high}, not {raw}")
+    return spec.kind(raw)  # type: ignore[no-any-return]
+
+
+def parse_value(field: str, raw: Any) -> Any:
+    """A checked value for `field` from the CLI (a string), JSON or TOML. "none" or None: no limit."""
+    check_fields([field])
+    unlimited = raw is None or (isinstance(raw, str) and raw.strip().lower() == "none")
+    if field == "system_prompt":
+        if unlimited:
+            return ""
+        if not isinstance(raw, str):
+            raise PolicyError(field, "must be text")
+        if len(raw) > MAX_SYSTEM_PROMPT_CHARS:
+            raise PolicyError(field, f"at most {MAX_SYSTEM_PROMPT_CHARS} characters, not {len(raw)}")
+        try:
+            raw.encode()
+        except UnicodeEncodeError:
+            raise PolicyError(field, "is not valid Unicode (an unpaired surrogate)") from None
+        return raw
+    if field == "quota_period":
+        if raw not in QUOTA_PERIODS:
+            raise PolicyError(field, f"must be one of {', '.join(QUOTA_PERIODS)}, not {str(raw)[:40]!r}")
+        return raw
+    spec = _RANGES[field]
+    if unlimited:
+        if not spec.unlimited:
+            raise PolicyError(field, "cannot be unlimited")
+        return None
+    return _number(field, spec, raw)
+
+
+def parse_values(values: dict[str, Any]) -> dict[str, Any]:
+    return {field: parse_value(field, raw) for field, raw in values.items()}
+
+
+def check_fields(fields: list[str] | tuple[str, ...]) -> None:
+    for field in fields:
+        if field not in FIELDS:
+            raise PolicyError(field, f"no such policy field (known: {', '.join(FIELDS)})")
+
+
+def effective(defaults: Policy, own: dict[str, Any]) -> Policy:
+    """The defaults with a tenant's own values on top (values already checked)."""
+    return dataclasses.replace(defaults, **{k: v for k, v in own.items() if k in FIELDS})
+
+
+def describe(field: str, value: Any) -> str:
+    """A value as the CLI and the audit log show it; a system prompt only by size and digest."""
+    if field == "system_prompt":
+        if not value:
+            return "(none)"
+        digest = hashlib.sha256(value.encode()).hexdigest()[:12]
+        return f"{len(value)} characters, sha256 {digest}"
+    return "none" if value is None else str(value)

@@ -1,0 +1,136 @@
+"""Token quotas per period (UTC day, week or month), kept in memory and seeded from the ledger.
+
+Each tenant's use is counted for all three periods at once, so a change of `quota_period`
+applies at the next request without a query. A request reserves prompt + max_tokens when it is
+admitted; one whose reservation, with what is used and what others have reserved, would cross the
+quota is refused before it runs, so the quota is never exceeded. At the end the reservation is
+settled to what the request used, the tokens its ledger row books.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from .policy import QUOTA_PERIODS, Policy
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+ADJECTIVES = {"day": "daily", "week": "weekly", "month": "monthly"}
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def period_start(period: str, now: datetime) -> datetime:
+    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "day":
+        return day
+    if period == "week":
+        return day - timedelta(days=day.weekday())
+    return day.replace(day=1)
+
+
+def timestamp(moment: datetime) -> str:
+    """As the ledger writes `ts` (so that strings compare as times)."""
+    return moment.isoformat(timespec="milliseconds")
+
+
+@dataclass
+class _Use:
+    start: datetime
+    tokens: int = 0
+
+
+@dataclass(frozen=True)
+class QuotaCheck:
+    """What admission needs to know: whether it fits, and whether to warn."""
+
+    fits: bool
+    warn: str | None  # the warning header's text, past the soft threshold
+
+
+class QuotaMeter:
+    def __init__(self, clock: Clock = _utc_now, on_warning: Callable[[str, str], None] | None = None):
+        self._clock = clock
+        self._use: dict[tuple[str, str], _Use] = {}
+        self._reserved: defaultdict[str, int] = defaultdict(int)
+        self._warned: dict[str, datetime] = {}  # tenant → start of the period it was last warned in
+        self.on_warning = on_warning
+
+    def seed(self, tokens_since: Callable[[str], dict[str, int]], warned: dict[str, str]) -> None:
+        """Start from the ledger: tokens per tenant since each period's start, and when each tenant
+        last got a quota warning (one per period, across restarts)."""
+        now = self._clock()
+        for period in QUOTA_PERIODS:
+            start = period_start(period, now)
+            for tenant, tokens in tokens_since(timestamp(start)).items():
+                self._use[(tenant, period)] = _Use(start, tokens)
+        for tenant, ts in warned.items():
+            self._warned[tenant] = datetime.fromisoformat(ts)
+
+    def _current(self, tenant: str, period: str) -> _Use:
+        start = period_start(period, self._clock())
+        use = self._use.get((tenant, period))
+        if use is None or use.start != start:  # a new period began
+            use = self._use[(tenant, period)] = _Use(start)
+        return use
+
+    def used(self, tenant: str, period: str) -> int:
+        return self._current(tenant, period).tokens
+
+    def check(self, tenant: str, policy: Policy, reserve: int) -> QuotaCheck:
+        limit = policy.quota_tokens
+        if limit is None:
+            return QuotaCheck(True, None)
+        used = self.used(tenant, policy.quota_period)
+        fits = used + self._reserved[tenant] + reserve <= limit
+        warn = None
+        if used >= limit * policy.quota_warn_pct / 100:
+            warn = f"{used / limit:.0%} of the {ADJECTIVES[policy.quota_period]} quota of {limit} tokens used"
+        return QuotaCheck(fits, warn)
+
+    def reserve(self, tenant: str, tokens: int) -> None:
+        self._reserved[tenant] += tokens
+
+    def settle(self, tenant: str, policy: Policy, reserved: int, used: int) -> None:
+        """A request ended: its reservation goes, the tokens it used count."""
+        self._reserved[tenant] -= reserved
+        if self._reserved[tenant] <= 0:
+            del self._reserved[tenant]
+        for period in QUOTA_PERIODS:
+            self._current(tenant, period).tokens += used
+        self._maybe_warn(tenant, policy)
+
+    def _maybe_warn(self, tenant: str, policy: Policy) -> None:
+        limit = policy.quota_tokens
+        if limit is None:
+            return
+        use = self._current(tenant, policy.quota_period)
+        last = self._warned.get(tenant)
+        if use.tokens < limit * policy.quota_warn_pct / 100 or (last is not None and last >= use.start):
+            return
+        self._warned[tenant] = self._clock()
+        detail = f"{use.tokens / limit:.0%} of {limit} tokens this {policy.quota_period}"
+        log.warning("tenant %s passed %g%% of its quota: %s", tenant, policy.quota_warn_pct, detail)
+        if self.on_warning is not None:
+            self.on_warning(tenant, detail)
+
+    def view(self, tenant: str, policy: Policy) -> dict[str, Any]:
+        """The admin API's `quota` object."""
+        use = self._current(tenant, policy.quota_period)
+        limit = policy.quota_tokens
+        return {
+            "used_tokens": use.tokens,
+            "limit_tokens": limit,
+            "used_pct": round(100 * use.tokens / limit, 1) if limit else None,
+            "period": policy.quota_period,
+            "period_start": use.start.isoformat(),
+            "reserved_tokens": self._reserved.get(tenant, 0),
+        }

@@ -1,0 +1,153 @@
+"""One tenant's load: closed-loop clients sending completions back to back, in a process of its own.
+
+Tests and benchmarks run one such process per tenant, so that a tenant sending ten times as many
+requests does not also slow the other tenant's client (one client process for both would turn
+into a first-come-first-served queue of its own on a busy machine).
+
+    python -m appliance.testing.tenantload URL KEY --concurrency 8 --start-at T --seconds 12 \
+        [--stream] [--max-tokens 32] [--prompt TEXT] [--model M]
+
+prints one JSON object: the requests that completed within the window, each with its time to
+first token, end-to-end time and usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import aiohttp
+
+
+@dataclass
+class Done:
+    """One request that completed inside the window."""
+
+    sent: float  # seconds after the window opened
+    ttft_s: float
+    e2e_s: float
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class LoadResult:
+    requests: list[Done] = field(default_factory=list)
+    refused: int = 0  # 429 / 503 answers
+
+    def cost(self, since_s: float = 0.0) -> int:
+        """What the fair scheduler counts, prompt + 2 x completion tokens, of the requests that
+        completed from `since_s` into the window on (to leave out a warm-up)."""
+        return sum(
+            r.prompt_tokens + 2 * r.completion_tokens for r in self.requests if r.sent + r.e2e_s >= since_s
+        )
+
+
+async def _one(session: aiohttp.ClientSession, url: str, key: str, body: dict[str, Any]) -> Done | int:
+    began = time.monotonic()
+    first: float | None = None
+    headers = {"Authorization": f"Bearer {key}"}
+    async with session.post(f"{url}/v1/completions", json=body, headers=headers) as response:
+        if response.status != 200:
+            await response.read()
+            return response.status
+        if not body.get("stream"):
+            usage = (await response.json())["usage"]
+            first = time.monotonic()
+        else:
+            usage = {}
+            async for line in response.content:
+                if not line.startswith(b"data: {"):
+                    continue
+                event = json.loads(line[6:])
+                if event.get("usage"):
+                    usage = event["usage"]
+                elif event.get("choices") and event["choices"][0].get("text"):
+                    first = first or time.monotonic()
+    ended = time.monotonic()
+    return Done(
+        sent=began,
+        ttft_s=(first or ended) - began,
+        e2e_s=ended - began,
+        prompt_tokens=int(usage.get("prompt_tokens", 0)),
+        completion_tokens=int(usage.get("completion_tokens", 0)),
+    )
+
+
+async def run_load(
+    url: str, key: str, body: dict[str, Any], concurrency: int, start_at: float, seconds: float
+) -> LoadResult:
+    """`start_at` is a time.time() shared by every tenant's process, so that their windows line up."""
+    result = LoadResult()
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+    opened = time.monotonic()
+    deadline = opened + seconds
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        while time.monotonic() < deadline:
+            done = await _one(session, url, key, body)
+            if isinstance(done, int):
+                result.refused += 1
+                await asyncio.sleep(0.05)
+            elif time.monotonic() < deadline:
+                done.sent -= opened
+                result.requests.append(done)
+
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=600)
+    ) as session:
+        await asyncio.gather(*(client(session) for _ in range(concurrency)))
+    return result
+
+
+def body(model: str, prompt: str, max_tokens: int, stream: bool) -> dict[str, Any]:
+    payload: dict[str, Any] = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    if stream:
+        payload |= {"stream": True, "stream_options": {"include_usage": True}}
+    return payload
+
+
+class LoadProcess:
+    """`run_load` in a child process; `result()` waits for it."""
+
+    def __init__(self, url: str, key: str, concurrency: int, start_at: float, seconds: float, **options: Any):
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in options.items() if not isinstance(v, bool)]
+        flags += [f"--{k.replace('_', '-')}" for k, v in options.items() if v is True]
+        command = [sys.executable, "-m", "appliance.testing.tenantload", url, key]
+        command += [f"--concurrency={concurrency}", f"--start-at={start_at}", f"--seconds={seconds}", *flags]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+
+    def result(self, timeout_s: float = 300) -> LoadResult:
+        out, _ = self.process.communicate(timeout=timeout_s)
+        if self.process.returncode != 0:
+            raise RuntimeError(f"the load process failed ({self.process.returncode})")
+        raw = json.loads(out)
+        return LoadResult([Done(**r) for r in raw["requests"]], raw["refused"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("url")
+    parser.add_argument("key")
+    parser.add_argument("--concurrency", type=int, required=True)
+    parser.add_argument("--start-at", type=float, required=True)
+    parser.add_argument("--seconds", type=float, required=True)
+    parser.add_argument("--model", default="lorabox-demo")
+    parser.add_argument("--prompt", default="Once upon a time")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--stream", action="store_true")
+    args = parser.parse_args()
+    payload = body(args.model, args.prompt, args.max_tokens, args.stream)
+    result = asyncio.run(run_load(args.url, args.key, payload, args.concurrency, args.start_at, args.seconds))
+    print(json.dumps(asdict(result)))
+
+
+if __name__ == "__main__":
+    main()
