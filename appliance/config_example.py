@@ -36,8 +36,10 @@ HEADER = """\
 NO_LIMIT = '"none"'
 TENANT_DEFAULTS_HEADER = f"""\
 # Defaults for every tenant without a value of its own (`lorabox tenant set` gives one);
-# {DEFAULTS_ENV_PREFIX}<NAME> environment variables override them. "none": no limit.
-[{DEFAULTS_SECTION}]
+# {DEFAULTS_ENV_PREFIX}<NAME> environment variables override them. "none": no limit. To set one,
+# uncomment the table's line below with it: a TOML table takes every line after it, so it stays
+# last, and a setting added at the end of this file must go above it.
+# [{DEFAULTS_SECTION}]
 """
 
 
@@ -84,7 +86,7 @@ def example_config(values: Mapping[str, Any] | None = None) -> str:
         else:
             line = f"# {name} = {toml_value(defaults[name])}"
         blocks.append(f"{comment}\n{line}\n")
-    # A table ends the top level: it comes last, so that every setting above stays top-level.
+    # Commented out, the table takes nothing: a top-level setting appended to the file stays one.
     blocks.append(TENANT_DEFAULTS_HEADER)
     policy_docs = field_docs(policy, Policy)
     for item in dataclasses.fields(Policy):

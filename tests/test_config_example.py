@@ -26,7 +26,7 @@ def test_the_committed_example_is_the_generated_one():
 def test_it_lists_every_setting_once_with_its_documentation():
     text = example_config()
     listed = [m.group(1) for line in text.splitlines() if (m := SETTING_LINE.match(line))]
-    tenant_defaults = text.partition("\n[tenant_defaults]\n")[2]
+    tenant_defaults = text.partition("\n# [tenant_defaults]\n")[2]
     in_section = [m.group(1) for line in tenant_defaults.splitlines() if (m := SETTING_LINE.match(line))]
     assert listed == setting_names() + list(POLICY_FIELDS)
     assert in_section == list(POLICY_FIELDS)
@@ -38,11 +38,18 @@ def test_it_lists_every_setting_once_with_its_documentation():
 
 def test_uncommented_it_is_exactly_the_defaults(tmp_path: Path):
     uncommented = "\n".join(
-        line[2:] if SETTING_LINE.match(line) else line for line in example_config().splitlines()
+        line[2:] if SETTING_LINE.match(line) or line == "# [tenant_defaults]" else line
+        for line in example_config().splitlines()
     )
     path = tmp_path / "lorabox.toml"
     path.write_text(uncommented)
     assert load_config(path, env={}) == Settings()
+
+
+def test_a_setting_appended_to_it_stays_a_top_level_setting(tmp_path: Path):
+    path = tmp_path / "lorabox.toml"
+    path.write_text(example_config() + "port = 9003\n")
+    assert load_config(path, env={}).port == 9003
 
 
 def test_chosen_values_are_written_set(tmp_path: Path):
