@@ -27,7 +27,10 @@ from tests.conftest import SERVER_START_TIMEOUT_S, Demo, Reference, no_loop_stal
 
 PROMPT = "The quick brown fox"
 MAX_TOKENS = 4
-ANSWER_WITHIN_S = 0.5
+# A stalled server answers in seconds (the event loop held, or the engine starved of adapters);
+# a busy 2-core CI machine making 10,000 folders beside it takes up to about 1 s for 4 tokens.
+# The loop-stall check (no_loop_stall) is the exact one; this is the client's view.
+ANSWER_WITHIN_S = 2.0
 WEIGHTS = "adapter_model.safetensors"
 
 
