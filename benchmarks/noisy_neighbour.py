@@ -32,7 +32,7 @@ from pathlib import Path
 
 from appliance.demo import init_demo
 from appliance.testing.localserver import LocalServer, free_port
-from appliance.testing.tenantload import LoadProcess, LoadResult
+from appliance.testing.tenantload import LoadProcess, LoadResult, start_together
 
 RUNS = {
     "fair": {"scheduler": "fair"},
@@ -94,13 +94,11 @@ def percentile(values: list[float], q: int) -> float:
 def phase(
     url: str, keys: dict[str, str], clients: dict[str, int], seconds: float, max_tokens: int
 ) -> dict[str, LoadResult]:
-    start_at = time.time() + 2  # every load process started before the window opens
     loads = {
-        tenant: LoadProcess(
-            url, keys[tenant], n, start_at, seconds, model=tenant, max_tokens=max_tokens, stream=True
-        )
+        tenant: LoadProcess(url, keys[tenant], n, seconds, model=tenant, max_tokens=max_tokens, stream=True)
         for tenant, n in clients.items()
     }
+    start_together(list(loads.values()))
     return {tenant: load.result(timeout_s=seconds + 300) for tenant, load in loads.items()}
 
 
@@ -122,7 +120,7 @@ def report(name: str, results: dict[str, LoadResult], seconds: float, batch: int
             line += f" ttft_ms p50={percentile(ttft, 50):6.0f} p95={percentile(ttft, 95):6.0f}"
             line += f" e2e_ms p50={percentile(e2e, 50):6.0f} p95={percentile(e2e, 95):6.0f}"
         if result.refused:
-            line += f" refused={result.refused}"
+            line += f" refused={result.refused}"  # by HTTP status
         print(line, flush=True)
     # Each step of a batch of `batch` gives each of them one token: the step takes batch / tokens/s.
     # (The gaps between streamed chunks cannot tell it here: the demo model is so fast that a

@@ -2,10 +2,15 @@
 
 Tests and benchmarks run one such process per tenant, so that a tenant sending ten times as many
 requests does not also slow the other tenant's client (one client process for both would turn
-into a first-come-first-served queue of its own on a busy machine).
+into a first-come-first-served queue of its own on a busy machine). `start_together` opens every
+tenant's window at once: each process says "ready" once it has started (seconds, on a loaded
+machine: a fixed head start let one tenant's load begin 13 s after the other's), then all are
+given the same start time.
 
-    python -m appliance.testing.tenantload URL KEY --concurrency 8 --start-at T --seconds 12 \
+    python -m appliance.testing.tenantload URL KEY --concurrency 8 [--start-at T] --seconds 12 \
         [--stream] [--max-tokens 32] [--prompt TEXT] [--model M]
+
+(without --start-at it prints "ready" and reads the start time, a time.time(), from stdin)
 
 prints one JSON object: the requests that completed within the window, each with its time to
 first token, end-to-end time and usage.
@@ -39,7 +44,7 @@ class Done:
 @dataclass
 class LoadResult:
     requests: list[Done] = field(default_factory=list)
-    refused: int = 0  # 429 / 503 answers
+    refused: dict[str, int] = field(default_factory=dict)  # answers other than 200, by status
 
     def cost(self, since_s: float = 0.0) -> int:
         """What the fair scheduler counts, prompt + 2 x completion tokens, of the requests that
@@ -83,7 +88,9 @@ async def _one(session: aiohttp.ClientSession, url: str, key: str, body: dict[st
 async def run_load(
     url: str, key: str, body: dict[str, Any], concurrency: int, start_at: float, seconds: float
 ) -> LoadResult:
-    """`start_at` is a time.time() shared by every tenant's process, so that their windows line up."""
+    """`start_at` is a time.time() shared by every tenant's process, so that their windows line up.
+    At the window's end the requests still out are abandoned (their clients hang up), as a client
+    that stops sending does: the run ends then, not once a long queue has drained."""
     result = LoadResult()
     await asyncio.sleep(max(0.0, start_at - time.time()))
     opened = time.monotonic()
@@ -93,7 +100,7 @@ async def run_load(
         while time.monotonic() < deadline:
             done = await _one(session, url, key, body)
             if isinstance(done, int):
-                result.refused += 1
+                result.refused[str(done)] = result.refused.get(str(done), 0) + 1
                 await asyncio.sleep(0.05)
             elif time.monotonic() < deadline:
                 done.sent -= opened
@@ -103,7 +110,11 @@ async def run_load(
     async with aiohttp.ClientSession(
         connector=connector, timeout=aiohttp.ClientTimeout(total=600)
     ) as session:
-        await asyncio.gather(*(client(session) for _ in range(concurrency)))
+        clients = [asyncio.create_task(client(session)) for _ in range(concurrency)]
+        _, out = await asyncio.wait(clients, timeout=max(0.0, deadline - time.monotonic()))
+        for task in out:
+            task.cancel()
+        await asyncio.gather(*clients, return_exceptions=True)
     return result
 
 
@@ -115,14 +126,26 @@ def body(model: str, prompt: str, max_tokens: int, stream: bool) -> dict[str, An
 
 
 class LoadProcess:
-    """`run_load` in a child process; `result()` waits for it."""
+    """`run_load` in a child process, started by `start_together`; `result()` waits for it."""
 
-    def __init__(self, url: str, key: str, concurrency: int, start_at: float, seconds: float, **options: Any):
+    def __init__(self, url: str, key: str, concurrency: int, seconds: float, **options: Any):
         flags = [f"--{k.replace('_', '-')}={v}" for k, v in options.items() if not isinstance(v, bool)]
         flags += [f"--{k.replace('_', '-')}" for k, v in options.items() if v is True]
         command = [sys.executable, "-m", "appliance.testing.tenantload", url, key]
-        command += [f"--concurrency={concurrency}", f"--start-at={start_at}", f"--seconds={seconds}", *flags]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        command += [f"--concurrency={concurrency}", f"--seconds={seconds}", *flags]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def ready(self) -> None:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if line.strip() != "ready":
+            raise RuntimeError(f"the load process did not start ({line!r})")
+
+    def go(self, start_at: float) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(f"{start_at}\n")
+        self.process.stdin.close()
+        self.process.stdin = None  # said all: `communicate` has nothing left to send
 
     def result(self, timeout_s: float = 300) -> LoadResult:
         out, _ = self.process.communicate(timeout=timeout_s)
@@ -132,12 +155,22 @@ class LoadProcess:
         return LoadResult([Done(**r) for r in raw["requests"]], raw["refused"])
 
 
+def start_together(loads: list[LoadProcess], lead_s: float = 0.5) -> float:
+    """Once every process has started, open all their windows at the same time; returns it."""
+    for load in loads:
+        load.ready()
+    start_at = time.time() + lead_s
+    for load in loads:
+        load.go(start_at)
+    return start_at
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("url")
     parser.add_argument("key")
     parser.add_argument("--concurrency", type=int, required=True)
-    parser.add_argument("--start-at", type=float, required=True)
+    parser.add_argument("--start-at", type=float)
     parser.add_argument("--seconds", type=float, required=True)
     parser.add_argument("--model", default="lorabox-demo")
     parser.add_argument("--prompt", default="Once upon a time")
@@ -145,7 +178,11 @@ def main() -> None:
     parser.add_argument("--stream", action="store_true")
     args = parser.parse_args()
     payload = body(args.model, args.prompt, args.max_tokens, args.stream)
-    result = asyncio.run(run_load(args.url, args.key, payload, args.concurrency, args.start_at, args.seconds))
+    start_at = args.start_at
+    if start_at is None:
+        print("ready", flush=True)
+        start_at = float(sys.stdin.readline())
+    result = asyncio.run(run_load(args.url, args.key, payload, args.concurrency, start_at, args.seconds))
     print(json.dumps(asdict(result)))
 
 
