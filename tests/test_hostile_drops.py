@@ -27,10 +27,10 @@ from tests.conftest import SERVER_START_TIMEOUT_S, Demo, Reference, no_loop_stal
 
 PROMPT = "The quick brown fox"
 MAX_TOKENS = 4
-# A stalled server answers in seconds (the event loop held, or the engine starved of adapters);
-# a busy 2-core CI machine making 10,000 folders beside it takes up to about 1 s for 4 tokens.
-# The loop-stall check (no_loop_stall) is the exact one; this is the client's view.
-ANSWER_WITHIN_S = 2.0
+# /healthz within the 0.5 s: the event loop answers it. Another tenant's 4-token request
+# within 2 s, not 0.5 s: a loaded 2-core machine making 10,000 folders beside the engine took
+# 0.98 s once (the loop never stalled: no_loop_stall holds); a stalled server takes far longer.
+ANSWER_WITHIN_S = {"healthz": 0.5, "request": 2.0}
 WEIGHTS = "adapter_model.safetensors"
 
 
@@ -160,11 +160,11 @@ class Prober:
         assert self._thread is not None
         self._thread.join(timeout=60)
 
-    def slow(self, limit: float, since: float) -> list[tuple[float, str, float]]:
+    def slow(self, limits: dict[str, float], since: float) -> list[tuple[float, str, float]]:
         return [
             (round(sent - since, 2), what, round(took, 3))
             for sent, what, took in self.answers
-            if took >= limit
+            if took >= limits[what]
         ]
 
 
