@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -67,6 +68,10 @@ HANDLER_SHUTDOWN_S = 1.0
 # After an engine failure the listeners stay up this long, answering 503 with the reason, so that
 # whoever polls /readyz or sends a request sees why rather than only a refused connection.
 FAILED_LINGER_S = 2.0
+# After an engine failure the daemon exits within this long whatever its cleanup meets (vLLM joins
+# its engine core for 5 s, then kills it; a starved machine has taken over 30 s): the usage rows are
+# written in the first milliseconds, and systemd restarts a daemon that has exited.
+FAILED_EXIT_DEADLINE_S = 15.0
 ENGINE_SELECTION = web.AppKey("engine_selection", Selection)
 STARTUP = web.AppKey("startup", StartupExtender)
 WATCHDOG = web.AppKey("watchdog", Watchdog)
@@ -307,6 +312,7 @@ async def _serve(settings: Settings, app: web.Application) -> str | None:
         await services.health.stop()  # stopping, the engine's end is expected
         if lifecycle.failure:
             log.error("the engine failed (%s): ending every request and exiting", lifecycle.failure)
+            exit_anyway_after(FAILED_EXIT_DEADLINE_S)
             sd_notify(f"STATUS=engine failed: {lifecycle.failure}")
         else:
             log.info("shutting down: draining requests for up to %g s", settings.drain_timeout_s)
@@ -322,6 +328,19 @@ async def _serve(settings: Settings, app: web.Application) -> str | None:
         socket_path.unlink(missing_ok=True)
         log.info("stopped")
     return lifecycle.failure
+
+
+def exit_anyway_after(seconds: float) -> None:
+    """Exit with status 1 in `seconds` if the process has not exited by then (a daemon thread)."""
+
+    def exit_now() -> None:
+        log.error("not stopped %g s after the engine failed: exiting now", seconds)
+        logging.shutdown()
+        os._exit(1)
+
+    timer = threading.Timer(seconds, exit_now)
+    timer.daemon = True
+    timer.start()
 
 
 def serve(

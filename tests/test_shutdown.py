@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import configparser
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pytest
 
 from appliance.api.openai import FINAL_WRITE_S
 from appliance.config import SHUTDOWN_MARGIN_S, Settings, load_config
-from appliance.daemon import HANDLER_SHUTDOWN_S
+from appliance.daemon import FAILED_EXIT_DEADLINE_S, FAILED_LINGER_S, HANDLER_SHUTDOWN_S
 from appliance.engines.vllm import STOP_TIMEOUT_S
 from appliance.serving.lifecycle import CUT_GRACE_S
 from tests.conftest import post_json
@@ -56,6 +58,17 @@ def received(sock: socket.socket) -> list[str]:
             messages.append(sock.recv(4096).decode())
         except BlockingIOError:
             return messages
+
+
+def test_a_failed_daemon_exits_at_its_deadline_whatever_its_cleanup_meets():
+    # The deadline leaves the normal path its time: the linger, then vLLM's join of its core.
+    assert FAILED_LINGER_S + STOP_TIMEOUT_S + 2 * HANDLER_SHUTDOWN_S < FAILED_EXIT_DEADLINE_S
+    script = (
+        "import time\nfrom appliance.daemon import exit_anyway_after\nexit_anyway_after(0.5)\ntime.sleep(60)"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=50)
+    assert result.returncode == 1, result.stderr[-500:]
+    assert "not stopped 0.5 s after the engine failed: exiting now" in result.stderr
 
 
 def test_sigterm_drains_then_cuts_every_stream_with_an_error_and_books_it(demo, tmp_path, notify_socket):
