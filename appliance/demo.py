@@ -124,15 +124,12 @@ def build_adapter(model_dir: Path, tenant: DemoTenant, out_dir: Path) -> None:
     write_adapter(tenant, tensors, out_dir)
 
 
-def write_adapter(tenant: DemoTenant, tensors: dict[str, Any], out_dir: Path) -> None:
-    """Write LoRA tensors (named `<module path>.lora_A.weight`, PEFT prefix optional) in PEFT's
-    on-disk format, with PEFT's own LoraConfig for the tenant's rank, alpha and target modules."""
+def lora_config(tenant: DemoTenant) -> Any:
+    """PEFT's LoraConfig for the tenant's rank, alpha and target modules: what its adapter is
+    trained with and what its adapter_config.json says."""
     from peft import LoraConfig
-    from safetensors.torch import save_file
 
-    from .adapters.drops import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE
-
-    config = LoraConfig(
+    return LoraConfig(
         r=tenant.rank,
         lora_alpha=tenant.alpha,
         target_modules=sorted(tenant.target_modules),
@@ -140,7 +137,17 @@ def write_adapter(tenant: DemoTenant, tensors: dict[str, Any], out_dir: Path) ->
         bias="none",
         task_type="CAUSAL_LM",
         base_model_name_or_path=DEMO_MODEL_NAME,
-    ).to_dict()
+    )
+
+
+def write_adapter(tenant: DemoTenant, tensors: dict[str, Any], out_dir: Path) -> None:
+    """Write LoRA tensors (named `<module path>.lora_A.weight`, PEFT prefix optional) in PEFT's
+    on-disk format, with the tenant's `lora_config`."""
+    from safetensors.torch import save_file
+
+    from .adapters.drops import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE
+
+    config = lora_config(tenant).to_dict()
     config["target_modules"] = sorted(config["target_modules"])  # a set in PEFT
     named = {PEFT_PREFIX + name.removeprefix(PEFT_PREFIX): tensor for name, tensor in tensors.items()}
     out_dir.mkdir(parents=True, exist_ok=True)

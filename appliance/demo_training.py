@@ -39,6 +39,7 @@ from .demo import (
     SPECIAL_TOKENS,
     VOCAB_SIZE,
     DemoTenant,
+    lora_config,
     write_adapter,
 )
 
@@ -320,19 +321,11 @@ def train_base(tokenizer: Any) -> Any:
 def train_adapter(base: Any, tokenizer: Any, tenant: DemoTenant) -> dict[str, Any]:
     """The tenant's LoRA tensors, in PEFT's on-disk names."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from peft.utils import get_peft_model_state_dict
 
     torch.manual_seed(tenant.seed)
-    config = LoraConfig(
-        r=tenant.rank,
-        lora_alpha=tenant.alpha,
-        target_modules=list(tenant.target_modules),
-        lora_dropout=0.0,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(base, config)
+    model = get_peft_model(base, lora_config(tenant))
     examples = adapter_examples(tokenizer, VOICES[tenant.name])
     fit(model, examples, tokenizer.pad_token_id, HYPER.adapter_steps, HYPER.adapter_lr, tenant.name)
     tensors = {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(model).items()}
