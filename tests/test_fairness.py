@@ -59,14 +59,18 @@ def serve(server: Server, concurrency: dict[str, int], keys: dict[str, str]) -> 
     start_together(loads)
     for load in loads:
         load.result()
-    since, until = backlogged(server, list(concurrency))
+    seen = {name: requests(server, name) for name in concurrency}
+    since, until = backlogged(seen)
     assert until - since >= MIN_BACKLOGGED_S, (
         f"the tenants were all backlogged for only {until - since:.1f} s: the load did not test fairness"
     )
-    return {name: service(server, name, since, until) for name in concurrency}
+    return {name: service(seen[name], since, until) for name in concurrency}
 
 
-def requests(server: Server, tenant: str) -> list[tuple[float, float, int]]:
+Requests = list[tuple[float, float, int]]  # (arrived, ended, prompt + 2 x completion), per request
+
+
+def requests(server: Server, tenant: str) -> Requests:
     """The tenant's requests as the server saw them: (arrived, ended, prompt + 2 x completion)."""
     with sqlite3.connect(server.demo.database) as db:
         rows = db.execute(
@@ -79,18 +83,18 @@ def requests(server: Server, tenant: str) -> list[tuple[float, float, int]]:
     return [(end - latency, end, cost) for end, latency, cost in ended]
 
 
-def backlogged(server: Server, tenants: list[str]) -> tuple[float, float]:
+def backlogged(seen: dict[str, Requests]) -> tuple[float, float]:
     """The longest stretch during which every tenant had more requests at the server than the
     engine may run at once (so some were waiting in the fair queue): where the scheduler, not the
     clients, decides who is served. A client process that a busy machine schedules late sends its
     next request late; its tenant is then not backlogged, and the fairness bound does not apply."""
     changes = sorted(
         (when, step, name)
-        for name in tenants
-        for arrived, ended, _ in requests(server, name)
+        for name, theirs in seen.items()
+        for arrived, ended, _ in theirs
         for when, step in ((arrived, 1), (ended, -1))
     )
-    present = dict.fromkeys(tenants, 0)
+    present = dict.fromkeys(seen, 0)
     best, began = (0.0, 0.0), None
     for when, step, name in changes:
         present[name] += step
@@ -103,9 +107,9 @@ def backlogged(server: Server, tenants: list[str]) -> tuple[float, float]:
     return best
 
 
-def service(server: Server, tenant: str, since: float, until: float) -> int:
-    """prompt + 2 x completion tokens of the tenant's requests that ended between the two times."""
-    return sum(cost for _, ended, cost in requests(server, tenant) if since <= ended < until)
+def service(theirs: Requests, since: float, until: float) -> int:
+    """prompt + 2 x completion tokens of the requests that ended between the two times."""
+    return sum(cost for _, ended, cost in theirs if since <= ended < until)
 
 
 def test_a_flood_at_ten_times_the_concurrency_leaves_the_other_tenant_its_share(fair_server: Server) -> None:
