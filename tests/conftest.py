@@ -87,16 +87,21 @@ def llamacpp_demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
     return Demo(directory, init_demo(directory))
 
 
+def start_llamacpp(box: Demo) -> LocalServer:
+    """`lorabox serve` on `box` with engine = "llamacpp" (raises ServerFailed)."""
+    return LocalServer.start(
+        box.config,
+        box.dir / "server.log",
+        timeout_s=SERVER_START_TIMEOUT_S,
+        env={"LORABOX_ENGINE": "llamacpp"},
+    )
+
+
 @pytest.fixture(scope="session")
 def llamacpp_server(llamacpp_demo: Demo) -> Iterator[Server]:
     """`lorabox serve` with engine = "llamacpp": every live llama.cpp test shares this one."""
     try:
-        running = LocalServer.start(
-            llamacpp_demo.config,
-            llamacpp_demo.dir / "server.log",
-            timeout_s=SERVER_START_TIMEOUT_S,
-            env={"LORABOX_ENGINE": "llamacpp"},
-        )
+        running = start_llamacpp(llamacpp_demo)
     except ServerFailed as exc:
         pytest.fail(str(exc))
     yield Server(running, llamacpp_demo)

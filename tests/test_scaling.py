@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from appliance.demo import init_demo
-from appliance.testing.localserver import LocalServer, ServerFailed, free_port, http_status
-from tests.conftest import SERVER_START_TIMEOUT_S, Demo, Server, post_json
+from appliance.testing.localserver import ServerFailed, free_port, http_status
+from tests.conftest import Demo, Server, post_json, start_llamacpp
 from tests.dedicated import usage_rows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,13 +109,7 @@ def boxes(demo: Demo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list
 
     def start(box: Demo) -> None:
         try:
-            local = LocalServer.start(
-                box.config,
-                box.dir / "server.log",
-                timeout_s=SERVER_START_TIMEOUT_S,
-                env={"LORABOX_ENGINE": "llamacpp"},
-            )
-            started.append(Server(local, box))
+            started.append(Server(start_llamacpp(box), box))
         except ServerFailed as exc:
             failures.append(exc)
 
