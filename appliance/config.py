@@ -164,17 +164,18 @@ class Settings:
     scheduler: str = "fair"
     """Which waiting request the engine gets next. `fair`: weighted fair across tenants (virtual
     token counters, as VTC: a tenant's tokens served, prompt + 2 x completion, over its weight;
-    the lowest goes first, and a tenant with nothing running starts at once). `fifo`: in order of
-    arrival, whoever sent it (for comparison; see benchmarks/noisy_neighbour.py)."""
+    the lowest goes first, and a tenant below its share of the places starts at once). `fifo`: in
+    order of arrival, whoever sent it (for comparison; see benchmarks/noisy_neighbour.py)."""
 
     max_running: int = 0
     """Generation requests in the engine at once; the rest wait in lorabox's fair queue. 0: as many
     as the engine batches (vLLM's max_num_seqs, `llamacpp_parallel`), so the engine is kept just
-    saturated and fairness decides who waits when it is full. The knob between latency isolation
-    and throughput: lower keeps batches small (each token comes sooner, a tenant can get ahead of
-    its share by fewer tokens: README, "Fair scheduling") at the cost of tokens per second in
-    all. A request that finds its tenant idle starts at once even when all places are taken (one
-    per tenant on top). More than the engine batches is never used."""
+    saturated and fairness decides who waits when it is full; a larger value is lowered to that.
+    The knob between latency isolation and throughput: lower keeps batches small (each token comes
+    sooner, a tenant can get ahead of its share by fewer tokens: README, "Fair scheduling") at the
+    cost of tokens per second in all. A tenant holding fewer places than its share (`max_running` x
+    its weight / the active tenants' weights) starts its next request at once even when all places
+    are taken."""
 
     max_queued: int = 1024
     """Requests waiting for the engine, all tenants together, at most; past it new requests get 503

@@ -126,7 +126,7 @@ def test_a_flood_at_ten_times_the_concurrency_leaves_the_other_tenant_its_share(
         (largest,) = db.execute(  # one request's cost, U
             "select max(prompt_tokens + 2 * completion_tokens) from usage where tenant = 'steady'"
         ).fetchone()
-    # The documented bound (max_running requests' cost), plus as much again at each end of the
+    # The documented bound (max_running + 1 requests' cost), plus as much again at each end of the
     # window for the requests that were running across it.
     bound = 3 * (MAX_RUNNING + 1) * largest
     assert abs(flood - steady) <= bound, (flood, steady, bound)  # FIFO would give B 24 of every 264

@@ -30,9 +30,15 @@ class Client:
     weight: float = 1.0
 
 
-def simulate(scheduler: FairScheduler, clients: dict[str, Client], steps: int) -> Counter[str]:
+def simulate(
+    scheduler: FairScheduler,
+    clients: dict[str, Client],
+    steps: int,
+    at_once: dict[str, list[bool]] | None = None,
+) -> Counter[str]:
     """A batching engine: every step, each running request gets one token. Returns the cost served
-    per tenant (prompt + 2 x completion), as the counters measure it."""
+    per tenant (prompt + 2 x completion), as the counters measure it; `at_once` gets, per tenant,
+    whether each request started as it was sent."""
     served: Counter[str] = Counter()
     running: dict[Turn, int] = {}
     waiting: list[Turn] = []
@@ -40,9 +46,16 @@ def simulate(scheduler: FairScheduler, clients: dict[str, Client], steps: int) -
     def send(tenant: str) -> None:
         client = clients[tenant]
         turn = scheduler.enter(
-            tenant, weight=client.weight, max_concurrent=None, max_queued=1000, prompt_tokens=client.prompt
+            tenant,
+            weight=client.weight,
+            max_concurrent=None,
+            max_queued=1000,
+            prompt_tokens=client.prompt,
+            max_tokens=client.output,
         )
         waiting.append(turn)
+        if at_once is not None:
+            at_once.setdefault(tenant, []).append(turn.granted.done())
 
     for tenant, client in clients.items():
         for _ in range(client.concurrency):
@@ -64,8 +77,8 @@ def simulate(scheduler: FairScheduler, clients: dict[str, Client], steps: int) -
 
 
 def bound(scheduler: FairScheduler, client: Client) -> float:
-    """The documented bound: max_running requests' cost (prompt + 2 x output) over the weight."""
-    return scheduler.max_running * (client.prompt + 2 * client.output) / client.weight
+    """The documented bound: max_running + 1 requests' cost (prompt + 2 x output) over the weight."""
+    return (scheduler.max_running + 1) * (client.prompt + 2 * client.output) / client.weight
 
 
 async def test_weights_two_to_one_get_two_to_one_service_when_both_are_backlogged() -> None:
@@ -109,14 +122,59 @@ async def test_a_tenant_with_nothing_running_starts_at_once_even_when_the_engine
     assert scheduler.running == 3
 
 
-async def test_a_backlogged_tenant_gets_no_place_on_top_between_its_requests() -> None:
+async def test_a_tenant_within_its_share_never_waits_behind_a_flood() -> None:
+    # b keeps 2 requests in flight: its share of 4 places beside one other tenant. The flood keeps 20.
+    scheduler = FairScheduler(max_running=4, max_queued=1000)
+    clients = {"flood": Client(20, output=64), "b": Client(2, output=64)}
+    at_once: dict[str, list[bool]] = {}
+    served = simulate(scheduler, clients, steps=4000, at_once=at_once)
+    assert len(at_once["b"]) > 100
+    assert all(at_once["b"])  # not one of b's requests waited
+    assert not any(at_once["flood"][20:])  # the flood's requests (after the first) all queued
+    # b runs its 2 throughout. A place b frees goes to the flood before b's next request comes, which
+    # then starts on top: the engine holds 5, and b gets 2 of them.
+    assert served["b"] / (served["b"] + served["flood"]) == pytest.approx(2 / 5, abs=0.02)
+
+
+async def test_fifo_makes_the_same_tenant_wait() -> None:
+    scheduler = FairScheduler(max_running=4, max_queued=1000, fair=False)
+    clients = {"flood": Client(20, output=64), "b": Client(2, output=64)}
+    at_once: dict[str, list[bool]] = {}
+    simulate(scheduler, clients, steps=4000, at_once=at_once)
+    assert not any(at_once["b"][2:])  # after its first two, every one of b's requests waited
+
+
+async def test_a_tenant_at_its_share_waits_for_its_own_to_end() -> None:
+    scheduler = FairScheduler(max_running=4, max_queued=1000)
+    for _ in range(10):
+        scheduler.enter("flood", weight=1, max_concurrent=None, max_queued=10, prompt_tokens=1)
+    b = [scheduler.enter("b", weight=1, max_concurrent=None, max_queued=10, prompt_tokens=1, max_tokens=16) for _ in range(3)]
+    assert [t.granted.done() for t in b] == [True, True, False]  # its share of 4 places is 2
+    assert scheduler.running == 6  # on top, for now
+    scheduler.leave(b[0])
+    assert b[2].granted.done()  # below its share again: on top again
+    heavy = [scheduler.enter("c", weight=2, max_concurrent=None, max_queued=10, prompt_tokens=1) for _ in range(3)]
+    # c's weight: 4 x 2 / (1 + 1 + 2) = 2 places; b's share is now 1, so it gets none on top.
+    assert [t.granted.done() for t in heavy] == [True, True, False]
+    b.append(scheduler.enter("b", weight=1, max_concurrent=None, max_queued=10, prompt_tokens=1))
+    assert not b[3].granted.done()
+
+
+async def test_a_tenant_more_than_one_request_ahead_gets_no_place_on_top() -> None:
+    # Long prompts, one token each: below its share, yet each start charges b a whole prompt.
     scheduler = FairScheduler(max_running=2, max_queued=1000)
     for _ in range(5):
         scheduler.enter("flood", weight=1, max_concurrent=None, max_queued=10, prompt_tokens=1)
-    first = scheduler.enter("b", weight=1, max_concurrent=None, max_queued=10, prompt_tokens=1)
-    second = scheduler.enter("b", weight=1, max_concurrent=None, max_queued=10, prompt_tokens=1)
-    scheduler.leave(first)  # b has nothing running now, but it was waiting all along
-    assert not second.granted.done()  # it waits for its turn like the flood's
+    started = []
+    for _ in range(3):
+        turn = scheduler.enter("b", weight=1, max_concurrent=None, max_queued=10, prompt_tokens=1000, max_tokens=1)
+        started.append(turn.granted.done())
+        if turn.granted.done():
+            scheduler.served(turn, 1)
+            scheduler.leave(turn)
+    # The first two start on top (b's counter lifted to the flood's, then one prompt ahead); the
+    # third would put b two requests ahead of the flood that waits: it waits its turn.
+    assert started == [True, True, False]
     assert scheduler.running == 2
 
 

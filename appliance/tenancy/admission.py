@@ -166,6 +166,7 @@ class Admission:
                 max_concurrent=policy.max_concurrent,
                 max_queued=policy.max_queued,
                 prompt_tokens=prompt_tokens,
+                max_tokens=max_tokens,
             )
         except QueueFull as full:
             if full.scope == "tenant":

@@ -9,17 +9,32 @@ arrival order). Work-conserving: a tenant alone gets every place. A tenant that 
 waiting or running starts at the lowest counter of those active (or, with none active, at the
 counter of the last one to go idle): it banks no credit for the time it was away.
 
-One addition for latency isolation: a request that finds its tenant idle (nothing queued or
-running) starts at once even when all `max_running` places are taken, so a tenant sending one
-request at a time never waits behind a flood; the flood's requests then start again only once the
-total is back under `max_running`. At most one such request per tenant comes on top, and a
-backlogged tenant gets none (its share stays what its weight says).
+Latency isolation: a tenant's share of the places is `max_running` x its weight / the weights of
+the tenants active (at least one place). A tenant holding fewer places than its share starts its
+next request at once, even when all `max_running` places are taken ("on top"), as long as its
+counter is within one request (that request's prompt + 2 x max_tokens, over the weight) of the
+lowest counter among the other tenants with requests waiting. So a tenant that keeps no more
+requests in flight than its share never waits behind a flood, and one sending a request at a time
+never waits at all (it comes back at the lowest counter, unless it was served more than the
+others before it went idle). The flood's requests start again only
+once the total is back under `max_running`. The engine then holds up to `max_running` + the sum
+of the shares (twice `max_running` while there are no more tenants active than places): a place a
+light tenant frees goes to the flood before the light tenant's next request comes, which then
+starts on top. Where that is more than the engine's batch, the requests on top wait inside the
+engine, first in its line (the fair queue holds back everything else), for one of its running
+requests to end.
 
 The bound (for two tenants f and g waiting throughout an interval, fair mode): the service each
 received, in the counters' units (prompt + 2 x completion, over the weight), differs by at most
-`max_running` x U, where U is one request's largest cost over the smaller weight. A tenant's
-request starts only when its counter is the lowest; after that its counter grows by at most what
-its requests running then still cost, and it has at most `max_running` of them.
+(`max_running` + 1) x U, where U is one request's largest cost over the smaller weight. A tenant's
+request starts only when its counter is the lowest, or within one request of the lowest of those
+waiting; after that its counter grows by at most what its requests running then still cost, and it
+has at most `max_running` of them.
+
+The knob is `max_running`. More places give bigger batches (throughput) and bigger shares, but
+every running request's steps get slower and the bound looser; fewer places give quicker steps
+(each request's tokens come sooner) and a tighter bound, for less throughput. The default is the
+engine's batch size: the queue then holds requests back only when the engine is full.
 
 FIFO mode starts requests in order of arrival, whoever sent them, within the same bounds.
 Synchronous apart from `wait`: one event loop, no locks.
@@ -55,7 +70,7 @@ class Turn:
     tenant: str
     prompt_tokens: int
     arrived: float
-    fresh: bool = False  # its tenant had nothing queued or running when it came
+    max_tokens: int = 0
     granted: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     started: float | None = None
     done: bool = False
@@ -107,15 +122,15 @@ class FairScheduler:
         max_concurrent: int | None,
         max_queued: int,
         prompt_tokens: int,
+        max_tokens: int = 0,
     ) -> Turn:
         """Queue a request, starting it at once if it may; raises QueueFull (and leaves no trace)
         when it would have to wait and its tenant's queue, or the box's, is full."""
         state = self._tenants.get(tenant) or self._tenants.setdefault(tenant, _Tenant(tenant))
         state.weight, state.max_concurrent = weight, max_concurrent
-        fresh = not state.active
-        if fresh:
+        if not state.active:
             self._wake_up(state)
-        turn = Turn(tenant, prompt_tokens, self._clock(), fresh)
+        turn = Turn(tenant, prompt_tokens, self._clock(), max_tokens)
         state.queue.append(turn)
         self.queued += 1
         self._dispatch()
@@ -207,10 +222,24 @@ class FairScheduler:
             if self.running < self.max_running:
                 self._start(min(ready, key=self._order))
                 continue
-            returning = [t for t in ready if t.queue[0].fresh] if self.fair else []
-            if not returning:
+            below_share = [t for t in ready if self._may_go_on_top(t)] if self.fair else []
+            if not below_share:
                 return
-            self._start(min(returning, key=self._order))
+            self._start(min(below_share, key=self._order))
+
+    def _share(self, state: _Tenant) -> int:
+        """The places this tenant's weight gives it among the tenants active now (at least one)."""
+        weights = sum(t.weight for t in self._active.values())
+        return max(1, int(self.max_running * state.weight / weights))
+
+    def _may_go_on_top(self, state: _Tenant) -> bool:
+        """Below its share, and no further ahead of the lowest waiting tenant than one request."""
+        if state.running >= self._share(state):
+            return False
+        head = state.queue[0]
+        reach = (head.prompt_tokens + 2 * head.max_tokens) / state.weight
+        waiting = [t.counter for t in self._active.values() if t is not state and t.queue]
+        return not waiting or state.counter <= min(waiting) + reach
 
     def _start(self, state: _Tenant) -> None:
         turn = state.queue.popleft()
