@@ -2,6 +2,7 @@
 
     PYTHONPATH=. .venv/bin/python benchmarks/noisy_neighbour.py [--b-clients 2] [--flood 10]
         [--seconds 20] [--max-running 4] [--max-tokens 64] [--runs fair,fifo,fair-async,vllm]
+        [--engine auto|vllm|llamacpp] [--llamacpp-parallel 8]
 
 Builds the demo in a temporary directory and, for each run, starts `lorabox serve` with that run's
 settings: `fair` (the fair scheduler, the default), `fifo` (the same queue in order of arrival:
@@ -13,7 +14,9 @@ each on its own adapter; each tenant's clients run in a process of their own
 phase: B's time to first token and end-to-end p50/p95, each tenant's completion tokens/s and its
 share of the service (prompt + 2 x completion), the total tokens/s, and the engine's step time at
 the batch size reached (batch / tokens/s: B alone runs `b_clients` at once; under the flood lorabox
-holds `max_running`, vllm serve every request).
+holds `max_running`, vllm serve every request). `--engine llamacpp` runs lorabox on its llama.cpp
+engine (where vLLM cannot run), with `--llamacpp-parallel` sequences: room for the places taken on
+top of `max_running`.
 """
 
 from __future__ import annotations
@@ -155,6 +158,8 @@ def main() -> None:
     parser.add_argument("--max-running", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--runs", default="fair,fifo,fair-async")
+    parser.add_argument("--engine", default="auto", choices=["auto", "vllm", "llamacpp"])
+    parser.add_argument("--llamacpp-parallel", type=int, default=8)
     args = parser.parse_args()
     flood = {B: args.b_clients, A: args.b_clients * args.flood}
     throughput: dict[str, float] = {}
@@ -168,7 +173,9 @@ def main() -> None:
                 with vllm_serve(demo_dir, demo_dir / "vllm.log") as url:
                     bench(run, url, keys, flood, args, throughput)
                 continue
-            settings = RUNS[run] | {"max_running": args.max_running}
+            settings = RUNS[run] | {"max_running": args.max_running, "engine": args.engine}
+            if args.engine == "llamacpp":
+                settings["llamacpp_parallel"] = args.llamacpp_parallel
             # A's queue must hold its whole flood (the default bound, 32, would refuse some).
             (demo_dir / "lorabox.toml").write_text(
                 base_config
