@@ -148,12 +148,17 @@ async def test_a_tenant_at_its_share_waits_for_its_own_to_end() -> None:
     scheduler = FairScheduler(max_running=4, max_queued=1000)
     for _ in range(10):
         scheduler.enter("flood", weight=1, max_concurrent=None, max_queued=10, prompt_tokens=1)
-    b = [scheduler.enter("b", weight=1, max_concurrent=None, max_queued=10, prompt_tokens=1, max_tokens=16) for _ in range(3)]
+    b = [
+        scheduler.enter("b", weight=1, max_concurrent=None, max_queued=10, prompt_tokens=1, max_tokens=16)
+        for _ in range(3)
+    ]
     assert [t.granted.done() for t in b] == [True, True, False]  # its share of 4 places is 2
     assert scheduler.running == 6  # on top, for now
     scheduler.leave(b[0])
     assert b[2].granted.done()  # below its share again: on top again
-    heavy = [scheduler.enter("c", weight=2, max_concurrent=None, max_queued=10, prompt_tokens=1) for _ in range(3)]
+    heavy = [
+        scheduler.enter("c", weight=2, max_concurrent=None, max_queued=10, prompt_tokens=1) for _ in range(3)
+    ]
     # c's weight: 4 x 2 / (1 + 1 + 2) = 2 places; b's share is now 1, so it gets none on top.
     assert [t.granted.done() for t in heavy] == [True, True, False]
     b.append(scheduler.enter("b", weight=1, max_concurrent=None, max_queued=10, prompt_tokens=1))
@@ -167,7 +172,9 @@ async def test_a_tenant_more_than_one_request_ahead_gets_no_place_on_top() -> No
         scheduler.enter("flood", weight=1, max_concurrent=None, max_queued=10, prompt_tokens=1)
     started = []
     for _ in range(3):
-        turn = scheduler.enter("b", weight=1, max_concurrent=None, max_queued=10, prompt_tokens=1000, max_tokens=1)
+        turn = scheduler.enter(
+            "b", weight=1, max_concurrent=None, max_queued=10, prompt_tokens=1000, max_tokens=1
+        )
         started.append(turn.granted.done())
         if turn.granted.done():
             scheduler.served(turn, 1)

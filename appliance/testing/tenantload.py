@@ -13,7 +13,9 @@ given the same start time.
 (without --start-at it prints "ready" and reads the start time, a time.time(), from stdin)
 
 prints one JSON object: the requests that completed within the window, each with its time to
-first token, end-to-end time and usage.
+first token, end-to-end time and usage, and how long each request still out at the window's end
+had waited without a first token (what a time-to-first-token percentile over completed requests
+alone would leave out).
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ class Done:
 class LoadResult:
     requests: list[Done] = field(default_factory=list)
     refused: dict[str, int] = field(default_factory=dict)  # answers other than 200, by status
+    # Seconds each request still out when the window closed had waited with no token yet: its time
+    # to first token is at least that.
+    unanswered_s: list[float] = field(default_factory=list)
 
     def cost(self, since_s: float = 0.0) -> int:
         """What the fair scheduler counts, prompt + 2 x completion tokens, of the requests that
@@ -54,9 +59,18 @@ class LoadResult:
         )
 
 
-async def _one(session: aiohttp.ClientSession, url: str, key: str, body: dict[str, Any]) -> Done | int:
-    began = time.monotonic()
+@dataclass
+class _Out:
+    """A request on its way: when it was sent, and its first token's time once one came."""
+
+    began: float = field(default_factory=time.monotonic)
     first: float | None = None
+
+
+async def _one(
+    session: aiohttp.ClientSession, url: str, key: str, body: dict[str, Any], out: _Out
+) -> Done | int:
+    began = out.began
     headers = {"Authorization": f"Bearer {key}"}
     async with session.post(f"{url}/v1/completions", json=body, headers=headers) as response:
         if response.status != 200:
@@ -64,7 +78,7 @@ async def _one(session: aiohttp.ClientSession, url: str, key: str, body: dict[st
             return response.status
         if not body.get("stream"):
             usage = (await response.json())["usage"]
-            first = time.monotonic()
+            out.first = time.monotonic()
         else:
             usage = {}
             async for line in response.content:
@@ -74,11 +88,11 @@ async def _one(session: aiohttp.ClientSession, url: str, key: str, body: dict[st
                 if event.get("usage"):
                     usage = event["usage"]
                 elif event.get("choices") and event["choices"][0].get("text"):
-                    first = first or time.monotonic()
+                    out.first = out.first or time.monotonic()
     ended = time.monotonic()
     return Done(
         sent=began,
-        ttft_s=(first or ended) - began,
+        ttft_s=(out.first or ended) - began,
         e2e_s=ended - began,
         prompt_tokens=int(usage.get("prompt_tokens", 0)),
         completion_tokens=int(usage.get("completion_tokens", 0)),
@@ -95,10 +109,13 @@ async def run_load(
     await asyncio.sleep(max(0.0, start_at - time.time()))
     opened = time.monotonic()
     deadline = opened + seconds
+    outstanding: dict[int, _Out] = {}  # per client
 
-    async def client(session: aiohttp.ClientSession) -> None:
+    async def client(session: aiohttp.ClientSession, n: int) -> None:
         while time.monotonic() < deadline:
-            done = await _one(session, url, key, body)
+            outstanding[n] = _Out()
+            done = await _one(session, url, key, body, outstanding[n])
+            del outstanding[n]
             if isinstance(done, int):
                 result.refused[str(done)] = result.refused.get(str(done), 0) + 1
                 await asyncio.sleep(0.05)
@@ -110,8 +127,10 @@ async def run_load(
     async with aiohttp.ClientSession(
         connector=connector, timeout=aiohttp.ClientTimeout(total=600)
     ) as session:
-        clients = [asyncio.create_task(client(session)) for _ in range(concurrency)]
+        clients = [asyncio.create_task(client(session, n)) for n in range(concurrency)]
         _, out = await asyncio.wait(clients, timeout=max(0.0, deadline - time.monotonic()))
+        closed = time.monotonic()
+        result.unanswered_s = [closed - o.began for o in outstanding.values() if o.first is None]
         for task in out:
             task.cancel()
         await asyncio.gather(*clients, return_exceptions=True)
@@ -152,7 +171,7 @@ class LoadProcess:
         if self.process.returncode != 0:
             raise RuntimeError(f"the load process failed ({self.process.returncode})")
         raw = json.loads(out)
-        return LoadResult([Done(**r) for r in raw["requests"]], raw["refused"])
+        return LoadResult([Done(**r) for r in raw["requests"]], raw["refused"], raw["unanswered_s"])
 
 
 def start_together(loads: list[LoadProcess], lead_s: float = 0.5) -> float:
