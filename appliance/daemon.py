@@ -15,6 +15,7 @@ drain and the process exits non-zero, for systemd to restart it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -27,6 +28,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import NoReturn
 
+import psutil
 from aiohttp import web
 
 from .adapters.drops import AdapterLimits, BaseModelInfo, tenant_folders
@@ -335,12 +337,28 @@ def exit_anyway_after(seconds: float) -> None:
 
     def exit_now() -> None:
         log.error("not stopped %g s after the engine failed: exiting now", seconds)
+        end_children()
         logging.shutdown()
         os._exit(1)
 
     timer = threading.Timer(seconds, exit_now)
     timer.daemon = True
     timer.start()
+
+
+def end_children() -> None:
+    """SIGKILL what this process started and still runs: after an engine failure, an engine core
+    and its workers that the engine's own shutdown did not end in time. Outside systemd (which
+    ends the whole control group) nothing else would, and each holds gigabytes and CPU. Python's
+    resource tracker is left to end itself: it cleans up after its parent once that is gone."""
+    try:
+        children = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            if "resource_tracker" not in " ".join(child.cmdline()):
+                child.kill()
 
 
 def serve(
@@ -361,6 +379,8 @@ def serve(
     # interpreter's own teardown would spend seconds more collecting torch's and vLLM's modules
     # (4-11 s measured here, in Py_FinalizeEx), time a restart or systemd's stop timeout should
     # not spend.
+    if failure is not None:
+        end_children()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -4,6 +4,7 @@ a probe goes unanswered for its timeout, and the last good probe's time is kept.
 from __future__ import annotations
 
 import asyncio
+import time
 
 from appliance.engines.health import EngineHealth
 from appliance.errors import EngineDead
@@ -81,3 +82,35 @@ async def test_a_probe_that_finds_the_engine_dead_fails_it():
     engine.probe = dead_probe  # type: ignore[method-assign]
     _, failed = await watch(engine)
     assert await asyncio.wait_for(failed, 1) == "engine core gone"
+
+
+async def test_time_the_daemons_own_loop_could_not_run_is_not_the_engines():
+    # The engine answers 0.8 s after the probe, but the loop is held for the first 1.5 s (a
+    # starved daemon): its answer is read as soon as the loop runs again, not taken for a hang.
+    engine = ScriptedEngine()
+    answered = 0
+
+    async def slow_probe() -> None:
+        nonlocal answered
+        await asyncio.sleep(0.8)
+        answered += 1
+
+    engine.probe = slow_probe  # type: ignore[method-assign]
+    health, failed = await watch(engine, probe_every_s=10, probe_timeout_s=0.5)
+    await asyncio.sleep(0.05)  # the first probe is out
+    time.sleep(1.5)  # noqa: ASYNC251 (holding the loop is the point)
+    await asyncio.sleep(0.5)
+    await health.stop()
+    assert not failed.done(), failed.result()
+    assert answered == 1
+    assert health.snapshot().last_ok_s_ago is not None
+
+
+async def test_a_hang_is_still_a_hang_after_the_loop_was_held():
+    engine = ScriptedEngine()
+    engine.hangs = True
+    _, failed = await watch(engine, probe_timeout_s=0.5)
+    await asyncio.sleep(0.05)
+    time.sleep(1.5)  # noqa: ASYNC251
+    reason = await asyncio.wait_for(failed, 2)
+    assert "did not answer a health probe within 0.5 s" in reason

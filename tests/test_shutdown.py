@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from appliance.api.openai import FINAL_WRITE_S
@@ -63,12 +64,42 @@ def received(sock: socket.socket) -> list[str]:
 def test_a_failed_daemon_exits_at_its_deadline_whatever_its_cleanup_meets():
     # The deadline leaves the normal path its time: the linger, then vLLM's join of its core.
     assert FAILED_LINGER_S + STOP_TIMEOUT_S + 2 * HANDLER_SHUTDOWN_S < FAILED_EXIT_DEADLINE_S
-    script = (
-        "import time\nfrom appliance.daemon import exit_anyway_after\nexit_anyway_after(0.5)\ntime.sleep(60)"
+    # It starts a child that starts one of its own, as vLLM's engine core and its worker: an engine
+    # that did not stop in time must not outlive the daemon.
+    script = """
+import subprocess, sys, time
+from appliance.daemon import exit_anyway_after
+sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+worker = f"import subprocess, time; subprocess.Popen({sleep!r}); time.sleep(60)"
+subprocess.Popen([sys.executable, "-c", worker])
+import psutil
+while len(psutil.Process().children(recursive=True)) < 2:
+    time.sleep(0.05)
+print("started", flush=True)
+exit_anyway_after(1.0)
+time.sleep(60)
+"""
+    daemon = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=50)
-    assert result.returncode == 1, result.stderr[-500:]
-    assert "not stopped 0.5 s after the engine failed: exiting now" in result.stderr
+    assert daemon.stdout is not None
+    assert daemon.stdout.readline() == "started\n"
+    descendants = psutil.Process(daemon.pid).children(recursive=True)
+    _, stderr = daemon.communicate(timeout=50)
+    assert daemon.returncode == 1, stderr[-500:]
+    assert "not stopped 1 s after the engine failed: exiting now" in stderr
+    deadline = time.monotonic() + 5
+    while alive := [p for p in descendants if running(p)]:
+        assert time.monotonic() < deadline, [p.cmdline() for p in alive]
+        time.sleep(0.05)
+
+
+def running(process: psutil.Process) -> bool:
+    """Still running: a killed process that nobody has reaped yet (a zombie) is not."""
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_sigterm_drains_then_cuts_every_stream_with_an_error_and_books_it(demo, tmp_path, notify_socket):

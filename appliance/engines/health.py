@@ -5,7 +5,11 @@ An engine fails in two ways, and each has its own check:
   milliseconds; it is polled every `poll_s`.
 - a hang: the process lives but its work loop no longer turns (a stuck kernel, a deadlock, a
   SIGSTOP). Only a round trip shows it: `engine.probe()` every `probe_every_s`, answered within
-  `probe_timeout_s` or the engine counts as hung.
+  `probe_timeout_s` or the engine counts as hung. Only the time this process's own event loop
+  ran counts towards that timeout: a loop that could not run (a machine so overloaded that the
+  daemon got no CPU for seconds) could not have read the engine's answer either, and one CI run
+  saw a healthy engine declared hung after its daemon's loop had been held for 47 s. The wait
+  goes in ticks of `PROBE_TICK_S`, and each counts at most its own length, however long it took.
 On the first failure `on_failure(reason)` is called once and the watch ends: an engine is not
 revived in place (the daemon exits, and systemd starts a fresh one). `last_ok` is when a probe
 last answered (monotonic seconds): the proof of life an external watchdog can be fed from.
@@ -24,6 +28,9 @@ from ..errors import EngineDead
 from .base import Engine
 
 log = logging.getLogger(__name__)
+
+PROBE_TICK_S = 0.25
+"""How often a waiting probe looks at the clock; a tick that took longer counts as one."""
 
 
 @dataclass(frozen=True)
@@ -93,15 +100,24 @@ class EngineHealth:
 
     async def _probe(self) -> str | None:
         """None when the engine answered in time, else why it counts as failed."""
+        answer = asyncio.ensure_future(self.engine.probe())
+        waited = 0.0  # of the loop's own running time
         try:
-            async with asyncio.timeout(self.probe_timeout_s):
-                await self.engine.probe()
-        except TimeoutError:
-            return f"the engine did not answer a health probe within {self.probe_timeout_s:g} s (hung)"
+            while not answer.done():
+                if waited >= self.probe_timeout_s:
+                    return (
+                        f"the engine did not answer a health probe within {self.probe_timeout_s:g} s (hung)"
+                    )
+                tick, began = min(PROBE_TICK_S, self.probe_timeout_s - waited), self._clock()
+                await asyncio.wait({answer}, timeout=tick)
+                waited += min(self._clock() - began, tick)
+            answer.result()
         except EngineDead as exc:
             return str(exc)
         except Exception as exc:  # the protocol allows none: the engine is in a state nobody knows
             log.exception("engine health probe raised")
             return f"the engine's health probe raised {exc!r}"
+        finally:
+            answer.cancel()  # unanswered (or this probe was cancelled): stop waiting for it
         self.last_ok = self._clock()
         return None
