@@ -151,9 +151,10 @@ class Settings:
     engine_probe_timeout_s: float = 20.0
     """A probe unanswered this long means the engine hangs: every request in flight ends with an
     error (`engine_failed`, 503) and the daemon exits non-zero, for systemd to restart it. Long
-    enough for the slowest single engine step (a huge prefill, loading a large adapter). Longer
-    than `engine_probe_interval_s`; the systemd watchdog pings stop once no probe has been
-    answered for this long."""
+    enough for the slowest single engine step (a huge prefill, loading a large adapter). Only the
+    time the daemon's own event loop could run counts: a daemon starved of CPU does not blame its
+    engine. Longer than `engine_probe_interval_s`; the systemd watchdog pings stop once no probe
+    has been answered for this long."""
 
     start_timeout_s: float = 1800.0
     """How long start-up may take in all: downloading the model (first start, with a Hugging Face
