@@ -165,6 +165,15 @@ async def test_a_tenant_at_its_share_waits_for_its_own_to_end() -> None:
     assert not b[3].granted.done()
 
 
+async def test_long_prompts_within_the_share_get_no_more_than_the_share() -> None:
+    # b keeps only its share in flight, but each request is a 500-token prompt for one token: going
+    # on top whenever below its share, b would be charged 100 times the flood's service here.
+    scheduler = FairScheduler(max_running=4, max_queued=1000)
+    clients = {"flood": Client(20, prompt=8, output=64), "b": Client(2, prompt=500, output=1)}
+    served = simulate(scheduler, clients, steps=4000)
+    assert abs(served["b"] - served["flood"]) <= bound(scheduler, clients["b"])
+
+
 async def test_a_tenant_more_than_one_request_ahead_gets_no_place_on_top() -> None:
     # Long prompts, one token each: below its share, yet each start charges b a whole prompt.
     scheduler = FairScheduler(max_running=2, max_queued=1000)
