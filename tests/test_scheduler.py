@@ -165,6 +165,20 @@ async def test_a_tenant_at_its_share_waits_for_its_own_to_end() -> None:
     assert not b[3].granted.done()
 
 
+async def test_with_more_tenants_than_places_no_more_than_twice_max_running_run() -> None:
+    scheduler = FairScheduler(max_running=4, max_queued=1000)
+    for _ in range(6):
+        scheduler.enter("flood", weight=1, max_concurrent=None, max_queued=10, prompt_tokens=1)
+    light = [
+        scheduler.enter(f"t{i}", weight=1, max_concurrent=None, max_queued=10, prompt_tokens=1, max_tokens=8)
+        for i in range(10)
+    ]
+    # Each light tenant's share is one place (4 places, 11 tenants: at least one), yet only 4 go
+    # on top: the engine is not handed more than twice max_running.
+    assert sum(t.granted.done() for t in light) == 4
+    assert scheduler.running == 8
+
+
 async def test_long_prompts_within_the_share_get_no_more_than_the_share() -> None:
     # b keeps only its share in flight, but each request is a 500-token prompt for one token: going
     # on top whenever below its share, b would be charged 100 times the flood's service here.

@@ -16,13 +16,13 @@ counter is within one request (that request's prompt + 2 x max_tokens, over the 
 lowest counter among the other tenants with requests waiting. So a tenant that keeps no more
 requests in flight than its share never waits behind a flood, and one sending a request at a time
 never waits at all (it comes back at the lowest counter, unless it was served more than the
-others before it went idle). The flood's requests start again only
-once the total is back under `max_running`. The engine then holds up to `max_running` + the sum
-of the shares (twice `max_running` while there are no more tenants active than places): a place a
-light tenant frees goes to the flood before the light tenant's next request comes, which then
-starts on top. Where that is more than the engine's batch, the requests on top wait inside the
-engine, first in its line (the fair queue holds back everything else), for one of its running
-requests to end.
+others before it went idle). The flood's requests start again only once the total is back under
+`max_running`. The engine then holds up to `max_running` + the sum of the shares, and never more
+than twice `max_running` (with more tenants active than places, the starts on top stop there): a
+place a light tenant frees goes to the flood before the light tenant's next request comes, which
+then starts on top. Where
+that is more than the engine's batch, the requests on top wait inside the engine, first in its
+line (the fair queue holds back everything else), for one of its running requests to end.
 
 The bound (for two tenants f and g waiting throughout an interval, fair mode): the service each
 received, in the counters' units (prompt + 2 x completion, over the weight), differs by at most
@@ -43,6 +43,7 @@ Synchronous apart from `wait`: one event loop, no locks.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import time
 from collections import deque
 from collections.abc import Callable
@@ -222,24 +223,29 @@ class FairScheduler:
             if self.running < self.max_running:
                 self._start(min(ready, key=self._order))
                 continue
-            below_share = [t for t in ready if self._may_go_on_top(t)] if self.fair else []
+            if not self.fair or self.running >= 2 * self.max_running:
+                return
+            below_share = self._below_share(ready)
             if not below_share:
                 return
             self._start(min(below_share, key=self._order))
 
-    def _share(self, state: _Tenant) -> int:
-        """The places this tenant's weight gives it among the tenants active now (at least one)."""
+    def _below_share(self, ready: list[_Tenant]) -> list[_Tenant]:
+        """Those of `ready` that may start on top: holding fewer places than their weight's share
+        of `max_running` (at least one), and no further ahead of the lowest counter among the
+        others waiting than one request. One pass over the tenants, not one per tenant."""
         weights = sum(t.weight for t in self._active.values())
-        return max(1, int(self.max_running * state.weight / weights))
-
-    def _may_go_on_top(self, state: _Tenant) -> bool:
-        """Below its share, and no further ahead of the lowest waiting tenant than one request."""
-        if state.running >= self._share(state):
-            return False
-        head = state.queue[0]
-        reach = (head.prompt_tokens + 2 * head.max_tokens) / state.weight
-        waiting = [t.counter for t in self._active.values() if t is not state and t.queue]
-        return not waiting or state.counter <= min(waiting) + reach
+        lowest = heapq.nsmallest(2, ready, key=lambda t: t.counter)  # of those that could start
+        chosen = []
+        for state in ready:
+            if state.running >= max(1, int(self.max_running * state.weight / weights)):
+                continue
+            head = state.queue[0]
+            reach = (head.prompt_tokens + 2 * head.max_tokens) / state.weight
+            others = [t for t in lowest if t is not state]
+            if not others or state.counter <= others[0].counter + reach:
+                chosen.append(state)
+        return chosen
 
     def _start(self, state: _Tenant) -> None:
         turn = state.queue.popleft()
