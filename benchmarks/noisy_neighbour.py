@@ -11,13 +11,13 @@ from `fair`), `vllm` (the same load against `vllm serve` on the same model and a
 first-come-first-served scheduler, no lorabox in front). B is the demo tenant acme, A is globex,
 each on its own adapter; each tenant's clients run in a process of their own
 (appliance/testing/tenantload.py), sending streamed completions back to back. Prints, per run and
-phase: B's time to first token (a request still waiting for one at the end counts with its wait
-so far) and end-to-end p50/p95, each tenant's completion tokens/s and its
-share of the service (prompt + 2 x completion), the total tokens/s, and the engine's step time at
-the batch size reached (batch / tokens/s: B alone runs `b_clients` at once; under the flood lorabox
-holds `max_running`, vllm serve every request). `--engine llamacpp` runs lorabox on its llama.cpp
-engine (where vLLM cannot run), with `--llamacpp-parallel` sequences: room for the places taken on
-top of `max_running`. `--base`: both tenants ask for the base model, so that every batch is of one
+phase: B's time to first token (a request still waiting for one at the end counts with its wait so
+far) and end-to-end p50/p95, each tenant's completion tokens/s and its share of the service (prompt
++ 2 x completion), the total tokens/s, and the engine's step time at the batch size reached
+(batch / tokens/s: B alone runs `b_clients` at once; under the flood lorabox holds `max_running`,
+vllm serve every request). `--engine llamacpp` runs lorabox on its llama.cpp engine (where vLLM
+cannot run), with `--llamacpp-parallel` sequences: room for the places taken on top of
+`max_running`. `--base`: both tenants ask for the base model, so that every batch is of one
 model (llama.cpp decodes each adapter's requests apart: mixing adapters costs it steps).
 """
 

@@ -20,9 +20,9 @@ others before it went idle). The flood's requests start again only once the tota
 `max_running`. The engine then holds up to `max_running` + the sum of the shares, and never more
 than twice `max_running` (with more tenants active than places, the starts on top stop there): a
 place a light tenant frees goes to the flood before the light tenant's next request comes, which
-then starts on top. Where
-that is more than the engine's batch, the requests on top wait inside the engine, first in its
-line (the fair queue holds back everything else), for one of its running requests to end.
+then starts on top. Where that is more than the engine's batch, the requests on top wait inside
+the engine, first in its line (the fair queue holds back everything else), for one of its running
+requests to end.
 
 The bound (for two tenants f and g waiting throughout an interval, fair mode): the service each
 received, in the counters' units (prompt + 2 x completion, over the weight), differs by at most
