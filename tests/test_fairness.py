@@ -57,12 +57,17 @@ def serve(server: Server, concurrency: dict[str, int], keys: dict[str, str]) -> 
         for name, clients in concurrency.items()
     ]
     start_together(loads)
-    for load in loads:
-        load.result()
+    results = {name: load.result() for name, load in zip(concurrency, loads, strict=True)}
     seen = {name: requests(server, name) for name in concurrency}
     since, until = backlogged(seen)
     assert until - since >= MIN_BACKLOGGED_S, (
-        f"the tenants were all backlogged for only {until - since:.1f} s: the load did not test fairness"
+        f"the tenants were all backlogged for only {until - since:.1f} s: the load did not test fairness; "
+        + "; ".join(
+            f"{name}: {len(results[name].requests)} completed, refused {results[name].refused}, "
+            f"{len(results[name].unanswered_s)} unanswered, {len(seen[name])} booked, "
+            f"at most {most_present(seen[name])} at the server at once"
+            for name in concurrency
+        )
     )
     return {name: service(seen[name], since, until) for name in concurrency}
 
@@ -105,6 +110,18 @@ def backlogged(seen: dict[str, Requests]) -> tuple[float, float]:
             best = max(best, (began, when), key=lambda span: span[1] - span[0])
             began = None
     return best
+
+
+def most_present(theirs: Requests) -> int:
+    """The most requests of one tenant at the server at the same time (for the failure message)."""
+    changes = sorted(
+        (when, step) for arrived, ended, _ in theirs for when, step in ((arrived, 1), (ended, -1))
+    )
+    present = most = 0
+    for _, step in changes:
+        present += step
+        most = max(most, present)
+    return most
 
 
 def service(theirs: Requests, since: float, until: float) -> int:
