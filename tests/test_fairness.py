@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
 
 import pytest
@@ -29,6 +30,7 @@ PROMPT = "Once upon a time"
 MAX_TOKENS = 192  # long enough that a client's turnaround is small beside a request's turn in the engine
 RUN_S = 20.0  # a flood of 240 clients can take seconds to reach the server on a busy machine
 MIN_BACKLOGGED_S = 4.0  # at 4 requests a second, some 16 requests: enough to tell shares apart
+ATTEMPTS = 3  # measurements taken before a machine too busy to measure fails the test (`serve`)
 
 
 @pytest.fixture(scope="module")
@@ -49,27 +51,52 @@ def tenant(server: Server, name: str, **policy: object) -> str:
     return key
 
 
-def serve(server: Server, concurrency: dict[str, int], keys: dict[str, str]) -> dict[str, int]:
-    """Each tenant's clients, in a process of their own, send back to back for RUN_S seconds; the
-    service each tenant got while all of them were backlogged at the server (`backlogged`)."""
-    loads = [
-        LoadProcess(server.url, keys[name], clients, RUN_S, prompt=PROMPT, max_tokens=MAX_TOKENS)
-        for name, clients in concurrency.items()
-    ]
-    start_together(loads)
-    results = {name: load.result() for name, load in zip(concurrency, loads, strict=True)}
-    seen = {name: requests(server, name) for name in concurrency}
-    since, until = backlogged(seen)
-    assert until - since >= MIN_BACKLOGGED_S, (
-        f"the tenants were all backlogged for only {until - since:.1f} s: the load did not test fairness; "
-        + "; ".join(
-            f"{name}: {len(results[name].requests)} completed, refused {results[name].refused}, "
-            f"{len(results[name].unanswered_s)} unanswered, {len(seen[name])} booked, "
-            f"at most {most_present(seen[name])} at the server at once"
-            for name in concurrency
+def serve(server: Server, tenants: dict[str, tuple[int, dict[str, object]]]) -> dict[str, Served]:
+    """Fresh tenants, each `name: (clients, policy)`, whose clients, in a process per tenant, send
+    back to back for RUN_S seconds; what each got while all of them were backlogged at the server.
+
+    On a machine so busy that the clients could not keep every tenant backlogged for
+    MIN_BACKLOGGED_S, the measurement says nothing about the scheduler: it is taken again (fresh
+    tenants), up to ATTEMPTS times, and the test fails if none of them could measure."""
+    failures = []
+    for attempt in range(1, ATTEMPTS + 1):
+        names = {name: f"{name}-{attempt}" for name in tenants}
+        loads = [
+            LoadProcess(
+                server.url,
+                tenant(server, names[name], **policy),
+                clients,
+                RUN_S,
+                prompt=PROMPT,
+                max_tokens=MAX_TOKENS,
+            )
+            for name, (clients, policy) in tenants.items()
+        ]
+        start_together(loads)
+        results = {name: load.result() for name, load in zip(tenants, loads, strict=True)}
+        seen = {name: requests(server, names[name]) for name in tenants}
+        since, until = backlogged(seen)
+        if until - since >= MIN_BACKLOGGED_S:
+            return {
+                name: Served(service(seen[name], since, until), max(cost for _, _, cost in seen[name]))
+                for name in tenants
+            }
+        failures.append(
+            f"attempt {attempt}: all backlogged for only {until - since:.1f} s; "
+            + "; ".join(
+                f"{name}: {len(results[name].requests)} completed, refused {results[name].refused}, "
+                f"{len(results[name].unanswered_s)} unanswered, {len(seen[name])} booked, "
+                f"at most {most_present(seen[name])} at the server at once"
+                for name in tenants
+            )
         )
-    )
-    return {name: service(seen[name], since, until) for name in concurrency}
+    raise AssertionError("the load did not test fairness: " + " | ".join(failures))
+
+
+@dataclass(frozen=True)
+class Served:
+    service: int  # prompt + 2 x completion tokens ended in the backlogged stretch
+    largest: int  # the largest one request of the tenant cost (U)
 
 
 Requests = list[tuple[float, float, int]]  # (arrived, ended, prompt + 2 x completion), per request
@@ -133,16 +160,8 @@ def test_a_flood_at_ten_times_the_concurrency_leaves_the_other_tenant_its_share(
     # B keeps 24 requests out, far more than its share of one of the two places, so that it always
     # has some waiting at the server, however late its client is with the next; A sends ten times
     # as many at once (its queue bound raised to hold them).
-    keys = {
-        "flood": tenant(fair_server, "flood", max_queued=1000),
-        "steady": tenant(fair_server, "steady", max_queued=100),
-    }
-    served = serve(fair_server, {"steady": 24, "flood": 240}, keys)
-    flood, steady = served["flood"], served["steady"]
-    with sqlite3.connect(fair_server.demo.database) as db:
-        (largest,) = db.execute(  # one request's cost, U
-            "select max(prompt_tokens + 2 * completion_tokens) from usage where tenant = 'steady'"
-        ).fetchone()
+    served = serve(fair_server, {"steady": (24, {"max_queued": 100}), "flood": (240, {"max_queued": 1000})})
+    flood, steady, largest = served["flood"].service, served["steady"].service, served["steady"].largest
     # The documented bound (max_running + 1 requests' cost), plus as much again at each end of the
     # window for the requests that were running across it.
     bound = 3 * (MAX_RUNNING + 1) * largest
@@ -150,7 +169,6 @@ def test_a_flood_at_ten_times_the_concurrency_leaves_the_other_tenant_its_share(
 
 
 def test_weights_two_to_one_give_two_to_one_service_when_both_are_backlogged(fair_server: Server) -> None:
-    keys = {"heavy": tenant(fair_server, "heavy", weight=2), "light": tenant(fair_server, "light", weight=1)}
-    served = serve(fair_server, {"heavy": 24, "light": 24}, keys)
-    heavy, light = served["heavy"], served["light"]
+    served = serve(fair_server, {"heavy": (24, {"weight": 2}), "light": (24, {"weight": 1})})
+    heavy, light = served["heavy"].service, served["light"].service
     assert heavy / light == pytest.approx(2.0, rel=0.15), (heavy, light)
