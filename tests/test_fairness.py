@@ -16,6 +16,7 @@ import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from itertools import accumulate
 
 import pytest
 
@@ -120,12 +121,7 @@ def backlogged(seen: dict[str, Requests]) -> tuple[float, float]:
     engine may run at once (so some were waiting in the fair queue): where the scheduler, not the
     clients, decides who is served. A client process that a busy machine schedules late sends its
     next request late; its tenant is then not backlogged, and the fairness bound does not apply."""
-    changes = sorted(
-        (when, step, name)
-        for name, theirs in seen.items()
-        for arrived, ended, _ in theirs
-        for when, step in ((arrived, 1), (ended, -1))
-    )
+    changes = sorted((when, step, name) for name, theirs in seen.items() for when, step in comings(theirs))
     present = dict.fromkeys(seen, 0)
     best, began = (0.0, 0.0), None
     for when, step, name in changes:
@@ -139,16 +135,16 @@ def backlogged(seen: dict[str, Requests]) -> tuple[float, float]:
     return best
 
 
+def comings(theirs: Requests) -> Iterator[tuple[float, int]]:
+    """(time, +1) as each request arrived at the server and (time, -1) as it ended."""
+    for arrived, ended, _ in theirs:
+        yield arrived, 1
+        yield ended, -1
+
+
 def most_present(theirs: Requests) -> int:
     """The most requests of one tenant at the server at the same time (for the failure message)."""
-    changes = sorted(
-        (when, step) for arrived, ended, _ in theirs for when, step in ((arrived, 1), (ended, -1))
-    )
-    present = most = 0
-    for _, step in changes:
-        present += step
-        most = max(most, present)
-    return most
+    return max(accumulate(step for _, step in sorted(comings(theirs))), default=0)
 
 
 def service(theirs: Requests, since: float, until: float) -> int:
