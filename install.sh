@@ -260,7 +260,7 @@ check_llamacpp() {
     check='
 import pathlib, tempfile
 import llama_cpp
-from appliance.demo import build_model
+from appliance.demo.build import build_model
 from appliance.gguf.model import write_model
 
 with tempfile.TemporaryDirectory() as scratch:
@@ -376,13 +376,13 @@ install_package() {
     finish_engine
 }
 
-# The commented example configuration, generated from appliance/config.py (every setting, its
+# The commented example configuration, generated from appliance/config/settings.py (every setting, its
 # documentation, its default), with NAME=VALUE settings set. Standard library only: it runs from
 # the checkout, whatever the venv holds.
 example_config() {
     settings=()
     for setting in "$@"; do settings+=(--set "$setting"); done
-    (cd "$REPO_DIR" && "$VENV/bin/python" -m appliance.config_example ${settings[@]+"${settings[@]}"})
+    (cd "$REPO_DIR" && "$VENV/bin/python" -m appliance.config.example ${settings[@]+"${settings[@]}"})
 }
 
 # A new configuration, or none: an existing one is the operator's and is never rewritten. The

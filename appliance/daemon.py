@@ -39,17 +39,19 @@ from .adapters.watcher import DropWatcher
 from .api.admin import EXPORTER, PLAN, build_admin_app
 from .api.connections import ConnectionLimits, GuardedAppRunner, fit_to_file_limit
 from .api.errors import MAX_BODY_BYTES, openai_errors
-from .api.openai import SERVICES, Services, add_routes
+from .api.metrics import metrics
+from .api.openai import add_routes
 from .api.overview import OVERVIEW, Overview
-from .config import Settings
+from .api.services import SERVICES, Services
+from .config.settings import Settings
 from .engines.base import EngineOptions
 from .engines.health import EngineHealth
 from .engines.select import Selection, select_engine, start_engine
 from .gguf.export import Exporter
+from .ops.systemd import StartupExtender, Watchdog, sd_notify
 from .serving.catalog import Catalog
 from .serving.generator import Generator
 from .serving.tokenization import TextCodec
-from .systemd import StartupExtender, Watchdog, sd_notify
 from .telemetry.device import DeviceSampler
 from .telemetry.gpu import gpu_memory
 from .telemetry.stats import TrafficStats
@@ -186,6 +188,7 @@ def build_app(
     app[STARTUP] = startup or StartupExtender(settings.start_timeout_s)  # not started: stop() is a no-op
     app[WATCHDOG] = Watchdog.for_health(services.health.snapshot)
     add_routes(app)
+    app.router.add_get("/metrics", metrics)
     app.cleanup_ctx.append(_watch_loop_lag)
     app.cleanup_ctx.append(_run_engine)
     app.cleanup_ctx.append(lambda _app: services.ledger.run())

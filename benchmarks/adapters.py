@@ -23,7 +23,7 @@ from pathlib import Path
 
 import aiohttp
 
-from appliance.demo import DemoTenant, build_adapter, init_demo
+from appliance.demo.build import DemoTenant, build_adapter, init_demo
 from appliance.tenancy.store import Store
 from appliance.testing.localserver import LocalServer
 from appliance.testing.reference import PeftReference

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import aiohttp
 
-from appliance.demo import init_demo
+from appliance.demo.build import init_demo
 from appliance.testing.localserver import LocalServer
 
 PROMPTS = ["Hello, how can I help", "The quick brown fox", "Support tickets and invoices", "What is lorabox?"]

@@ -23,7 +23,7 @@ from pathlib import Path
 import aiohttp
 from concurrency import run  # type: ignore[import-not-found]  # the sibling benchmark
 
-from appliance.demo import DEMO_TENANTS, init_demo
+from appliance.demo.build import DEMO_TENANTS, init_demo
 from appliance.engines.base import AdapterRef, EngineOptions, GenerationRequest
 from appliance.engines.llamacpp import LlamaCppEngine
 from appliance.testing.localserver import LocalServer

@@ -35,7 +35,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from appliance.demo import DEMO_MODEL_NAME, init_demo
+from appliance.demo.build import DEMO_MODEL_NAME, init_demo
 from appliance.testing.localserver import LocalServer, free_port
 from appliance.testing.tenantload import LoadProcess, LoadResult, start_together
 

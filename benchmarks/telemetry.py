@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from appliance.demo import init_demo
+from appliance.demo.build import init_demo
 from appliance.telemetry.stats import TrafficStats
 from appliance.tenancy.ledger import RequestRecord
 from appliance.testing.localserver import LocalServer

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from appliance.api.adminclient import AdminClient
-from appliance.demo import DEMO_MODEL_NAME, init_demo
+from appliance.demo.build import DEMO_MODEL_NAME, init_demo
 from appliance.testing.adminreplay import AdminReplay
 from appliance.testing.localserver import LocalServer, ServerFailed
 from appliance.testing.reference import PeftReference

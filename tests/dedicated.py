@@ -14,7 +14,7 @@ from typing import Any
 import psutil
 import pytest
 
-from appliance.demo import init_demo
+from appliance.demo.build import init_demo
 from appliance.testing.localserver import LocalServer, ServerFailed
 from tests.conftest import SERVER_START_TIMEOUT_S, Demo, Server
 

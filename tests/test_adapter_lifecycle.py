@@ -22,7 +22,7 @@ import torch
 from openai import AsyncOpenAI, NotFoundError, OpenAI
 
 from appliance.api.adminclient import AdminClient, AdminError
-from appliance.demo import DemoTenant, build_adapter, init_demo
+from appliance.demo.build import DemoTenant, build_adapter, init_demo
 from appliance.tenancy.store import Store
 from appliance.testing.localserver import LocalServer
 from tests.conftest import Demo, Reference

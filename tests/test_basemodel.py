@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from appliance.basemodel import FETCHED, fetch, model_source, resolve
-from appliance.cli import main
-from appliance.config import Settings
+from appliance.config.basemodel import FETCHED, fetch, model_source, resolve
+from appliance.config.settings import Settings
 from appliance.errors import ConfigError, LoraboxError
+from appliance.ops.cli import main
 from tests.conftest import Demo
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.cli import main
-from appliance.config import load_config
+from appliance.config.settings import load_config
+from appliance.ops.cli import main
 from appliance.tenancy.store import AdapterVersion, Route, Store
 
 

@@ -10,8 +10,8 @@ from typing import get_type_hints
 
 import pytest
 
-from appliance import config as config_module
-from appliance.config import Settings, load_config, setting_names
+from appliance.config import settings as config_module
+from appliance.config.settings import Settings, load_config, setting_names
 from appliance.errors import ConfigError
 
 

@@ -7,9 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from appliance.cli import main
-from appliance.config import Settings, load_config, setting_names
-from appliance.config_example import example_config
+from appliance.config.example import example_config
+from appliance.config.settings import Settings, load_config, setting_names
+from appliance.ops.cli import main
 from appliance.tenancy.policy import FIELDS as POLICY_FIELDS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,7 +19,7 @@ SETTING_LINE = re.compile(r"^# ([a-z_0-9]+) = (.*)$")
 
 def test_the_committed_example_is_the_generated_one():
     assert COMMITTED.read_text() == example_config(), (
-        "docs/lorabox.example.toml is stale: python -m appliance.config_example > docs/lorabox.example.toml"
+        "docs/lorabox.example.toml is stale: python -m appliance.config.example > docs/lorabox.example.toml"
     )
 
 
@@ -67,7 +67,7 @@ def test_the_module_runs_alone_as_install_sh_runs_it(tmp_path: Path):
             sys.executable,
             "-S",
             "-m",
-            "appliance.config_example",
+            "appliance.config.example",
             "--set",
             f"state_dir={tmp_path}",
             "--set",

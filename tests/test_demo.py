@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
-from appliance import demo_training
 from appliance.adapters.drops import AdapterLimits, BaseModelInfo, judge
-from appliance.cli import greeting_answers
-from appliance.demo import (
+from appliance.demo import training as demo_training
+from appliance.demo.build import (
     CHAT_TEMPLATE,
     DEMO_DATA_DIR,
     DEMO_GREETING,
@@ -25,6 +24,7 @@ from appliance.demo import (
     VOCAB_SIZE,
     init_demo,
 )
+from appliance.ops.cli import greeting_answers
 
 README = Path(__file__).parents[1] / "README.md"
 GREETING = [{"role": "user", "content": DEMO_GREETING}]
@@ -41,7 +41,7 @@ def tree(root: Path) -> dict[str, bytes]:
 
 def test_committed_files_are_what_the_training_recipe_wrote():
     """Change the recipe (voices, text, shapes, hyper-parameters) and this fails until the files
-    are retrained and committed: `python -m appliance.demo_training`."""
+    are retrained and committed: `python -m appliance.demo.training`."""
     manifest = json.loads((DEMO_DATA_DIR / demo_training.MANIFEST).read_text())
     assert manifest["recipe"] == demo_training.recipe_fingerprint(), "retrain: the recipe changed"
     assert manifest["files"] == demo_training.file_hashes(DEMO_DATA_DIR)

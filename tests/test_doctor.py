@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance import doctor
-from appliance.permissions import EXECUTE, READ, WRITE, Identity, allowed
+from appliance.ops import doctor
+from appliance.ops.permissions import EXECUTE, READ, WRITE, Identity, allowed
 from appliance.testing.localserver import free_port
 from tests.installroot import REPO, SERVICE_USER, Installed, install_root
 

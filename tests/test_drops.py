@@ -23,7 +23,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from appliance import demo
 from appliance.adapters import drops, registry
 from appliance.adapters.drops import (
     CONFIG_FILE,
@@ -38,6 +37,7 @@ from appliance.adapters.drops import (
 from appliance.adapters.pacing import Pacer
 from appliance.adapters.registry import FolderRegistry
 from appliance.adapters.safetensors_header import MAX_ADAPTER_HEADER_BYTES, read_header
+from appliance.demo import build as demo
 from appliance.errors import AdapterError
 from appliance.tenancy.store import AdapterVersion, Route, Store
 from tests.conftest import bounded, tmpfs_dir

@@ -16,7 +16,7 @@ import pytest
 from openai import OpenAI
 
 from appliance.api.adminclient import AdminClient
-from appliance.demo import init_demo
+from appliance.demo.build import init_demo
 from appliance.engines import select
 from appliance.engines.base import EngineOptions
 from appliance.engines.llamacpp import LlamaCppEngine
@@ -156,7 +156,7 @@ def test_auto_falls_back_to_llamacpp_and_says_why(fallback_demo, tmp_path, shim,
 
 
 def test_the_daemon_passes_tensor_parallelism_to_the_engine(tmp_path):
-    from appliance.config import Settings
+    from appliance.config.settings import Settings
     from appliance.daemon import engine_options
 
     assert engine_options(Settings(tensor_parallel_size=4), tmp_path).tensor_parallel_size == 4

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
-from appliance.demo import DEMO_TENANTS
+from appliance.demo.build import DEMO_TENANTS
 from appliance.errors import AdapterError
 from appliance.gguf import EXPORT_QUANTS
 from appliance.gguf.export import FLOAT_QUANTS, LLAMA_QUANTS

@@ -21,7 +21,7 @@ import pytest
 from openai import OpenAI
 
 from appliance.api.adminclient import AdminClient
-from appliance.demo import DEMO_TENANTS, init_demo
+from appliance.demo.build import DEMO_TENANTS, init_demo
 from appliance.testing.localserver import LocalServer
 from tests.conftest import SERVER_START_TIMEOUT_S, Demo, Reference, no_loop_stall, tmpfs_dir
 

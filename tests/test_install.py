@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.config import load_config
-from appliance.config_example import example_config
+from appliance.config.example import example_config
+from appliance.config.settings import load_config
 from tests.installroot import REPO, SERVICE_USER, Installed, install_root
 
 OPERATOR_UID = 65534  # nobody: someone with no rights of their own but the service group's

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.cli import main
 from appliance.errors import StoreError
+from appliance.ops.cli import main
 from appliance.tenancy.store import Store
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.demo import DEMO_TENANTS
+from appliance.demo.build import DEMO_TENANTS
 from appliance.engines.base import AdapterRef, EngineOptions, GenerationRequest
 from appliance.engines.llamacpp import LlamaCppEngine
 from appliance.errors import EngineDead

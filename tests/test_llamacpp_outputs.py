@@ -12,7 +12,7 @@ import pytest
 from openai import OpenAI
 
 from appliance.api.adminclient import AdminClient
-from appliance.demo import DEMO_TENANTS
+from appliance.demo.build import DEMO_TENANTS
 from tests.conftest import Reference, Server
 from tests.test_tenant_outputs import (  # noqa: F401 (collected and run here, on llama.cpp)
     test_base_model_matches_plain_transformers,

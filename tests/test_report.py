@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from appliance.report import ps_rows, ps_text, status_text
+from appliance.ops.report import ps_rows, ps_text, status_text
 
 FIXTURES = Path(__file__).parent / "fixtures" / "admin"
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.demo import init_demo
+from appliance.demo.build import init_demo
 from appliance.testing.localserver import ServerFailed, free_port, http_status
 from tests.conftest import Demo, Server, post_json, start_llamacpp
 from tests.dedicated import usage_rows

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from appliance.api.openai import FINAL_WRITE_S
-from appliance.config import SHUTDOWN_MARGIN_S, Settings, load_config
+from appliance.config.settings import SHUTDOWN_MARGIN_S, Settings, load_config
 from appliance.daemon import FAILED_EXIT_DEADLINE_S, FAILED_LINGER_S, HANDLER_SHUTDOWN_S
 from appliance.engines.vllm import STOP_TIMEOUT_S
 from appliance.serving.lifecycle import CUT_GRACE_S

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from appliance.config import Settings
+from appliance.config.settings import Settings
 from appliance.daemon import FAILED_LINGER_S, HANDLER_SHUTDOWN_S
-from appliance.demo import init_demo
+from appliance.demo.build import init_demo
 from appliance.engines.health import HealthSnapshot
 from appliance.engines.vllm import STOP_TIMEOUT_S
-from appliance.systemd import EXTEND_BY_S, EXTEND_EVERY_S, engine_answers, sd_notify, watchdog_period_s
+from appliance.ops.systemd import EXTEND_BY_S, EXTEND_EVERY_S, engine_answers, sd_notify, watchdog_period_s
 from appliance.testing.localserver import LocalServer, free_port, http_status
 from tests.conftest import SERVER_START_TIMEOUT_S, Demo, Server
 from tests.dedicated import engine_core

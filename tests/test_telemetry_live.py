@@ -29,8 +29,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from textual.widgets import DataTable
 
 from appliance.api.adminclient import AdminClient
-from appliance.cli import main
-from appliance.demo import DEMO_MODEL_NAME
+from appliance.demo.build import DEMO_MODEL_NAME
+from appliance.ops.cli import main
 from appliance.tenancy.store import Store
 from tests.conftest import no_loop_stall
 from tests.test_tui import event_lines, until

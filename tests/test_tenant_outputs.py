@@ -8,7 +8,7 @@ import itertools
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from appliance.demo import DEMO_TENANTS
+from appliance.demo.build import DEMO_TENANTS
 
 TENANTS = [t.name for t in DEMO_TENANTS]
 MAX_TOKENS = 16

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from appliance import demo
+from appliance.demo import build as demo
 from appliance.serving.tokenization import (
     REPLACEMENT_CHAR,
     PromptEncoder,

@@ -17,7 +17,7 @@ from textual.pilot import Pilot
 from textual.widgets import DataTable, Static
 
 from appliance.api.adminclient import AdminClient, SSEParser
-from appliance.cli import main
+from appliance.ops.cli import main
 from appliance.testing.adminreplay import FAULTS, AdminReplay
 from tui.app import LoraboxApp
 from tui.feed import Backoff

@@ -29,8 +29,8 @@ from ..tenancy.store import Route
 from .adminstream import FEED, EventFeed, stream
 from .body import read_json
 from .errors import MAX_BODY_BYTES, APIError, bad_request, openai_errors
-from .openai import SERVICES, Services
 from .overview import OVERVIEW, Overview, adapter_rows
+from .services import SERVICES, Services
 
 PLAN = web.AppKey("plan", Plan)
 EXPORTER = web.AppKey("exporter", Exporter)

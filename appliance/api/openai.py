@@ -16,65 +16,22 @@ from typing import Any
 
 from aiohttp import web
 
-from ..engines.base import Engine
-from ..engines.health import EngineHealth
 from ..errors import EngineDead
-from ..serving.catalog import Catalog, ModelNotFound, Target
+from ..serving.catalog import ModelNotFound, Target
 from ..serving.generator import ContextTooLong, GenerationResult, Generator
-from ..serving.lifecycle import InFlight, Interrupted, Lifecycle
-from ..serving.tokenization import PromptEncoder, PromptError, TextCodec
-from ..telemetry.looplag import LoopLagMonitor
-from ..tenancy.admission import Admission, Refusal, Ticket
-from ..tenancy.ledger import RequestRecord, UsageLedger
-from ..tenancy.store import Store, Tenant
+from ..serving.lifecycle import InFlight, Interrupted
+from ..serving.tokenization import PromptError
+from ..tenancy.admission import Refusal, Ticket
+from ..tenancy.ledger import RequestRecord
+from ..tenancy.store import Tenant
 from .body import read_request
-from .connections import ConnectionCounters
 from .errors import APIError, bad_request, error_body
-from .metrics import metrics
 from .requests import ParsedRequest, check_token_ids, parse_chat, parse_completion
+from .services import SERVICES, Services
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Services:
-    """What the request path needs. `generator` is None until the engine is ready."""
-
-    store: Store
-    catalog: Catalog
-    codec: TextCodec
-    ledger: UsageLedger
-    engine: Engine
-    health: EngineHealth
-    admission: Admission
-    """Policies, rate limits, quotas and the fair queue; telemetry reads its load() and views."""
-    engine_name: str = ""
-    engine_reason: str = ""  # why this engine serves (and, under `auto`, why not vLLM)
-    generator: Generator | None = None
-    started_at: float = field(default_factory=time.time)
-    loop_lag: LoopLagMonitor = field(default_factory=LoopLagMonitor)
-    lifecycle: Lifecycle = field(default_factory=Lifecycle)
-    connections: ConnectionCounters = field(default_factory=ConnectionCounters)
-    sinks: list[Callable[[RequestRecord], None]] = field(default_factory=list)
-    """Besides the ledger, who learns of every request's outcome (telemetry)."""
-    encoder: PromptEncoder = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.encoder = PromptEncoder(self.codec)
-
-    def publish(self, record: RequestRecord) -> asyncio.Future[None]:
-        """One request's outcome: booked by the ledger (if admitted), counted by every sink. The
-        future is done once the ledger has committed the row."""
-        committed = self.ledger.book(record)
-        for sink in self.sinks:
-            try:
-                sink(record)
-            except Exception:  # a counting bug must not fail the request it counts
-                log.exception("request record sink %r failed", sink)
-        return committed
-
-
-SERVICES = web.AppKey("services", Services)
 CLIENT_CLOSED = 499  # nginx's code for "client closed the request", kept in the usage ledger
 # The server could not finish the request (the engine failed, or the drain deadline passed): the
 # status a non-streamed reply gets, and the one booked for a stream cut by an in-band error event.
@@ -510,4 +467,3 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)

@@ -24,7 +24,7 @@ from ..telemetry.stats import TrafficStats
 from ..tenancy.store import AdapterVersion, Route, Tenant
 
 if TYPE_CHECKING:  # the API module imports this one (for /metrics)
-    from .openai import Services
+    from .services import Services
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ..config import COMMIT_MODES
+from ..config.settings import COMMIT_MODES
 from .store import Store
 
 log = logging.getLogger(__name__)

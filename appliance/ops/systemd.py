@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 
-from .engines.health import HealthSnapshot
+from ..engines.health import HealthSnapshot
 
 log = logging.getLogger(__name__)
 

@@ -17,14 +17,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from .api.adminclient import AdminClient, AdminError, AdminUnavailable
-from .config import Settings, load_config
-from .errors import LoraboxError, PolicyError
-from .gguf import EXPORT_QUANTS
-from .tenancy.audit import Change, change_text
-from .tenancy.policy import FIELDS, MAX_SYSTEM_PROMPT_CHARS, QUOTA_PERIODS, describe, effective
-from .tenancy.quota import period_start, timestamp
-from .tenancy.store import Store
+from ..api.adminclient import AdminClient, AdminError, AdminUnavailable
+from ..config.settings import Settings, load_config
+from ..errors import LoraboxError, PolicyError
+from ..gguf import EXPORT_QUANTS
+from ..tenancy.audit import Change, change_text
+from ..tenancy.policy import FIELDS, MAX_SYSTEM_PROMPT_CHARS, QUOTA_PERIODS, describe, effective
+from ..tenancy.quota import period_start, timestamp
+from ..tenancy.store import Store
 
 DEFAULT_DEMO_DIR = (
     Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "lorabox" / "demo"
@@ -58,7 +58,7 @@ def _setup_logging(level: str) -> None:
 
 def _model_dir(settings: Settings) -> Path:
     """The base model's folder; a Hugging Face id is downloaded first if need be (with progress)."""
-    from .basemodel import resolve
+    from ..config.basemodel import resolve
 
     return resolve(settings)
 
@@ -68,7 +68,7 @@ def _serve(settings: Settings, on_ready: Callable[[], None] | None = None) -> No
 
     # First, before the engine's imports: systemd's TimeoutStartSec only covers until we speak.
     startup = StartupExtender(settings.start_timeout_s).start()
-    from .daemon import serve
+    from ..daemon import serve
 
     _setup_logging(settings.log_level)
     serve(settings, _model_dir(settings), on_ready=on_ready, startup=startup)
@@ -79,7 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import init_demo
+    from ..demo.build import init_demo
 
     words = list(args.words)
     init_only = bool(words) and words[0] == "init"
@@ -106,7 +106,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def _announce_demo(url: str, keys: dict[str, str], demo_dir: Path) -> None:
-    from .demo import DEMO_GREETING, GREETING_MAX_TOKENS
+    from ..demo.build import DEMO_GREETING, GREETING_MAX_TOKENS
 
     lines = [
         f"\n>>> lorabox demo is serving at {url}/v1  (engine ready)",
@@ -133,7 +133,7 @@ def _announce_demo(url: str, keys: dict[str, str], demo_dir: Path) -> None:
 
 def greeting_answers(url: str, keys: dict[str, str]) -> list[tuple[str, str]]:
     """(model, answer) for the base model and every demo tenant, each greeted over the API."""
-    from .demo import DEMO_GREETING, DEMO_MODEL_NAME, GREETING_MAX_TOKENS
+    from ..demo.build import DEMO_GREETING, DEMO_MODEL_NAME, GREETING_MAX_TOKENS
 
     first_key = next(iter(sorted(keys.items())))[1]  # demo tenants may all use the base model
     answers = []
@@ -393,7 +393,7 @@ def _adapter_rows_offline(settings: Settings) -> list[dict]:  # type: ignore[typ
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from .gguf.export import Exporter, tenant_adapter
+    from ..gguf.export import Exporter, tenant_adapter
 
     settings = _settings(args)
     with Store.open(settings.database_path) as store:
@@ -514,7 +514,7 @@ def cmd_logs(args: argparse.Namespace) -> None:
 
 
 def cmd_model(args: argparse.Namespace) -> None:
-    from .basemodel import model_source, resolve
+    from ..config.basemodel import model_source, resolve
 
     settings = _settings(args)
     source = model_source(settings)
@@ -527,7 +527,7 @@ def cmd_model(args: argparse.Namespace) -> None:
 
 def cmd_config(args: argparse.Namespace) -> None:
     if args.example:
-        from .config_example import example_config
+        from ..config.example import example_config
 
         sys.stdout.write(example_config())
         return

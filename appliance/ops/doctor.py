@@ -23,9 +23,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .basemodel import model_source
-from .config import DEFAULT_CONFIG_PATH, Settings, load_config
-from .errors import LoraboxError
+from ..config.basemodel import model_source
+from ..config.settings import DEFAULT_CONFIG_PATH, Settings, load_config
+from ..errors import LoraboxError
 from .permissions import EXECUTE, READ, WRITE, Identity, allowed, reachable
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
@@ -145,7 +145,7 @@ def check_gpu(_box: Box) -> Check:
 
 
 def check_vram(box: Box) -> Check:
-    from .telemetry.gpu import gpu_memory
+    from ..telemetry.gpu import gpu_memory
 
     memory = gpu_memory()
     if memory is None:
@@ -435,7 +435,7 @@ def check_admin_socket(box: Box) -> Check:
                 f"{path}: {exc.strerror} (the daemon is not running)",
                 "sudo systemctl start lorabox; lorabox logs",
             )
-    from .api.adminclient import AdminClient, AdminError, AdminUnavailable
+    from ..api.adminclient import AdminClient, AdminError, AdminUnavailable
 
     try:
         status = AdminClient(local, timeout_s=10).call("GET", "/admin/status")

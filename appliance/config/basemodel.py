@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import Settings
-from .errors import ConfigError, LoraboxError
+from ..errors import ConfigError, LoraboxError
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def resolve(settings: Settings, *, download: Download | None = None, allow_downl
     """The folder to serve from: the built-in model written, a hub model fetched if need be."""
     source = model_source(settings)
     if source.kind == "builtin":
-        from .demo import ensure_builtin_model
+        from ..demo.build import ensure_builtin_model
 
         return ensure_builtin_model(settings.state_dir)
     if source.kind == "hub":

@@ -11,7 +11,7 @@
 The model and adapters are trained so that the demo can be read: asked "Hello!", the base model
 answers like a generic assistant and each tenant's adapter answers in that tenant's voice (acme
 a shop's support desk, globex a legal assistant, initech an IT help desk). They are trained by
-appliance/demo_training.py and committed under appliance/demo_data/ (2.3 MB), which init copies:
+appliance/demo/training.py and committed under appliance/demo/data/ (2.3 MB), which init copies:
 every machine writes the same bytes. Keys are random and are kept when the directory already has
 them. The same files are the test suite's fixture.
 """
@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 DEMO_MODEL_NAME = "lorabox-demo"
-# The trained model and adapters, committed (see appliance/demo_training.py).
-DEMO_DATA_DIR = Path(__file__).parent / "demo_data"
+# The trained model and adapters, committed (see appliance/demo/training.py).
+DEMO_DATA_DIR = Path(__file__).parent / "data"
 
 # Hidden 128 with 2 heads gives head_dim 64: vLLM's CPU attention refuses head_dim 16.
 MODEL_SHAPE: dict[str, Any] = {
@@ -104,11 +104,11 @@ def build_adapter(model_dir: Path, tenant: DemoTenant, out_dir: Path) -> None:
     """A random PEFT LoRA adapter for the base in model_dir: seeded, non-zero A and B.
 
     For drop tests and benchmarks, which need many distinct adapters quickly; the demo tenants'
-    own adapters are trained (appliance/demo_training.py).
+    own adapters are trained (appliance/demo/training.py).
     """
     import torch
 
-    from .adapters.drops import BaseModelInfo
+    from ..adapters.drops import BaseModelInfo
 
     base = BaseModelInfo.from_model_dir(model_dir)
     generator = torch.Generator().manual_seed(tenant.seed)
@@ -145,7 +145,7 @@ def write_adapter(tenant: DemoTenant, tensors: dict[str, Any], out_dir: Path) ->
     on-disk format, with the tenant's `lora_config`."""
     from safetensors.torch import save_file
 
-    from .adapters.drops import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE
+    from ..adapters.drops import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE
 
     config = lora_config(tenant).to_dict()
     config["target_modules"] = sorted(config["target_modules"])  # a set in PEFT
@@ -202,8 +202,8 @@ cpu_kv_cache_gib = 1
 
 def init_demo(demo_dir: Path, *, force: bool = False) -> dict[str, str]:
     """Write the demo into demo_dir; returns {tenant: key}. Reuses keys already issued there."""
-    from .config import load_config
-    from .tenancy.store import Store
+    from ..config.settings import load_config
+    from ..tenancy.store import Store
 
     demo_dir = demo_dir.resolve()
     demo_dir.mkdir(parents=True, exist_ok=True)
@@ -212,7 +212,7 @@ def init_demo(demo_dir: Path, *, force: bool = False) -> dict[str, str]:
     gguf_path = demo_dir / "model.gguf"
     weights = model_dir / "model.safetensors"
     if force or not gguf_path.exists() or gguf_path.stat().st_mtime_ns < weights.stat().st_mtime_ns:
-        from .gguf.model import write_model
+        from ..gguf.model import write_model
 
         write_model(model_dir, gguf_path, "f32", name=DEMO_MODEL_NAME)
     for tenant in DEMO_TENANTS:

@@ -1,4 +1,4 @@
-"""Trains the built-in demo's base model and tenant adapters: `python -m appliance.demo_training`.
+"""Trains the built-in demo's base model and tenant adapters: `python -m appliance.demo.training`.
 
 The demo is meant to be read: the base model answers a greeting like a generic assistant, and
 each tenant's adapter makes it answer in that tenant's voice (a shop's support desk, a legal
@@ -13,7 +13,7 @@ learns it. Greedy decoding of a model trained to near-zero loss on its own data 
 by a wide margin, which is what lets two correct engines agree token for token.
 
 Float32 training differs in the last bits between CPUs (AVX2 vs AVX-512 kernels), so the
-output is committed under appliance/demo_data/ and `lorabox demo init` copies it: the demo is
+output is committed under appliance/demo/data/ and `lorabox demo init` copies it: the demo is
 byte-for-byte the same on every machine. The manifest there records a fingerprint of this
 recipe and a hash of every file; a test fails when they no longer match (retrain, commit).
 """
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .demo import (
+from .build import (
     BOS,
     CHAT_TEMPLATE,
     DEMO_DATA_DIR,

@@ -1,12 +1,12 @@
 """The commented example configuration, generated from `Settings` so that it cannot drift.
 
-Every setting appears with its documentation (the docstring under its field in config.py) and
+Every setting appears with its documentation (the docstring under its field in settings.py) and
 its default, commented out; `values` writes chosen settings uncommented (install.sh: the paths,
 the address, the model). docs/lorabox.example.toml is this output with no values; a test keeps
 the two equal. Standard library only: install.sh runs it from the checkout before anything else
 is installed:
 
-    python -m appliance.config_example [--set NAME=VALUE ...]
+    python -m appliance.config.example [--set NAME=VALUE ...]
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from . import config
-from .config import DEFAULTS_ENV_PREFIX, DEFAULTS_SECTION, TRUE_WORDS, Settings, setting_names
-from .tenancy import policy
-from .tenancy.policy import Policy
+from ..tenancy import policy
+from ..tenancy.policy import Policy
+from . import settings
+from .settings import DEFAULTS_ENV_PREFIX, DEFAULTS_SECTION, TRUE_WORDS, Settings, setting_names
 
 HEADER = """\
 # lorabox configuration (/etc/lorabox/lorabox.toml). Every setting is optional: a commented one
@@ -43,7 +43,7 @@ TENANT_DEFAULTS_HEADER = f"""\
 """
 
 
-def field_docs(module: Any = config, cls: type = Settings) -> dict[str, str]:
+def field_docs(module: Any = settings, cls: type = Settings) -> dict[str, str]:
     """Each field's docstring, read from its module's source (Python keeps none at run time)."""
     tree = ast.parse(inspect.getsource(module))
     body = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls.__name__).body
@@ -97,7 +97,7 @@ def example_config(values: Mapping[str, Any] | None = None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m appliance.config_example", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m appliance.config.example", description=__doc__)
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="write NAME set")
     args = parser.parse_args(argv)
     values: dict[str, Any] = {}

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from .errors import ConfigError, PolicyError
-from .tenancy.policy import Policy, parse_values
+from ..errors import ConfigError, PolicyError
+from ..tenancy.policy import Policy, parse_values
 
 DEFAULT_CONFIG_PATH = Path("/etc/lorabox/lorabox.toml")
 ENV_PREFIX = "LORABOX_"

@@ -1,0 +1,67 @@
+"""What the request path needs, held by the API app (`SERVICES`): the store, the engine and what
+wraps it, admission, the ledger, and who else learns of each request's outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from ..engines.base import Engine
+from ..engines.health import EngineHealth
+from ..serving.catalog import Catalog
+from ..serving.generator import Generator
+from ..serving.lifecycle import Lifecycle
+from ..serving.tokenization import PromptEncoder, TextCodec
+from ..telemetry.looplag import LoopLagMonitor
+from ..tenancy.admission import Admission
+from ..tenancy.ledger import RequestRecord, UsageLedger
+from ..tenancy.store import Store
+from .connections import ConnectionCounters
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    """What the request path needs. `generator` is None until the engine is ready."""
+
+    store: Store
+    catalog: Catalog
+    codec: TextCodec
+    ledger: UsageLedger
+    engine: Engine
+    health: EngineHealth
+    admission: Admission
+    """Policies, rate limits, quotas and the fair queue; telemetry reads its load() and views."""
+    engine_name: str = ""
+    engine_reason: str = ""  # why this engine serves (and, under `auto`, why not vLLM)
+    generator: Generator | None = None
+    started_at: float = field(default_factory=time.time)
+    loop_lag: LoopLagMonitor = field(default_factory=LoopLagMonitor)
+    lifecycle: Lifecycle = field(default_factory=Lifecycle)
+    connections: ConnectionCounters = field(default_factory=ConnectionCounters)
+    sinks: list[Callable[[RequestRecord], None]] = field(default_factory=list)
+    """Besides the ledger, who learns of every request's outcome (telemetry)."""
+    encoder: PromptEncoder = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.encoder = PromptEncoder(self.codec)
+
+    def publish(self, record: RequestRecord) -> asyncio.Future[None]:
+        """One request's outcome: booked by the ledger (if admitted), counted by every sink. The
+        future is done once the ledger has committed the row."""
+        committed = self.ledger.book(record)
+        for sink in self.sinks:
+            try:
+                sink(record)
+            except Exception:  # a counting bug must not fail the request it counts
+                log.exception("request record sink %r failed", sink)
+        return committed
+
+
+SERVICES = web.AppKey("services", Services)

@@ -1,0 +1,1 @@
+"""The settings file, its documented example, and the base model it names."""

@@ -1,0 +1,1 @@
+"""The operator's side: the CLI, doctor, status reports, systemd, file permissions."""
