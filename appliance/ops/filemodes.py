@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,16 +33,16 @@ class Kept:
     what: str
 
 
-def kept(settings: Settings) -> Iterator[Kept]:
-    """Every path of the box whose mode lorabox keeps, as it is on this machine (if it exists)."""
-    state = settings.state_dir
-    yield Kept(state, FOLDER_MODE, "the state folder")
+def kept(settings: Settings, local: Callable[[Path], Path] = Path) -> Iterator[Kept]:
+    """Every path of the box whose mode lorabox keeps; `local` maps the box's paths to this
+    machine's (doctor --root)."""
+    yield Kept(local(settings.state_dir), FOLDER_MODE, "the state folder")
     database = settings.database_path
     for suffix in ("", "-wal", "-shm"):
-        yield Kept(Path(f"{database}{suffix}"), FILE_MODE, "the database (key hashes, usage, audit)")
+        yield Kept(local(Path(f"{database}{suffix}")), FILE_MODE, "the database (key hashes, usage, audit)")
     for folder, what in ((settings.usage_spool_path, "usage spool"), (settings.exports_path, "exports")):
-        yield Kept(folder, FOLDER_MODE, f"the {what} folder")
-        for path in _files(folder):
+        yield Kept(local(folder), FOLDER_MODE, f"the {what} folder")
+        for path in _files(local(folder)):
             yield Kept(path, FILE_MODE, f"a file of the {what} folder")
     if settings.source is not None:
         yield Kept(settings.source.parent / "keys.json", KEYS_MODE, "the demo's API keys")
