@@ -32,7 +32,7 @@ from ..errors import LoraboxError
 from ..gguf import EXPORT_QUANTS
 from ..names import is_tenant_name
 from ..tenancy.audit import Change, change_text
-from ..tenancy.policy import FIELDS, MAX_SYSTEM_PROMPT_CHARS, QUOTA_PERIODS, describe, effective
+from ..tenancy.policy import FIELDS, MAX_SYSTEM_PROMPT_CHARS, QUOTA_PERIODS, describe, effective, parse_values
 from ..tenancy.quota import period_start, timestamp
 from ..tenancy.store import Store, unavailable
 
@@ -103,10 +103,11 @@ def read_text_file(path: str, max_chars: int, what: str) -> str:
 
     def read() -> str:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            raise LoraboxError(f"{what}: {path} is not a regular file")
         with os.fdopen(fd, "rb") as file:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise LoraboxError(f"{what}: {path} is not a regular file")
             if info.st_size > max_bytes:
                 raise LoraboxError(f"{what}: at most {max_chars} characters; {path} has {info.st_size} bytes")
             data = file.read(info.st_size + 1)
@@ -290,7 +291,9 @@ def _policy_changes(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]
     if not given:
         raise LoraboxError("nothing to set: name at least one option (see lorabox tenant set --help)")
     reset = [f for f, v in given.items() if isinstance(v, str) and v.strip().lower() == "default"]
-    return {f: v for f, v in given.items() if f not in reset}, reset
+    values = {f: v for f, v in given.items() if f not in reset}
+    parse_values(values)  # checked here first (PolicyError names the field); the daemon checks again
+    return values, reset
 
 
 def _tenant_set(args: argparse.Namespace) -> None:
