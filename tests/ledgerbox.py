@@ -224,28 +224,25 @@ class ForeignLock:
     def __init__(self, database: Path):
         self.database = database
         self.shell = subprocess.Popen(
-            ["sqlite3", str(database)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+            ["sqlite3", "-bail", str(database)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
 
     def __enter__(self) -> ForeignLock:
         assert self.shell.stdin is not None
-        self.shell.stdin.write("BEGIN IMMEDIATE;\n")
+        assert self.shell.stdout is not None
+        # Waits its turn behind the daemon's own short writes; says so once it holds the lock (a
+        # failed BEGIN ends the shell: -bail).
+        self.shell.stdin.write(".timeout 30000\nBEGIN IMMEDIATE;\n.print locked\n")
         self.shell.stdin.flush()
-        deadline = time.monotonic() + 30
-        while not self.held():  # a condition, not a sleep: the shell has taken the lock
-            assert self.shell.poll() is None, "the sqlite3 shell exited"
-            assert time.monotonic() < deadline, "the sqlite3 shell did not take the lock"
-            time.sleep(0.05)
+        line = self.shell.stdout.readline()
+        assert line.strip() == "locked", (
+            f"the sqlite3 shell did not take the lock: {self.shell.stderr.read()}"
+        )
         return self
-
-    def held(self) -> bool:
-        with contextlib.closing(sqlite3.connect(self.database, timeout=0, isolation_level=None)) as probe:
-            try:
-                probe.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError:
-                return True
-            probe.execute("ROLLBACK")
-            return False
 
     def __exit__(self, *_: object) -> None:
         assert self.shell.stdin is not None

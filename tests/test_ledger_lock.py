@@ -192,7 +192,8 @@ def _check_what_outsiders_see(box: Demo, server: LocalServer) -> None:
 def _readable_by_nobody(paths: list[Path]) -> list[str]:
     """Which of `paths` user `nobody` (in no group of ours) can read, or list."""
     probe = (
-        'for p; do if [ -d "$p" ]; then ls "$p"; else head -c1 "$p"; fi >/dev/null 2>&1 && echo "$p"; done; exit 0'
+        'for p; do if [ -d "$p" ]; then ls "$p"; else head -c1 "$p"; fi >/dev/null 2>&1 && echo "$p"; done'
+        "; exit 0"
     )
     assert os.getuid() == 0, "run as root: the test becomes user nobody"
     for path in paths:
