@@ -35,7 +35,7 @@ def open_box(
 ) -> Iterator[Demo]:
     """A copy of the session demo in a folder of /tmp that every user may enter (0755): only
     lorabox's own modes keep them out of its state. `mounts`: {subfolder: tmpfs size}, mounted
-    before the demo is written; `settings` are added to its config."""
+    before the demo is written; `settings` are added to its config ("{dir}": the box's folder)."""
     directory = Path(tempfile.mkdtemp(prefix="lorabox-ledger-", dir="/tmp"))
     os.chmod(directory, 0o755)  # noqa: S103 (the point: others may reach the box's folders)
     mounted: list[Path] = []
@@ -58,7 +58,9 @@ def open_box(
         shutil.copy2(demo.dir / "model.gguf", directory / "model.gguf")
         own = Demo(directory, init_demo(directory))
         with own.config.open("a") as config:
-            config.writelines(f'{name} = "{value}"\n' for name, value in (settings or {}).items())
+            config.writelines(
+                f'{name} = "{value.format(dir=directory)}"\n' for name, value in (settings or {}).items()
+            )
         yield own
     finally:
         for point in mounted:
@@ -87,12 +89,11 @@ def usage_rows(database: Path) -> list[dict[str, Any]]:
 def fill(folder: Path) -> Path:
     """Fill the filesystem under `folder` to the last byte; returns the filler file."""
     filler = folder / "filler"
-    with filler.open("wb") as file:
+    with filler.open("wb", buffering=0) as file:
         for chunk in (1 << 16, 512, 1):
             try:
                 while True:
                     file.write(b"\0" * chunk)
-                    file.flush()
             except OSError as exc:
                 if exc.errno != errno.ENOSPC:
                     raise
