@@ -48,9 +48,9 @@ def unavailable(exc: sqlite3.Error, database: Path | str) -> StoreUnavailable:
             busy=True,
         )
     if code == _FULL:
-        problem = f"the disk is full ({exc}); free space in {Path(database).parent}"
+        problem = f"the disk is full ({exc}); free space on it"
     elif code in (_READONLY, _IOERR, _CANTOPEN):
-        problem = f"{exc} (read-only, failing or missing storage?)"
+        problem = f"{exc} (a full, read-only or failing disk?)"
     else:
         problem = str(exc)
     return StoreUnavailable(f"the state database {database} cannot be written: {problem}", busy=False)
@@ -148,7 +148,9 @@ class Store:
             db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
             db.execute("PRAGMA foreign_keys = ON")
             return cls(db)
-        except (OSError, sqlite3.Error) as exc:
+        except sqlite3.Error as exc:
+            raise StoreError(str(unavailable(exc, path))) from exc
+        except OSError as exc:
             raise StoreError(f"cannot open the state database {path}: {exc}") from exc
 
     @contextmanager
