@@ -348,3 +348,31 @@ async def test_rows_left_in_the_spool_at_a_stop_are_said_and_booked_at_the_next_
         lock.release()
     restarted.recover()
     assert stored(database) == [("acme", 4)]
+
+
+async def test_a_long_lock_keeps_one_spool_file_and_syncs_it_off_the_writer_thread(database, monkeypatch):
+    """The tick replays and syncs every second: under a lock neither may cost the writer (which
+    responses wait for) an fsync, nor leave a new file behind each second."""
+    ledger = UsageLedger(database)
+    lock = WriteLock(database)
+    try:
+        for tokens in range(3):
+            await ledger.book(record("acme", tokens))
+            await ledger.replay()  # the database takes nothing yet
+        assert len(ledger.spool.segments()) == 1
+        synced = []
+        fsync = os.fsync
+
+        def spy(fd: int) -> None:
+            synced.append((threading.current_thread().name, os.readlink(f"/proc/self/fd/{fd}")))
+            fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", spy)
+        await ledger.sync()
+        [(thread, path)] = [(t, p) for t, p in synced if p.endswith(".jsonl")]
+        assert thread.startswith("lorabox-usage-sync")
+        assert Path(path) == ledger.spool.segments()[0]
+    finally:
+        lock.release()
+    await ledger.replay()
+    assert stored(database) == [("acme", 0), ("acme", 1), ("acme", 2)]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator
@@ -347,28 +348,30 @@ class UsageLedger:
                 log.info("booked %d usage rows from the spool", replayed)
 
     async def sync(self) -> None:
-        """ "commit" mode: fsync the WAL, on a thread of its own (the writer goes on meanwhile),
-        and the spool's open file, on the writer thread (which appends to it)."""
+        """ "commit" mode: fsync the WAL and the spool's open file on a thread of their own, so that
+        the writer goes on meanwhile (an fsync can take seconds on a busy disk)."""
         if self.commit != "commit":
             return
         loop = asyncio.get_running_loop()
-        if self.spool.unsynced:
-            await loop.run_in_executor(self._writer, self._sync_spool)
-        if self._unsynced:
+        spool = (
+            await loop.run_in_executor(self._writer, self.spool.take_unsynced) if self.spool.rows else None
+        )
+        if self._unsynced or spool is not None:
             self._unsynced = False
-            await loop.run_in_executor(self._syncer, self._sync_wal)
+            await loop.run_in_executor(self._syncer, self._sync_files, spool)
 
-    def _sync_wal(self) -> None:
+    def _sync_files(self, spool: int | None) -> None:
         try:
             fsync_path(Path(f"{self.database}-wal"))
         except OSError:
             log.exception("cannot sync %s-wal", self.database)
-
-    def _sync_spool(self) -> None:
-        try:
-            self.spool.sync()
-        except OSError:
-            log.exception("cannot sync the usage spool %s", self.spool.directory)
+        if spool is not None:
+            try:
+                os.fsync(spool)
+            except OSError:
+                log.exception("cannot sync the usage spool %s", self.spool.directory)
+            finally:
+                os.close(spool)
 
     async def run(self) -> AsyncIterator[None]:
         """aiohttp cleanup context: write periodically (rows booked in "async" mode, and any a

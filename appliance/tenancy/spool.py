@@ -100,28 +100,34 @@ class UsageSpool:
         if self._fd_rows >= SEGMENT_ROWS:
             self.close()
 
-    @property
-    def unsynced(self) -> bool:
-        """Appended to since the last sync."""
-        return self._unsynced
-
     def sync(self) -> None:
         """fsync what was appended since the last sync (OSError if that fails)."""
         if self._fd is not None and self._unsynced:
             os.fsync(self._fd)
             self._unsynced = False
 
+    def take_unsynced(self) -> int | None:
+        """A descriptor of the open file if it was appended to since the last sync (a duplicate,
+        the caller's to fsync and close: the slow fsync can then run on another thread while
+        appends go on, and the open file may be closed meanwhile), else None."""
+        if self._fd is None or not self._unsynced:
+            return None
+        self._unsynced = False
+        return os.dup(self._fd)
+
     def replay(self, store: Store, database: Path) -> int:
         """Book every spooled row into the database; returns how many rows left the spool.
 
         File by file: one transaction each, the WAL synced, then the file removed. Raises
         (sqlite3.Error, OSError) at the first file the database does not take; that file and the
-        later ones stay for the next replay."""
-        self.close()
+        later ones stay for the next replay. The open file is closed only once the database takes
+        writes (a long lock does not leave a file a second behind it)."""
         replayed = 0
         for path in self.segments():
-            rows = list(_rows_in(path))
             with store.writing():
+                if self._fd is not None:
+                    self.close()  # complete now: the next append opens another file
+                rows = list(_rows_in(path))
                 store.record_usage(rows)
             # The spool's copy goes only once the database's is as safe as it was: in WAL mode a
             # commit may not be synced yet.
