@@ -182,23 +182,25 @@ class UsageLedger:
             durable.set_exception(LedgerUnavailable(reason))
             return durable
         row = record.row() | {"uid": uuid.uuid4().hex}
-        if self.commit == "async":
+        if self.commit == "async":  # written by the tick, after the response
             durable.set_result(None)
             self._queued.append(_Pending(row, None))
         else:
             self._queued.append(_Pending(row, durable))
-        if self.commit != "async":
             self._start_writing()
         return durable
 
     def event(self, kind: str, *, tenant: str = "", version: str = "", detail: str = "") -> None:
         """An event the request path raises (a quota warning), written with the next rows (kept
         in memory while the database takes none; the oldest go past MAX_PENDING_EVENTS)."""
-        self._events.append(
-            {"ts": _now(), "kind": kind, "tenant": tenant, "version": version, "detail": detail}
+        self._keep_events(
+            [{"ts": _now(), "kind": kind, "tenant": tenant, "version": version, "detail": detail}]
         )
-        del self._events[:-MAX_PENDING_EVENTS]
         self._start_writing()
+
+    def _keep_events(self, events: list[dict[str, Any]]) -> None:
+        """Events wait in order, the newest MAX_PENDING_EVENTS of them."""
+        self._events = [*self._events, *events][-MAX_PENDING_EVENTS:]
 
     @property
     def pending_rows(self) -> int:
@@ -230,7 +232,8 @@ class UsageLedger:
                 where = await loop.run_in_executor(self._writer, self._write, [p.row for p in batch], events)
             except _Unwritable as exc:
                 self._in_write = 0
-                self._events[:0] = events
+                self._events, waiting = events, self._events
+                self._keep_events(waiting)
                 if not batch:
                     return  # only events: they wait for the next rows or the next tick
                 self._refuse(str(exc))
@@ -242,8 +245,9 @@ class UsageLedger:
                 self._held.extend(batch)
                 return  # the held rows are tried again every flush_every_s (run)
             self._in_write = 0
-            if where == "spool":
-                self._events[:0] = events  # the spool keeps rows only: these wait for the database
+            if where == "spool":  # the spool keeps rows only: the events wait for the database
+                self._events, waiting = events, self._events
+                self._keep_events(waiting)
             else:
                 self._unsynced = True
             for pending in batch:
@@ -254,6 +258,8 @@ class UsageLedger:
             elif self.unavailable is not None:
                 log.warning("usage rows are written again (%s): admitting requests", where)
                 self.unavailable = None
+            if where == "spool" and not self._queued:
+                return  # the events alone wait for the tick, not for another failed attempt
 
     def _refuse(self, reason: str) -> None:
         if self.unavailable is None:
