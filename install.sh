@@ -294,11 +294,12 @@ remove_cuda_extras() {
 }
 
 # The system tools some tests drive: shellcheck and systemd-analyze (install.sh and its unit), ACLs
-# (the drop folder), rsync and nginx (two boxes behind nginx). Debian packages, installed when
-# missing and this runs as root with apt-get; otherwise the command that would install them is told.
+# (the drop folder), rsync and nginx (two boxes behind nginx), sqlite3 (another program locking the
+# database). Debian packages, installed when missing and this runs as root with apt-get; otherwise
+# the command that would install them is told.
 install_test_tools() {
     local missing=() tool
-    for tool in nginx:nginx shellcheck:shellcheck setfacl:acl rsync:rsync systemd-analyze:systemd; do
+    for tool in nginx:nginx shellcheck:shellcheck setfacl:acl rsync:rsync systemd-analyze:systemd sqlite3:sqlite3; do
         command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool#*:}")
     done
     [ ${#missing[@]} -gt 0 ] || return 0
@@ -409,10 +410,18 @@ write_config() {
 # group too. Its default ACL gives the group what the owner gets on everything created inside,
 # whatever the dropper's umask (077 included), so the service can always read a drop.
 prepare_state() {
-    install -d -m 0750 "$ROOT$STATE_DIR"
+    install -d -m 0750 "$ROOT$STATE_DIR" "$ROOT$STATE_DIR/exports" "$ROOT$STATE_DIR/spool"
+    chmod 0750 "$ROOT$STATE_DIR" # an upgrade tightens what an older install left open
     install -d -m 2770 "$ROOT$STATE_DIR/adapters"
     chmod 2770 "$ROOT$STATE_DIR/adapters" # install -d leaves an existing folder's mode alone
     own "$ROOT$STATE_DIR" "$ROOT$STATE_DIR/adapters"
+    # The database (key hashes, usage, audit), the usage spool and the exports: the service's,
+    # readable by its group, no one else's, whoever made them (an older version, `sudo lorabox`).
+    for db in "$ROOT$STATE_DIR"/lorabox.db*; do
+        [ ! -e "$db" ] || { chmod 0640 "$db" && own "$db"; }
+    done
+    chmod -R g-w,o-rwx "$ROOT$STATE_DIR/exports" "$ROOT$STATE_DIR/spool"
+    own -R "$ROOT$STATE_DIR/exports" "$ROOT$STATE_DIR/spool"
     if command -v setfacl >/dev/null 2>&1; then
         setfacl -d -m u::rwx,g::rwx,o::- "$ROOT$STATE_DIR/adapters" ||
             warning "could not set a default ACL on $STATE_DIR/adapters (no ACL support on this filesystem?):" \

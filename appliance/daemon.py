@@ -39,7 +39,7 @@ from .adapters.watcher import DropWatcher
 from .api.admin import EXPORTER, PLAN, build_admin_app
 from .api.connections import ConnectionLimits, GuardedAppRunner, fit_to_file_limit
 from .api.errors import MAX_BODY_BYTES, openai_errors
-from .api.metrics import metrics
+from .api.metrics import METRICS_SOURCES, MetricsSource, build_metrics_app, metrics, overview_metrics
 from .api.openai import add_routes
 from .api.overview import OVERVIEW, Overview
 from .api.services import SERVICES, Services
@@ -47,7 +47,9 @@ from .config.settings import Settings
 from .engines.base import EngineOptions
 from .engines.health import EngineHealth
 from .engines.select import Selection, select_engine, start_engine
+from .errors import ConfigError
 from .gguf.export import Exporter
+from .ops import filemodes
 from .ops.systemd import StartupExtender, Watchdog, sd_notify
 from .serving.catalog import Catalog
 from .serving.generator import Generator
@@ -61,6 +63,7 @@ from .tenancy.policybook import PolicyBook
 from .tenancy.quota import QuotaMeter
 from .tenancy.scheduler import FairScheduler
 from .tenancy.store import Store
+from .tenancy.writer import StoreWriter
 
 log = logging.getLogger(__name__)
 ON_READY: web.AppKey[Callable[[], None]] = web.AppKey("on_ready")
@@ -136,6 +139,11 @@ def build_app(
     startup: StartupExtender | None = None,
 ) -> web.Application:
     store = Store.connect(settings.database_path)
+    filemodes.tighten(settings)  # what an older version left readable by every local user
+    # The event loop's connection only reads: every write goes through `writer` or the ledger,
+    # each on a thread of its own, so that no lock or slow disk ever holds the loop.
+    store.db.execute("PRAGMA query_only = 1")
+    writer = StoreWriter(settings.database_path)
     base = BaseModelInfo.from_model_dir(model_dir)
     sizes = plan_residency(settings, base, model_dir, store)
     log.info("residency plan: %s", sizes.reason)
@@ -145,11 +153,13 @@ def build_app(
     limits = AdapterLimits(max_rank=settings.max_lora_rank)
     registry = RegistryThread(settings.database_path, FolderRegistry(settings.adapters_dir, base, limits))
     versions = VersionManager(
-        store, selection.engine, registry, ResidencyTracker(sizes.max_loras, sizes.max_cpu_loras)
+        store, writer, selection.engine, registry, ResidencyTracker(sizes.max_loras, sizes.max_cpu_loras)
     )
-    ledger = UsageLedger(settings.database_path, commit=settings.usage_commit)
+    ledger = UsageLedger(settings.database_path, settings.usage_spool_path, commit=settings.usage_commit)
+    ledger.recover()  # what a crash left in the spool, before the quotas are counted from the ledger
     services = Services(
         store=store,
+        writer=writer,
         catalog=Catalog(store, versions, settings.base_model_name),
         codec=TextCodec.from_model_dir(model_dir),
         ledger=ledger,
@@ -183,17 +193,21 @@ def build_app(
     app[PLAN] = sizes
     app[ENGINE_SELECTION] = selection
     app[MAX_RUNNING] = settings.max_running
-    app[EXPORTER] = Exporter(model_dir, settings.exports_dir)
+    app[EXPORTER] = Exporter(model_dir, settings.exports_path)
     app[ON_READY] = on_ready or (lambda: None)
     app[STARTUP] = startup or StartupExtender(settings.start_timeout_s)  # not started: stop() is a no-op
     app[WATCHDOG] = Watchdog.for_health(services.health.snapshot)
+    sources: list[MetricsSource] = [overview_metrics]
+    app[METRICS_SOURCES] = sources
     add_routes(app)
-    app.router.add_get("/metrics", metrics)
+    if settings.metrics_on_api_port:
+        app.router.add_get("/metrics", metrics)
     app.cleanup_ctx.append(_watch_loop_lag)
     app.cleanup_ctx.append(_run_engine)
     app.cleanup_ctx.append(lambda _app: services.ledger.run())
     app.cleanup_ctx.append(lambda _app: services.admission.policies.follow(settings.database_path))
     app.on_cleanup.append(lambda _app: registry.close())
+    app.on_cleanup.append(lambda _app: writer.close())
     app.on_cleanup.append(lambda _app: _close_store(store))
     return app
 
@@ -204,8 +218,15 @@ def build_admission(settings: Settings, store: Store, ledger: UsageLedger) -> Ad
     def warn(tenant: str, detail: str) -> None:
         ledger.event("quota_warning", tenant=tenant, detail=detail)
 
+    def booked_since(since: str) -> dict[str, int]:
+        """The database's rows, and those still in the spool (an earlier run's, not replayed yet)."""
+        tokens = store.tokens_since(since)
+        for tenant, spooled in ledger.spool.tokens_since(since).items():
+            tokens[tenant] = tokens.get(tenant, 0) + spooled
+        return tokens
+
     quota = QuotaMeter(on_warning=warn)
-    quota.seed(store.tokens_since, store.last_events("quota_warning"))
+    quota.seed(booked_since, store.last_events("quota_warning"))
     return Admission(
         PolicyBook.load(store, settings.tenant_defaults),
         quota,
@@ -301,6 +322,8 @@ async def _serve(settings: Settings, app: web.Application) -> str | None:
         access_log=None,
         shutdown_timeout=HANDLER_SHUTDOWN_S,
     )
+    # The metrics listener first: an address it cannot have stops the start before anything runs.
+    metrics_site = await _listen_for_metrics(settings, app)
     await api.setup()
     await admin.setup()
     socket_path = settings.admin_socket_path
@@ -329,10 +352,34 @@ async def _serve(settings: Settings, app: web.Application) -> str | None:
         if lifecycle.failure:
             await asyncio.sleep(FAILED_LINGER_S)
         await admin.cleanup()
+        if metrics_site is not None:
+            await metrics_site.cleanup()
         await api.cleanup()
         socket_path.unlink(missing_ok=True)
         log.info("stopped")
     return lifecycle.failure
+
+
+async def _listen_for_metrics(settings: Settings, app: web.Application) -> web.AppRunner | None:
+    """`GET /metrics` on `metrics_listen`, a listener of its own (its metrics name every tenant)."""
+    address = settings.metrics_address
+    if address is None:
+        return None
+    runner = web.AppRunner(
+        build_metrics_app(app[OVERVIEW], app[METRICS_SOURCES]),
+        access_log=None,
+        shutdown_timeout=HANDLER_SHUTDOWN_S,
+    )
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, *address).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(
+            f"metrics_listen: cannot listen on {settings.metrics_listen}: {exc.strerror}"
+        ) from exc
+    log.info("metrics on http://%s/metrics", settings.metrics_listen)
+    return runner
 
 
 def exit_anyway_after(seconds: float) -> None:
@@ -373,6 +420,7 @@ def serve(
     """Serve until stopped; exits the process: 0 after SIGTERM/SIGINT, 1 after an engine failure.
 
     `startup`, already running, asks systemd for time until the engine is ready."""
+    os.umask(filemodes.UMASK)  # what the daemon creates is the service's and its group's only
     failure = asyncio.run(_serve(settings, build_app(settings, model_dir, on_ready, startup)))
     if failure is not None:
         print(

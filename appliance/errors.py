@@ -35,3 +35,12 @@ class PolicyError(LoraboxError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field = field
+
+
+class StoreUnavailable(LoraboxError):
+    """The state database cannot take a write now: another program holds its write lock (`busy`:
+    retrying soon will do), or the disk is full, read-only or failing. The message says which."""
+
+    def __init__(self, message: str, *, busy: bool):
+        super().__init__(message)
+        self.busy = busy

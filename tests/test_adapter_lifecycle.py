@@ -444,7 +444,7 @@ def test_pinned_tenant_keeps_its_slot_while_more_tenants_than_slots_run(lab):
     for path, body, status, message in [
         ("/admin/tenants/mike/resident", {"keep": "yes"}, 400, "keep must be true or false"),
         ("/admin/tenants/mike/resident", [True], 400, "keep must be true or false"),
-        ("/admin/tenants/..%2Fmike/resident", {"keep": True}, 409, "unknown tenant"),
+        ("/admin/tenants/..%2Fmike/resident", {"keep": True}, 400, "not a tenant name"),
         ("/admin/tenants/nobody/resident", {"keep": True}, 409, "unknown tenant"),
     ]:
         with pytest.raises(AdminError, match=message) as refused:

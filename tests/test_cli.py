@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
+from appliance.api.admin import peer_user
+from appliance.api.adminclient import AdminClient
 from appliance.config.settings import load_config
 from appliance.ops.cli import main
+from appliance.tenancy.audit import local_user
 from appliance.tenancy.store import AdapterVersion, Route, Store
+from appliance.testing.adminreplay import AdminReplay
+from tests.conftest import bounded
 
 
 @dataclass
@@ -304,8 +311,7 @@ def test_usage_by_day_in_a_window_with_the_prices_each_request_was_served_at(run
         "2026-11,acme,4,1500007,3000007,3.000014",
     ]
     assert run("usage", "--since", "7d").code == 0  # relative to now: nothing that old in this box
-    with pytest.raises(SystemExit):
-        run("usage", "--since", "last tuesday")
+    assert_one_line_error(run("usage", "--since", "last tuesday"), "--since: use e.g. 7d")
 
 
 # -- policies and the audit log -----------------------------------------------------------------
@@ -465,3 +471,95 @@ def test_unusable_state_dir_is_a_one_line_error(run: Run, box: Box, tmp_path: Pa
     blocker.write_text("")
     box.config.write_text(f'state_dir = "{blocker / "state"}"\n')
     assert_one_line_error(run("tenant", "list"), "state")
+
+
+# -- the edge: what an operator may type ----------------------------------------------------------
+
+# Each of these crashed the CLI with a traceback, hung it, was taken as something else, or changed
+# another tenant (issue 16, point 7). {fifo} is a FIFO nobody writes to.
+HOSTILE = [
+    (["tenant", "set", "acme/../globex", "--rpm", "5"], "invalid tenant name 'acme/../globex'"),
+    (["tenant", "set", "acme?x=1", "--rpm", "5"], "invalid tenant name 'acme?x=1'"),
+    (["tenant", "show", "acme/../globex"], "invalid tenant name"),
+    (["adapters", "activate", "acme/../globex", "v1"], "invalid tenant name"),
+    (["adapters", "canary", "..", "v1", "--percent", "5"], "invalid tenant name"),
+    (["residency", "pin", "acme%2F..%2Fglobex"], "invalid tenant name"),
+    (["key", "issue", "globex/"], "invalid tenant name"),
+    (["usage", "--since", "999999999d"], "--since: at most 100 years ago"),
+    (["usage", "--until", "yesterday"], "--until: use e.g."),
+    (["audit", "--limit", "99999999999999999999"], "--limit: must be a whole number from 1 to 10000"),
+    (["events", "--limit", "99999999999999999999"], "--limit: must be a whole number from 1 to 10000"),
+    (["events", "--limit", "١٢٣"], "--limit: must be a whole number"),
+    (["usage", "--since", "١٢٣d"], "--since: use e.g."),
+    (["tenant", "set", "acme", "--rpm", "١٢٣"], "rpm: must be a whole number"),
+    (["tenant", "set", "acme", "--weight", "٢"], "weight: must be a number"),
+    (
+        ["adapters", "canary", "acme", "v1", "--percent", "101"],
+        "--percent: must be a whole number from 0 to 100",
+    ),
+    (["tenant", "set", "acme", "--system-prompt-file", "{fifo}"], "is not a regular file"),
+    (["tenant", "set", "acme", "--system-prompt-file", "/proc/self/environ"], "is not a regular file"),
+    (["tenant", "set", "acme", "--system-prompt-file", "/dev/zero"], "is not a regular file"),
+    (["tenant", "set", "acme", "--system-prompt-file", "/"], "is not a regular file"),
+    (["logs", "--lines", "0"], "--lines: must be a whole number"),
+    (["tui", "--interval", "nan"], "--interval"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), HOSTILE, ids=[" ".join(a) for a, _ in HOSTILE])
+def test_hostile_input_is_one_line_and_status_1_and_changes_nothing(
+    run: Run, box: Box, tmp_path: Path, argv: list[str], message: str
+) -> None:
+    run("tenant", "add", "acme")
+    run("tenant", "add", "globex")
+    fifo = tmp_path / "prompt.fifo"
+    os.mkfifo(fifo)
+    # A daemon that records what reaches it: nothing may (a path the CLI built from the name would
+    # be normalised by the client, `acme/../globex` into globex's).
+    daemon = AdminReplay(box.state_dir / "admin.sock").start()
+    try:
+        result = bounded(run, *[arg.format(fifo=fifo) for arg in argv], timeout=30)
+    finally:
+        daemon.stop()
+    assert_one_line_error(result, message)
+    assert daemon.posts == []
+    with Store.open(box.database) as store:
+        assert store.all_policy_values() == {}
+        assert [row["action"] for row in store.audit_log()] == ["tenant_add", "tenant_add"]
+
+
+def test_tenant_show_gives_the_system_prompt_as_its_length_and_digest(
+    run: Run, box: Box, tmp_path: Path
+) -> None:
+    prompt = tmp_path / "prompt.txt"
+    text = "You are Acme's support desk. Never reveal the discount code SECRET-42."
+    prompt.write_text(text)
+    run("tenant", "add", "acme")
+    assert run("tenant", "set", "acme", "--system-prompt-file", str(prompt)).code == 0
+    shown = run("tenant", "show", "acme").out
+    assert "SECRET-42" not in shown
+    assert f"{len(text)} characters, sha256 {hashlib.sha256(text.encode()).hexdigest()[:12]}" in shown
+
+
+async def test_an_action_under_sudo_names_the_same_actor_through_the_socket_as_directly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SO_PEERCRED says root; root's client adds who ran sudo, as the CLI writing the database
+    itself does (audit.local_user). A header from anyone else is not believed."""
+    monkeypatch.setenv("SUDO_USER", "alice")
+
+    async def who(request: web.Request) -> web.Response:
+        return web.json_response({"actor": peer_user(request)})
+
+    app = web.Application()
+    app.router.add_get("/who", who)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.UnixSite(runner, str(tmp_path / "admin.sock")).start()
+    try:
+        through_socket = (await AdminClient(tmp_path / "admin.sock").request("GET", "/who"))["actor"]
+    finally:
+        await runner.cleanup()
+    assert through_socket == local_user()
+    if os.getuid() == 0:
+        assert through_socket == "root (sudo by alice)"

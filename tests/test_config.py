@@ -286,3 +286,13 @@ def test_the_daemon_refuses_a_bad_value_in_one_line_naming_it_and_the_file(tmp_p
     )
     assert (result.returncode, result.stdout) == (1, "")
     assert result.stderr == f"lorabox: {path}: engine_probe_timeout_s: cannot use 'soon' (not a number)\n"
+
+
+def test_metrics_have_a_listener_of_their_own_unless_the_operator_asks():
+    settings = load_config(env={})
+    assert (settings.metrics_listen, settings.metrics_on_api_port) == ("127.0.0.1:8401", False)
+    assert load_config(env={"LORABOX_METRICS_LISTEN": "[::1]:9100"}).metrics_address == ("::1", 9100)
+    assert load_config(env={"LORABOX_METRICS_LISTEN": ""}).metrics_address is None
+    for wrong in ("127.0.0.1:8400", "127.0.0.1:٨٤٠١", "localhost", ":8401", "127.0.0.1:0"):
+        with pytest.raises(ConfigError, match="metrics_listen"):
+            load_config(env={"LORABOX_METRICS_LISTEN": wrong})

@@ -32,6 +32,9 @@ CHECKS = [
     "adapters",
     "model",
     "admin",
+    "modes",
+    "space",
+    "spool",
 ]
 
 
@@ -65,7 +68,19 @@ def test_a_fresh_install_reports_every_check(box: Installed):
     lines = [line.split() for line in result.stdout.splitlines() if line[:4] in ("OK  ", "WARN", "FAIL")]
     reported = {words[1]: words[0] for words in lines}
     assert list(reported) == CHECKS, result.stdout
-    for name in ("config", "user", "port", "state", "drops", "adapters", "model", "vllm", "llamacpp"):
+    for name in (
+        "config",
+        "user",
+        "port",
+        "state",
+        "drops",
+        "adapters",
+        "model",
+        "vllm",
+        "llamacpp",
+        "modes",
+        "spool",
+    ):
         assert reported[name] == "OK", result.stdout
     assert reported["admin"] == "WARN"  # installed, not started
     assert result.returncode == 0, result.stdout + result.stderr

@@ -6,6 +6,9 @@ tokenizer and chat template (from the GGUF): they must answer as the tenant does
 
 from __future__ import annotations
 
+import hashlib
+import json
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +18,7 @@ import pytest
 from openai import OpenAI
 
 from appliance.api.adminclient import AdminClient, AdminError
+from appliance.tenancy.store import Store
 from tests.conftest import Server, no_loop_stall
 from tests.test_tenant_outputs import CHATS, PROMPTS
 
@@ -65,6 +69,11 @@ def test_export_runs_alone_and_answers_as_the_tenant_does(llamacpp_server, lorab
     done = export(llamacpp_server, TENANT, "--quant", quant, "--out", str(out))
     assert done.returncode == 0, done.stderr
     assert str(out) in done.stdout
+    with Store.open(llamacpp_server.demo.database) as store:
+        recorded = [json.loads(r["after"]) for r in store.audit_log(TENANT) if r["action"] == "export"]
+    assert {"path": str(out), "sha256": hashlib.sha256(out.read_bytes()).hexdigest()}.items() <= recorded[
+        0
+    ].items()
 
     llm = plain_llama(out)
     try:
@@ -87,15 +96,17 @@ def test_export_runs_alone_and_answers_as_the_tenant_does(llamacpp_server, lorab
     assert "TEMPLATE" in modelfile
 
 
-def test_quantised_export_through_the_admin_api_loads_and_answers(llamacpp_server, tmp_path):
+def test_quantised_export_through_the_admin_api_loads_and_answers(llamacpp_server):
     demo = llamacpp_server.demo
     admin = AdminClient(demo.dir / "state" / "admin.sock", timeout_s=300)
-    out = tmp_path / "q4.gguf"
     with no_loop_stall(demo):  # the export runs off the event loop
-        result = admin.call("POST", f"/admin/tenants/{TENANT}/export", {"quant": "q4_k_m", "out": str(out)})
+        result = admin.call("POST", f"/admin/tenants/{TENANT}/export", {"quant": "q4_k_m", "name": "q4.gguf"})
     assert (result["tenant"], result["version"], result["quant"]) == (TENANT, "v1", "q4_k_m")
-    assert Path(result["path"]) == out
+    out = Path(result["path"])
+    assert out == demo.dir / "state" / "exports" / "q4.gguf"  # the exports directory, nowhere else
     assert out.stat().st_size == result["size_bytes"]
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == result["sha256"]
     f32_size = (demo.dir / "model.gguf").stat().st_size
     assert result["size_bytes"] < f32_size / 3  # quantised, not a float copy
 
@@ -107,16 +118,69 @@ def test_quantised_export_through_the_admin_api_loads_and_answers(llamacpp_serve
     assert answer["text"].strip()
     assert answer["finish_reason"] in ("length", "stop")
 
-    for body, status, message in [
+    audit = admin.call("GET", f"/admin/audit?tenant={TENANT}")["audit"]
+    [exported] = [r for r in audit if r["action"] == "export" and "q4.gguf" in r["after"]]
+    assert json.loads(exported["after"]) == {
+        "version": "v1",
+        "quant": "q4_k_m",
+        "name": "q4.gguf",
+        "size_bytes": result["size_bytes"],
+        "sha256": result["sha256"],
+    }
+    assert exported["actor"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ({"name": "../x.gguf"}, 400, "must be a file name"),
+        ({"name": "/etc/lorabox-x.gguf"}, 400, "must be a file name"),
+        ({"name": "sub/x.gguf"}, 400, "must be a file name"),
+        ({"name": ".hidden.gguf"}, 400, "must be a file name"),
+        ({"out": "/etc/lorabox-x.gguf"}, 400, "out is not accepted"),
         ({"quant": "q3_wishful"}, 400, "quant must be one of"),
-        ({"out": "relative.gguf"}, 400, "absolute path"),
         ({"version": "v9"}, 409, "no servable adapter"),
-    ]:
-        with pytest.raises(AdminError, match=message) as refused:
-            admin.call("POST", f"/admin/tenants/{TENANT}/export", body)
-        assert refused.value.status == status
-    with pytest.raises(AdminError, match="no servable adapter"):
-        admin.call("POST", "/admin/tenants/nobody/export", {})
+    ],
+)
+def test_an_export_outside_the_exports_directory_is_refused_and_audited(
+    llamacpp_server, body, status, message
+):
+    admin = AdminClient(llamacpp_server.demo.dir / "state" / "admin.sock", timeout_s=300)
+    with pytest.raises(AdminError, match=message) as refused:
+        admin.call("POST", f"/admin/tenants/{TENANT}/export", body)
+    assert refused.value.status == status
+    [latest] = admin.call("GET", f"/admin/audit?tenant={TENANT}&limit=1")["audit"]
+    assert latest["action"] == "export_refused"
+    assert message in json.loads(latest["after"])["refused"]
+    for value in body.values():
+        assert value in latest["after"]  # what was asked for, as asked
+    assert not Path("/etc/lorabox-x.gguf").exists()
+    assert not (llamacpp_server.demo.dir / "state" / "x.gguf").exists()
+
+
+def test_an_existing_export_is_kept_unless_overwriting_is_asked_and_a_link_is_never_followed(
+    llamacpp_server, tmp_path
+):
+    exports = llamacpp_server.demo.dir / "state" / "exports"
+    admin = AdminClient(llamacpp_server.demo.dir / "state" / "admin.sock", timeout_s=300)
+    exports.mkdir(exist_ok=True)
+    kept = exports / "kept.gguf"
+    kept.write_bytes(b"an operator's earlier export")
+    with pytest.raises(AdminError, match="exists") as refused:
+        admin.call("POST", f"/admin/tenants/{TENANT}/export", {"name": "kept.gguf"})
+    assert refused.value.status == 409
+    assert kept.read_bytes() == b"an operator's earlier export"
+    victim = tmp_path / "root-owned.txt"
+    victim.write_text("not lorabox's")
+    (exports / "link.gguf").symlink_to(victim)
+    for overwrite in (False, True):
+        with pytest.raises(AdminError, match="not a plain file"):
+            admin.call(
+                "POST", f"/admin/tenants/{TENANT}/export", {"name": "link.gguf", "overwrite": overwrite}
+            )
+    assert victim.read_text() == "not lorabox's"
+    result = admin.call("POST", f"/admin/tenants/{TENANT}/export", {"name": "kept.gguf", "overwrite": True})
+    assert kept.stat().st_size == result["size_bytes"] > 1000
 
 
 def test_export_of_unknown_version_fails_with_a_reason(llamacpp_server, tmp_path):

@@ -1,16 +1,20 @@
-"""The usage ledger: batched, written off the event loop, nothing lost on errors or shutdown."""
+"""The usage ledger: batched, written off the event loop, nothing lost on errors or shutdown; what
+SQLite cannot take at once goes to the spool and is booked from there exactly once."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sqlite3
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from appliance.tenancy.ledger import RequestRecord, UsageLedger
+from appliance.tenancy.ledger import LedgerUnavailable, RequestRecord
+from appliance.tenancy.ledger import UsageLedger as Ledger
 from appliance.tenancy.store import Store
 
 
@@ -44,6 +48,11 @@ def database(tmp_path: Path) -> Path:
     path = tmp_path / "lorabox.db"
     Store.connect(path).db.close()  # migrated, as the daemon leaves it
     return path
+
+
+def UsageLedger(database: Path, **options: Any) -> Ledger:
+    """The ledger, with its spool beside the database unless the test says otherwise."""
+    return Ledger(database, options.pop("spool_dir", database.parent / "spool"), **options)
 
 
 async def test_rows_booked_together_are_committed_together_by_the_writer_thread(database, monkeypatch):
@@ -106,23 +115,6 @@ async def test_in_async_mode_rows_wait_for_the_periodic_write(database):
     assert stored(database) == []
     await ledger.flush()
     assert stored(database) == [("acme", 1)]
-
-
-async def test_a_failed_write_keeps_its_rows_and_lets_the_requests_go(database, monkeypatch):
-    original = Store.record_usage
-    failures = iter([sqlite3.OperationalError("database is locked")])
-
-    def flaky(self: Store, rows: list[dict[str, object]]) -> None:
-        for failure in failures:
-            raise failure
-        original(self, rows)
-
-    monkeypatch.setattr(Store, "record_usage", flaky)
-    ledger = UsageLedger(database)
-    await asyncio.wait_for(ledger.book(record("acme", 1)), 5)  # not held: logged instead
-    assert stored(database) == []
-    await ledger.book(record("globex", 2))
-    assert stored(database) == [("acme", 1), ("globex", 2)]  # in the order they were booked
 
 
 async def test_events_are_written_with_the_rows(database):
@@ -191,3 +183,196 @@ def test_a_served_request_is_booked_with_its_key_engine_and_first_token_time(ser
     served_tokens = served.usage.completion_tokens
     assert (key_column, engine, completion_tokens, status) == (key_id, "vllm", served_tokens, 200)
     assert 0 < ttft_ms <= latency_ms
+
+
+# -- the spool: what the database cannot take at once ---------------------------------------------
+
+
+class WriteLock:
+    """Another connection holding the database's write lock (BEGIN IMMEDIATE), as an operator's
+    `sqlite3` session would, until released."""
+
+    def __init__(self, database: Path):
+        self.db = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def release(self) -> None:
+        self.db.execute("ROLLBACK")
+        self.db.close()
+
+
+def spooled(ledger: Ledger) -> list[tuple[str, int]]:
+    rows = []
+    for path in ledger.spool.segments():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            rows.append((row["tenant"], row["completion_tokens"]))
+    return rows
+
+
+async def test_a_locked_database_costs_a_response_no_wait_its_row_is_spooled_then_booked_once(database):
+    ledger = UsageLedger(database)
+    lock = WriteLock(database)
+    try:
+        # Durable while the lock is still held: the ledger waited for no lock (the old one waited
+        # out SQLite's 5 s busy timeout, then let the response go with no durable row at all).
+        await asyncio.wait_for(ledger.book(record("acme", 1)), 30)
+        await asyncio.wait_for(ledger.book(record("globex", 2)), 30)
+        assert spooled(ledger) == [("acme", 1), ("globex", 2)]
+        assert ledger.health().spooled_rows == 2
+        assert ledger.health().write_failures["database"] >= 2
+        store = ledger._store
+        assert store is not None
+        timeout = await asyncio.get_running_loop().run_in_executor(
+            ledger._writer, lambda: store.db.execute("PRAGMA busy_timeout").fetchone()
+        )
+        assert timeout == (0,)  # it never waits for another program's lock
+        await ledger.replay()  # the lock holds: the rows stay where they are
+        assert ledger.spool.rows == 2
+    finally:
+        lock.release()
+    assert stored(database) == []
+    await ledger.replay()
+    assert stored(database) == [("acme", 1), ("globex", 2)]
+    assert spooled(ledger) == []
+    assert ledger.spool.rows == 0
+    await ledger.book(record("initech", 3))  # the database takes rows again, directly
+    assert stored(database)[-1] == ("initech", 3)
+    assert spooled(ledger) == []
+
+
+async def test_a_replay_cut_short_after_its_commit_books_nothing_twice(database, monkeypatch):
+    ledger = UsageLedger(database)
+    lock = WriteLock(database)
+    await ledger.book(record("acme", 5))
+    lock.release()
+
+    def crash(self: Path, missing_ok: bool = False) -> None:
+        raise OSError("killed between the commit and the spool file's removal")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "unlink", crash)
+        await ledger.replay()
+    assert stored(database) == [("acme", 5)]
+    assert ledger.spool.segments()
+    restarted = UsageLedger(database)  # the next start finds the file again
+    assert restarted.spool.rows == 1
+    restarted.recover()
+    assert stored(database) == [("acme", 5)]  # once
+    assert restarted.spool.segments() == []
+
+
+async def test_a_line_cut_short_is_skipped_and_the_rest_is_booked(database, caplog):
+    ledger = UsageLedger(database)
+    lock = WriteLock(database)
+    await ledger.book(record("acme", 1))
+    lock.release()
+    [segment] = ledger.spool.segments()
+    with segment.open("a") as file:
+        file.write('{"uid": "x", "tenant": "acme", "completion_tok')  # a power cut mid-append
+    await ledger.replay()
+    assert stored(database) == [("acme", 1)]
+    assert "not a whole row" in caplog.text
+
+
+async def test_when_neither_takes_a_row_the_response_is_refused_and_new_requests_wait(database, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")  # the spool cannot be made: as a full disk refuses it
+    ledger = UsageLedger(database, spool_dir=blocker / "spool")
+    lock = WriteLock(database)
+    try:
+        with pytest.raises(LedgerUnavailable, match="spool"):
+            await asyncio.wait_for(ledger.book(record("acme", 7)), 30)
+        health = ledger.health()
+        assert health.unavailable is not None
+        assert "busy" in health.unavailable
+        assert health.pending_rows == 1
+        assert health.write_failures["spool"] == 1
+        await ledger.flush()  # tried again: still nowhere to go
+        assert ledger.unavailable is not None
+    finally:
+        lock.release()
+    await ledger.flush()  # the database takes writes again: the kept row is booked, as refused
+    with sqlite3.connect(database) as db:
+        assert db.execute("select tenant, completion_tokens, status from usage").fetchall() == [
+            ("acme", 7, 503)
+        ]
+    assert ledger.unavailable is None
+    assert ledger.pending_rows == 0
+
+
+async def test_rows_waiting_in_memory_are_bounded(database):
+    ledger = UsageLedger(database, commit="async", max_pending=2)
+    first, second = ledger.book(record("acme", 1)), ledger.book(record("acme", 2))
+    third = ledger.book(record("acme", 3))
+    assert first.done()
+    assert second.done()
+    with pytest.raises(LedgerUnavailable, match="at most 2"):
+        third.result()
+    assert ledger.health().dropped_rows == 1
+    assert ledger.unavailable is not None
+    await ledger.flush()
+    assert stored(database) == [("acme", 1), ("acme", 2)]
+    assert ledger.unavailable is None  # written: requests are admitted again
+
+
+async def test_a_stop_says_what_it_could_not_write(database, tmp_path, caplog):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    ledger = UsageLedger(database, spool_dir=blocker / "spool", commit="async", flush_every_s=3600)
+    lifetime = ledger.run()
+    await lifetime.__anext__()
+    lock = WriteLock(database)
+    try:
+        ledger.book(record("acme", 1))
+        with pytest.raises(StopAsyncIteration):
+            await lifetime.__anext__()
+    finally:
+        lock.release()
+    assert "1 usage rows could not be written anywhere and are lost" in caplog.text
+
+
+async def test_rows_left_in_the_spool_at_a_stop_are_said_and_booked_at_the_next_start(database, caplog):
+    ledger = UsageLedger(database, flush_every_s=3600)
+    lifetime = ledger.run()
+    await lifetime.__anext__()
+    lock = WriteLock(database)
+    try:
+        await ledger.book(record("acme", 4))
+        with pytest.raises(StopAsyncIteration):
+            await lifetime.__anext__()
+        assert "1 usage rows stay in the spool" in caplog.text
+        restarted = UsageLedger(database)
+        assert restarted.spool.tokens_since("2000") == {"acme": 3 + 4}  # quotas count them already
+    finally:
+        lock.release()
+    restarted.recover()
+    assert stored(database) == [("acme", 4)]
+
+
+async def test_a_long_lock_keeps_one_spool_file_and_syncs_it_off_the_writer_thread(database, monkeypatch):
+    """The tick replays and syncs every second: under a lock neither may cost the writer (which
+    responses wait for) an fsync, nor leave a new file behind each second."""
+    ledger = UsageLedger(database)
+    lock = WriteLock(database)
+    try:
+        for tokens in range(3):
+            await ledger.book(record("acme", tokens))
+            await ledger.replay()  # the database takes nothing yet
+        assert len(ledger.spool.segments()) == 1
+        synced = []
+        fsync = os.fsync
+
+        def spy(fd: int) -> None:
+            synced.append((threading.current_thread().name, os.readlink(f"/proc/self/fd/{fd}")))
+            fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", spy)
+        await ledger.sync()
+        [(thread, path)] = [(t, p) for t, p in synced if p.endswith(".jsonl")]
+        assert thread.startswith("lorabox-usage-sync")
+        assert Path(path) == ledger.spool.segments()[0]
+    finally:
+        lock.release()
+    await ledger.replay()
+    assert stored(database) == [("acme", 0), ("acme", 1), ("acme", 2)]

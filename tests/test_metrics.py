@@ -86,3 +86,23 @@ def test_unknown_values_are_left_out_not_zero() -> None:
     assert "lorabox_host_cpu_utilization_ratio" not in names
     assert "lorabox_host_memory_total_bytes" in names
     assert samples(render(MetricsSnapshot.take(TrafficStats(), cpu, [])))[("lorabox_ready", ())] == 0
+
+
+def test_the_usage_ledger_families_come_from_the_status_payload() -> None:
+    payload = status("status_cpu.json") | {
+        "ledger": {
+            "pending_rows": 2,
+            "spooled_rows": 7,
+            "write_failures": {"database": 5, "spool": 1},
+            "dropped_rows": 0,
+            "unavailable": None,
+            "spool_dir": "/var/lib/lorabox/spool",
+        }
+    }
+    found = samples(render(MetricsSnapshot.take(TrafficStats(), payload, [])))
+    assert found[("lorabox_usage_pending_rows", ())] == 2
+    assert found[("lorabox_usage_spooled_rows", ())] == 7
+    assert found[("lorabox_usage_write_failures_total", (("target", "database"),))] == 5
+    assert found[("lorabox_usage_write_failures_total", (("target", "spool"),))] == 1
+    assert found[("lorabox_usage_rows_dropped_total", ())] == 0
+    assert "/var/lib" not in render(MetricsSnapshot.take(TrafficStats(), payload, [])).decode()

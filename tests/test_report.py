@@ -56,3 +56,24 @@ def test_ps_says_how_long_each_adapter_has_been_idle() -> None:
     assert lines[1].split() == ["acme", "v2", "2.5", "MiB", "gpu", "pinned", "1h", "2m", "ago"]
     assert lines[2].split()[-3:] == ["busy", "(2", "running)"]
     assert lines[3].split()[-2:] == ["never", "used"]
+
+
+def test_status_says_when_usage_rows_wait_and_why_requests_are_refused() -> None:
+    status = load("status_cpu.json")
+    assert "ledger" not in status_text(status, [])  # nothing waiting: no line
+    status["state"], status["reason"] = "refusing", "usage ledger unavailable: the disk is full"
+    status["ledger"] = {
+        "pending_rows": 3,
+        "spooled_rows": 120,
+        "write_failures": {"database": 41, "spool": 2},
+        "dropped_rows": 0,
+        "unavailable": "the disk is full",
+        "spool_dir": "/var/lib/lorabox/spool",
+    }
+    lines = status_text(status, []).splitlines()
+    assert "refusing (usage ledger unavailable: the disk is full)" in lines[0]
+    assert (
+        "ledger   3 usage rows pending, 120 in the spool /var/lib/lorabox/spool; "
+        "failed writes: 41 database, 2 spool" in lines
+    )
+    assert "         refusing requests: the disk is full" in lines

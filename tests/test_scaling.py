@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -220,3 +222,80 @@ def test_the_sizing_table_is_the_planners_arithmetic():
     documented = DOC.read_text().splitlines()
     start = documented.index(table[0])
     assert documented[start : start + len(table)] == table
+
+
+class RecordingUpstream(ThreadingHTTPServer):
+    """A stand-in box that answers 200 to anything and keeps every path it was sent."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        upstream = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                upstream.paths.append(self.path)
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server_address[1]}"
+
+
+def raw_get(url: str, path: str) -> int:
+    """GET `path` exactly as written (no client-side normalisation of `..` or escapes)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(f"GET {path} HTTP/1.1\r\nHost: lorabox\r\nConnection: close\r\n\r\n".encode())
+        head = conn.recv(4096).decode("latin-1")
+    return int(head.split()[1])
+
+
+def test_the_documented_nginx_block_passes_the_api_on_and_never_metrics(tmp_path: Path):
+    """Against stand-in boxes that would answer anything: /metrics (however spelt) never reaches
+    them; the API and the health checks do."""
+    upstreams = [RecordingUpstream(), RecordingUpstream()]
+    port = free_port()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(
+        nginx_conf(tmp_path, render(documented_nginx_block(), [u.address for u in upstreams], port))
+    )
+    process = subprocess.Popen(
+        ["nginx", "-p", str(tmp_path), "-e", str(tmp_path / "error.log"), "-c", str(conf)]
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 10
+        while http_status(f"{url}/healthz") != 200:
+            assert process.poll() is None, (tmp_path / "error.log").read_text()
+            assert time.monotonic() < deadline, "nginx did not come up"
+            time.sleep(0.1)
+        for path in ("/v1/models", "/readyz"):
+            assert raw_get(url, path) == 200, path
+        for path in (
+            "/metrics",
+            "/metrics?x=1",
+            "/v1/../metrics",
+            "/%6Detrics",
+            "//metrics",
+            "/v1/%2e%2e/metrics",
+        ):
+            assert raw_get(url, path) == 404, path
+        for path in ("/admin/status", "/", "/healthzz"):
+            assert raw_get(url, path) == 404, path
+    finally:
+        process.terminate()
+        process.wait(10)
+        for upstream in upstreams:
+            upstream.shutdown()
+    sent = [path for upstream in upstreams for path in upstream.paths]
+    assert not [path for path in sent if "etrics" in path], sent
+    assert "/v1/models" in sent

@@ -162,6 +162,7 @@ def notified_server(demo: Demo, tmp_path: Path) -> Iterator[tuple[Server, Notify
         "NOTIFY_SOCKET": str(listener.path),
         "WATCHDOG_USEC": str(int(WATCHDOG_S * 1e6)),
         "LORABOX_PORT": str(port),
+        "LORABOX_METRICS_LISTEN": "",  # no second port to pick: nothing here reads the metrics
         "LORABOX_ENGINE_PROBE_INTERVAL_S": str(PROBE_EVERY_S),
         "LORABOX_ENGINE_PROBE_TIMEOUT_S": str(PROBE_TIMEOUT_S),
         "VLLM_CPU_KVCACHE_SPACE": "1",

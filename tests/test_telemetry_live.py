@@ -166,7 +166,7 @@ def test_admin_tenants_and_detail_count_exactly_what_was_sent(server: Any, sent:
 
 
 def metric_values(server: Any) -> tuple[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
-    with urllib.request.urlopen(f"{server.url}/metrics", timeout=30) as response:  # noqa: S310 (loopback)
+    with urllib.request.urlopen(server.local.metrics_url, timeout=30) as response:  # noqa: S310 (loopback)
         assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
         text = response.read().decode()
     values = {}

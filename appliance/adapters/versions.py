@@ -30,9 +30,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from ..engines.base import AdapterRef, Engine
-from ..errors import AdapterError, EngineDead, StoreError
+from ..errors import AdapterError, EngineDead, StoreError, StoreUnavailable
 from ..names import is_tenant_name, natural_key
 from ..tenancy.store import AdapterVersion, Route, Store
+from ..tenancy.writer import StoreWriter
 from .drops import printable
 from .registry import RegistryThread
 from .residency import ResidencyTracker
@@ -53,11 +54,13 @@ class VersionManager:
     def __init__(
         self,
         store: Store,
+        writer: StoreWriter,
         engine: Engine,
         registry: RegistryThread,
         residency: ResidencyTracker,
     ):
-        self.store, self.engine, self.registry = store, engine, registry
+        # Reads from `store` (the event loop's connection); every write through `writer`.
+        self.store, self.writer, self.engine, self.registry = store, writer, engine, registry
         self.residency = residency
         self.requests_per_version: Counter[tuple[str, str]] = Counter()
         self._active: dict[str, AdapterVersion] = {}
@@ -140,7 +143,7 @@ class VersionManager:
         if desired is None and current is not None:
             del self._active[tenant]
             self._retire(current)
-            self.store.record_event(
+            await self.writer.event(
                 "adapter_deactivated",
                 tenant=tenant,
                 version=current.version,
@@ -150,7 +153,13 @@ class VersionManager:
             await self._switch(tenant, current, desired)
 
         active = self._active.get(tenant)
-        self.store.save_route(dataclasses.replace(route, active_version=active.version if active else None))
+        try:
+            await self.writer.call(
+                Store.save_route,
+                dataclasses.replace(route, active_version=active.version if active else None),
+            )
+        except StoreUnavailable as exc:  # it serves as decided; the record follows at the next sync
+            log.warning("%s: the active version is not recorded yet: %s", tenant, exc)
         await self._apply_canary(tenant, route, ready)
         await self._apply_residency(tenant, route)
 
@@ -163,7 +172,7 @@ class VersionManager:
             await self.engine.unpin_adapter(self._loaded[name])
             del self._pins[name]
             self.residency.unpin(name)
-            self.store.record_event("residency_unpinned", tenant=tenant, version=_version_of(name))
+            await self.writer.event("residency_unpinned", tenant=tenant, version=_version_of(name))
         if wanted is None or active is None or wanted in self._pins:
             return
         try:
@@ -176,20 +185,20 @@ class VersionManager:
             await self.engine.pin_adapter(self._loaded[wanted])
         except AdapterError as exc:
             log.warning("%s stays unpinned: %s", tenant, exc)
-            self.store.record_event(
+            await self.writer.event(
                 "residency_pin_failed", tenant=tenant, version=active.version, detail=str(exc)
             )
             return
         self._pins[wanted] = tenant
         self.residency.pin(wanted)
-        self.store.record_event("residency_pinned", tenant=tenant, version=_version_of(wanted))
+        await self.writer.event("residency_pinned", tenant=tenant, version=_version_of(wanted))
 
     async def _switch(self, tenant: str, current: AdapterVersion | None, desired: AdapterVersion) -> None:
         if not await self._warm(desired):
             return  # refused by the engine: the current version keeps serving
         self._active[tenant] = desired
         rolled_back = current is not None and natural_key(desired.version) < natural_key(current.version)
-        self.store.record_event(
+        await self.writer.event(
             "adapter_rolled_back" if rolled_back else "adapter_activated",
             tenant=tenant,
             version=desired.version,
@@ -217,7 +226,10 @@ class VersionManager:
         except AdapterError as exc:
             log.error("%s", exc)
             refused = dataclasses.replace(adapter, state="refused", reason=str(exc))
-            self.store.register_adapter(refused)
+            try:
+                await self.writer.call(Store.register_adapter, refused)
+            except StoreUnavailable as unrecorded:  # refused all the same; the next sync records it
+                log.warning("%s: the refusal is not recorded yet: %s", adapter.label, unrecorded)
             return False
         self._loaded[name] = engine_ref(adapter)
         self.residency.loaded(name)
@@ -249,7 +261,7 @@ class VersionManager:
         await self.engine.unload_adapter(ref)  # a pin goes with it
         self._pins.pop(name, None)
         self.residency.unloaded(name)
-        self.store.record_event("adapter_unloaded", tenant=name.partition("@")[0], version=_version_of(name))
+        await self.writer.event("adapter_unloaded", tenant=name.partition("@")[0], version=_version_of(name))
         log.info("unloaded %s after it drained", name)
 
     # -- operator actions ---------------------------------------------------------------------
@@ -259,8 +271,8 @@ class VersionManager:
         if version is not None and version not in self._ready(tenant):
             raise StoreError(f"{tenant}@{version} is not a servable version")
         route = self.store.route(tenant)
-        self.store.save_route(dataclasses.replace(route, pinned_version=version))
-        self.store.record_event(
+        await self.writer.call(Store.save_route, dataclasses.replace(route, pinned_version=version))
+        await self.writer.event(
             "adapter_pinned" if version else "adapter_unpinned", tenant=tenant, version=version or ""
         )
         await self.sync(tenant)
@@ -276,12 +288,13 @@ class VersionManager:
             raise StoreError(f"{tenant}@{version} is not a servable version")
         route = self.store.route(tenant)
         cleared = version is None or percent == 0
-        self.store.save_route(
+        await self.writer.call(
+            Store.save_route,
             dataclasses.replace(
                 route, canary_version=None if cleared else version, canary_percent=0 if cleared else percent
-            )
+            ),
         )
-        self.store.record_event(
+        await self.writer.event(
             "canary_cleared" if cleared else "canary_set",
             tenant=tenant,
             version=version or "",
@@ -308,7 +321,7 @@ class VersionManager:
                     "GPU adapter slots; one must stay free for all other tenants. Unpin a tenant, or raise "
                     "max_loras (or the LoRA memory budget) and restart"
                 )
-        self.store.set_keep_resident(tenant, keep)
+        await self.writer.call(Store.set_keep_resident, tenant, keep)
         await self.sync(tenant)
         return self.pinned_version(tenant)
 

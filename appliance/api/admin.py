@@ -1,12 +1,16 @@
 """The admin API: JSON over a Unix socket (mode 0660, the service's group). CLI and TUI use it.
 
-It never listens on TCP: whoever can open the socket is an operator of this box.
+It never listens on TCP: whoever can open the socket is an operator of this box. Its writes go
+through the store's writer thread (tenancy/writer.py), never on the event loop; a database that
+does not take one (locked by another program, full) is a 503 saying so, with Retry-After when it
+is only busy.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import socket
 import struct
 from collections.abc import Iterator
@@ -18,17 +22,18 @@ from aiohttp import web
 
 from ..adapters.residency import Plan
 from ..adapters.versions import VersionManager
-from ..errors import AdapterError, ConversionError, PolicyError, StoreError
+from ..errors import AdapterError, ConversionError, PolicyError, StoreError, StoreUnavailable
 from ..gguf import EXPORT_QUANTS
-from ..gguf.export import Exporter, tenant_adapter
-from ..names import natural_key
+from ..gguf.export import Exporter, ExportRefused, check_export_name, tenant_adapter
+from ..names import is_tenant_name, natural_key
 from ..telemetry.gpu import gpu_memory
 from ..tenancy.audit import Change, user_name
 from ..tenancy.scheduler import TenantLoad
-from ..tenancy.store import Route
+from ..tenancy.store import Route, Store
+from .adminclient import SUDO_HEADER
 from .adminstream import FEED, EventFeed, stream
 from .body import read_json
-from .errors import MAX_BODY_BYTES, APIError, bad_request, openai_errors
+from .errors import MAX_BODY_BYTES, APIError, Handler, bad_request, openai_errors
 from .overview import OVERVIEW, Overview, adapter_rows
 from .services import SERVICES, Services
 
@@ -41,8 +46,16 @@ def _services(request: web.Request) -> Services:
     return request.app[SERVICES]
 
 
+# A user name as useradd allows it (what SUDO_USER can hold); anything else is not believed.
+_USER_NAME = re.compile(r"[a-z_][a-z0-9_.-]{0,31}\$?")
+
+
 def peer_user(request: web.Request) -> str:
-    """The Unix user on the other end of the admin socket (SO_PEERCRED): the audit log's actor."""
+    """The Unix user on the other end of the admin socket (SO_PEERCRED): the audit log's actor.
+
+    Root's client may say who ran it with sudo (SUDO_HEADER), as the CLI writing the database
+    itself records it (tenancy/audit.local_user): only root's word is taken, since root may write
+    the database as anyone anyway."""
     sock = request.transport.get_extra_info("socket") if request.transport else None
     if sock is None:
         return "unknown"
@@ -51,7 +64,27 @@ def peer_user(request: web.Request) -> str:
     except OSError:
         return "unknown"
     _pid, uid, _gid = struct.unpack("3i", creds)
-    return user_name(uid)
+    name = user_name(uid)
+    sudo = request.headers.get(SUDO_HEADER, "")
+    return f"{name} (sudo by {sudo})" if uid == 0 and _USER_NAME.fullmatch(sudo) else name
+
+
+def tenant_of(request: web.Request) -> str:
+    """The `{tenant}` of the URL; 400 unless it is a tenant name (nothing else reaches the store)."""
+    name = request.match_info["tenant"]
+    if not is_tenant_name(name):
+        raise bad_request(f"not a tenant name: {name[:80]!r}", "tenant", "invalid_tenant")
+    return name
+
+
+@web.middleware
+async def store_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A write the database did not take: 503, saying why; Retry-After when it is only busy."""
+    try:
+        return await handler(request)
+    except StoreUnavailable as exc:
+        code = "database_busy" if exc.busy else "database_unavailable"
+        raise APIError(503, str(exc), code=code, headers={"Retry-After": "1"} if exc.busy else {}) from exc
 
 
 def _route_state(route: Route, versions: VersionManager) -> dict[str, Any]:
@@ -65,12 +98,12 @@ def _route_state(route: Route, versions: VersionManager) -> dict[str, Any]:
     }
 
 
-def _audit_route(
+async def _audit_route(
     services: Services, request: web.Request, action: str, tenant: str, before: dict[str, Any]
 ) -> None:
     """Record an adapter action with the route as it was and as it is now."""
     after = _route_state(services.store.route(tenant), services.catalog.versions)
-    services.store.audit(peer_user(request), action, tenant, Change.of(before, after))
+    await services.writer.call(Store.audit, peer_user(request), action, tenant, Change.of(before, after))
 
 
 @contextmanager
@@ -121,7 +154,7 @@ async def activate(request: web.Request) -> web.Response:
     version = body.get("version") if isinstance(body, dict) else None
     if version is not None and not isinstance(version, str):
         raise bad_request("version must be a string or null", "version")
-    tenant = request.match_info["tenant"]
+    tenant = tenant_of(request)
     versions = services.catalog.versions
     before = _route_state(services.store.route(tenant), versions)
     with _conflict("version"):
@@ -131,7 +164,7 @@ async def activate(request: web.Request) -> web.Response:
     else:
         older = before["active"] is not None and natural_key(version) < natural_key(before["active"])
         action = "rollback" if older else "activate"
-    _audit_route(services, request, action, tenant, before)
+    await _audit_route(services, request, action, tenant, before)
     return web.json_response(
         {"tenant": tenant, "active": active.version if active else None, "pinned": version}
     )
@@ -147,11 +180,11 @@ async def canary(request: web.Request) -> web.Response:
         raise bad_request("version must be a string or null", "version")
     if isinstance(percent, bool) or not isinstance(percent, int):
         raise bad_request("percent must be an integer", "percent")
-    tenant = request.match_info["tenant"]
+    tenant = tenant_of(request)
     before = _route_state(services.store.route(tenant), services.catalog.versions)
     with _conflict("version"):
         await services.catalog.versions.set_canary(tenant, version, percent)
-    _audit_route(services, request, "canary", tenant, before)
+    await _audit_route(services, request, "canary", tenant, before)
     current = services.catalog.versions.canary(tenant)
     return web.json_response(
         {"tenant": tenant, "canary": {"version": current[0], "percent": current[1]} if current else None}
@@ -165,11 +198,11 @@ async def resident(request: web.Request) -> web.Response:
     keep = body.get("keep") if isinstance(body, dict) else None
     if not isinstance(keep, bool):
         raise bad_request("keep must be true or false", "keep")
-    tenant = request.match_info["tenant"]
+    tenant = tenant_of(request)
     before = _route_state(services.store.route(tenant), services.catalog.versions)
     with _conflict("tenant"):
         pinned = await services.catalog.versions.keep_resident(tenant, keep)
-    _audit_route(services, request, "residency_pin" if keep else "residency_unpin", tenant, before)
+    await _audit_route(services, request, "residency_pin" if keep else "residency_unpin", tenant, before)
     return web.json_response({"tenant": tenant, "keep_resident": keep, "pinned_version": pinned})
 
 
@@ -187,7 +220,7 @@ async def revoke_key(request: web.Request) -> web.Response:
         raise APIError(404, f"no key with id {key_id!r}", param="key_id", code="key_not_found")
     if found["revoked_at"]:
         raise APIError(409, f"key {key_id} was revoked at {found['revoked_at']}", param="key_id")
-    tenant, _ = store.revoke_key(key_id, actor=peer_user(request))
+    tenant, _ = await _services(request).writer.call(Store.revoke_key, key_id, actor=peer_user(request))
     revoked_at = next(k["revoked_at"] for k in store.list_keys(tenant) if k["key_id"] == key_id)
     return web.json_response({"key_id": key_id, "tenant": tenant, "revoked_at": revoked_at})
 
@@ -225,31 +258,61 @@ async def residency(request: web.Request) -> web.Response:
 async def export(request: web.Request) -> web.Response:
     """Merge a tenant's adapter into the base model as one GGUF (plus an Ollama Modelfile).
 
-    Body: `{"version": null, "quant": "f16", "out": null}`, all optional: the active version, f16,
-    and a file in the state directory's exports/. One export at a time, off the event loop."""
+    Body: `{"version": null, "quant": "f16", "name": null, "overwrite": false}`, all optional: the
+    active version, f16, `<tenant>-<version>-<quant>.gguf`, an existing file kept. The file goes
+    into the exports directory and nowhere else: `name` is a file name, never a path. One export
+    at a time, off the event loop. Every export, and every refused one, is in the audit log."""
     services = _services(request)
+    tenant, actor = tenant_of(request), peer_user(request)
     body = await read_json(request) if request.can_read_body else {}
     if not isinstance(body, dict):
-        raise bad_request("body must be an object with version, quant and out")
-    version, quant, out = body.get("version"), body.get("quant", "f16"), body.get("out")
+        raise bad_request("body must be an object with version, quant, name and overwrite")
+
+    async def refuse(error: APIError) -> APIError:
+        attempt = {k: str(v)[:200] for k, v in body.items() if k in ("version", "quant", "name", "out")}
+        change = Change({}, attempt | {"refused": error.message[:300]})
+        await services.writer.call(Store.audit, actor, "export_refused", tenant, change)
+        return error
+
+    version, quant, name = body.get("version"), body.get("quant", "f16"), body.get("name")
+    overwrite = body.get("overwrite", False)
+    if "out" in body:
+        raise await refuse(
+            bad_request(
+                "out is not accepted: exports go into the exports directory; give name, a file name", "out"
+            )
+        )
     if version is not None and not isinstance(version, str):
-        raise bad_request("version must be a string or null", "version")
+        raise await refuse(bad_request("version must be a string or null", "version"))
     if quant not in EXPORT_QUANTS:
-        raise bad_request(f"quant must be one of {', '.join(EXPORT_QUANTS)}", "quant")
-    if out is not None and not (isinstance(out, str) and Path(out).is_absolute()):
-        raise bad_request("out must be an absolute path ending in .gguf, or null", "out")
-    tenant = request.match_info["tenant"]
-    with _conflict("version"):
+        raise await refuse(bad_request(f"quant must be one of {', '.join(EXPORT_QUANTS)}", "quant"))
+    if not isinstance(overwrite, bool):
+        raise await refuse(bad_request("overwrite must be true or false", "overwrite"))
+    if name is not None:
+        try:
+            check_export_name(name)
+        except ValueError as exc:
+            raise await refuse(bad_request(f"name {exc}", "name")) from None
+    try:
         adapter = tenant_adapter(services.store, tenant, version)
+    except StoreError as exc:
+        raise await refuse(APIError(409, str(exc), param="version")) from None
+    name = name or Exporter.default_name(adapter, quant)
     async with request.app[EXPORT_LOCK]:
         try:
             result = await asyncio.to_thread(
-                request.app[EXPORTER].run, adapter, quant, Path(out) if out else None
+                request.app[EXPORTER].into_exports, adapter, quant, name, overwrite=overwrite
             )
+        except ExportRefused as exc:
+            raise await refuse(APIError(409, str(exc), param="name")) from None
         except (AdapterError, ConversionError) as exc:
-            raise APIError(409, str(exc), param="quant") from exc
+            raise await refuse(APIError(409, str(exc), param="quant")) from None
         except OSError as exc:
-            raise bad_request(f"cannot write the export: {exc}", "out") from exc
+            raise await refuse(APIError(507, f"cannot write the export: {exc}", param="name")) from None
+    done = {"version": adapter.version, "quant": quant, "name": name, "size_bytes": result.size_bytes}
+    await services.writer.call(
+        Store.audit, actor, "export", tenant, Change({}, done | {"sha256": result.sha256})
+    )
     return web.json_response(
         {"tenant": adapter.tenant, "version": adapter.version}
         | {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(result).items()}
@@ -283,7 +346,7 @@ def _known_tenant(services: Services, tenant: str) -> None:
 
 
 async def get_policy(request: web.Request) -> web.Response:
-    services, tenant = _services(request), request.match_info["tenant"]
+    services, tenant = _services(request), tenant_of(request)
     _known_tenant(services, tenant)
     return web.json_response(policy_report(services, tenant))
 
@@ -291,7 +354,7 @@ async def get_policy(request: web.Request) -> web.Response:
 async def set_policy(request: web.Request) -> web.Response:
     """`{"rpm": 60, "tpm": null, ..., "reset": ["weight"]}`: set values (null: no limit), or reset
     them to the config's defaults. Applies to the tenant's next request."""
-    services, tenant = _services(request), request.match_info["tenant"]
+    services, tenant = _services(request), tenant_of(request)
     body = await read_json(request)
     if not isinstance(body, dict):
         raise bad_request("body must be an object of policy fields, and `reset`: a list of fields")
@@ -301,7 +364,9 @@ async def set_policy(request: web.Request) -> web.Response:
         raise bad_request("reset must be a list of policy field names", "reset")
     _known_tenant(services, tenant)
     try:
-        _, after = services.store.set_policy(tenant, values, reset, actor=peer_user(request))
+        _, after = await services.writer.call(
+            Store.set_policy, tenant, values, reset, actor=peer_user(request)
+        )
     except PolicyError as exc:
         raise bad_request(str(exc), exc.field) from exc
     services.admission.policies.update(tenant, after)
@@ -321,7 +386,7 @@ async def audit_log(request: web.Request) -> web.Response:
 def build_admin_app(
     services: Services, sizes: Plan, exporter: Exporter, overview: Overview
 ) -> web.Application:
-    app = web.Application(middlewares=[openai_errors], client_max_size=1 << 20)
+    app = web.Application(middlewares=[openai_errors, store_errors], client_max_size=1 << 20)
     app[SERVICES] = services
     app[OVERVIEW] = overview
     app[FEED] = EventFeed(services.store)

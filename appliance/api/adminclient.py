@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+
+SUDO_HEADER = "X-Lorabox-Sudo-User"
+"""Who ran the client with sudo, sent by root's client so that the audit log names the same actor
+whether a command goes through the socket or writes the database itself (only root's is believed)."""
 
 # One SSE line (a whole stats tick is one `data:` line) may be large with many tenants, but a
 # stream that never sends a newline must not grow without bound.
@@ -97,8 +102,11 @@ class AdminClient:
     def _session(self, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientSession:
         if not self.socket_path.exists():
             raise AdminUnavailable(f"no admin socket at {self.socket_path} (is `lorabox serve` running?)")
+        sudo = os.environ.get("SUDO_USER", "") if os.getuid() == 0 else ""
         return aiohttp.ClientSession(
-            connector=aiohttp.UnixConnector(path=str(self.socket_path)), timeout=timeout
+            connector=aiohttp.UnixConnector(path=str(self.socket_path)),
+            timeout=timeout,
+            headers={SUDO_HEADER: sudo} if sudo.isprintable() and sudo.isascii() and sudo else None,
         )
 
     def _unavailable(self, exc: BaseException) -> AdminUnavailable:

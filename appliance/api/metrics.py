@@ -1,27 +1,50 @@
-"""`GET /metrics` on the API port: Prometheus text format (telemetry/metrics.py).
+"""`GET /metrics`: Prometheus text format, on a listener of its own (`metrics_listen`).
 
-No key is needed, as for any Prometheus target: keep the API port on loopback or behind a proxy
-that does not pass /metrics to the internet (it names tenants). The counters are copied on the
-event loop; the text is written on a thread.
+The metrics name every tenant, its traffic and its adapter versions, so they are not on the API
+port that tenants reach (there `/metrics` is 404 unless `metrics_on_api_port` is set). No key is
+needed, as for any Prometheus target: keep the listener on loopback or a management network.
+
+The text is the concatenation of the app's `METRICS_SOURCES`, each an async function that
+returns whole metric families in the text format: lorabox's own telemetry (telemetry/metrics.py)
+first; more families (another protocol's names, say) are one more source, added by the daemon.
+Each copies what it needs on the event loop and writes its text on a thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from ..telemetry.metrics import MetricsSnapshot, render
-from .overview import OVERVIEW
+from .overview import OVERVIEW, Overview
 
 # The classic text format, which every Prometheus reads (render writes nothing newer).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
+MetricsSource = Callable[[Overview], Awaitable[bytes]]
+METRICS_SOURCES: web.AppKey[list[MetricsSource]] = web.AppKey("metrics_sources")
 
-async def metrics(request: web.Request) -> web.Response:
-    overview = request.app[OVERVIEW]
+
+async def overview_metrics(overview: Overview) -> bytes:
+    """lorabox's own families: traffic per tenant and version, the box, the engine, the device."""
     status = await overview.status()
     loads = [(name, load.running, load.queued) for name, load in overview.loads().items()]
     snapshot = MetricsSnapshot.take(overview.traffic, status, loads)
-    body = await asyncio.to_thread(render, snapshot)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+    return await asyncio.to_thread(render, snapshot)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    overview = request.app[OVERVIEW]
+    parts = [await source(overview) for source in request.app[METRICS_SOURCES]]
+    return web.Response(body=b"".join(parts), headers={"Content-Type": CONTENT_TYPE})
+
+
+def build_metrics_app(overview: Overview, sources: list[MetricsSource]) -> web.Application:
+    """The metrics listener's app: `/metrics` and nothing else."""
+    app = web.Application()
+    app[OVERVIEW] = overview
+    app[METRICS_SOURCES] = sources
+    app.router.add_get("/metrics", metrics)
+    return app

@@ -22,7 +22,7 @@ from ..serving.generator import ContextTooLong, GenerationResult, Generator
 from ..serving.lifecycle import InFlight, Interrupted
 from ..serving.tokenization import PromptError
 from ..tenancy.admission import Refusal, Ticket
-from ..tenancy.ledger import RequestRecord
+from ..tenancy.ledger import LedgerUnavailable, RequestRecord
 from ..tenancy.store import Tenant
 from .body import read_request
 from .errors import APIError, bad_request, error_body
@@ -90,11 +90,16 @@ class Trace:
         return services.publish(self.record())
 
     async def book(self, services: Services, status: int) -> None:
-        """Settle and book the request as `status`, and wait until its row is committed: called
-        before the last byte of the response goes out."""
+        """Settle and book the request as `status`, and wait until its row is durable: called
+        before the last byte of the response goes out. APIError 503 if it cannot be (the response
+        must then end with that error, not its last bytes: the ledger books it as 503)."""
         self.settle()
         self.status = status
-        await asyncio.shield(self.publish(services))
+        try:
+            await asyncio.shield(self.publish(services))
+        except LedgerUnavailable as exc:
+            self.status = UNAVAILABLE
+            raise ledger_unavailable(str(exc)) from exc
 
     def record(self) -> RequestRecord:
         result = self.result
@@ -178,9 +183,21 @@ def check_requests(services: Services, tenant: Tenant) -> None:
         raise refused(refusal) from None
 
 
+def ledger_unavailable(reason: str) -> APIError:
+    return APIError(
+        UNAVAILABLE,
+        f"lorabox cannot record usage now, so it serves no requests: {reason}",
+        code="usage_ledger_unavailable",
+    )
+
+
 def ready_generator(services: Services) -> Generator:
+    """The generator, if the box may serve now: the engine is ready, and the usage ledger can
+    book what it serves (a request it could not bill is refused, not served)."""
     if services.generator is None:
         raise APIError(503, "The model is still loading; retry shortly.", code="engine_not_ready")
+    if services.ledger.unavailable is not None:
+        raise ledger_unavailable(services.ledger.unavailable)
     return services.generator
 
 
@@ -418,14 +435,20 @@ async def _stream(
         await response.write_eof()
 
     if error is None:
-        await book(200)
-        await finish()
-        return response, 200
+        try:
+            await book(200)
+        except APIError as unbooked:  # no durable row: the stream ends with the error, not [DONE]
+            error = unbooked
+        else:
+            await finish()
+            return response, 200
     # The request is booked as the server's failure whether or not a stuck or vanished client
     # takes these last lines.
     with contextlib.suppress(TimeoutError, ConnectionResetError):
         async with asyncio.timeout(FINAL_WRITE_S):
-            await book(error.status)
+            if error.code != "usage_ledger_unavailable":
+                with contextlib.suppress(APIError):  # the row could not be made durable: 503 all the same
+                    await book(error.status)
             await finish()
     return response, error.status
 
@@ -458,6 +481,9 @@ async def readyz(request: web.Request) -> web.Response:
         )
     if services.generator is None:
         return web.json_response({"status": "starting"} | engine, status=503)
+    if services.ledger.unavailable is not None:
+        reason = f"usage ledger unavailable: {services.ledger.unavailable}"
+        return web.json_response({"status": "refusing", "reason": reason} | engine, status=503)
     return web.json_response({"status": "ready"} | engine)
 
 

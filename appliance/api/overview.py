@@ -107,7 +107,7 @@ class Overview:
     # -- the box ------------------------------------------------------------------------------
 
     def state(self) -> tuple[str, str | None]:
-        """(starting | ready | draining | failed, why not ready)."""
+        """(starting | ready | refusing | draining | failed, why not ready)."""
         services = self.services
         failure = services.lifecycle.failure or services.engine.failure()
         if failure is not None:
@@ -116,6 +116,8 @@ class Overview:
             return "draining", "lorabox is shutting down"
         if services.generator is None:
             return "starting", "the model is still loading"
+        if services.ledger.unavailable is not None:
+            return "refusing", f"usage ledger unavailable: {services.ledger.unavailable}"
         return "ready", None
 
     def engine_stats(self) -> EngineStats | None:
@@ -154,6 +156,7 @@ class Overview:
             "phase": services.lifecycle.phase,
             "engine_health": dataclasses.asdict(services.health.snapshot()),
             "connections": dataclasses.asdict(services.connections),
+            "ledger": dataclasses.asdict(services.ledger.health()),
         }
 
     # -- tenants ------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from ..telemetry.looplag import LoopLagMonitor
 from ..tenancy.admission import Admission
 from ..tenancy.ledger import RequestRecord, UsageLedger
 from ..tenancy.store import Store
+from ..tenancy.writer import StoreWriter
 from .connections import ConnectionCounters
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ class Services:
     """What the request path needs. `generator` is None until the engine is ready."""
 
     store: Store
+    """Reads only, on the event loop; writes go through `writer` (or the ledger)."""
+    writer: StoreWriter
     catalog: Catalog
     codec: TextCodec
     ledger: UsageLedger

@@ -22,8 +22,9 @@ ENGINES = ("auto", "vllm", "llamacpp")
 
 SHUTDOWN_MARGIN_S = 20.0
 """What stopping takes at most after the drain: cut streams' last events (2 s), the last usage
-write (SQLite waits up to 5 s for a lock), aiohttp closing connections (2 x 1 s) and the engine
-core's exit (5 s, then it is killed), with room to spare. See `Settings.stop_timeout_s`."""
+write (it waits for no lock: what the database does not take goes to the spool), aiohttp closing
+connections (2 x 1 s) and the engine core's exit (5 s, then it is killed), with room to spare.
+See `Settings.stop_timeout_s`."""
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCHEDULERS = ("fair", "fifo")
@@ -70,6 +71,15 @@ class Settings:
 
     port: int = 8400
     """TCP port of the OpenAI-compatible API."""
+
+    metrics_listen: str = "127.0.0.1:8401"
+    """`host:port` of the Prometheus listener (`GET /metrics`), apart from the API: its metrics name
+    every tenant, so keep it where only the operator's Prometheus reaches it. Empty: no listener."""
+
+    metrics_on_api_port: bool = False
+    """Also serve `/metrics` on the API port (without a key, like any Prometheus target). Off: it
+    is 404 there. Only where no tenant can reach the API port: the metrics name every tenant, its
+    traffic and its adapter versions."""
 
     max_request_bytes: int = 1 << 20
     """Largest accepted request body; larger bodies get 413 before they are read. At most 2 MiB:
@@ -184,12 +194,23 @@ class Settings:
 
     usage_commit: str = "commit"
     """When a request's usage-ledger row is safe, and what its response waits for. `commit`: the row
-    is committed before the response's last byte and the database fsynced every second (a crash or
-    kill -9 of the daemon loses no row of a finished response; a power cut at most the last
-    second's). `fsync`: also fsynced before the last byte (nothing lost to a power cut; each
-    response waits for the disk). `async`: rows are written every second, after the responses (a
-    crash loses up to a second's). Rows are written in groups on a thread of their own: the event
-    loop never waits on the disk."""
+    is committed (or spooled, see `usage_spool_dir`) before the response's last byte and fsynced
+    every second (a crash or kill -9 of the daemon loses no row of a finished response; a power cut
+    at most the last second's). `fsync`: also fsynced before the last byte (nothing lost to a power
+    cut; each response waits for the disk). `async`: rows are written every second, after the
+    responses (a crash loses up to a second's). Rows are written in groups on a thread of their
+    own: the event loop never waits on the disk, nor on a lock another program holds."""
+
+    usage_spool_dir: Path | None = None
+    """Where usage rows go when the database cannot take them at once (another program holds its
+    write lock, a full disk, an I/O error): append-only files, replayed into the database once it
+    takes writes again, each row booked once. On another disk than `state_dir`, a full state disk
+    costs nothing; on the same, requests are refused (503) while neither takes rows. Empty:
+    <state_dir>/spool."""
+
+    exports_dir: Path | None = None
+    """Where `POST /admin/tenants/<tenant>/export` writes (a file name in it, never a path); mode
+    0750, files 0640. Empty: <state_dir>/exports."""
 
     tenant_defaults: Policy = field(default_factory=Policy)
     """The policy of every tenant that has not set its own value (`[tenant_defaults]` in the file;
@@ -219,9 +240,18 @@ class Settings:
         return self.state_dir / "gguf"
 
     @property
-    def exports_dir(self) -> Path:
-        """Where exports requested through the admin API go when they name no file."""
-        return self.state_dir / "exports"
+    def exports_path(self) -> Path:
+        """Where exports requested through the admin API go (`exports_dir`, or its default)."""
+        return self.exports_dir or self.state_dir / "exports"
+
+    @property
+    def usage_spool_path(self) -> Path:
+        return self.usage_spool_dir or self.state_dir / "spool"
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """(host, port) of the metrics listener, or None for none (`metrics_listen` checked)."""
+        return _address(self.metrics_listen) if self.metrics_listen else None
 
     @property
     def admin_socket_path(self) -> Path:
@@ -281,6 +311,13 @@ class Settings:
             raise InvalidSetting("llamacpp_parallel", "must be >= 1")
         if self.llamacpp_threads < 0:
             raise InvalidSetting("llamacpp_threads", "must be >= 0 (0: one per core)")
+        if self.metrics_listen:
+            try:
+                _address(self.metrics_listen)
+            except ValueError as exc:
+                raise InvalidSetting("metrics_listen", str(exc)) from None
+            if self.metrics_address == (self.host, self.port):
+                raise InvalidSetting("metrics_listen", "must differ from the API's host and port")
         if self.usage_commit not in COMMIT_MODES:
             raise InvalidSetting(
                 "usage_commit", f"must be one of {', '.join(COMMIT_MODES)}, not {self.usage_commit!r}"
@@ -294,6 +331,15 @@ class Settings:
         if self.max_queued < 0:
             raise InvalidSetting("max_queued", "must be >= 0")
         return self
+
+
+def _address(text: str) -> tuple[str, int]:
+    """`host:port` (`[v6]:port` for IPv6) as (host, port); ValueError says what is wrong."""
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        raise ValueError(f"must be host:port with a port of 1-65535, e.g. 127.0.0.1:8401, not {text!r}")
+    return host, int(port)
 
 
 def _coerce(name: str, kind: Any, value: Any) -> Any:

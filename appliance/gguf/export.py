@@ -9,7 +9,11 @@ beside it. Blocking and CPU-heavy: callers run it off the event loop.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
+import re
+import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +31,8 @@ from .ollama import write_modelfile
 
 FLOAT_QUANTS = ("f32", "f16")  # written by lorabox itself
 LLAMA_QUANTS = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
+EXPORT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,120}\.gguf")
+EXPORT_MODE = 0o640  # the service and its group (the operators); no one else
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,25 @@ class ExportResult:
     modelfile: Path
     quant: str
     size_bytes: int
+    sha256: str
+
+
+def check_export_name(name: object) -> str:
+    """A file name for the exports directory (never a path); ValueError says what is wrong."""
+    if not isinstance(name, str) or EXPORT_NAME_RE.fullmatch(name) is None:
+        raise ValueError(
+            "must be a file name ending in .gguf (letters, digits, '.', '_', '-'; no folders), "
+            f"not {str(name)[:80]!r}"
+        )
+    return name
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def quantize(source: Path, out: Path, quant: str) -> None:
@@ -89,7 +114,7 @@ def export_merged(model_dir: Path, adapter_dir: Path, out: Path, quant: str, nam
         raise AdapterError(f"the base model has no {missing[0]} for the adapter to merge into")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     modelfile = write_modelfile(out, tokenizer, f"{name}, exported by lorabox ({quant})")
-    return ExportResult(out, modelfile, quant, out.stat().st_size)
+    return ExportResult(out, modelfile, quant, out.stat().st_size, _sha256(out))
 
 
 def tenant_adapter(store: Store, tenant: str, version: str | None) -> AdapterVersion:
@@ -106,14 +131,67 @@ def tenant_adapter(store: Store, tenant: str, version: str | None) -> AdapterVer
     return adapter
 
 
+class ExportRefused(StoreError):
+    """The file is there already (and overwriting was not asked for), or is not a plain file."""
+
+
 @dataclass(frozen=True)
 class Exporter:
-    """Exports of this box's tenants: its base model, and where files go when no path is given."""
+    """Exports of this box's tenants: its base model, and the exports directory the daemon writes
+    into (the only place: the admin API takes a file name, never a path)."""
 
     model_dir: Path
     exports_dir: Path
 
-    def run(self, adapter: AdapterVersion, quant: str = "f16", out: Path | None = None) -> ExportResult:
-        name = f"{adapter.tenant}-{adapter.version}"
-        out = out or self.exports_dir / f"{name}-{quant}.gguf"
-        return export_merged(self.model_dir, Path(adapter.path), out, quant, name)
+    @staticmethod
+    def default_name(adapter: AdapterVersion, quant: str) -> str:
+        return f"{adapter.tenant}-{adapter.version}-{quant}.gguf"
+
+    def run(self, adapter: AdapterVersion, quant: str, out: Path) -> ExportResult:
+        """To `out`, anywhere its caller may write (the CLI, with the operator's own rights)."""
+        return export_merged(
+            self.model_dir, Path(adapter.path), out, quant, f"{adapter.tenant}-{adapter.version}"
+        )
+
+    def into_exports(
+        self, adapter: AdapterVersion, quant: str, name: str, *, overwrite: bool = False
+    ) -> ExportResult:
+        """`<exports_dir>/<name>` and its Modelfile, mode 0640. Written in a private folder there,
+        then renamed into place: a name that is a symbolic link is never followed (a rename
+        replaces the link itself, and a link is refused anyway), and an existing file is kept
+        unless `overwrite`."""
+        check_export_name(name)
+        self.exports_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+        final = self.exports_dir / name
+        modelfile = final.with_suffix(".Modelfile")
+        for path in (final, modelfile):
+            self._check_target(path, overwrite)
+        scratch = Path(tempfile.mkdtemp(dir=self.exports_dir, prefix=".lorabox-export-"))
+        try:
+            result = export_merged(
+                self.model_dir,
+                Path(adapter.path),
+                scratch / name,
+                quant,
+                f"{adapter.tenant}-{adapter.version}",
+            )
+            for path in (result.path, result.modelfile):
+                os.chmod(path, EXPORT_MODE)
+            for path in (final, modelfile):  # checked again: the export took a while
+                self._check_target(path, overwrite)
+            os.replace(result.modelfile, modelfile)
+            os.replace(result.path, final)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return ExportResult(final, modelfile, quant, result.size_bytes, result.sha256)
+
+    @staticmethod
+    def _check_target(path: Path, overwrite: bool) -> None:
+        try:
+            mode = path.lstat().st_mode
+        except FileNotFoundError:
+            return
+        if not stat.S_ISREG(mode):
+            raise ExportRefused(f"{path} exists and is not a plain file (a link?): not replaced")
+        if not overwrite:
+            raise ExportRefused(f"{path} exists; ask to overwrite it (overwrite: true), or give another name")

@@ -1,4 +1,10 @@
-"""The `lorabox` command. Errors become one-line messages here, and nowhere else."""
+"""The `lorabox` command. Errors become one-line messages here, and nowhere else.
+
+What an operator types is checked before it is used: tenant names against the name rule (and
+path-escaped in every admin URL all the same), numbers as ASCII digits within each option's
+range, files read only when they are regular files, with a size cap and a time limit. Any failure
+is one line on stderr and exit status 1 (a mistyped command line: argparse's usage, status 2).
+"""
 
 from __future__ import annotations
 
@@ -8,9 +14,12 @@ import dataclasses
 import json
 import logging
 import os
+import sqlite3
+import stat
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -19,16 +28,102 @@ from typing import Any
 
 from ..api.adminclient import AdminClient, AdminError, AdminUnavailable
 from ..config.settings import Settings, load_config
-from ..errors import LoraboxError, PolicyError
+from ..errors import LoraboxError
 from ..gguf import EXPORT_QUANTS
+from ..names import is_tenant_name
 from ..tenancy.audit import Change, change_text
-from ..tenancy.policy import FIELDS, MAX_SYSTEM_PROMPT_CHARS, QUOTA_PERIODS, describe, effective
+from ..tenancy.policy import FIELDS, MAX_SYSTEM_PROMPT_CHARS, QUOTA_PERIODS, describe, effective, parse_values
 from ..tenancy.quota import period_start, timestamp
-from ..tenancy.store import Store
+from ..tenancy.store import Store, unavailable
 
 DEFAULT_DEMO_DIR = (
     Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "lorabox" / "demo"
 )
+READ_TIMEOUT_S = 10.0  # a file (or stdin) that gives nothing for this long is not waited for
+MAX_LIMIT = 10_000  # rows `events` and `audit` show at most (the admin API's cap too)
+MAX_AGO = {"d": 36_600, "h": 878_400, "m": 52_704_000, "w": 5_228}  # 100 years in each unit
+
+
+# -- checking what the operator typed -------------------------------------------------------------
+
+
+def tenant_name(text: str) -> str:
+    """A tenant name, as the drop-folder contract has it; nothing else is used (or sent)."""
+    if not is_tenant_name(text):
+        raise LoraboxError(
+            f"invalid tenant name {text[:80]!r}: use 1-63 characters of a-z, 0-9, '_' and '-', "
+            "starting with a letter or digit"
+        )
+    return text
+
+
+def tenant_path(tenant: str, *rest: str) -> str:
+    """`/admin/tenants/<tenant>/...`, the name escaped as one path segment whatever it holds."""
+    return "/".join(["/admin/tenants", urllib.parse.quote(tenant_name(tenant), safe=""), *rest])
+
+
+def whole_number(option: str, low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: ASCII digits only (`int()` takes other scripts' digits too), low-high."""
+
+    def parse(text: str) -> int:
+        if not (text.isascii() and text.isdigit()) or not low <= int(text) <= high:
+            raise LoraboxError(f"{option}: must be a whole number from {low} to {high}, not {text[:40]!r}")
+        return int(text)
+
+    return parse
+
+
+def _read_bounded(read: Callable[[], str], what: str) -> str:
+    """`read()` on a thread, given READ_TIMEOUT_S: a file that never answers (a FIFO with no
+    writer, a hung network mount, a terminal) is an error, not a hang."""
+    outcome: list[str | BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(read())
+        except BaseException as exc:  # handed to the caller below
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(READ_TIMEOUT_S)
+    if not outcome:
+        raise LoraboxError(f"{what}: nothing read in {READ_TIMEOUT_S:g} s")
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
+def read_text_file(path: str, max_chars: int, what: str) -> str:
+    """A regular file's UTF-8 text, at most `max_chars` (`-`: stdin). A FIFO, device, folder or
+    /proc-like file (its size says 0 and it has content) is refused, not read."""
+    if path == "-":
+        return _read_bounded(lambda: sys.stdin.read(max_chars + 1), what)
+    max_bytes = 4 * max_chars  # UTF-8: at most 4 bytes a character
+
+    def read() -> str:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            raise LoraboxError(f"{what}: {path} is not a regular file")
+        with os.fdopen(fd, "rb") as file:
+            if info.st_size > max_bytes:
+                raise LoraboxError(f"{what}: at most {max_chars} characters; {path} has {info.st_size} bytes")
+            data = file.read(info.st_size + 1)
+        if len(data) != info.st_size:
+            raise LoraboxError(f"{what}: {path} is not a regular file (its size says {info.st_size} bytes)")
+        return data.decode("utf-8")
+
+    try:
+        text = _read_bounded(read, what)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LoraboxError(f"{what}: cannot read {path}: {exc}") from exc
+    if len(text) > max_chars:
+        raise LoraboxError(f"{what}: at most {max_chars} characters; {path} has more")
+    if "\x00" in text:
+        raise LoraboxError(f"{what}: {path} holds NUL characters: not text")
+    return text
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -183,40 +278,29 @@ def cmd_tenant(args: argparse.Namespace) -> None:
 POLICY_OPTIONS = [f for f in FIELDS if f != "system_prompt"]
 
 
-def _read_system_prompt(path: str) -> str:
-    """The file's text; no more than one character past the limit is read."""
-    try:
-        if path == "-":
-            text = sys.stdin.read(MAX_SYSTEM_PROMPT_CHARS + 1)
-        else:
-            with open(path, encoding="utf-8") as file:
-                text = file.read(MAX_SYSTEM_PROMPT_CHARS + 1)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PolicyError("system_prompt", f"cannot read {path}: {exc}") from exc
-    if len(text) > MAX_SYSTEM_PROMPT_CHARS:
-        raise PolicyError("system_prompt", f"at most {MAX_SYSTEM_PROMPT_CHARS} characters; {path} has more")
-    return text
-
-
 def _policy_changes(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
     """The values to set and the fields to reset ("default") from `tenant set`'s options."""
     given = {field: getattr(args, field) for field in POLICY_OPTIONS if getattr(args, field) is not None}
     if args.system_prompt_file is not None:
         path = args.system_prompt_file
-        given["system_prompt"] = path if path in ("none", "default") else _read_system_prompt(path)
+        given["system_prompt"] = (
+            path
+            if path in ("none", "default")
+            else read_text_file(path, MAX_SYSTEM_PROMPT_CHARS, "system_prompt")
+        )
     if not given:
         raise LoraboxError("nothing to set: name at least one option (see lorabox tenant set --help)")
     reset = [f for f, v in given.items() if isinstance(v, str) and v.strip().lower() == "default"]
-    return {f: v for f, v in given.items() if f not in reset}, reset
+    values = {f: v for f, v in given.items() if f not in reset}
+    parse_values(values)  # checked here first (PolicyError names the field); the daemon checks again
+    return values, reset
 
 
 def _tenant_set(args: argparse.Namespace) -> None:
     settings = _settings(args)
     values, reset = _policy_changes(args)
     try:
-        report = _admin(settings).call(
-            "POST", f"/admin/tenants/{args.name}/policy", values | {"reset": reset}
-        )
+        report = _admin(settings).call("POST", tenant_path(args.name, "policy"), values | {"reset": reset})
     except AdminUnavailable:
         with Store.open(settings.database_path) as store:
             before, after = store.set_policy(args.name, values, reset)
@@ -234,7 +318,7 @@ def _tenant_set(args: argparse.Namespace) -> None:
 def _tenant_show(args: argparse.Namespace) -> None:
     settings = _settings(args)
     try:
-        report = _admin(settings).call("GET", f"/admin/tenants/{args.name}/policy")
+        report = _admin(settings).call("GET", tenant_path(args.name, "policy"))
         own, quota, load = report["own"], report["quota"], report["load"]
     except AdminUnavailable:
         with Store.open(settings.database_path) as store:
@@ -257,11 +341,6 @@ def _tenant_show(args: argparse.Namespace) -> None:
     limit = quota["limit_tokens"]
     of = f" of {limit:,} ({100 * quota['used_tokens'] / limit:.1f}%)" if limit else " (no quota)"
     print(f"quota: {quota['used_tokens']:,} tokens used{of} since {quota['period_start'][:10]}")
-    if policy.system_prompt:
-        shown = (
-            policy.system_prompt if len(policy.system_prompt) <= 400 else policy.system_prompt[:400] + " …"
-        )
-        print("system prompt:\n" + "\n".join(f"  | {line}" for line in shown.splitlines()))
 
 
 def cmd_key(args: argparse.Namespace) -> None:
@@ -274,7 +353,8 @@ def cmd_key(args: argparse.Namespace) -> None:
                 file=sys.stderr,
             )
         elif args.action == "import":
-            key_id = store.import_key(args.target, sys.stdin.readline().strip())
+            line = _read_bounded(lambda: sys.stdin.readline(4096), "the key on stdin")
+            key_id = store.import_key(args.target, line.strip())
             print(f"imported key {key_id} for tenant {args.target}")
         elif args.action == "revoke":
             tenant, key_id = store.revoke_key(args.target)
@@ -318,17 +398,17 @@ def cmd_adapters(args: argparse.Namespace) -> None:
         return
     client = _admin(settings)
     if args.action == "activate":
-        result = client.call("POST", f"/admin/tenants/{args.tenant}/activate", {"version": args.version})
+        result = client.call("POST", tenant_path(args.tenant, "activate"), {"version": args.version})
         print(
             f"{args.tenant} now serves {result['active']} (pinned; `lorabox adapters unpin {args.tenant}` "
             "follows the newest again)"
         )
     elif args.action == "unpin":
-        result = client.call("POST", f"/admin/tenants/{args.tenant}/activate", {"version": None})
+        result = client.call("POST", tenant_path(args.tenant, "activate"), {"version": None})
         print(f"{args.tenant} follows its newest version: {result['active']}")
     elif args.action == "canary":
         result = client.call(
-            "POST", f"/admin/tenants/{args.tenant}/canary", {"version": args.version, "percent": args.percent}
+            "POST", tenant_path(args.tenant, "canary"), {"version": args.version, "percent": args.percent}
         )
         canary = result["canary"]
         print(
@@ -343,7 +423,7 @@ def cmd_residency(args: argparse.Namespace) -> None:
     if args.action in ("pin", "unpin"):
         keep = args.action == "pin"
         try:
-            result = _admin(settings).call("POST", f"/admin/tenants/{args.tenant}/resident", {"keep": keep})
+            result = _admin(settings).call("POST", tenant_path(args.tenant, "resident"), {"keep": keep})
         except AdminUnavailable:
             _keep_resident_offline(settings, args.tenant, keep)
             print(f"{args.tenant}: saved; applies when the daemon starts (it is not running)")
@@ -393,14 +473,27 @@ def _adapter_rows_offline(settings: Settings) -> list[dict]:  # type: ignore[typ
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    """Written here, with the operator's own rights, wherever they may write; recorded in the
+    audit log like the daemon's exports (an export that cannot be recorded is removed)."""
     from ..gguf.export import Exporter, tenant_adapter
 
     settings = _settings(args)
     with Store.open(settings.database_path) as store:
         adapter = tenant_adapter(store, args.tenant, args.version)
+        with store.writing():  # the audit log takes writes (else: no export to leave unrecorded)
+            pass
     out = Path(args.out)
     print(f">>> Merging {adapter.label} into the base model as {args.quant} GGUF: {out}", flush=True)
-    result = Exporter(_model_dir(settings), settings.exports_dir).run(adapter, args.quant, out)
+    result = Exporter(_model_dir(settings), settings.exports_path).run(adapter, args.quant, out)
+    done = {"version": adapter.version, "quant": args.quant, "path": str(result.path.resolve())}
+    try:
+        with Store.open(settings.database_path) as store:
+            change = Change({}, done | {"size_bytes": result.size_bytes, "sha256": result.sha256})
+            store.audit(None, "export", args.tenant, change)
+    except (LoraboxError, sqlite3.Error) as exc:
+        result.path.unlink(missing_ok=True)
+        result.modelfile.unlink(missing_ok=True)
+        raise LoraboxError(f"export removed: the audit log could not record it ({exc})") from exc
     print(f"wrote {result.path} ({result.size_bytes / (1 << 20):.1f} MiB) and {result.modelfile}")
     print(f"next: llama-cli -m {result.path}   or   ollama create {out.stem} -f {result.modelfile}")
 
@@ -410,20 +503,31 @@ def cmd_events(args: argparse.Namespace) -> None:
         _table(list(reversed(store.events(args.limit))), ["ts", "kind", "tenant", "version", "detail"])
 
 
-def _moment(text: str) -> str:
-    """`7d`, `24h`, `30m` ago, or a date or time (ISO 8601, UTC unless it says otherwise), as the
-    ledger writes times."""
+def moment(option: str) -> Callable[[str], str]:
+    """An argparse type: `7d`, `24h`, `30m`, `2w` ago (ASCII digits, within 100 years), or a date
+    or time (ISO 8601, UTC unless it says otherwise), as the ledger writes times."""
     units = {"d": "days", "h": "hours", "m": "minutes", "w": "weeks"}
-    text = text.strip()
-    if text[-1:] in units and text[:-1].isdigit():
-        return timestamp(datetime.now(UTC) - timedelta(**{units[text[-1]]: int(text[:-1])}))
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: use e.g. 7d, 24h, 30m, 2026-11-01 or 2026-11-01T12:00"
-        ) from None
-    return timestamp(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
+
+    def parse(text: str) -> str:
+        text = text.strip()
+        unit, count = text[-1:], text[:-1]
+        try:
+            if text.isascii() and unit in units and count.isdigit():
+                if int(count) > MAX_AGO[unit]:
+                    raise LoraboxError(
+                        f"{option}: at most 100 years ago ({MAX_AGO[unit]}{unit}), not {text[:40]!r}"
+                    )
+                return timestamp(datetime.now(UTC) - timedelta(**{units[unit]: int(count)}))
+            if text.isascii():
+                when = datetime.fromisoformat(text)
+                return timestamp(when if when.tzinfo else when.replace(tzinfo=UTC))
+        except (ValueError, OverflowError):
+            pass
+        raise LoraboxError(
+            f"{option}: use e.g. 7d, 24h, 30m, 2026-11-01 or 2026-11-01T12:00, not {text[:40]!r}"
+        )
+
+    return parse
 
 
 def cmd_usage(args: argparse.Namespace) -> None:
@@ -482,9 +586,12 @@ def cmd_tui(args: argparse.Namespace) -> None:
 
 
 def _refresh_interval(text: str) -> float:
-    seconds = float(text)
-    if not 0.5 <= seconds <= 60:
-        raise argparse.ArgumentTypeError("the refresh interval is 0.5 to 60 seconds")
+    try:
+        seconds = float(text) if text.isascii() else -1.0
+    except ValueError:
+        seconds = -1.0
+    if not 0.5 <= seconds <= 60:  # NaN fails too
+        raise LoraboxError(f"--interval: the refresh interval is 0.5 to 60 seconds, not {text[:40]!r}")
     return seconds
 
 
@@ -562,20 +669,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
+    port = whole_number("--port", 1, 65535)
     p = sub.add_parser("serve", parents=[common], help="run the daemon (OpenAI-compatible API)")
-    p.add_argument("--port", type=int)
+    p.add_argument("--port", type=port)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="write the built-in demo and serve it: lorabox demo [init] [DIR]")
     p.add_argument("words", nargs="*", metavar="[init] [DIR]")
-    p.add_argument("--port", type=int)
+    p.add_argument("--port", type=port)
     p.add_argument("--force", action="store_true", help="also rewrite lorabox.toml")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("tenant", parents=[common], help="add or list tenants")
     tsub = p.add_subparsers(dest="action", required=True)
     add = tsub.add_parser("add", parents=[common])
-    add.add_argument("name")
+    add.add_argument("name", type=tenant_name)
     add.add_argument("--allow-base", action="store_true", help="tenant may also call the base model")
     tsub.add_parser("list", parents=[common])
     tset = tsub.add_parser(
@@ -585,7 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Each value may also be `default` (follow [tenant_defaults] in the config) or, for "
         "limits, `none` (no limit). Prices are per million tokens.",
     )
-    tset.add_argument("name")
+    tset.add_argument("name", type=tenant_name)
     for field in POLICY_OPTIONS:
         tset.add_argument(
             f"--{field.replace('_', '-')}",
@@ -599,33 +707,39 @@ def build_parser() -> argparse.ArgumentParser:
         "characters; - reads stdin); `none` removes it",
     )
     tsub.add_parser("show", parents=[common], help="a tenant's effective policy and quota use").add_argument(
-        "name"
+        "name", type=tenant_name
     )
     p.set_defaults(func=cmd_tenant)
 
     p = sub.add_parser("key", parents=[common], help="issue, revoke or list API keys")
     ksub = p.add_subparsers(dest="action", required=True)
-    ksub.add_parser("issue", parents=[common]).add_argument("target", metavar="TENANT")
+    ksub.add_parser("issue", parents=[common]).add_argument("target", metavar="TENANT", type=tenant_name)
     ksub.add_parser(
         "import", parents=[common], help="accept a key issued on another box (read from stdin)"
-    ).add_argument("target", metavar="TENANT")
+    ).add_argument("target", metavar="TENANT", type=tenant_name)
     ksub.add_parser("revoke", parents=[common]).add_argument("target", metavar="KEY_ID")
-    ksub.add_parser("list", parents=[common]).add_argument("target", metavar="TENANT", nargs="?")
+    ksub.add_parser("list", parents=[common]).add_argument(
+        "target", metavar="TENANT", nargs="?", type=tenant_name
+    )
     p.set_defaults(func=cmd_key)
 
     p = sub.add_parser(
         "adapters", parents=[common], help="registered adapter versions, refusals with reasons"
     )
     asub = p.add_subparsers(dest="action", required=True)
-    asub.add_parser("list", parents=[common]).add_argument("tenant", nargs="?")
+    asub.add_parser("list", parents=[common]).add_argument("tenant", nargs="?", type=tenant_name)
     act = asub.add_parser("activate", parents=[common], help="pin a version (rollback); needs the daemon")
-    act.add_argument("tenant")
+    act.add_argument("tenant", type=tenant_name)
     act.add_argument("version")
-    asub.add_parser("unpin", parents=[common], help="follow the newest version again").add_argument("tenant")
+    asub.add_parser("unpin", parents=[common], help="follow the newest version again").add_argument(
+        "tenant", type=tenant_name
+    )
     can = asub.add_parser("canary", parents=[common], help="send N%% of a tenant's requests to a version")
-    can.add_argument("tenant")
+    can.add_argument("tenant", type=tenant_name)
     can.add_argument("version")
-    can.add_argument("--percent", type=int, required=True, help="0 ends the canary")
+    can.add_argument(
+        "--percent", type=whole_number("--percent", 0, 100), required=True, help="0 ends the canary"
+    )
     p.set_defaults(func=cmd_adapters)
 
     p = sub.add_parser(
@@ -637,13 +751,13 @@ def build_parser() -> argparse.ArgumentParser:
         ("pin", "keep a tenant's active adapter in a GPU slot"),
         ("unpin", "let the tenant's adapter follow the LRU again"),
     ):
-        rsub.add_parser(action, parents=[common], help=text).add_argument("tenant")
+        rsub.add_parser(action, parents=[common], help=text).add_argument("tenant", type=tenant_name)
     p.set_defaults(func=cmd_residency)
 
     p = sub.add_parser(
         "export", parents=[common], help="one tenant's model as a single GGUF file (llama.cpp, Ollama)"
     )
-    p.add_argument("tenant")
+    p.add_argument("tenant", type=tenant_name)
     p.add_argument("--version", help="adapter version (default: the active one)")
     p.add_argument(
         "--quant", choices=EXPORT_QUANTS, default="f16", help="f32/f16 as is; q8_0, q4_k_m by llama.cpp"
@@ -651,22 +765,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="FILE.gguf", help="also writes FILE.Modelfile for Ollama")
     p.set_defaults(func=cmd_export)
 
+    limit = whole_number("--limit", 1, MAX_LIMIT)
     p = sub.add_parser("events", parents=[common], help="adapter and key events, newest last")
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--limit", type=limit, default=50, help=f"at most {MAX_LIMIT}")
     p.set_defaults(func=cmd_events)
 
     p = sub.add_parser("usage", parents=[common], help="requests, tokens and cost per tenant (the ledger)")
-    p.add_argument("tenant", nargs="?")
-    p.add_argument("--tenant", dest="tenant_option", metavar="TENANT")
-    p.add_argument("--since", type=_moment, help="7d, 24h, 30m ago, or a date/time (UTC)")
-    p.add_argument("--until", type=_moment, help="as --since; up to (not including) it")
+    p.add_argument("tenant", nargs="?", type=tenant_name)
+    p.add_argument("--tenant", dest="tenant_option", metavar="TENANT", type=tenant_name)
+    p.add_argument("--since", type=moment("--since"), help="7d, 24h, 30m ago, or a date/time (UTC)")
+    p.add_argument("--until", type=moment("--until"), help="as --since; up to (not including) it")
     p.add_argument("--by", choices=("day", "month"), help="one row per tenant and day (or month)")
     p.add_argument("--csv", action="store_true", help="comma-separated values, for a spreadsheet")
     p.set_defaults(func=cmd_usage)
 
     p = sub.add_parser("audit", parents=[common], help="operator actions: who changed what, when")
-    p.add_argument("--tenant")
-    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--tenant", type=tenant_name)
+    p.add_argument("--limit", type=limit, default=100, help=f"at most {MAX_LIMIT}")
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser(
@@ -701,7 +816,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("logs", help="the daemon's log (systemd journal): lorabox logs [-f]")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
-    p.add_argument("-n", "--lines", type=int, default=100, help="how many recent lines (default 100)")
+    p.add_argument(
+        "-n",
+        "--lines",
+        type=whole_number("--lines", 1, 1_000_000),
+        default=100,
+        help="how many recent lines (default 100)",
+    )
     p.add_argument("--since", help='e.g. "1 hour ago", "today" (journalctl --since)')
     p.set_defaults(func=cmd_logs)
 
@@ -721,15 +842,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args: argparse.Namespace | None = None
     try:
+        args = build_parser().parse_args(argv)  # checks what was typed (LoraboxError)
         args.func(args)
     except (LoraboxError, AdminError, AdminUnavailable) as exc:
-        print(f"lorabox: {exc}", file=sys.stderr)
-        return 1
+        return _fail(str(exc))
+    except sqlite3.Error as exc:
+        return _fail(str(unavailable(exc, "the state database")))
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        if args is not None and args.func in (cmd_serve, cmd_demo):
+            raise  # the daemon's own failure: its traceback belongs in the journal
+        return _fail(f"unexpected error ({type(exc).__name__}: {exc}); please report it with the command")
     return 0
+
+
+def _fail(message: str) -> int:
+    """One line on stderr, status 1."""
+    print(f"lorabox: {' '.join(message.split())}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 
 Checks: the config, the service user, the GPU driver and CUDA, VRAM, the engines (imported for
 real, in a child process), the port, the state and adapters folders' permissions for the service
-user (worked out for that user, not for whoever runs the doctor: see permissions.py), the base
-model, and the admin socket. `--root DIR` checks an install made with `install.sh --root DIR`:
-the config's absolute paths are read under DIR.
+user (worked out for that user, not for whoever runs the doctor: see permissions.py), that no
+other local user can read the database, spool or exports (filemodes.py), free space and
+writability where the usage ledger writes, the base model, and the admin socket. `--root DIR`
+checks an install made with `install.sh --root DIR`: the config's absolute paths are read under
+DIR.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,6 +29,7 @@ from pathlib import Path
 from ..config.basemodel import model_source
 from ..config.settings import DEFAULT_CONFIG_PATH, Settings, load_config
 from ..errors import LoraboxError
+from . import filemodes
 from .permissions import EXECUTE, READ, WRITE, Identity, allowed, reachable
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
@@ -34,6 +38,9 @@ UNIT_PATH = Path("/etc/systemd/system/lorabox.service")
 PCI_DEVICES = Path("/sys/bus/pci/devices")
 MAX_SCANNED = 20_000  # adapter files looked at; a bigger folder is checked in part (and says so)
 IMPORT_TIMEOUT_S = 120
+MIN_FREE_BYTES = 64 << 20  # below it the usage ledger may soon have nowhere to write: FAIL
+LOW_FREE_BYTES = 1 << 30  # WARN
+PROBE_BYTES = 64 << 10  # written and removed to see that a folder really takes writes
 
 
 @dataclass(frozen=True)
@@ -291,6 +298,129 @@ def check_state_dir(box: Box, who: Identity | None) -> Check:
     return Check("state", OK, f"{state} is {who.name}'s to write")
 
 
+def check_modes(box: Box) -> Check:
+    """Nothing of the state (key hashes, the ledger, the audit log, prompts) or the exports is
+    readable by local users outside the service and its group."""
+    assert box.settings is not None
+    loose = [
+        (item, mode)
+        for item in filemodes.kept(box.settings, box.path)
+        if (mode := filemodes.looser(item.path, item.mode)) is not None
+    ]
+    if not loose:
+        return Check("modes", OK, "the database, spool and exports are the service's and its group's only")
+    shown = ", ".join(f"{item.path} ({mode:04o}, at most {item.mode:04o})" for item, mode in loose[:3])
+    more = f" and {len(loose) - 3} more" if len(loose) > 3 else ""
+    paths = " ".join(str(item.path) for item, _ in loose[:3])
+    return Check(
+        "modes",
+        FAIL,
+        f"other local users may read {shown}{more}",
+        f"restart lorabox (it tightens them at start), or sudo chmod g-w,o-rwx {paths}",
+    )
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def _probe_write(folder: Path) -> str | None:
+    """None if `folder` takes a write of PROBE_BYTES (synced, then removed), else why not."""
+    try:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".lorabox-doctor-")
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    try:
+        os.write(fd, b"\0" * PROBE_BYTES)
+        os.fsync(fd)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    finally:
+        os.close(fd)
+        os.unlink(name)
+    return None
+
+
+def check_space(box: Box) -> Iterator[Check]:
+    """Room and writability where the usage ledger writes (the database, the spool) and exports go,
+    once per filesystem. The write probe runs as root or the service user (others may not write
+    there at all)."""
+    assert box.settings is not None
+    settings = box.settings
+    seen: set[int] = set()
+    for folder, what in (
+        (settings.state_dir, "the database"),
+        (settings.usage_spool_path, "the usage spool"),
+        (settings.exports_path, "exports"),
+    ):
+        local = box.path(folder)
+        while not local.exists() and local != local.parent:  # the spool and exports folders come later
+            local = local.parent
+        try:
+            info, device = os.statvfs(local), local.stat().st_dev
+        except OSError as exc:
+            yield Check("space", FAIL, f"cannot look at {folder}: {exc.strerror}", "lorabox doctor as root")
+            continue
+        if device in seen:
+            continue
+        seen.add(device)
+        free, total = info.f_bavail * info.f_frsize, info.f_blocks * info.f_frsize
+        state = f"{folder} ({what}): {_human(free)} free of {_human(total)}"
+        if info.f_flag & os.ST_RDONLY:
+            yield Check(
+                "space", FAIL, f"{folder} ({what}) is on a read-only filesystem", "remount it read-write"
+            )
+            continue
+        who = os.geteuid()
+        problem = _probe_write(local) if who == 0 or local.stat().st_uid == who else None
+        if problem is not None:
+            yield Check(
+                "space",
+                FAIL,
+                f"{state}; a write there fails: {problem}",
+                f"free space on {folder}'s filesystem (or set usage_spool_dir on another disk)",
+            )
+        elif free < MIN_FREE_BYTES:
+            yield Check(
+                "space",
+                FAIL,
+                f"{state}: nearly full; the usage ledger refuses requests once neither the database nor "
+                "the spool takes rows",
+                f"free space on {folder}'s filesystem (or set usage_spool_dir on another disk)",
+            )
+        elif free < LOW_FREE_BYTES:
+            yield Check("space", WARN, f"{state}: getting full", f"free space on {folder}'s filesystem")
+        else:
+            yield Check("space", OK, state)
+
+
+def check_spool(box: Box) -> Check:
+    """Usage rows in the spool are booked once the database takes writes: many, or old, means it
+    has not for a while."""
+    assert box.settings is not None
+    folder = box.settings.usage_spool_path
+    try:
+        files = [p for p in box.path(folder).iterdir() if p.name.endswith(".jsonl")]
+    except FileNotFoundError:
+        files = []
+    except OSError as exc:
+        return Check("spool", WARN, f"cannot read {folder}: {exc.strerror}", "lorabox doctor as root")
+    if not files:
+        return Check("spool", OK, "no usage rows wait in the spool")
+    rows = sum(p.read_bytes().count(b"\n") for p in files)
+    return Check(
+        "spool",
+        WARN,
+        f"{rows} usage rows wait in {folder}: the database has not taken writes (locked by another "
+        "program? full?); they are booked once it does",
+        "lorabox status; lorabox logs; lorabox doctor (space)",
+    )
+
+
 def _unreadable(folder: Path, who: Identity) -> tuple[list[Path], bool]:
     """Files and folders under `folder` that `who` cannot read (or enter); and whether all were seen."""
     bad: list[Path] = []
@@ -459,6 +589,7 @@ def run(
         who = None
     checks += [check_vram(box), *check_engines(box), check_port(box), check_state_dir(box, who)]
     checks += [*check_adapters_dir(box, who), check_model(box, who), check_admin_socket(box)]
+    checks += [check_modes(box), *check_space(box), check_spool(box)]
     return checks
 
 

@@ -73,6 +73,21 @@ def _device(device: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _ledger(ledger: Mapping[str, Any]) -> list[str]:
+    """A line only when usage rows wait (in memory or in the spool) or cannot be written."""
+    if not (ledger.get("pending_rows") or ledger.get("spooled_rows") or ledger.get("unavailable")):
+        return []
+    failures = ledger.get("write_failures") or {}
+    line = (
+        f"ledger   {number(ledger.get('pending_rows'))} usage rows pending, "
+        f"{number(ledger.get('spooled_rows'))} in the spool {ledger.get('spool_dir') or NA}; failed writes: "
+        f"{number(failures.get('database'))} database, {number(failures.get('spool'))} spool"
+    )
+    return [line] + (
+        [f"         refusing requests: {ledger['unavailable']}"] if ledger.get("unavailable") else []
+    )
+
+
 def status_text(status: Mapping[str, Any], tenants: Sequence[Mapping[str, Any]]) -> str:
     engine = status.get("engine_stats") or {}
     adapters = status.get("adapters") or {}
@@ -92,6 +107,7 @@ def status_text(status: Mapping[str, Any], tenants: Sequence[Mapping[str, Any]])
         f"totals   {number(totals.get('requests'))} requests, {number(totals.get('prompt_tokens'))} prompt"
         f" + {number(totals.get('completion_tokens'))} completion tokens, "
         f"{number(totals.get('rps_10s'))} req/s, {number(totals.get('tps_10s'))} tok/s over 10 s",
+        *_ledger(status.get("ledger") or {}),
         "",
     ]
     rows = []

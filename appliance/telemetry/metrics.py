@@ -115,6 +115,7 @@ class _Collector(Collector):
     def collect(self) -> Iterator[Metric]:
         yield from self._traffic()
         yield from self._box()
+        yield from self._ledger()
         yield from self._device()
 
     def _traffic(self) -> Iterator[Metric]:
@@ -204,6 +205,33 @@ class _Collector(Collector):
             lag.get("max_ms"),
             1000,
         )
+
+    def _ledger(self) -> Iterator[Metric]:
+        ledger = self.snapshot.status.get("ledger") or {}
+        yield from _gauge(
+            "lorabox_usage_pending_rows",
+            "Usage rows booked and not yet durable (waiting for a write, or kept after a failed one).",
+            ledger.get("pending_rows"),
+        )
+        yield from _gauge(
+            "lorabox_usage_spooled_rows",
+            "Usage rows in the spool, not yet replayed into the database.",
+            ledger.get("spooled_rows"),
+        )
+        failures = CounterMetricFamily(
+            "lorabox_usage_write_failures",
+            "Usage writes that failed, by target: database (then spooled), spool (then kept in memory).",
+            labels=["target"],
+        )
+        for target, count in sorted((ledger.get("write_failures") or {}).items()):
+            failures.add_metric([target], count)
+        yield failures
+        if isinstance(ledger.get("dropped_rows"), int):
+            yield CounterMetricFamily(
+                "lorabox_usage_rows_dropped",
+                "Usage rows refused because too many were waiting (their responses ended 503).",
+                value=ledger["dropped_rows"],
+            )
 
     def _device(self) -> Iterator[Metric]:
         device = self.snapshot.status.get("device") or {}

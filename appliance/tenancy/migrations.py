@@ -159,3 +159,13 @@ def m007_policies_audit_prices(db: sqlite_utils.Database) -> None:
     # month does not change when the price does.
     db.table("usage").add_column("price_in", float)
     db.table("usage").add_column("price_out", float)
+
+
+@migration
+def m016_usage_uid(db: sqlite_utils.Database) -> None:
+    # Each usage row's own id, given when the request is booked. A row that reached the spool
+    # (tenancy/spool.py) is inserted by its uid and ignored when that uid is already there, so a
+    # replay repeated after a crash, or of a row whose commit failed ambiguously, books it once.
+    # Older rows have none (NULLs do not collide in a unique index).
+    db.table("usage").add_column("uid", str)
+    db.table("usage").create_index(["uid"], unique=True)

@@ -99,6 +99,8 @@ def _number(field: str, spec: _Range, raw: Any) -> int | float:
     if isinstance(raw, str):
         text = raw.strip()
         try:
+            if not text.isascii():  # int() and float() read other scripts' digits too ("١٢٣")
+                raise ValueError(text)
             raw = int(text) if spec.kind is int else float(text)
         except ValueError:
             kind = "a whole number" if spec.kind is int else "a number"

@@ -1,11 +1,13 @@
 """The box's state in one SQLite file: tenants, API key hashes, adapter versions, usage, events.
 
 The CLI and the daemon open the same file (WAL mode), so `lorabox key revoke` takes effect on
-the very next request without talking to the daemon.
+the very next request without talking to the daemon. The daemon's event loop only reads it; its
+writes go through one writer thread (tenancy/writer.py) and the usage ledger's (tenancy/ledger.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -22,13 +24,36 @@ from typing import Any
 
 import sqlite_utils
 
-from ..errors import StoreError
+from ..errors import StoreError, StoreUnavailable
 from ..names import is_tenant_name, natural_key
 from .audit import Change, local_user
 from .migrations import migrate
 from .policy import check_fields, describe, parse_values
 
 KEY_PREFIX = "lbx"
+BUSY_TIMEOUT_MS = 5000
+"""How long a connection waits for another one's write lock by default (the CLI's); the daemon's
+writers wait less, or not at all (tenancy/writer.py, tenancy/ledger.py)."""
+# SQLite's primary result codes (sqlite3.h) of the failures a write may meet.
+_BUSY, _LOCKED, _READONLY, _IOERR, _FULL, _CANTOPEN = 5, 6, 8, 10, 13, 14
+
+
+def unavailable(exc: sqlite3.Error, database: Path | str) -> StoreUnavailable:
+    """What a failed write means for whoever asked, in one line: busy (retry), or why not."""
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    if code in (_BUSY, _LOCKED):
+        return StoreUnavailable(
+            f"the state database {database} is busy: another program holds its write lock "
+            "(an open sqlite3 session or a backup?); retry in a moment",
+            busy=True,
+        )
+    if code == _FULL:
+        problem = f"the disk is full ({exc}); free space on it"
+    elif code in (_READONLY, _IOERR, _CANTOPEN):
+        problem = f"{exc} (a full, read-only or failing disk?)"
+    else:
+        problem = str(exc)
+    return StoreUnavailable(f"the state database {database} cannot be written: {problem}", busy=False)
 
 
 def _now() -> str:
@@ -113,17 +138,19 @@ class Store:
             store.db.close()
 
     @classmethod
-    def connect(cls, path: Path | str) -> Store:
+    def connect(cls, path: Path | str, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> Store:
         try:
             if str(path) != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             db = sqlite_utils.Database(path)
             if str(path) != ":memory:":
                 db.enable_wal()
-            db.execute("PRAGMA busy_timeout = 5000")
+            db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
             db.execute("PRAGMA foreign_keys = ON")
             return cls(db)
-        except (OSError, sqlite3.Error) as exc:
+        except sqlite3.Error as exc:
+            raise StoreError(str(unavailable(exc, path))) from exc
+        except OSError as exc:
             raise StoreError(f"cannot open the state database {path}: {exc}") from exc
 
     @contextmanager
@@ -131,15 +158,17 @@ class Store:
         """One transaction that takes the write lock first (BEGIN IMMEDIATE), for a batch of writes
         from a connection other than the loop's. A plain BEGIN that reads before it writes fails
         at once with "database is locked" when another connection committed in between (WAL);
-        this one waits its turn (busy_timeout) instead."""
+        this one waits its turn (busy_timeout) instead. A COMMIT that fails (a full disk) leaves
+        the transaction open: it is rolled back too, so the connection can be used again."""
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield
+            self.db.execute("COMMIT")
         except BaseException:
             if self.db.conn.in_transaction:  # an error may have ended it already
-                self.db.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):
+                    self.db.execute("ROLLBACK")
             raise
-        self.db.execute("COMMIT")
 
     # -- tenants ------------------------------------------------------------------------------
 
@@ -149,16 +178,17 @@ class Store:
                 f"invalid tenant name {name!r}: use 1-63 characters of a-z, 0-9, '_' and '-', "
                 "starting with a letter or digit"
             )
-        if self.get_tenant(name):
-            raise StoreError(f"tenant {name!r} already exists")
-        self.db.table("tenants").insert(
-            {"name": name, "allow_base_model": int(allow_base_model), "disabled": 0, "created_at": _now()}
-        )
-        self.record_event("tenant_added", tenant=name)
-        self.audit(actor, "tenant_add", name, Change.of({}, {"allow_base_model": allow_base_model}))
-        tenant = self.get_tenant(name)
-        assert tenant is not None
-        return tenant
+        with self.writing():  # one transaction: all of it, or nothing
+            if self.get_tenant(name):
+                raise StoreError(f"tenant {name!r} already exists")
+            self.db.table("tenants").insert(
+                {"name": name, "allow_base_model": int(allow_base_model), "disabled": 0, "created_at": _now()}
+            )
+            self.record_event("tenant_added", tenant=name)
+            self.audit(actor, "tenant_add", name, Change.of({}, {"allow_base_model": allow_base_model}))
+            tenant = self.get_tenant(name)
+            assert tenant is not None
+            return tenant
 
     def get_tenant(self, name: str) -> Tenant | None:
         rows = list(self.db.table("tenants").rows_where("name = ?", [name]))
@@ -176,51 +206,54 @@ class Store:
     # -- API keys -----------------------------------------------------------------------------
 
     def issue_key(self, tenant: str, *, actor: str | None = None) -> IssuedKey:
-        if not self.get_tenant(tenant):
-            raise StoreError(f"no tenant named {tenant!r}")
-        key_id = secrets.token_hex(4)
-        plaintext = f"{KEY_PREFIX}-{key_id}-{secrets.token_urlsafe(32)}"
-        self.db.table("api_keys").insert(
-            {"key_id": key_id, "tenant": tenant, "key_hash": hash_key(plaintext), "created_at": _now()}
-        )
-        self.record_event("key_issued", tenant=tenant, detail=key_id)
-        self.audit(actor, "key_issue", tenant, Change({}, {f"key {key_id}": "active"}))
-        return IssuedKey(key_id, tenant, plaintext)
+        with self.writing():  # one transaction: all of it, or nothing
+            if not self.get_tenant(tenant):
+                raise StoreError(f"no tenant named {tenant!r}")
+            key_id = secrets.token_hex(4)
+            plaintext = f"{KEY_PREFIX}-{key_id}-{secrets.token_urlsafe(32)}"
+            self.db.table("api_keys").insert(
+                {"key_id": key_id, "tenant": tenant, "key_hash": hash_key(plaintext), "created_at": _now()}
+            )
+            self.record_event("key_issued", tenant=tenant, detail=key_id)
+            self.audit(actor, "key_issue", tenant, Change({}, {f"key {key_id}": "active"}))
+            return IssuedKey(key_id, tenant, plaintext)
 
     def import_key(self, tenant: str, plaintext: str, *, actor: str | None = None) -> str:
         """Accept a key issued on another box (several boxes serve the same tenants, docs/scaling.md):
         only its hash is stored, under the id it carries. Returns the key id."""
-        if not self.get_tenant(tenant):
-            raise StoreError(f"no tenant named {tenant!r}")
-        match = re.fullmatch(rf"{KEY_PREFIX}-([0-9a-f]{{8}})-[A-Za-z0-9_-]{{32,}}", plaintext)
-        if match is None:
-            raise StoreError(f"not a lorabox key (expected {KEY_PREFIX}-<8 hex digits>-<secret>)")
-        key_id = match.group(1)
-        existing = list(self.db.table("api_keys").rows_where("key_id = ?", [key_id]))
-        if existing:
-            same = existing[0]["key_hash"] == hash_key(plaintext) and existing[0]["tenant"] == tenant
-            raise StoreError(f"key {key_id} is {'already here' if same else 'taken by another key'}")
-        self.db.table("api_keys").insert(
-            {"key_id": key_id, "tenant": tenant, "key_hash": hash_key(plaintext), "created_at": _now()}
-        )
-        self.record_event("key_imported", tenant=tenant, detail=key_id)
-        self.audit(actor, "key_import", tenant, Change({}, {f"key {key_id}": "active"}))
-        return key_id
+        with self.writing():  # one transaction: all of it, or nothing
+            if not self.get_tenant(tenant):
+                raise StoreError(f"no tenant named {tenant!r}")
+            match = re.fullmatch(rf"{KEY_PREFIX}-([0-9a-f]{{8}})-[A-Za-z0-9_-]{{32,}}", plaintext)
+            if match is None:
+                raise StoreError(f"not a lorabox key (expected {KEY_PREFIX}-<8 hex digits>-<secret>)")
+            key_id = match.group(1)
+            existing = list(self.db.table("api_keys").rows_where("key_id = ?", [key_id]))
+            if existing:
+                same = existing[0]["key_hash"] == hash_key(plaintext) and existing[0]["tenant"] == tenant
+                raise StoreError(f"key {key_id} is {'already here' if same else 'taken by another key'}")
+            self.db.table("api_keys").insert(
+                {"key_id": key_id, "tenant": tenant, "key_hash": hash_key(plaintext), "created_at": _now()}
+            )
+            self.record_event("key_imported", tenant=tenant, detail=key_id)
+            self.audit(actor, "key_import", tenant, Change({}, {f"key {key_id}": "active"}))
+            return key_id
 
     def revoke_key(self, key_id: str, *, actor: str | None = None) -> tuple[str, str]:
         """Revoke by public id (or the full key); returns (tenant, key id)."""
-        rows = list(
-            self.db.table("api_keys").rows_where("key_id = ? or key_hash = ?", [key_id, hash_key(key_id)])
-        )
-        if not rows:
-            raise StoreError(f"no key with id {key_id!r}")
-        row = rows[0]
-        if not row["revoked_at"]:
-            self.db.table("api_keys").update(row["key_id"], {"revoked_at": _now()})
-            self.record_event("key_revoked", tenant=row["tenant"], detail=row["key_id"])
-            key = f"key {row['key_id']}"
-            self.audit(actor, "key_revoke", row["tenant"], Change({key: "active"}, {key: "revoked"}))
-        return str(row["tenant"]), str(row["key_id"])
+        with self.writing():  # one transaction: all of it, or nothing
+            rows = list(
+                self.db.table("api_keys").rows_where("key_id = ? or key_hash = ?", [key_id, hash_key(key_id)])
+            )
+            if not rows:
+                raise StoreError(f"no key with id {key_id!r}")
+            row = rows[0]
+            if not row["revoked_at"]:
+                self.db.table("api_keys").update(row["key_id"], {"revoked_at": _now()})
+                self.record_event("key_revoked", tenant=row["tenant"], detail=row["key_id"])
+                key = f"key {row['key_id']}"
+                self.audit(actor, "key_revoke", row["tenant"], Change({key: "active"}, {key: "revoked"}))
+            return str(row["tenant"]), str(row["key_id"])
 
     def list_keys(self, tenant: str | None = None) -> list[dict[str, Any]]:
         where, args = ("tenant = ?", [tenant]) if tenant else (None, [])
@@ -326,12 +359,13 @@ class Store:
 
     def set_keep_resident(self, tenant: str, keep: bool) -> bool:
         """The operator's "keep this tenant's adapter in a GPU slot"; records an event if it changed."""
-        route = self.route(tenant)
-        if route.keep_resident == keep:
-            return False
-        self.save_route(dataclasses.replace(route, keep_resident=keep))
-        self.record_event("residency_kept" if keep else "residency_released", tenant=tenant)
-        return True
+        with self.writing():  # one transaction: all of it, or nothing
+            route = self.route(tenant)
+            if route.keep_resident == keep:
+                return False
+            self.save_route(dataclasses.replace(route, keep_resident=keep))
+            self.record_event("residency_kept" if keep else "residency_released", tenant=tenant)
+            return True
 
     # -- policies -----------------------------------------------------------------------------
 
@@ -395,8 +429,18 @@ class Store:
     # -- usage and events ---------------------------------------------------------------------
 
     def record_usage(self, rows: list[dict[str, Any]]) -> None:
-        if rows:
-            self.db.table("usage").insert_all(rows)
+        """Rows whose `uid` is already booked are left out: a row is booked once however often it
+        is written (tenancy/spool.py)."""
+        if not rows:
+            return
+        columns = list(dict.fromkeys(column for row in rows for column in row))
+        names = ", ".join(f'"{column}"' for column in columns)
+        with self.db.atomic():  # a savepoint inside `writing()`, else a transaction of its own
+            self.db.conn.executemany(
+                f"insert into usage ({names}) values ({', '.join('?' * len(columns))}) "  # noqa: S608 (our columns)
+                "on conflict (uid) do nothing",
+                [[row.get(column) for column in columns] for row in rows],
+            )
 
     def usage_summary(self, tenant: str | None = None) -> list[dict[str, Any]]:
         cursor = self.db.execute(

@@ -41,6 +41,8 @@ class LocalServer:
     url: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    metrics_url: str = ""
+    """The metrics listener's `/metrics` (a free port of its own)."""
     start_seconds: float = 0.0
 
     @property
@@ -62,11 +64,14 @@ class LocalServer:
     ) -> LocalServer:
         """`settings` override the config file's, as LORABOX_<NAME> environment variables; `env`
         adds to (or overrides) the environment, e.g. `LORABOX_ENGINE` or `PYTHONPATH`."""
-        port = free_port()
+        port, metrics_port = free_port(), free_port()
+        while metrics_port == port:  # the kernel may hand out the same free port twice
+            metrics_port = free_port()
         environment = {k: v for k, v in os.environ.items() if not k.startswith("LORABOX_")}
         environment |= {f"LORABOX_{name.upper()}": str(value) for name, value in (settings or {}).items()}
         environment |= {
             "LORABOX_PORT": str(port),
+            "LORABOX_METRICS_LISTEN": environment.get("LORABOX_METRICS_LISTEN", f"127.0.0.1:{metrics_port}"),
             "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
             "PYTHONUNBUFFERED": "1",
         } | (env or {})
@@ -79,7 +84,10 @@ class LocalServer:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # one process group: the engine core goes down with it
             )
-        server = cls(f"http://127.0.0.1:{port}", process, log_path)
+        metrics = environment["LORABOX_METRICS_LISTEN"]
+        server = cls(
+            f"http://127.0.0.1:{port}", process, log_path, f"http://{metrics}/metrics" if metrics else ""
+        )
         while http_status(f"{server.url}/readyz") != 200:
             if process.poll() is not None:
                 raise ServerFailed(f"lorabox serve exited with {process.returncode}:\n{server.log_tail()}")

@@ -12,6 +12,7 @@ STATE_STYLES = {
     "ready": "bold green",
     "starting": "bold yellow",
     "draining": "bold yellow",
+    "refusing": "bold red",  # the usage ledger can write nowhere: no request is served
     "failed": "bold red",
 }
 
