@@ -319,11 +319,17 @@ CONFIG_REFUSALS: list[tuple[dict[str, Any], str]] = [
     ({"lora_alpha": "16"}, "lora_alpha must be a finite number"),
     ({"lora_alpha": True}, "lora_alpha must be a finite number"),
     ({"use_dora": True}, "DoRA"),
-    ({"bias": "all"}, "bias must be 'none'"),
+    ({"bias": "all"}, "bias='all' is refused by this engine"),
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
-    ({"target_modules": "q_proj|v_proj"}, "target_modules must be a non-empty list"),
-    ({"target_modules": []}, "target_modules must be a non-empty list"),
-    ({"target_modules": ["q_proj", "v_proj", "qkv_proj"]}, "not in the base model: qkv_proj"),
+    ({"target_modules": "q_proj|v_proj"}, "selects no module of the base model"),  # a regex, fully matched
+    ({"target_modules": []}, "selects no module of the base model"),
+    ({"target_modules": ["qkv_proj"]}, "selects no module of the base model"),
+    ({"target_modules": ["q_proj"]}, "adapts model.layers.0.self_attn.v_proj, which target_modules does not"),
+    (
+        {"target_modules": ["q_proj", "v_proj", "k_proj"]},
+        "selects model.layers.0.self_attn.k_proj and 1 more, but",
+    ),
+    ({"target_modules": None}, "target_modules is missing"),
     ({"r": 4}, "has shape [8, 128], expected [4, 128]"),  # config and tensors disagree
 ]
 
@@ -390,12 +396,23 @@ def test_tensor_for_a_layer_the_base_lacks_refused(drop: Drop) -> None:
     assert "targets a layer the base model does not have" in drop.refusal()
 
 
-def test_unexpected_tensor_kind_refused(drop: Drop) -> None:
-    def add(tensors: dict[str, torch.Tensor]) -> None:
-        tensors[f"{Q_PROJ}.lora_magnitude_vector"] = torch.zeros(128)
-
-    edit_tensors(drop.put(), add)
-    assert "unexpected tensor" in drop.refusal()
+@pytest.mark.parametrize(
+    ("name", "shape", "reason"),
+    [
+        (f"{Q_PROJ}.lora_C.weight", (8, 128), "unexpected tensor"),
+        (f"{Q_PROJ}.lora_magnitude_vector", (128,), "DoRA's magnitude (use_dora=true)"),
+        (f"{Q_PROJ}.lora_B.bias", (128,), "a bias on lora_B (lora_bias=true)"),
+        (f"{Q_PROJ}.bias", (128,), "a trained bias of the base layer (bias='none')"),
+        ("base_model.model.lm_head.weight", (640, 128), "save_embedding_layers=False"),
+        ("base_model.model.model.embed_tokens.base_layer.weight", (700, 128), "vocabulary was resized"),
+    ],
+    ids=["unknown", "dora", "lora-bias", "bias", "embedding-copy", "resized-vocabulary"],
+)
+def test_extra_tensors_are_refused_naming_the_training_option(
+    drop: Drop, name: str, shape: tuple[int, ...], reason: str
+) -> None:
+    edit_tensors(drop.put(), lambda tensors: tensors.__setitem__(name, torch.zeros(shape)))
+    assert reason in drop.refusal()
 
 
 def test_no_tensors_refused(drop: Drop) -> None:
@@ -951,7 +968,7 @@ def test_an_unexpected_error_costs_one_version_not_the_caller(
         raise ZeroDivisionError("a bug")
 
     drop.put("acme", "v1")
-    monkeypatch.setattr(drops, "_check_config", broken)
+    monkeypatch.setattr(drops, "_read_config", broken)
     assert refused_because(drop) == "could not be inspected (ZeroDivisionError)"
 
 

@@ -122,12 +122,6 @@ def _nan_weights(folder: Path) -> None:
     save_file(tensors, folder / "adapter_model.safetensors")
 
 
-def _alpha_pattern(folder: Path) -> None:
-    config = json.loads((folder / "adapter_config.json").read_text())
-    config["alpha_pattern"] = {"q_proj": 32}
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-
-
 def _lone_lora_a(folder: Path) -> None:
     tensors = load_file(folder / "adapter_model.safetensors")
     del tensors[next(n for n in sorted(tensors) if n.endswith("lora_B.weight"))]
@@ -143,7 +137,6 @@ def _truncated(folder: Path) -> None:
     ("breaker", "reason"),
     [
         (_nan_weights, "not all finite numbers"),
-        (_alpha_pattern, "alpha_pattern"),
         (_lone_lora_a, "pairs incomplete"),
         (_truncated, "cannot read the adapter"),
     ],
@@ -154,6 +147,25 @@ def test_malformed_adapter_is_refused_with_a_reason(demo, tmp_path, breaker, rea
     with pytest.raises(AdapterError, match=reason):
         cached_lora(folder, BaseGGUF.read(demo.dir / "model.gguf"), tmp_path / "cache")
     assert not list((tmp_path / "cache").glob("*")) if (tmp_path / "cache").exists() else True
+
+
+def test_a_per_module_alpha_is_folded_into_that_modules_lora_b(demo, tmp_path):
+    """llama.cpp scales every pair by the file's alpha / the pair's rank: a module whose alpha
+    differs (alpha_pattern) gets the rest of PEFT's scale in its lora_b, the others are unchanged."""
+    folder = _copy(demo, tmp_path)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["target_modules"]) == (8, 16, ["q_proj", "v_proj"])
+    config["alpha_pattern"] = {"model.layers.1.self_attn.q_proj": 48}  # scale 6 where the file says 2
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    _, tensors = read_tensors(cached_lora(folder, BaseGGUF.read(demo.dir / "model.gguf"), tmp_path / "c"))
+    _, plain = read_tensors(
+        cached_lora(
+            demo.adapter_dir(DEMO_TENANTS[0].name), BaseGGUF.read(demo.dir / "model.gguf"), tmp_path / "p"
+        )
+    )
+    for name in plain:
+        factor = 3 if name == "blk.1.attn_q.weight.lora_b" else 1
+        assert np.allclose(tensors[name], plain[name] * factor, rtol=1e-6, atol=0), name
 
 
 def test_adapter_for_a_different_base_is_refused(demo, tmp_path):

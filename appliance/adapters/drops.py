@@ -15,25 +15,28 @@ and checked again once open, so a swap between the check and the open cannot han
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import functools
 import hashlib
 import json
 import logging
-import math
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from ..engines.base import AdapterSupport
 from ..errors import AdapterError
 from ..names import is_ignored_name, is_tenant_name, is_version_name
 from ..tenancy.store import AdapterVersion
-from .safetensors_header import MAX_ADAPTER_HEADER_BYTES, parse_header, read_header
+from . import peftconfig
+from .peftconfig import CONFIG_FILE, LoraReading, short
+from .safetensors_header import MAX_ADAPTER_HEADER_BYTES, TensorInfo, parse_header, read_header
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 MAX_CONFIG_BYTES = 1 << 20
@@ -56,28 +59,61 @@ def model_shards(model_dir: Path) -> list[Path]:
 
 @dataclass(frozen=True)
 class BaseModelInfo:
-    """Shapes of the base model's linear layers, read from its own safetensors headers."""
+    """The base model's modules and shapes, read from its own safetensors headers."""
 
     linear_shapes: dict[str, tuple[int, int]]  # module path → (out_features, in_features)
+    embeddings: dict[str, tuple[int, int]] = field(default_factory=dict)  # path → (vocabulary, hidden)
+    other_modules: frozenset[str] = frozenset()  # modules holding other tensors (norms)
+    names: tuple[str, ...] = ()
+    """What the base is called: its folder, path and served name (an adapter names its base)."""
 
     @property
     def module_names(self) -> set[str]:
         return {path.rsplit(".", 1)[-1] for path in self.linear_shapes}
 
+    @functools.cached_property
+    def modules(self) -> frozenset[str]:
+        """Every module path PEFT would see in `model.named_modules()`, parents included."""
+        owners = {*self.linear_shapes, *self.embeddings, *self.other_modules}
+        parents = {path.rsplit(".", depth)[0] for path in owners for depth in range(1, path.count(".") + 1)}
+        return frozenset(owners | parents)
+
     @classmethod
     def from_model_dir(cls, model_dir: Path) -> BaseModelInfo:
         shapes: dict[str, tuple[int, int]] = {}
+        embeddings: dict[str, tuple[int, int]] = {}
+        others: set[str] = set()
         for shard in model_shards(model_dir):
             for name, info in read_header(shard).items():
-                if name.endswith(".weight") and len(info.shape) == 2 and "embed" not in name:
-                    shapes[name.removesuffix(".weight")] = (info.shape[0], info.shape[1])
-        return cls(shapes)
+                module = name.rpartition(".")[0]
+                if name.endswith(".weight") and len(info.shape) == 2:
+                    (embeddings if "embed" in name else shapes)[module] = (info.shape[0], info.shape[1])
+                elif module:
+                    others.add(module)
+        return cls(shapes, embeddings, frozenset(others), names=_base_names(model_dir))
+
+    def named(self, *names: str) -> BaseModelInfo:
+        return dataclasses.replace(self, names=(*self.names, *(n for n in names if n)))
+
+
+def _base_names(model_dir: Path) -> tuple[str, ...]:
+    names = [str(model_dir), model_dir.name]
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        recorded = json.loads((model_dir / "config.json").read_text()).get("_name_or_path")
+        if isinstance(recorded, str):
+            names.append(recorded)
+    return tuple(names)
+
+
+# What every engine serves; an engine's own adds to it (engines/base.py).
+COMMON_SUPPORT = AdapterSupport()
 
 
 @dataclass(frozen=True)
 class AdapterLimits:
     max_rank: int = 64
     max_bytes: int = 2 << 30
+    support: AdapterSupport = COMMON_SUPPORT
 
 
 def printable(name: str) -> str:
@@ -229,18 +265,19 @@ def inspect(
         if before.st_size > limits.max_bytes:
             raise AdapterError(f"{WEIGHTS_FILE} is {before.st_size} bytes; the limit is {limits.max_bytes}")
 
-        rank, alpha, targets = _check_config(config_bytes, base, limits)
+        reading = _read_config(config_bytes, base, limits)
         header = parse_header(weights, before.st_size, WEIGHTS_FILE, MAX_ADAPTER_HEADER_BYTES)
-        _check_tensors(header, base, rank, targets)
+        _check_tensors(header, base, reading)
+        _check_support(reading, limits.support)
         sha256 = _digest(config_bytes, weights, before)
     return AdapterVersion(
         tenant=tenant,
         version=version,
         path=folder,
         sha256=sha256,
-        rank=rank,
-        alpha=float(alpha),
-        target_modules=tuple(sorted(targets)),
+        rank=reading.max_rank,
+        alpha=reading.alpha,
+        target_modules=tuple(sorted({_leaf(path) for path in reading.modules})),
         size_bytes=before.st_size,
     )
 
@@ -327,68 +364,114 @@ def _open_member(folder: str, name: str, tenant_root: str) -> BinaryIO | None:
     return opened
 
 
-def _check_config(raw: bytes, base: BaseModelInfo, limits: AdapterLimits) -> tuple[int, float, set[str]]:
-    """(rank, alpha, target modules) of a PEFT LoRA config that this engine and base can serve."""
+def _read_config(raw: bytes, base: BaseModelInfo, limits: AdapterLimits) -> LoraReading:
+    """The config as PEFT reads it against this base; refused if no engine, or not this one, serves it."""
     try:
         config = json.loads(raw)
     except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, a 5,000-digit int, nesting
         raise AdapterError(f"{CONFIG_FILE} is not valid JSON ({type(exc).__name__})") from exc
     if not isinstance(config, dict):
         raise AdapterError(f"{CONFIG_FILE} must be a JSON object")
-    if config.get("peft_type") != "LORA":
-        raise AdapterError(f"peft_type must be LORA, not {_short(config.get('peft_type'))}")
-    rank, alpha = config.get("r"), config.get("lora_alpha", config.get("r"))
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise AdapterError(f"rank r must be a positive integer, not {_short(rank)}")
-    if rank > limits.max_rank:
-        raise AdapterError(f"rank {rank} exceeds the engine's max_lora_rank {limits.max_rank}")
-    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        raise AdapterError(f"lora_alpha must be a finite number, not {_short(alpha)}")
-    if config.get("use_dora"):
-        raise AdapterError("DoRA adapters are not supported")
-    if config.get("bias", "none") != "none":
-        raise AdapterError("adapters with trained biases are not supported (bias must be 'none')")
-    if config.get("modules_to_save"):
-        raise AdapterError("modules_to_save (full-weight copies) is not supported")
-    targets = config.get("target_modules")
-    if isinstance(targets, str) or not isinstance(targets, list) or not targets:
-        raise AdapterError("target_modules must be a non-empty list of module names")
-    names = set(map(str, targets))
-    unknown = sorted(names - base.module_names)
-    if unknown:
-        raise AdapterError(f"target modules not in the base model: {', '.join(unknown)}")
-    return rank, float(alpha), names
+    reading = peftconfig.read(config, base, limits.max_rank)
+    support = limits.support
+    if reading.embeddings and not support.embedding_lora:
+        raise AdapterError(
+            f"target_modules includes {', '.join(reading.embeddings)} (a LoRA on the token embeddings), "
+            f"which {support.by} does not serve; train without {_leaf(reading.embeddings[0])} "
+            "in target_modules"
+        )
+    return reading
 
 
-def _short(value: object) -> str:
-    """A config value in a reason: the reason is stored and shown, the value may be a megabyte."""
-    text = repr(value)
-    return text if len(text) <= 160 else text[:160] + "…"
+def _leaf(path: str) -> str:
+    return path.rsplit(".", 1)[-1]
 
 
-def _check_tensors(tensors: dict, base: BaseModelInfo, rank: int, targets: set[str]) -> None:  # type: ignore[type-arg]
+def _check_tensors(tensors: dict[str, TensorInfo], base: BaseModelInfo, reading: LoraReading) -> None:
+    """The weights hold exactly one lora_A/lora_B pair, of the expected shapes, per adapted module."""
     if not tensors:
         raise AdapterError(f"{WEIGHTS_FILE} holds no tensors")
     pairs: dict[str, set[str]] = {}
     for name, info in tensors.items():
-        label = _short(name)
-        stem, _, kind = name.removeprefix(PEFT_PREFIX).rpartition(".lora_")
+        path = name.removeprefix(PEFT_PREFIX)
+        module, _, kind = path.rpartition(".lora_")
         if kind not in ("A.weight", "B.weight"):
-            raise AdapterError(f"unexpected tensor {label} (only lora_A / lora_B weights are served)")
-        if stem not in base.linear_shapes:
-            raise AdapterError(f"tensor {label} targets a layer the base model does not have")
-        out_features, in_features = base.linear_shapes[stem]
+            raise AdapterError(_extra_tensor(name, path, info, base, reading))
+        adapted = reading.modules.get(module)
+        if adapted is None:
+            if module in base.linear_shapes:
+                raise AdapterError(
+                    f"tensor {short(name)} adapts {module}, which target_modules does not select "
+                    "(PEFT would not load it)"
+                )
+            raise AdapterError(f"tensor {short(name)} targets a layer the base model does not have")
+        out_features, in_features = base.linear_shapes[module]
+        rank = adapted.rank
         expected = (rank, in_features) if kind == "A.weight" else (out_features, rank)
         if info.shape != expected:
-            raise AdapterError(f"tensor {label} has shape {list(info.shape)}, expected {list(expected)}")
-        pairs.setdefault(stem, set()).add(kind)
-    unpaired = sorted(stem for stem, kinds in pairs.items() if len(kinds) != 2)
+            raise AdapterError(
+                f"tensor {short(name)} has shape {list(info.shape)}, expected {list(expected)}"
+            )
+        pairs.setdefault(module, set()).add(kind)
+    unpaired = sorted(module for module, kinds in pairs.items() if len(kinds) != 2)
     if unpaired:
         raise AdapterError(f"lora_A/lora_B pairs incomplete for {unpaired[0]}")
-    present = {stem.rsplit(".", 1)[-1] for stem in pairs}
-    if present != set(targets):
+    missing = sorted(set(reading.modules) - set(pairs))
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise AdapterError(
-            f"tensors cover modules {sorted(present)} but target_modules says {sorted(targets)}"
+            f"target_modules selects {missing[0]}{more}, but {WEIGHTS_FILE} holds no lora_A/lora_B for it"
+        )
+
+
+def _extra_tensor(name: str, path: str, info: TensorInfo, base: BaseModelInfo, reading: LoraReading) -> str:
+    """Why a tensor other than a lora_A/lora_B weight is refused: the training option that made it."""
+    label = short(name)
+    if path.endswith(".lora_B.bias"):
+        return (
+            f"tensor {label} is a bias on lora_B (lora_bias=true), which no engine here serves; train "
+            "with lora_bias=false"
+        )
+    if path.endswith((".lora_embedding_A", ".lora_embedding_B")):
+        return f"tensor {label} is a LoRA on embeddings that target_modules does not select"
+    if path.endswith(".lora_magnitude_vector") or ".lora_magnitude_vector." in path:
+        return (
+            f"tensor {label} is DoRA's magnitude (use_dora=true), which no engine here serves; train with "
+            "use_dora=false"
+        )
+    if "modules_to_save" in path or ".original_module." in path:
+        return (
+            f"tensor {label} is a full module copy (modules_to_save), which no engine here loads per tenant"
+        )
+    module = path.removesuffix(".weight").removesuffix(".base_layer")
+    if path.endswith(".weight") and (
+        module in base.embeddings or _leaf(module) in peftconfig.EMBEDDING_MODULES
+    ):
+        own = base.embeddings.get(module) or base.linear_shapes.get(module)
+        if own is not None and info.shape[:1] != own[:1]:
+            return (
+                f"tensor {label} is a {info.shape[0]}-token copy of {module}, but the base has {own[0]}: "
+                "the vocabulary was resized in training, so this adapter needs that resized base model"
+            )
+        return (
+            f"tensor {label} is a full copy of {module}, saved by save_pretrained(save_embedding_layers="
+            "True, or 'auto', the default, when an embedding is a target); save the adapter again with "
+            "save_embedding_layers=False"
+        )
+    if path.endswith(".bias"):
+        return (
+            f"tensor {label} is a trained bias of the base layer (bias={reading.bias!r}), which no engine "
+            "here serves per tenant; train with bias='none'"
+        )
+    return f"unexpected tensor {label} (only lora_A / lora_B weights are served)"
+
+
+def _check_support(reading: LoraReading, support: AdapterSupport) -> None:
+    """What this engine cannot serve of an adapter whose config and weights are otherwise sound."""
+    if reading.bias != "none" and not support.bias_setting_without_biases:
+        raise AdapterError(
+            f"bias={reading.bias!r} is refused by {support.by}, although the weights hold no bias (the "
+            f'base has none); set "bias": "none" in {CONFIG_FILE}, which changes nothing the adapter computes'
         )
 
 

@@ -20,7 +20,7 @@ from ..errors import EngineDead
 from ..gguf.layout import read_hf_config
 from ..gguf.lora import BaseGGUF, cached_lora
 from ..gguf.model import cached_model, float_type_for
-from .base import AdapterRef, EngineOptions, EngineStats, GenerationRequest, TokenDelta
+from .base import AdapterRef, AdapterSupport, EngineOptions, EngineStats, GenerationRequest, TokenDelta
 from .llamacpp_worker import DecodeWorker, Job, WorkerOptions
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,8 @@ def llamacpp_unavailable_reason() -> str | None:
 
 class LlamaCppEngine:
     name = "llamacpp"
+    # Adapters reach llama.cpp converted (gguf/lora.py), or as GGUF LoRAs llama.cpp's tools wrote.
+    adapter_support = AdapterSupport("llama.cpp", bias_setting_without_biases=True, gguf_lora=True)
 
     def __init__(self, options: EngineOptions):
         # llama.cpp's CPU threads are OpenMP's, which spin between steps by default: in-process,
