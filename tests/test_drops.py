@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from appliance.adapters import drops, registry
+from appliance.adapters import drops, peftconfig, registry
 from appliance.adapters.drops import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -897,6 +897,85 @@ def test_hostile_configs_are_refused_with_a_short_reason(drop: Drop, content: by
     refusal = refused_because(drop)
     assert reason in refusal
     assert len(refusal) <= drops.MAX_REASON_CHARS
+
+
+# `re` backtracks through every way to split a module name between two equal alternatives: 2^31
+# steps for `model.layers.0.self_attn.q_proj`, minutes each, holding the interpreter all along.
+BACKTRACKING = r"(.*)*z"
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"target_modules": BACKTRACKING},
+        {"exclude_modules": BACKTRACKING},
+        {"rank_pattern": {BACKTRACKING: 4}},
+        {"alpha_pattern": {BACKTRACKING: 4}},
+        {"layers_to_transform": [0], "layers_pattern": BACKTRACKING},
+    ],
+    ids=["target_modules", "exclude_modules", "rank_pattern", "alpha_pattern", "layers_pattern"],
+)
+def test_patterns_that_backtrack_for_minutes_are_matched_in_milliseconds(
+    drop: Drop, changes: dict[str, Any]
+) -> None:
+    """PEFT's matching runs on the `regex` module here, which does not backtrack through these."""
+    edit_config(drop.put(), **changes)
+    began = time.perf_counter()
+    bounded(judge, "acme", "v1", drop.root, drop.base, AdapterLimits(), timeout=30)
+    assert time.perf_counter() - began < 5
+
+
+def test_matching_that_runs_out_of_time_is_refused(drop: Drop, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(peftconfig, "MATCH_BUDGET_S", 0.0)
+    edit_config(drop.put(), target_modules=r".*\.(q|v)_proj")
+    assert "took over 0 s; simplify its regular expressions" in drop.refusal()
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"target_modules": "(unclosed"}, "target_modules holds '(unclosed', not a valid regular expression"),
+        (
+            {"rank_pattern": {"q_proj": "4"}},
+            "rank_pattern for model.layers.0.self_attn.q_proj must be a positive",
+        ),
+        (
+            {"alpha_pattern": {"q_proj": None}},
+            "alpha_pattern for model.layers.0.self_attn.q_proj must be a finite",
+        ),
+        ({"rank_pattern": {"x" * 2000: 4}}, "a pattern of 2000 characters"),
+        ({"rank_pattern": [1, 2]}, "rank_pattern must be an object"),
+        ({"target_modules": [1, 2]}, "must be module names or one regular expression"),
+        ({"use_shiny_variant": True}, "use_shiny_variant=True is an option the PEFT here"),
+        ({"shiny_config": {"a": 1}}, "shiny_config={'a': 1} is an option the PEFT here"),
+        ({"layer_replication": [[0, 2], [1, 2]]}, "layer_replication=[[0, 2], [1, 2]] (stacked copies"),
+        ({"init_lora_weights": "corda"}, "(CorDA) trained against base weights it changed"),
+        ({"init_lora_weights": "pissa_niter_4"}, "path_initial_model_for_weight_conversion"),
+        ({"task_type": "NOT_A_TASK"}, "PEFT cannot read it (ValueError: \"Invalid task type: 'NOT_A_TASK'"),
+    ],
+    ids=lambda value: json.dumps(value)[:40] if isinstance(value, dict) else None,
+)
+def test_config_values_peft_reads_are_refused_naming_the_option(
+    drop: Drop, changes: dict[str, Any], reason: str
+) -> None:
+    edit_config(drop.put(), **changes)
+    assert reason in drop.refusal()
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"target_modules": ["q_proj", "v_proj", "qkv_proj"]},  # PEFT ignores names matching nothing
+        {"target_modules": "model.layers.\\d.self_attn.(q|v)_proj"},
+        {"target_modules": ["model.layers.0.self_attn.q_proj", "v_proj", "model.layers.1.self_attn.q_proj"]},
+        {"newer_peft_setting": 16, "other_new_default": None, "runtime_config": {"x": 1}},
+        {"fan_in_fan_out": True, "megatron_config": None, "velora_config": None},
+    ],
+    ids=["unknown-names", "regex", "paths-and-suffixes", "newer-peft-defaults", "inert-options"],
+)
+def test_configs_peft_reads_alike_are_accepted(drop: Drop, changes: dict[str, Any]) -> None:
+    edit_config(drop.put(), **changes)
+    assert drop.inspect().target_modules == ("q_proj", "v_proj")
 
 
 def weights_with_header(folder: Path, header: bytes, data: bytes = b"") -> None:
