@@ -145,7 +145,10 @@ def build_app(
     selection = select_engine(settings.engine, engine_options(settings, model_dir))
     log.info("engine: %s", selection.reason)
     limits = AdapterLimits(max_rank=settings.max_lora_rank, support=selection.engine.adapter_support)
-    registry = RegistryThread(settings.database_path, FolderRegistry(settings.adapters_dir, base, limits))
+    folders = FolderRegistry(
+        settings.adapters_dir, base, limits, strict_base_match=settings.strict_base_match
+    )
+    registry = RegistryThread(settings.database_path, folders)
     versions = VersionManager(
         store, selection.engine, registry, ResidencyTracker(sizes.max_loras, sizes.max_cpu_loras)
     )

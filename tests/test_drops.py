@@ -1255,3 +1255,76 @@ def test_registry_writes_wait_for_other_writers_instead_of_failing(
     writer[0].join(10)
     assert active_version(store, "acme") == "v1"
     assert [e["kind"] for e in store.events()][:2] == ["tenant_added", "adapter_registered"]
+
+
+# -- the base model an adapter names ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("named", "note"),
+    [
+        ("lorabox-demo", ""),  # the served name
+        ("acme-labs/model", ""),  # a hub id whose name is the base's folder name
+        ("/elsewhere/MODEL/", ""),
+        (None, ""),
+        ("", ""),
+        (
+            "unsloth/llama-3-8b-bnb-4bit",
+            "trained on 'unsloth/llama-3-8b-bnb-4bit'; this box serves 'lorabox-demo'",
+        ),
+    ],
+)
+def test_an_adapter_naming_another_base_is_accepted_with_a_note(
+    drop: Drop, named: str | None, note: str
+) -> None:
+    edit_config(drop.put(), base_model_name_or_path=named)
+    base = drop.base.named("lorabox-demo")
+    found = inspect("acme", "v1", drop.root, base, AdapterLimits())
+    assert (found.state, found.note, found.base_model) == ("ready", note, named or "")
+
+
+def strict_registry(drop: Drop) -> FolderRegistry:
+    return FolderRegistry(drop.root, drop.base.named("lorabox-demo"), AdapterLimits(), strict_base_match=True)
+
+
+def test_another_base_serves_flagged_by_default(drop: Drop, store: Store) -> None:
+    edit_config(drop.put(), base_model_name_or_path="org/other-model")
+    FolderRegistry(drop.root, drop.base.named("lorabox-demo"), AdapterLimits()).reconcile(store, "acme")
+    assert active_version(store, "acme") == "v1"
+    events = [(e["kind"], e["detail"]) for e in store.events()]
+    assert ("adapter_base_mismatch", "trained on 'org/other-model'; this box serves 'lorabox-demo'") in events
+
+
+def test_strict_base_match_holds_another_base_until_accepted_by_content(drop: Drop, store: Store) -> None:
+    folder = drop.put()
+    edit_config(folder, base_model_name_or_path="org/other-model")
+    registry = strict_registry(drop)
+    registry.reconcile(store, "acme")
+    held = store.get_adapter("acme", "v1")
+    assert held is not None
+    assert held.state == "held"
+    assert held.reason.endswith("strict_base_match holds it until `lorabox adapters accept acme v1`")
+    assert active_version(store, "acme") is None
+
+    store.accept_base(held, actor="ops")
+    registry.reconcile(store, "acme")  # no file changed: the acceptance alone decides
+    assert state_of(store, "acme", "v1") == "ready"
+    assert active_version(store, "acme") == "v1"
+    assert store.audit_log("acme")[0]["action"] == "adapter_accept"
+
+    edit_config(folder, base_model_name_or_path="org/other-model", lora_alpha=32)  # other bytes
+    registry.reconcile(store, "acme")
+    assert state_of(store, "acme", "v1") == "held"
+    kinds = [e["kind"] for e in store.events()]
+    assert kinds[:4] == [
+        "adapter_held",
+        "adapter_base_mismatch",
+        "adapter_registered",
+        "adapter_base_accepted",
+    ]
+
+
+def test_strict_base_match_leaves_adapters_of_the_served_base_alone(drop: Drop, store: Store) -> None:
+    drop.put()
+    strict_registry(drop).reconcile(store, "acme")
+    assert state_of(store, "acme", "v1") == "ready"

@@ -41,6 +41,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 MAX_CONFIG_BYTES = 1 << 20
 MAX_REASON_CHARS = 400
+MAX_NAME_CHARS = 200  # of the base model an adapter names, as stored
 PEFT_PREFIX = "base_model.model."
 LEAVES = "is a link that leaves the adapters directory or its tenant's folder"
 # Regular files only, and an open that cannot block or follow a link swapped in after the check.
@@ -65,7 +66,7 @@ class BaseModelInfo:
     embeddings: dict[str, tuple[int, int]] = field(default_factory=dict)  # path → (vocabulary, hidden)
     other_modules: frozenset[str] = frozenset()  # modules holding other tensors (norms)
     names: tuple[str, ...] = ()
-    """What the base is called: its folder, path and served name (an adapter names its base)."""
+    """What the base is called, the name it is served as first: an adapter names its base."""
 
     @property
     def module_names(self) -> set[str]:
@@ -92,8 +93,23 @@ class BaseModelInfo:
                     others.add(module)
         return cls(shapes, embeddings, frozenset(others), names=_base_names(model_dir))
 
-    def named(self, *names: str) -> BaseModelInfo:
-        return dataclasses.replace(self, names=(*self.names, *(n for n in names if n)))
+    def named(self, served_name: str) -> BaseModelInfo:
+        return dataclasses.replace(self, names=(served_name, *self.names))
+
+    def note_on(self, adapter_base: str) -> str:
+        """Why an adapter naming `adapter_base` as its base is flagged; "" when it names this base
+        (by path, folder name, recorded or served name; a hub id matches a folder of its name) or
+        none. The shapes decide whether it serves: QLoRA adapters name their quantised copy."""
+        if not adapter_base.strip() or not self.names:
+            return ""
+
+        def forms(name: str) -> set[str]:
+            name = name.strip().rstrip("/").lower()
+            return {name, name.rsplit("/", 1)[-1]}
+
+        if forms(adapter_base) & set().union(*(forms(n) for n in self.names)):
+            return ""
+        return f"trained on {short(adapter_base)}; this box serves {self.names[0]!r}"
 
 
 def _base_names(model_dir: Path) -> tuple[str, ...]:
@@ -279,6 +295,8 @@ def inspect(
         alpha=reading.alpha,
         target_modules=tuple(sorted({_leaf(path) for path in reading.modules})),
         size_bytes=before.st_size,
+        base_model=reading.base_model[:MAX_NAME_CHARS],
+        note=base.note_on(reading.base_model),
     )
 
 

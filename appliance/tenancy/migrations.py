@@ -159,3 +159,18 @@ def m007_policies_audit_prices(db: sqlite_utils.Database) -> None:
     # month does not change when the price does.
     db.table("usage").add_column("price_in", float)
     db.table("usage").add_column("price_out", float)
+
+
+@migration
+def m017_adapter_base_names(db: sqlite_utils.Database) -> None:
+    # The base model an adapter names (base_model_name_or_path) and, when that is not the served
+    # base, a note saying so: the version serves (the shapes fit) but is flagged.
+    db.table("adapter_versions").add_column("base_model", str, not_null_default="")
+    db.table("adapter_versions").add_column("note", str, not_null_default="")
+    # Versions an operator accepted on another base (`lorabox adapters accept`) under
+    # strict_base_match: by content, so that changed files are held again.
+    db.table("base_acceptances").create(
+        {"tenant": str, "version": str, "sha256": str, "accepted_at": str, "actor": str},
+        pk=("tenant", "version", "sha256"),
+        not_null={"accepted_at"},
+    )
