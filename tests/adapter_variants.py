@@ -42,6 +42,8 @@ class Variant:
     """(base model folder, output folder) → the adapter, as the tool writes it."""
     refused: dict[str, str] = field(default_factory=dict)
     """Engine → what its refusal must say (the option and the way out); engines absent serve it."""
+    converted_from: str = ""
+    """For a GGUF LoRA: the variant whose PEFT adapter it was converted from (the reference's)."""
 
     def served_on(self, engine: str) -> bool:
         return engine not in self.refused
@@ -191,6 +193,23 @@ def edited(build: Callable[[Path, Path], None], **changes: Any) -> Callable[[Pat
     return edit
 
 
+def gguf_of(source: str) -> Callable[[Path, Path], None]:
+    """The `source` variant converted to a GGUF LoRA, as llama.cpp's convert_lora_to_gguf.py
+    writes one (lorabox's converter writes that format), dropped as adapter_model.gguf alone."""
+
+    def build(model_dir: Path, out: Path) -> None:
+        from appliance.gguf.adapterfile import GGUF_FILE
+        from appliance.gguf.lora import BaseGGUF, cached_lora
+
+        with tempfile.TemporaryDirectory() as cache:
+            base = BaseGGUF.read(model_dir.parent / "model.gguf")  # the demo's, beside its model
+            converted = cached_lora(out.parent / source, base, Path(cache))
+            out.mkdir(parents=True)
+            (out / GGUF_FILE).write_bytes(converted.read_bytes())
+
+    return build
+
+
 def _resize_vocabulary(base: Any) -> None:
     base.resize_token_embeddings(704)  # new tokens added to the tokenizer while training
 
@@ -325,6 +344,12 @@ VARIANTS = [
         "v32-resized-vocabulary",
         peft_adapter(seed=32, prepare=_resize_vocabulary),
         refused=dict.fromkeys(ENGINES, "vocabulary was resized"),
+    ),
+    Variant(
+        "v33-gguf-lora",
+        gguf_of("v15-rank-pattern"),
+        refused={"vllm": "drop the PEFT adapter it was converted from"},
+        converted_from="v15-rank-pattern",
     ),
 ]
 

@@ -21,6 +21,7 @@ from openai import OpenAI
 
 from appliance.adapters.drops import AdapterLimits, BaseModelInfo, judge
 from appliance.api.adminclient import AdminClient
+from appliance.demo.build import DEMO_MODEL_NAME
 from appliance.engines.base import AdapterSupport
 from appliance.engines.llamacpp import LlamaCppEngine
 from appliance.engines.vllm import VLLMEngine
@@ -48,7 +49,7 @@ def variants(demo: Demo, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
 @pytest.fixture(scope="module")
 def verdicts(variants: dict[str, Path], demo: Demo) -> dict[tuple[str, str], AdapterVersion]:
     """The adapter check's verdict on every variant for every engine: (variant, engine) → verdict."""
-    base = BaseModelInfo.from_model_dir(demo.model_dir)
+    base = BaseModelInfo.from_model_dir(demo.model_dir).named(DEMO_MODEL_NAME)
     root = next(iter(variants.values())).parent
     found = {}
     for variant in VARIANTS:
@@ -83,7 +84,7 @@ def test_each_variants_weights_change_the_base_models_output(
     variant: Variant, variants: dict[str, Path], reference: Reference, tmp_path: Path
 ) -> None:
     """A variant whose weights did nothing would equal the reference whatever an engine did with it."""
-    folder = variants[variant.name]
+    folder = variants[variant.converted_from or variant.name]
     try:
         outputs = answers(reference, folder)
     except (ImportError, RuntimeError):  # PEFT here cannot load it: its LoRA weights alone, then
@@ -179,8 +180,9 @@ def test_the_daemon_serves_each_variant_exactly_or_refuses_it_as_the_check_does(
         assert (row["state"], row["reason"]) == (verdict.state, verdict.reason), variant.name
         if row["state"] != "ready":
             continue
+        peft = variants[variant.converted_from or variant.name]
         for prompt in PROMPTS:
-            expected = reference.generate(variants[variant.name], reference.prompt_ids(prompt), MAX_TOKENS)
+            expected = reference.generate(peft, reference.prompt_ids(prompt), MAX_TOKENS)
             got = daemon.complete(variant.name, prompt)
             if got != (reference.text(expected), len(expected)):
                 wrong.append((variant.name, prompt, got, reference.text(expected)))

@@ -64,7 +64,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def base(built: Path) -> BaseModelInfo:
-    return BaseModelInfo.from_model_dir(built / "model")
+    return BaseModelInfo.from_model_dir(built / "model").named(demo.DEMO_MODEL_NAME)
 
 
 @pytest.fixture
@@ -1278,18 +1278,17 @@ def test_an_adapter_naming_another_base_is_accepted_with_a_note(
     drop: Drop, named: str | None, note: str
 ) -> None:
     edit_config(drop.put(), base_model_name_or_path=named)
-    base = drop.base.named("lorabox-demo")
-    found = inspect("acme", "v1", drop.root, base, AdapterLimits())
+    found = drop.inspect()
     assert (found.state, found.note, found.base_model) == ("ready", note, named or "")
 
 
 def strict_registry(drop: Drop) -> FolderRegistry:
-    return FolderRegistry(drop.root, drop.base.named("lorabox-demo"), AdapterLimits(), strict_base_match=True)
+    return FolderRegistry(drop.root, drop.base, AdapterLimits(), strict_base_match=True)
 
 
 def test_another_base_serves_flagged_by_default(drop: Drop, store: Store) -> None:
     edit_config(drop.put(), base_model_name_or_path="org/other-model")
-    FolderRegistry(drop.root, drop.base.named("lorabox-demo"), AdapterLimits()).reconcile(store, "acme")
+    drop.registry.reconcile(store, "acme")
     assert active_version(store, "acme") == "v1"
     events = [(e["kind"], e["detail"]) for e in store.events()]
     assert ("adapter_base_mismatch", "trained on 'org/other-model'; this box serves 'lorabox-demo'") in events

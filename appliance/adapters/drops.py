@@ -28,7 +28,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..engines.base import AdapterSupport
-from ..errors import AdapterError
+from ..errors import AdapterError, ConversionError
+from ..gguf.adapterfile import GGUF_FILE, check_against, read_gguf_lora
+from ..gguf.layout import Layout, read_hf_config
 from ..names import is_ignored_name, is_tenant_name, is_version_name
 from ..tenancy.store import AdapterVersion
 from . import peftconfig
@@ -67,6 +69,10 @@ class BaseModelInfo:
     other_modules: frozenset[str] = frozenset()  # modules holding other tensors (norms)
     names: tuple[str, ...] = ()
     """What the base is called, the name it is served as first: an adapter names its base."""
+    gguf_architecture: str = ""
+    gguf_weights: dict[str, str] = field(default_factory=dict)
+    """GGUF weight name (blk.0.attn_q.weight) → module path, for checking GGUF LoRA drops; empty
+    for architectures lorabox does not convert."""
 
     @property
     def module_names(self) -> set[str]:
@@ -91,7 +97,20 @@ class BaseModelInfo:
                     (embeddings if "embed" in name else shapes)[module] = (info.shape[0], info.shape[1])
                 elif module:
                     others.add(module)
-        return cls(shapes, embeddings, frozenset(others), names=_base_names(model_dir))
+        try:
+            layout = Layout.from_hf_config(read_hf_config(model_dir))
+        except (ConversionError, KeyError, TypeError, ValueError):
+            return cls(shapes, embeddings, frozenset(others), names=_base_names(model_dir))
+        gguf_weights = {layout.gguf_name(f"{path}.weight"): path for path in shapes}
+        gguf_weights.pop(None, None)
+        return cls(
+            shapes,
+            embeddings,
+            frozenset(others),
+            names=_base_names(model_dir),
+            gguf_architecture=layout.arch,
+            gguf_weights={str(name): path for name, path in gguf_weights.items()},
+        )
 
     def named(self, served_name: str) -> BaseModelInfo:
         return dataclasses.replace(self, names=(served_name, *self.names))
@@ -189,7 +208,8 @@ def version_folders(adapters_dir: Path, tenant: str) -> list[str]:
 def fingerprint(folder: str | Path) -> Fingerprint:
     """What changes when an adapter's files are written, replaced or relinked (and nothing else)."""
     parts: list[tuple[int, ...]] = []
-    for path in (folder, os.path.join(folder, CONFIG_FILE), os.path.join(folder, WEIGHTS_FILE)):
+    members = (CONFIG_FILE, WEIGHTS_FILE, GGUF_FILE)
+    for path in (folder, *(os.path.join(folder, name) for name in members)):
         try:
             link = os.lstat(path)
         except OSError as exc:
@@ -264,6 +284,9 @@ def inspect(
 
     with contextlib.ExitStack() as files:
         weights = _open_member(folder, WEIGHTS_FILE, tenant_root)
+        if weights is None and (dropped := _open_member(folder, GGUF_FILE, tenant_root)) is not None:
+            files.enter_context(dropped)
+            return _inspect_gguf(tenant, version, folder, dropped, base, limits)
         if weights is None:
             pickled = sorted(name for name in _names(folder) if name.endswith(PICKLE_SUFFIXES))
             if pickled:
@@ -297,6 +320,38 @@ def inspect(
         size_bytes=before.st_size,
         base_model=reading.base_model[:MAX_NAME_CHARS],
         note=base.note_on(reading.base_model),
+    )
+
+
+def _inspect_gguf(
+    tenant: str, version: str, folder: str, dropped: BinaryIO, base: BaseModelInfo, limits: AdapterLimits
+) -> AdapterVersion:
+    """A GGUF LoRA dropped instead of a PEFT folder: for the engines that load one (llama.cpp)."""
+    support = limits.support
+    if not support.gguf_lora:
+        raise AdapterError(
+            f"{GGUF_FILE} is a GGUF LoRA, which {support.by} does not load; drop the PEFT adapter it was "
+            f"converted from ({CONFIG_FILE} and {WEIGHTS_FILE}) instead"
+        )
+    before = os.fstat(dropped.fileno())
+    if before.st_size > limits.max_bytes:
+        raise AdapterError(f"{GGUF_FILE} is {before.st_size} bytes; the limit is {limits.max_bytes}")
+    # The file already opened and checked, by its descriptor: never a file swapped in since.
+    lora = read_gguf_lora(f"/proc/self/fd/{dropped.fileno()}", dropped.read(24))
+    modules = {name: (path, base.linear_shapes[path]) for name, path in base.gguf_weights.items()}
+    check_against(lora, base.gguf_architecture, modules)
+    rank = max(rank for _, _, rank in lora.weights.values())
+    if rank > limits.max_rank:
+        raise AdapterError(f"rank {rank} in {GGUF_FILE} exceeds the engine's max_lora_rank {limits.max_rank}")
+    return AdapterVersion(
+        tenant=tenant,
+        version=version,
+        path=folder,
+        sha256=_digest(b"", dropped, before, GGUF_FILE),
+        rank=rank,
+        alpha=lora.alpha,
+        target_modules=tuple(sorted({_leaf(base.gguf_weights[w]) for w in lora.weights})),
+        size_bytes=before.st_size,
     )
 
 
@@ -493,7 +548,7 @@ def _check_support(reading: LoraReading, support: AdapterSupport) -> None:
         )
 
 
-def _digest(config_bytes: bytes, weights: BinaryIO, before: os.stat_result) -> str:
+def _digest(config_bytes: bytes, weights: BinaryIO, before: os.stat_result, name: str = WEIGHTS_FILE) -> str:
     """SHA-256 of config and weights, read from the file already checked: the same bytes, or a refusal."""
     digest = hashlib.sha256(config_bytes)
     weights.seek(0)
@@ -503,5 +558,5 @@ def _digest(config_bytes: bytes, weights: BinaryIO, before: os.stat_result) -> s
         read += len(chunk)
     after = os.fstat(weights.fileno())
     if read != before.st_size or (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
-        raise AdapterError(f"{WEIGHTS_FILE} changed while being read")
+        raise AdapterError(f"{name} changed while being read")
     return digest.hexdigest()
