@@ -104,14 +104,28 @@ def peft_adapter(
     return build
 
 
+def _base_changing(model_dir: Path, config: dict[str, Any]) -> Any:
+    """The PEFT model of a base-changing init (PiSSA, OLoRA, CorDA), its base weights changed."""
+    from peft import LoraConfig, get_peft_model
+
+    settings = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "k_proj"]} | config
+    lora = LoraConfig(task_type="CAUSAL_LM", **settings)
+    base = _base(model_dir)
+    if settings.get("init_lora_weights") == "corda":  # CorDA decomposes by the inputs' covariance
+        from peft.tuners.lora.corda import preprocess_corda
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        samples = [tokenizer([text], return_tensors="pt") for text in EVA_TEXT]  # one at a time
+        preprocess_corda(base, lora, run_model=lambda: [base(**sample) for sample in samples])
+    return get_peft_model(base, lora)
+
+
 def converted(*, seed: int, **config: Any) -> Callable[[Path, Path], None]:
-    """A base-changing init (PiSSA, OLoRA) saved with PEFT's conversion to a plain LoRA."""
+    """A base-changing init (PiSSA, OLoRA, CorDA) saved with PEFT's conversion to a plain LoRA."""
 
     def build(model_dir: Path, out: Path) -> None:
-        from peft import LoraConfig, get_peft_model
-
-        settings = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "k_proj"]} | config
-        model = get_peft_model(_base(model_dir), LoraConfig(task_type="CAUSAL_LM", **settings))
+        model = _base_changing(model_dir, config)
         with tempfile.TemporaryDirectory() as scratch:
             initial = Path(scratch) / "initial"  # its name becomes an adapter name: no dots
             model.peft_config["default"].init_lora_weights = True  # as PEFT's documentation says
@@ -137,10 +151,7 @@ def unconverted(*, seed: int, **config: Any) -> Callable[[Path, Path], None]:
     """A base-changing init saved as is, without the conversion (a LLaMA-Factory default)."""
 
     def build(model_dir: Path, out: Path) -> None:
-        from peft import LoraConfig, get_peft_model
-
-        settings = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "k_proj"]} | config
-        model = get_peft_model(_base(model_dir), LoraConfig(task_type="CAUSAL_LM", **settings))
+        model = _base_changing(model_dir, config)
         _nudge(model, seed)
         model.save_pretrained(out)
 
@@ -346,7 +357,13 @@ VARIANTS = [
         refused=dict.fromkeys(ENGINES, "vocabulary was resized"),
     ),
     Variant(
-        "v33-gguf-lora",
+        "v33-corda-unconverted",
+        unconverted(seed=33, init_lora_weights="corda"),
+        refused=dict.fromkeys(ENGINES, CONVERSION),
+    ),
+    Variant("v34-corda-converted", converted(seed=34, init_lora_weights="corda")),
+    Variant(
+        "v35-gguf-lora",
         gguf_of("v15-rank-pattern"),
         refused={"vllm": "drop the PEFT adapter it was converted from"},
         converted_from="v15-rank-pattern",

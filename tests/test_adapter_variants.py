@@ -66,7 +66,8 @@ def answers(reference: Reference, folder: Path | None) -> list[tuple[list[int], 
 
 def lora_only(folder: Path, scratch: Path) -> Path:
     """The variant's lora_A/lora_B pairs alone as a plain adapter: what its weights do, for the
-    variants PEFT here cannot load at all (LoftQ needs scipy; a resized vocabulary another base)."""
+    variants PEFT here cannot load at all (LoftQ needs scipy; a resized vocabulary another base;
+    an unconverted CorDA adapter the covariances it was made with)."""
     import json
 
     from safetensors.torch import load_file, save_file
@@ -88,7 +89,7 @@ def test_each_variants_weights_change_the_base_models_output(
     folder = variants[variant.converted_from or variant.name]
     try:
         outputs = answers(reference, folder)
-    except (ImportError, RuntimeError):  # PEFT here cannot load it: its LoRA weights alone, then
+    except (ImportError, RuntimeError, ValueError):  # PEFT here cannot load it: its LoRA weights alone
         assert not any(variant.served_on(e) for e in ENGINES)
         outputs = answers(reference, lora_only(folder, tmp_path / "plain"))
     base = answers(reference, None)

@@ -34,7 +34,7 @@ from ..gguf.layout import Layout, read_hf_config
 from ..names import is_ignored_name, is_tenant_name, is_version_name
 from ..tenancy.store import AdapterVersion
 from . import peftconfig
-from .peftconfig import CONFIG_FILE, LoraReading, short
+from .peftconfig import CONFIG_FILE, NO_ENGINE, LoraReading, short
 from .safetensors_header import MAX_ADAPTER_HEADER_BYTES, TensorInfo, parse_header, read_header
 
 log = logging.getLogger(__name__)
@@ -502,20 +502,18 @@ def _extra_tensor(name: str, path: str, info: TensorInfo, base: BaseModelInfo, r
     label = short(name)
     if path.endswith(".lora_B.bias"):
         return (
-            f"tensor {label} is a bias on lora_B (lora_bias=true), which no engine here serves; train "
+            f"tensor {label} is a bias on lora_B (lora_bias=true), which {NO_ENGINE} serves; train "
             "with lora_bias=false"
         )
     if path.endswith((".lora_embedding_A", ".lora_embedding_B")):
         return f"tensor {label} is a LoRA on embeddings that target_modules does not select"
     if path.endswith(".lora_magnitude_vector") or ".lora_magnitude_vector." in path:
         return (
-            f"tensor {label} is DoRA's magnitude (use_dora=true), which no engine here serves; train with "
+            f"tensor {label} is DoRA's magnitude (use_dora=true), which {NO_ENGINE} serves; train with "
             "use_dora=false"
         )
     if "modules_to_save" in path or ".original_module." in path:
-        return (
-            f"tensor {label} is a full module copy (modules_to_save), which no engine here loads per tenant"
-        )
+        return f"tensor {label} is a full module copy (modules_to_save), which {NO_ENGINE} loads per tenant"
     module = path.removesuffix(".weight").removesuffix(".base_layer")
     if path.endswith(".weight") and (
         module in base.embeddings or _leaf(module) in peftconfig.EMBEDDING_MODULES
@@ -524,17 +522,18 @@ def _extra_tensor(name: str, path: str, info: TensorInfo, base: BaseModelInfo, r
         if own is not None and info.shape[:1] != own[:1]:
             return (
                 f"tensor {label} is a {info.shape[0]}-token copy of {module}, but the base has {own[0]}: "
-                "the vocabulary was resized in training, so this adapter needs that resized base model"
+                f"the vocabulary was resized in training, so {NO_ENGINE} serves it on this base; it needs "
+                "that resized base model"
             )
         return (
-            f"tensor {label} is a full copy of {module}, saved by save_pretrained(save_embedding_layers="
-            "True, or 'auto', the default, when an embedding is a target); save the adapter again with "
-            "save_embedding_layers=False"
+            f"tensor {label} is a full copy of {module}, which {NO_ENGINE} loads per tenant, saved by "
+            "save_pretrained(save_embedding_layers=True, or 'auto', the default, when an embedding is a "
+            "target); save the adapter again with save_embedding_layers=False"
         )
     if path.endswith(".bias"):
         return (
-            f"tensor {label} is a trained bias of the base layer (bias={reading.bias!r}), which no engine "
-            "here serves per tenant; train with bias='none'"
+            f"tensor {label} is a trained bias of the base layer (bias={reading.bias!r}), which {NO_ENGINE} "
+            "serves per tenant; train with bias='none'"
         )
     return f"unexpected tensor {label} (only lora_A / lora_B weights are served)"
 

@@ -54,6 +54,9 @@ CONVERSION = (
     "<the adapter saved before training>), which makes it a plain LoRA"
 )
 
+# Who a refusal of what no engine serves names (one rule for every engine lorabox has).
+NO_ENGINE = "neither vLLM nor llama.cpp"
+
 # LoRA options no engine here serves: what each does, in a reason's words.
 VARIANTS: dict[str, str] = {
     "alora_invocation_tokens": "Activated LoRA, applied only after its invocation tokens",
@@ -198,19 +201,19 @@ def _refuse_variants(config: dict[str, Any]) -> None:
     it, so that the reason names the option (PEFT may refuse some of these itself, less clearly)."""
     if config.get("use_dora"):
         raise AdapterError(
-            "use_dora=true (DoRA) rescales each adapted weight by a learned magnitude, which no engine "
-            "here applies to a LoRA; train with use_dora=false, or merge the adapter into the base model "
+            f"use_dora=true (DoRA) rescales each adapted weight by a learned magnitude, which {NO_ENGINE} "
+            "applies to a LoRA; train with use_dora=false, or merge the adapter into the base model "
             "(merge_and_unload) and serve that"
         )
     if config.get("modules_to_save"):
         raise AdapterError(
             f"modules_to_save={short(config['modules_to_save'])} ships full trained copies of those "
-            "modules, which no engine here loads per tenant; train without modules_to_save, or merge the "
+            f"modules, which {NO_ENGINE} loads per tenant; train without modules_to_save, or merge the "
             "adapter into the base model and serve that"
         )
     if config.get("lora_bias"):
         raise AdapterError(
-            "lora_bias=true trains a bias on every lora_B, which no engine here serves; train with "
+            f"lora_bias=true trains a bias on every lora_B, which {NO_ENGINE} serves; train with "
             "lora_bias=false"
         )
     init = config.get("init_lora_weights", True)
@@ -221,18 +224,18 @@ def _refuse_variants(config: dict[str, Any]) -> None:
         if method is not None:
             raise AdapterError(
                 f"init_lora_weights={init!r} ({method}) trained against base weights it changed, which "
-                f"no engine here serves; {CONVERSION}"
+                f"{NO_ENGINE} serves; {CONVERSION}"
             )
         if init.lower() == "loftq":
             raise AdapterError(
-                "init_lora_weights='loftq' trained against LoftQ's quantised base weights, which no engine "
-                "here serves; serve the base model LoftQ saved (with init_lora_weights=true in the adapter), "
-                "or train with init_lora_weights=true"
+                f"init_lora_weights='loftq' trained against LoftQ's quantised base weights, which "
+                f"{NO_ENGINE} serves; serve the base model LoftQ saved (with init_lora_weights=true in the "
+                "adapter), or train with init_lora_weights=true"
             )
     for option, what in VARIANTS.items():
         if config.get(option):
             raise AdapterError(
-                f"{option}={short(config[option])} ({what}) is not served by any engine here; train a plain "
+                f"{option}={short(config[option])} ({what}) is served by {NO_ENGINE}; train a plain "
                 f"LoRA without {option}"
             )
     known = {f.name for f in dataclasses.fields(_lora_config_class())}
