@@ -349,7 +349,7 @@ VARIANTS = [
         peft_adapter(
             seed=31, target_modules=["q_proj", "embed_tokens"], save={"save_embedding_layers": False}
         ),
-        refused=dict.fromkeys(ENGINES, "embed_tokens"),
+        refused={"llamacpp": "train without embed_tokens"},
     ),
     Variant(
         "v32-resized-vocabulary",

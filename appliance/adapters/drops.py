@@ -316,7 +316,7 @@ def inspect(
         sha256=sha256,
         rank=reading.max_rank,
         alpha=reading.alpha,
-        target_modules=tuple(sorted({_leaf(path) for path in reading.modules})),
+        target_modules=tuple(sorted({_leaf(path) for path in (*reading.modules, *reading.embeddings)})),
         size_bytes=before.st_size,
         base_model=reading.base_model[:MAX_NAME_CHARS],
         note=base.note_on(reading.base_model),
@@ -448,10 +448,10 @@ def _read_config(raw: bytes, base: BaseModelInfo, limits: AdapterLimits) -> Lora
     reading = peftconfig.read(config, base, limits.max_rank)
     support = limits.support
     if reading.embeddings and not support.embedding_lora:
+        first = next(iter(reading.embeddings))
         raise AdapterError(
             f"target_modules includes {', '.join(reading.embeddings)} (a LoRA on the token embeddings), "
-            f"which {support.by} does not serve; train without {_leaf(reading.embeddings[0])} "
-            "in target_modules"
+            f"which {support.by} does not serve; train without {_leaf(first)} in target_modules"
         )
     return reading
 
@@ -468,33 +468,48 @@ def _check_tensors(tensors: dict[str, TensorInfo], base: BaseModelInfo, reading:
     for name, info in tensors.items():
         path = name.removeprefix(PEFT_PREFIX)
         module, _, kind = path.rpartition(".lora_")
-        if kind not in ("A.weight", "B.weight"):
+        side = {"A.weight": "A", "B.weight": "B"}.get(kind)
+        if side is None and module in reading.embeddings:  # PEFT's names for a LoRA on embeddings
+            side = {"embedding_A": "A", "embedding_B": "B"}.get(kind)
+        if side is None:
             raise AdapterError(_extra_tensor(name, path, info, base, reading))
-        adapted = reading.modules.get(module)
-        if adapted is None:
+        expected = _lora_shape(module, side, base, reading)
+        if expected is None:
             if module in base.linear_shapes:
                 raise AdapterError(
                     f"tensor {short(name)} adapts {module}, which target_modules does not select "
                     "(PEFT would not load it)"
                 )
             raise AdapterError(f"tensor {short(name)} targets a layer the base model does not have")
-        out_features, in_features = base.linear_shapes[module]
-        rank = adapted.rank
-        expected = (rank, in_features) if kind == "A.weight" else (out_features, rank)
         if info.shape != expected:
             raise AdapterError(
                 f"tensor {short(name)} has shape {list(info.shape)}, expected {list(expected)}"
             )
-        pairs.setdefault(module, set()).add(kind)
-    unpaired = sorted(module for module, kinds in pairs.items() if len(kinds) != 2)
+        pairs.setdefault(module, set()).add(side)
+    unpaired = sorted(module for module, sides in pairs.items() if len(sides) != 2)
     if unpaired:
         raise AdapterError(f"lora_A/lora_B pairs incomplete for {unpaired[0]}")
-    missing = sorted(set(reading.modules) - set(pairs))
+    missing = sorted({*reading.modules, *reading.embeddings} - set(pairs))
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise AdapterError(
             f"target_modules selects {missing[0]}{more}, but {WEIGHTS_FILE} holds no lora_A/lora_B for it"
         )
+
+
+def _lora_shape(module: str, side: str, base: BaseModelInfo, reading: LoraReading) -> tuple[int, int] | None:
+    """PEFT's shape for a module's A or B, at the rank PEFT gives it; None if it adapts no such module.
+    A linear layer's A is (rank, in) and B (out, rank); an embedding's A is (rank, vocabulary) and
+    B (hidden, rank)."""
+    if module in reading.modules:
+        out_features, in_features = base.linear_shapes[module]
+        rank = reading.modules[module].rank
+    elif module in reading.embeddings:
+        in_features, out_features = base.embeddings[module]
+        rank = reading.embeddings[module].rank
+    else:
+        return None
+    return (rank, in_features) if side == "A" else (out_features, rank)
 
 
 def _extra_tensor(name: str, path: str, info: TensorInfo, base: BaseModelInfo, reading: LoraReading) -> str:

@@ -91,12 +91,12 @@ class LoraReading:
     use_rslora: bool
     bias: str  # PEFT's `bias` option: none | all | lora_only
     base_model: str  # base_model_name_or_path, "" when unnamed
-    modules: dict[str, AdaptedModule]  # module path (model.layers.0.self_attn.q_proj) → setup
-    embeddings: tuple[str, ...]  # embedding modules it targets (a LoRA on embed_tokens)
+    modules: dict[str, AdaptedModule]  # linear module path (model.layers.0.self_attn.q_proj) → setup
+    embeddings: dict[str, AdaptedModule]  # embedding modules it adapts (a LoRA on embed_tokens)
 
     @property
     def max_rank(self) -> int:
-        return max((m.rank for m in self.modules.values()), default=self.rank)
+        return max(m.rank for m in (*self.modules.values(), *self.embeddings.values()))
 
     @property
     def per_module(self) -> bool:
@@ -137,14 +137,11 @@ def read(config: dict[str, Any], base: BaseModules, max_rank: int) -> LoraReadin
     peft = _peft_config(expand_all_linear(config, base))
     matching = _Matching(peft)
     modules: dict[str, AdaptedModule] = {}
-    embeddings: list[str] = []
+    embeddings: dict[str, AdaptedModule] = {}
     for key in sorted(base.modules):
         if not matching.targets(key):
             continue
-        if key in base.embeddings:
-            embeddings.append(key)
-            continue
-        if key not in base.linear_shapes:
+        if key not in base.linear_shapes and key not in base.embeddings:
             raise AdapterError(
                 f"target_modules {short(config.get('target_modules'))} selects {key}, which is not a "
                 "linear layer; PEFT cannot adapt it either"
@@ -159,7 +156,8 @@ def read(config: dict[str, Any], base: BaseModules, max_rank: int) -> LoraReadin
             matching.pattern_value(peft.alpha_pattern, key, alpha), f"alpha_pattern for {key}"
         )
         scale = module_alpha / (math.sqrt(module_rank) if peft.use_rslora else module_rank)
-        modules[key] = AdaptedModule(module_rank, float(module_alpha), scale)
+        adapted = embeddings if key in base.embeddings else modules
+        adapted[key] = AdaptedModule(module_rank, float(module_alpha), scale)
     if not modules and not embeddings:
         layers = config.get("layers_to_transform")
         also = f" with layers_to_transform {short(layers)}" if layers is not None else ""
@@ -174,7 +172,7 @@ def read(config: dict[str, Any], base: BaseModules, max_rank: int) -> LoraReadin
         bias=str(peft.bias),
         base_model=base_model if isinstance(base_model, str) else "",
         modules=modules,
-        embeddings=tuple(embeddings),
+        embeddings=embeddings,
     )
 
 

@@ -88,7 +88,7 @@ def import_vllm() -> None:
 class VLLMEngine:
     name = "vllm"
     # vLLM's own loader refuses any `bias` setting but "none", and GGUF LoRAs.
-    adapter_support = AdapterSupport("vLLM")
+    adapter_support = AdapterSupport("vLLM", embedding_lora=True)
 
     def __init__(self, options: EngineOptions):
         self.options = options
