@@ -1,8 +1,13 @@
 """The drop folder: find adapter versions and decide, with a reason, whether each can be served.
 
-Layout: `<adapters_dir>/<tenant>/<version>/{adapter_config.json, adapter_model.safetensors}`.
-Nothing here unpickles, imports or executes anything from an adapter folder: the config is JSON
-and the weights are checked through their safetensors header only.
+Layout: `<adapters_dir>/<tenant>/<version>/{adapter_config.json, adapter_model.safetensors}`, or
+`adapter_model.gguf` alone (a GGUF LoRA, for the engines that load one). Nothing here unpickles,
+imports or executes anything from an adapter folder: the config is JSON, read as PEFT reads it
+(peftconfig.py), and the weights are checked through their header only.
+
+The verdict is the same for every engine but where an engine declares otherwise (its
+`AdapterSupport`): what it cannot serve exactly is refused here, in one line naming the option,
+the engine and the way out, never found out by a wrong answer.
 
 Whoever drops adapters owns the folder, so every filesystem oddity is to be expected: links that
 loop or lead out, FIFOs, devices, sockets, unreadable files and folders, files replaced or cut

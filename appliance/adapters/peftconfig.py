@@ -14,8 +14,8 @@ with `re` bound to the `regex` module, which matches the same patterns (its defa
 
 What no engine can serve exactly is refused here, naming the option and the way out: inits that
 change the base weights (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ), DoRA, full module copies, LoRA
-biases and the other LoRA variants. What one engine serves and another does not is decided by
-`support.py`.
+biases and the other LoRA variants. What one engine serves and another does not is declared by
+each engine (`AdapterSupport`, engines/base.py) and checked in drops.py.
 """
 
 from __future__ import annotations
@@ -97,11 +97,6 @@ class LoraReading:
     @property
     def max_rank(self) -> int:
         return max(m.rank for m in (*self.modules.values(), *self.embeddings.values()))
-
-    @property
-    def per_module(self) -> bool:
-        """Whether modules differ in rank or alpha (rank_pattern / alpha_pattern took effect)."""
-        return len({(m.rank, m.alpha) for m in self.modules.values()}) > 1
 
 
 class BaseModules(Protocol):
