@@ -32,6 +32,7 @@ import psutil
 from aiohttp import web
 
 from .adapters.drops import AdapterLimits, BaseModelInfo, tenant_folders
+from .adapters.peftconfig import import_peft
 from .adapters.registry import FolderRegistry, RegistryThread
 from .adapters.residency import Plan, ResidencyTracker, lora_budget_bytes, plan
 from .adapters.versions import VersionManager
@@ -144,14 +145,18 @@ def build_app(
     # each on a thread of its own, so that no lock or slow disk ever holds the loop.
     store.db.execute("PRAGMA query_only = 1")
     writer = StoreWriter(settings.database_path)
-    base = BaseModelInfo.from_model_dir(model_dir)
+    base = BaseModelInfo.from_model_dir(model_dir).named(settings.base_model_name)
+    import_peft()
     sizes = plan_residency(settings, base, model_dir, store)
     log.info("residency plan: %s", sizes.reason)
     settings = dataclasses.replace(settings, max_loras=sizes.max_loras, max_cpu_loras=sizes.max_cpu_loras)
     selection = select_engine(settings.engine, engine_options(settings, model_dir))
     log.info("engine: %s", selection.reason)
-    limits = AdapterLimits(max_rank=settings.max_lora_rank)
-    registry = RegistryThread(settings.database_path, FolderRegistry(settings.adapters_dir, base, limits))
+    limits = AdapterLimits(max_rank=settings.max_lora_rank, support=selection.engine.adapter_support)
+    folders = FolderRegistry(
+        settings.adapters_dir, base, limits, strict_base_match=settings.strict_base_match
+    )
+    registry = RegistryThread(settings.database_path, folders)
     versions = VersionManager(
         store, writer, selection.engine, registry, ResidencyTracker(sizes.max_loras, sizes.max_cpu_loras)
     )

@@ -16,6 +16,7 @@ import pytest
 
 from appliance.ops import doctor
 from appliance.ops.permissions import EXECUTE, READ, WRITE, Identity, allowed
+from appliance.tenancy.store import AdapterVersion, Store
 from appliance.testing.localserver import free_port
 from tests.installroot import REPO, SERVICE_USER, Installed, install_root
 
@@ -31,6 +32,7 @@ CHECKS = [
     "drops",
     "adapters",
     "model",
+    "bases",
     "admin",
     "modes",
     "space",
@@ -76,6 +78,7 @@ def test_a_fresh_install_reports_every_check(box: Installed):
         "drops",
         "adapters",
         "model",
+        "bases",
         "vllm",
         "llamacpp",
         "modes",
@@ -142,6 +145,22 @@ def test_a_taken_port_fails_with_the_fix(box: Installed, quick_engines):
     assert (failed.level, failed.detail) == ("FAIL", f"127.0.0.1:{port} is taken by another program")
     assert f"set port = <free port> in {box.config}" in failed.fix
     assert by_name(doctor.run(root=box.root), "port").level == "OK"  # free again
+
+
+def test_adapters_trained_on_another_base_warn_naming_one(box: Installed, quick_engines):
+    note = "trained on 'org/other-model'; this box serves 'lorabox-demo'"
+    with Store.open(box.state / "lorabox.db") as store:
+        store.register_adapter(AdapterVersion("acme", "v2", "/x", "ab", 8, 16.0, ("q_proj",), 1, note=note))
+        held = "strict_base_match holds it"
+        store.register_adapter(
+            AdapterVersion("acme", "v3", "/x", "cd", 8, 16.0, ("q_proj",), 1, "held", held, note=note)
+        )
+    warned = by_name(doctor.run(root=box.root), "bases")
+    assert warned.level == "WARN"
+    assert warned.detail == (
+        f"2 adapter version(s) trained on another base, e.g. acme@v2: {note}; 1 held by strict_base_match"
+    )
+    assert "`lorabox adapters accept <tenant> <version>`" in warned.fix
 
 
 def test_a_bad_config_fails_naming_the_setting(box: Installed, quick_engines):

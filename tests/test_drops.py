@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from appliance.adapters import drops, registry
+from appliance.adapters import drops, peftconfig, registry
 from appliance.adapters.drops import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -64,7 +64,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def base(built: Path) -> BaseModelInfo:
-    return BaseModelInfo.from_model_dir(built / "model")
+    return BaseModelInfo.from_model_dir(built / "model").named(demo.DEMO_MODEL_NAME)
 
 
 @pytest.fixture
@@ -319,11 +319,17 @@ CONFIG_REFUSALS: list[tuple[dict[str, Any], str]] = [
     ({"lora_alpha": "16"}, "lora_alpha must be a finite number"),
     ({"lora_alpha": True}, "lora_alpha must be a finite number"),
     ({"use_dora": True}, "DoRA"),
-    ({"bias": "all"}, "bias must be 'none'"),
+    ({"bias": "all"}, "bias='all' is refused by this engine"),
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
-    ({"target_modules": "q_proj|v_proj"}, "target_modules must be a non-empty list"),
-    ({"target_modules": []}, "target_modules must be a non-empty list"),
-    ({"target_modules": ["q_proj", "v_proj", "qkv_proj"]}, "not in the base model: qkv_proj"),
+    ({"target_modules": "q_proj|v_proj"}, "selects no module of the base model"),  # a regex, fully matched
+    ({"target_modules": []}, "selects no module of the base model"),
+    ({"target_modules": ["qkv_proj"]}, "selects no module of the base model"),
+    ({"target_modules": ["q_proj"]}, "adapts model.layers.0.self_attn.v_proj, which target_modules does not"),
+    (
+        {"target_modules": ["q_proj", "v_proj", "k_proj"]},
+        "selects model.layers.0.self_attn.k_proj and 1 more, but",
+    ),
+    ({"target_modules": None}, "target_modules is missing"),
     ({"r": 4}, "has shape [8, 128], expected [4, 128]"),  # config and tensors disagree
 ]
 
@@ -390,12 +396,23 @@ def test_tensor_for_a_layer_the_base_lacks_refused(drop: Drop) -> None:
     assert "targets a layer the base model does not have" in drop.refusal()
 
 
-def test_unexpected_tensor_kind_refused(drop: Drop) -> None:
-    def add(tensors: dict[str, torch.Tensor]) -> None:
-        tensors[f"{Q_PROJ}.lora_magnitude_vector"] = torch.zeros(128)
-
-    edit_tensors(drop.put(), add)
-    assert "unexpected tensor" in drop.refusal()
+@pytest.mark.parametrize(
+    ("name", "shape", "reason"),
+    [
+        (f"{Q_PROJ}.lora_C.weight", (8, 128), "unexpected tensor"),
+        (f"{Q_PROJ}.lora_magnitude_vector", (128,), "DoRA's magnitude (use_dora=true)"),
+        (f"{Q_PROJ}.lora_B.bias", (128,), "a bias on lora_B (lora_bias=true)"),
+        (f"{Q_PROJ}.bias", (128,), "a trained bias of the base layer (bias='none')"),
+        ("base_model.model.lm_head.weight", (640, 128), "save_embedding_layers=False"),
+        ("base_model.model.model.embed_tokens.base_layer.weight", (700, 128), "vocabulary was resized"),
+    ],
+    ids=["unknown", "dora", "lora-bias", "bias", "embedding-copy", "resized-vocabulary"],
+)
+def test_extra_tensors_are_refused_naming_the_training_option(
+    drop: Drop, name: str, shape: tuple[int, ...], reason: str
+) -> None:
+    edit_tensors(drop.put(), lambda tensors: tensors.__setitem__(name, torch.zeros(shape)))
+    assert reason in drop.refusal()
 
 
 def test_no_tensors_refused(drop: Drop) -> None:
@@ -882,6 +899,85 @@ def test_hostile_configs_are_refused_with_a_short_reason(drop: Drop, content: by
     assert len(refusal) <= drops.MAX_REASON_CHARS
 
 
+# `re` backtracks through every way to split a module name between two equal alternatives: 2^31
+# steps for `model.layers.0.self_attn.q_proj`, minutes each, holding the interpreter all along.
+BACKTRACKING = r"(.*)*z"
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"target_modules": BACKTRACKING},
+        {"exclude_modules": BACKTRACKING},
+        {"rank_pattern": {BACKTRACKING: 4}},
+        {"alpha_pattern": {BACKTRACKING: 4}},
+        {"layers_to_transform": [0], "layers_pattern": BACKTRACKING},
+    ],
+    ids=["target_modules", "exclude_modules", "rank_pattern", "alpha_pattern", "layers_pattern"],
+)
+def test_patterns_that_backtrack_for_minutes_are_matched_in_milliseconds(
+    drop: Drop, changes: dict[str, Any]
+) -> None:
+    """PEFT's matching runs on the `regex` module here, which does not backtrack through these."""
+    edit_config(drop.put(), **changes)
+    began = time.perf_counter()
+    bounded(judge, "acme", "v1", drop.root, drop.base, AdapterLimits(), timeout=30)
+    assert time.perf_counter() - began < 5
+
+
+def test_matching_that_runs_out_of_time_is_refused(drop: Drop, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(peftconfig, "MATCH_BUDGET_S", 0.0)
+    edit_config(drop.put(), target_modules=r".*\.(q|v)_proj")
+    assert "took over 0 s; simplify its regular expressions" in drop.refusal()
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"target_modules": "(unclosed"}, "target_modules holds '(unclosed', not a valid regular expression"),
+        (
+            {"rank_pattern": {"q_proj": "4"}},
+            "rank_pattern for model.layers.0.self_attn.q_proj must be a positive",
+        ),
+        (
+            {"alpha_pattern": {"q_proj": None}},
+            "alpha_pattern for model.layers.0.self_attn.q_proj must be a finite",
+        ),
+        ({"rank_pattern": {"x" * 2000: 4}}, "a pattern of 2000 characters"),
+        ({"rank_pattern": [1, 2]}, "rank_pattern must be an object"),
+        ({"target_modules": [1, 2]}, "must be module names or one regular expression"),
+        ({"use_shiny_variant": True}, "use_shiny_variant=True is an option the PEFT here"),
+        ({"shiny_config": {"a": 1}}, "shiny_config={'a': 1} is an option the PEFT here"),
+        ({"layer_replication": [[0, 2], [1, 2]]}, "layer_replication=[[0, 2], [1, 2]] (stacked copies"),
+        ({"init_lora_weights": "corda"}, "(CorDA) trained against base weights it changed"),
+        ({"init_lora_weights": "pissa_niter_4"}, "path_initial_model_for_weight_conversion"),
+        ({"task_type": "NOT_A_TASK"}, "PEFT cannot read it (ValueError: \"Invalid task type: 'NOT_A_TASK'"),
+    ],
+    ids=lambda value: json.dumps(value)[:40] if isinstance(value, dict) else None,
+)
+def test_config_values_peft_reads_are_refused_naming_the_option(
+    drop: Drop, changes: dict[str, Any], reason: str
+) -> None:
+    edit_config(drop.put(), **changes)
+    assert reason in drop.refusal()
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"target_modules": ["q_proj", "v_proj", "qkv_proj"]},  # PEFT ignores names matching nothing
+        {"target_modules": "model.layers.\\d.self_attn.(q|v)_proj"},
+        {"target_modules": ["model.layers.0.self_attn.q_proj", "v_proj", "model.layers.1.self_attn.q_proj"]},
+        {"newer_peft_setting": 16, "other_new_default": None, "runtime_config": {"x": 1}},
+        {"fan_in_fan_out": True, "megatron_config": None, "velora_config": None},
+    ],
+    ids=["unknown-names", "regex", "paths-and-suffixes", "newer-peft-defaults", "inert-options"],
+)
+def test_configs_peft_reads_alike_are_accepted(drop: Drop, changes: dict[str, Any]) -> None:
+    edit_config(drop.put(), **changes)
+    assert drop.inspect().target_modules == ("q_proj", "v_proj")
+
+
 def weights_with_header(folder: Path, header: bytes, data: bytes = b"") -> None:
     (folder / WEIGHTS_FILE).write_bytes(struct.pack("<Q", len(header)) + header + data)
 
@@ -951,7 +1047,7 @@ def test_an_unexpected_error_costs_one_version_not_the_caller(
         raise ZeroDivisionError("a bug")
 
     drop.put("acme", "v1")
-    monkeypatch.setattr(drops, "_check_config", broken)
+    monkeypatch.setattr(drops, "_read_config", broken)
     assert refused_because(drop) == "could not be inspected (ZeroDivisionError)"
 
 
@@ -1159,3 +1255,75 @@ def test_registry_writes_wait_for_other_writers_instead_of_failing(
     writer[0].join(10)
     assert active_version(store, "acme") == "v1"
     assert [e["kind"] for e in store.events()][:2] == ["tenant_added", "adapter_registered"]
+
+
+# -- the base model an adapter names ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("named", "note"),
+    [
+        ("lorabox-demo", ""),  # the served name
+        ("acme-labs/model", ""),  # a hub id whose name is the base's folder name
+        ("/elsewhere/MODEL/", ""),
+        (None, ""),
+        ("", ""),
+        (
+            "unsloth/llama-3-8b-bnb-4bit",
+            "trained on 'unsloth/llama-3-8b-bnb-4bit'; this box serves 'lorabox-demo'",
+        ),
+    ],
+)
+def test_an_adapter_naming_another_base_is_accepted_with_a_note(
+    drop: Drop, named: str | None, note: str
+) -> None:
+    edit_config(drop.put(), base_model_name_or_path=named)
+    found = drop.inspect()
+    assert (found.state, found.note, found.base_model) == ("ready", note, named or "")
+
+
+def strict_registry(drop: Drop) -> FolderRegistry:
+    return FolderRegistry(drop.root, drop.base, AdapterLimits(), strict_base_match=True)
+
+
+def test_another_base_serves_flagged_by_default(drop: Drop, store: Store) -> None:
+    edit_config(drop.put(), base_model_name_or_path="org/other-model")
+    drop.registry.reconcile(store, "acme")
+    assert active_version(store, "acme") == "v1"
+    events = [(e["kind"], e["detail"]) for e in store.events()]
+    assert ("adapter_base_mismatch", "trained on 'org/other-model'; this box serves 'lorabox-demo'") in events
+
+
+def test_strict_base_match_holds_another_base_until_accepted_by_content(drop: Drop, store: Store) -> None:
+    folder = drop.put()
+    edit_config(folder, base_model_name_or_path="org/other-model")
+    registry = strict_registry(drop)
+    registry.reconcile(store, "acme")
+    held = store.get_adapter("acme", "v1")
+    assert held is not None
+    assert held.state == "held"
+    assert held.reason.endswith("strict_base_match holds it until `lorabox adapters accept acme v1`")
+    assert active_version(store, "acme") is None
+
+    store.accept_base(held, actor="ops")
+    registry.reconcile(store, "acme")  # no file changed: the acceptance alone decides
+    assert state_of(store, "acme", "v1") == "ready"
+    assert active_version(store, "acme") == "v1"
+    assert store.audit_log("acme")[0]["action"] == "adapter_accept"
+
+    edit_config(folder, base_model_name_or_path="org/other-model", lora_alpha=32)  # other bytes
+    registry.reconcile(store, "acme")
+    assert state_of(store, "acme", "v1") == "held"
+    kinds = [e["kind"] for e in store.events()]
+    assert kinds[:4] == [
+        "adapter_held",
+        "adapter_base_mismatch",
+        "adapter_registered",
+        "adapter_base_accepted",
+    ]
+
+
+def test_strict_base_match_leaves_adapters_of_the_served_base_alone(drop: Drop, store: Store) -> None:
+    drop.put()
+    strict_registry(drop).reconcile(store, "acme")
+    assert state_of(store, "acme", "v1") == "ready"

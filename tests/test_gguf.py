@@ -8,9 +8,11 @@ lora_a and every other tensor are unchanged.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -19,13 +21,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
-from appliance.demo.build import DEMO_TENANTS
+from appliance.adapters.drops import AdapterLimits, BaseModelInfo, judge
+from appliance.demo.build import DEMO_MODEL_NAME, DEMO_TENANTS
+from appliance.engines.llamacpp import LlamaCppEngine
+from appliance.engines.vllm import VLLMEngine
 from appliance.errors import AdapterError
 from appliance.gguf import EXPORT_QUANTS
+from appliance.gguf.adapterfile import GGUF_FILE, dropped_gguf
 from appliance.gguf.export import FLOAT_QUANTS, LLAMA_QUANTS
 from appliance.gguf.layout import read_hf_config
 from appliance.gguf.lora import BaseGGUF, cached_lora
 from appliance.gguf.ollama import Untranslatable, go_chat_template, write_modelfile
+from appliance.tenancy.store import AdapterVersion
 from tests.conftest import Demo
 
 
@@ -122,12 +129,6 @@ def _nan_weights(folder: Path) -> None:
     save_file(tensors, folder / "adapter_model.safetensors")
 
 
-def _alpha_pattern(folder: Path) -> None:
-    config = json.loads((folder / "adapter_config.json").read_text())
-    config["alpha_pattern"] = {"q_proj": 32}
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-
-
 def _lone_lora_a(folder: Path) -> None:
     tensors = load_file(folder / "adapter_model.safetensors")
     del tensors[next(n for n in sorted(tensors) if n.endswith("lora_B.weight"))]
@@ -143,7 +144,6 @@ def _truncated(folder: Path) -> None:
     ("breaker", "reason"),
     [
         (_nan_weights, "not all finite numbers"),
-        (_alpha_pattern, "alpha_pattern"),
         (_lone_lora_a, "pairs incomplete"),
         (_truncated, "cannot read the adapter"),
     ],
@@ -154,6 +154,25 @@ def test_malformed_adapter_is_refused_with_a_reason(demo, tmp_path, breaker, rea
     with pytest.raises(AdapterError, match=reason):
         cached_lora(folder, BaseGGUF.read(demo.dir / "model.gguf"), tmp_path / "cache")
     assert not list((tmp_path / "cache").glob("*")) if (tmp_path / "cache").exists() else True
+
+
+def test_a_per_module_alpha_is_folded_into_that_modules_lora_b(demo, tmp_path):
+    """llama.cpp scales every pair by the file's alpha / the pair's rank: a module whose alpha
+    differs (alpha_pattern) gets the rest of PEFT's scale in its lora_b, the others are unchanged."""
+    folder = _copy(demo, tmp_path)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["target_modules"]) == (8, 16, ["q_proj", "v_proj"])
+    config["alpha_pattern"] = {"model.layers.1.self_attn.q_proj": 48}  # scale 6 where the file says 2
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    _, tensors = read_tensors(cached_lora(folder, BaseGGUF.read(demo.dir / "model.gguf"), tmp_path / "c"))
+    _, plain = read_tensors(
+        cached_lora(
+            demo.adapter_dir(DEMO_TENANTS[0].name), BaseGGUF.read(demo.dir / "model.gguf"), tmp_path / "p"
+        )
+    )
+    for name in plain:
+        factor = 3 if name == "blk.1.attn_q.weight.lora_b" else 1
+        assert np.allclose(tensors[name], plain[name] * factor, rtol=1e-6, atol=0), name
 
 
 def test_adapter_for_a_different_base_is_refused(demo, tmp_path):
@@ -225,3 +244,84 @@ def test_untranslatable_template_leaves_a_note_instead_of_a_wrong_template(demo,
 
 def test_export_quants_offered_are_those_implemented():
     assert (*FLOAT_QUANTS, *LLAMA_QUANTS) == EXPORT_QUANTS
+
+
+# -- GGUF LoRAs dropped as they are (made by llama.cpp's tools; lorabox's converter writes the same) --
+
+
+def gguf_drop(demo: Demo, root: Path, version: str = "v1", *, edit: Any = None) -> Path:
+    """acme's adapter as a GGUF LoRA, dropped as adapters/acme/<version>/adapter_model.gguf."""
+    converted = cached_lora(demo.adapter_dir("acme"), BaseGGUF.read(demo.dir / "model.gguf"), root / "cache")
+    folder = root / "adapters" / "acme" / version
+    folder.mkdir(parents=True)
+    data = converted.read_bytes()
+    (folder / GGUF_FILE).write_bytes(edit(data) if edit else data)
+    return folder
+
+
+def judged(demo: Demo, root: Path, engine: type, version: str = "v1") -> AdapterVersion:
+    base = BaseModelInfo.from_model_dir(demo.model_dir).named(DEMO_MODEL_NAME)
+    limits = AdapterLimits(max_rank=16, support=engine.adapter_support)
+    return judge("acme", version, root / "adapters", base, limits)
+
+
+def test_a_gguf_lora_drop_is_checked_against_the_base_and_accepted_by_llamacpp(demo, tmp_path):
+    folder = gguf_drop(demo, tmp_path)
+    found = judged(demo, tmp_path, LlamaCppEngine)
+    assert (found.state, found.reason, found.rank, found.target_modules) == (
+        "ready",
+        "",
+        8,
+        ("q_proj", "v_proj"),
+    )
+    assert found.sha256 == hashlib.sha256((folder / GGUF_FILE).read_bytes()).hexdigest()
+    assert dropped_gguf(folder) == folder / GGUF_FILE
+
+
+def test_a_gguf_lora_drop_is_refused_by_vllm_naming_the_way_out(demo, tmp_path):
+    gguf_drop(demo, tmp_path)
+    found = judged(demo, tmp_path, VLLMEngine)
+    assert found.state == "refused"
+    assert found.reason == (
+        "adapter_model.gguf is a GGUF LoRA, which the vLLM engine does not load; drop the PEFT adapter it "
+        "was converted from (adapter_config.json and adapter_model.safetensors) instead"
+    )
+
+
+def _renamed(old: bytes, new: bytes) -> Any:
+    assert len(old) == len(new)
+    return lambda data: data.replace(old, new)
+
+
+@pytest.mark.parametrize(
+    ("edit", "reason"),
+    [
+        (
+            _renamed(b"blk.1.attn_q.weight.lora_a", b"blk.7.attn_q.weight.lora_a"),
+            "lora_a/lora_b pairs incomplete for 'blk.",
+        ),
+        (
+            lambda data: data.replace(b"blk.1.attn_q.weight.lora_", b"blk.7.attn_q.weight.lora_"),
+            "adapts 'blk.7.attn_q.weight', which the base model does not have",
+        ),
+        (
+            _renamed(
+                b"adapter.type\x08\x00\x00\x00\x04\x00\x00\x00\x00\x00\x00\x00lora",
+                b"adapter.type\x08\x00\x00\x00\x04\x00\x00\x00\x00\x00\x00\x00lokr",
+            ),
+            "is not a LoRA adapter",
+        ),
+        (
+            lambda data: b"GGUF" + data[4:8] + (10**9).to_bytes(8, "little") + data[16:],
+            "declares 1000000000 tensors",
+        ),
+        (lambda data: data[:200], "is not a readable GGUF file"),
+        (lambda data: b"not a gguf file at all, no", "is not a GGUF file"),
+    ],
+    ids=["unpaired", "missing-layer", "not-lora", "huge-count", "truncated", "not-gguf"],
+)
+def test_a_gguf_lora_drop_that_does_not_fit_is_refused(demo, tmp_path, edit, reason):
+    gguf_drop(demo, tmp_path, edit=edit)
+    found = judged(demo, tmp_path, LlamaCppEngine)
+    assert found.state == "refused"
+    assert reason in found.reason

@@ -21,7 +21,8 @@ from appliance.ops.cli import main
 from appliance.testing.adminreplay import FAULTS, AdminReplay
 from tui.app import LoraboxApp
 from tui.feed import Backoff
-from tui.screens.detail import DetailScreen
+from tui.payload import Version
+from tui.screens.detail import DetailScreen, version_row
 from tui.screens.dialogs import ChoiceDialog, ConfirmDialog, PercentDialog
 from tui.screens.help import HelpScreen
 from tui.screens.main import MainScreen
@@ -360,3 +361,14 @@ def test_cli_tui_finds_the_socket_in_the_config(monkeypatch: pytest.MonkeyPatch,
     assert main(["tui", "--socket", "/run/other.sock", "--interval", "5"]) == 0
     assert calls == [(str(tmp_path / "state" / "admin.sock"), True, 2.0), ("/run/other.sock", False, 5.0)]
     assert main(["tui", "--interval", "0.1"]) == 1  # one line: the refresh interval is 0.5 to 60 seconds
+
+
+def test_a_version_trained_on_another_base_shows_its_note() -> None:
+    """The admin payload's `note` (another base model) is shown where a refusal's reason is."""
+    note = "trained on 'org/other'; this box serves 'lorabox-demo'"
+    flagged = Version.read({"version": "v2", "state": "ready", "reason": "", "note": note})
+    held = Version.read({"version": "v3", "state": "held", "reason": f"{note}; held", "note": note})
+    assert flagged is not None
+    assert held is not None
+    assert (version_row(flagged)[-1].plain, version_row(flagged)[-1].style) == (note, "yellow")
+    assert (version_row(held)[1].style, version_row(held)[-1].plain) == ("yellow", f"{note}; held")

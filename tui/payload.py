@@ -386,6 +386,7 @@ class Version:
     errors: int | None = None
     ttft_ms: Percentiles = field(default_factory=Percentiles)
     e2e_ms: Percentiles = field(default_factory=Percentiles)
+    note: str | None = None  # it serves (or is held) although trained on another base
 
     @classmethod
     def read(cls, raw: Any) -> Version | None:
@@ -407,6 +408,7 @@ class Version:
             integer(d.get("errors")),
             Percentiles.read(d.get("ttft_ms")),
             Percentiles.read(d.get("e2e_ms")),
+            text(d.get("note")),
         )
 
 

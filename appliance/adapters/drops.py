@@ -1,8 +1,13 @@
 """The drop folder: find adapter versions and decide, with a reason, whether each can be served.
 
-Layout: `<adapters_dir>/<tenant>/<version>/{adapter_config.json, adapter_model.safetensors}`.
-Nothing here unpickles, imports or executes anything from an adapter folder: the config is JSON
-and the weights are checked through their safetensors header only.
+Layout: `<adapters_dir>/<tenant>/<version>/{adapter_config.json, adapter_model.safetensors}`, or
+`adapter_model.gguf` alone (a GGUF LoRA, for the engines that load one). Nothing here unpickles,
+imports or executes anything from an adapter folder: the config is JSON, read as PEFT reads it
+(peftconfig.py), and the weights are checked through their header only.
+
+The verdict is the same for every engine but where an engine declares otherwise (its
+`AdapterSupport`): what it cannot serve exactly is refused here, in one line naming the option,
+the engine and the way out, never found out by a wrong answer.
 
 Whoever drops adapters owns the folder, so every filesystem oddity is to be expected: links that
 loop or lead out, FIFOs, devices, sockets, unreadable files and folders, files replaced or cut
@@ -15,29 +20,35 @@ and checked again once open, so a swap between the check and the open cannot han
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import functools
 import hashlib
 import json
 import logging
-import math
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from ..errors import AdapterError
+from ..engines.base import AdapterSupport
+from ..errors import AdapterError, ConversionError
+from ..gguf.adapterfile import GGUF_FILE, check_against, read_gguf_lora
+from ..gguf.layout import Layout, read_hf_config
 from ..names import is_ignored_name, is_tenant_name, is_version_name
 from ..tenancy.store import AdapterVersion
-from .safetensors_header import MAX_ADAPTER_HEADER_BYTES, parse_header, read_header
+from . import peftconfig
+from .peftconfig import CONFIG_FILE, NO_ENGINE, LoraReading, short
+from .safetensors_header import MAX_ADAPTER_HEADER_BYTES, TensorInfo, parse_header, read_header
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 MAX_CONFIG_BYTES = 1 << 20
 MAX_REASON_CHARS = 400
+MAX_NAME_CHARS = 200  # of the base model an adapter names, as stored
 PEFT_PREFIX = "base_model.model."
 LEAVES = "is a link that leaves the adapters directory or its tenant's folder"
 # Regular files only, and an open that cannot block or follow a link swapped in after the check.
@@ -56,28 +67,93 @@ def model_shards(model_dir: Path) -> list[Path]:
 
 @dataclass(frozen=True)
 class BaseModelInfo:
-    """Shapes of the base model's linear layers, read from its own safetensors headers."""
+    """The base model's modules and shapes, read from its own safetensors headers."""
 
     linear_shapes: dict[str, tuple[int, int]]  # module path → (out_features, in_features)
+    embeddings: dict[str, tuple[int, int]] = field(default_factory=dict)  # path → (vocabulary, hidden)
+    other_modules: frozenset[str] = frozenset()  # modules holding other tensors (norms)
+    names: tuple[str, ...] = ()
+    """What the base is called, the name it is served as first: an adapter names its base."""
+    gguf_architecture: str = ""
+    gguf_weights: dict[str, str] = field(default_factory=dict)
+    """GGUF weight name (blk.0.attn_q.weight) → module path, for checking GGUF LoRA drops; empty
+    for architectures lorabox does not convert."""
 
     @property
     def module_names(self) -> set[str]:
         return {path.rsplit(".", 1)[-1] for path in self.linear_shapes}
 
+    @functools.cached_property
+    def modules(self) -> frozenset[str]:
+        """Every module path PEFT would see in `model.named_modules()`, parents included."""
+        owners = {*self.linear_shapes, *self.embeddings, *self.other_modules}
+        parents = {path.rsplit(".", depth)[0] for path in owners for depth in range(1, path.count(".") + 1)}
+        return frozenset(owners | parents)
+
     @classmethod
     def from_model_dir(cls, model_dir: Path) -> BaseModelInfo:
         shapes: dict[str, tuple[int, int]] = {}
+        embeddings: dict[str, tuple[int, int]] = {}
+        others: set[str] = set()
         for shard in model_shards(model_dir):
             for name, info in read_header(shard).items():
-                if name.endswith(".weight") and len(info.shape) == 2 and "embed" not in name:
-                    shapes[name.removesuffix(".weight")] = (info.shape[0], info.shape[1])
-        return cls(shapes)
+                module = name.rpartition(".")[0]
+                if name.endswith(".weight") and len(info.shape) == 2:
+                    (embeddings if "embed" in name else shapes)[module] = (info.shape[0], info.shape[1])
+                elif module:
+                    others.add(module)
+        try:
+            layout = Layout.from_hf_config(read_hf_config(model_dir))
+        except (ConversionError, KeyError, TypeError, ValueError):
+            return cls(shapes, embeddings, frozenset(others), names=_base_names(model_dir))
+        gguf_weights = {layout.gguf_name(f"{path}.weight"): path for path in shapes}
+        gguf_weights.pop(None, None)
+        return cls(
+            shapes,
+            embeddings,
+            frozenset(others),
+            names=_base_names(model_dir),
+            gguf_architecture=layout.arch,
+            gguf_weights={str(name): path for name, path in gguf_weights.items()},
+        )
+
+    def named(self, served_name: str) -> BaseModelInfo:
+        return dataclasses.replace(self, names=(served_name, *self.names))
+
+    def note_on(self, adapter_base: str) -> str:
+        """Why an adapter naming `adapter_base` as its base is flagged; "" when it names this base
+        (by path, folder name, recorded or served name; a hub id matches a folder of its name) or
+        none. The shapes decide whether it serves: QLoRA adapters name their quantised copy."""
+        if not adapter_base.strip() or not self.names:
+            return ""
+
+        def forms(name: str) -> set[str]:
+            name = name.strip().rstrip("/").lower()
+            return {name, name.rsplit("/", 1)[-1]}
+
+        if forms(adapter_base) & set().union(*(forms(n) for n in self.names)):
+            return ""
+        return f"trained on {short(adapter_base)}; this box serves {self.names[0]!r}"
+
+
+def _base_names(model_dir: Path) -> tuple[str, ...]:
+    names = [str(model_dir), model_dir.name]
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        recorded = json.loads((model_dir / "config.json").read_text()).get("_name_or_path")
+        if isinstance(recorded, str):
+            names.append(recorded)
+    return tuple(names)
+
+
+# What every engine serves; an engine's own adds to it (engines/base.py).
+COMMON_SUPPORT = AdapterSupport()
 
 
 @dataclass(frozen=True)
 class AdapterLimits:
     max_rank: int = 64
     max_bytes: int = 2 << 30
+    support: AdapterSupport = COMMON_SUPPORT
 
 
 def printable(name: str) -> str:
@@ -137,7 +213,8 @@ def version_folders(adapters_dir: Path, tenant: str) -> list[str]:
 def fingerprint(folder: str | Path) -> Fingerprint:
     """What changes when an adapter's files are written, replaced or relinked (and nothing else)."""
     parts: list[tuple[int, ...]] = []
-    for path in (folder, os.path.join(folder, CONFIG_FILE), os.path.join(folder, WEIGHTS_FILE)):
+    members = (CONFIG_FILE, WEIGHTS_FILE, GGUF_FILE)
+    for path in (folder, *(os.path.join(folder, name) for name in members)):
         try:
             link = os.lstat(path)
         except OSError as exc:
@@ -212,6 +289,9 @@ def inspect(
 
     with contextlib.ExitStack() as files:
         weights = _open_member(folder, WEIGHTS_FILE, tenant_root)
+        if weights is None and (dropped := _open_member(folder, GGUF_FILE, tenant_root)) is not None:
+            files.enter_context(dropped)
+            return _inspect_gguf(tenant, version, folder, dropped, base, limits)
         if weights is None:
             pickled = sorted(name for name in _names(folder) if name.endswith(PICKLE_SUFFIXES))
             if pickled:
@@ -229,18 +309,53 @@ def inspect(
         if before.st_size > limits.max_bytes:
             raise AdapterError(f"{WEIGHTS_FILE} is {before.st_size} bytes; the limit is {limits.max_bytes}")
 
-        rank, alpha, targets = _check_config(config_bytes, base, limits)
+        reading = _read_config(config_bytes, base, limits)
         header = parse_header(weights, before.st_size, WEIGHTS_FILE, MAX_ADAPTER_HEADER_BYTES)
-        _check_tensors(header, base, rank, targets)
+        _check_tensors(header, base, reading)
+        _check_support(reading, limits.support)
         sha256 = _digest(config_bytes, weights, before)
     return AdapterVersion(
         tenant=tenant,
         version=version,
         path=folder,
         sha256=sha256,
+        rank=reading.max_rank,
+        alpha=reading.alpha,
+        target_modules=tuple(sorted({_leaf(path) for path in (*reading.modules, *reading.embeddings)})),
+        size_bytes=before.st_size,
+        base_model=reading.base_model[:MAX_NAME_CHARS],
+        note=base.note_on(reading.base_model),
+    )
+
+
+def _inspect_gguf(
+    tenant: str, version: str, folder: str, dropped: BinaryIO, base: BaseModelInfo, limits: AdapterLimits
+) -> AdapterVersion:
+    """A GGUF LoRA dropped instead of a PEFT folder: for the engines that load one (llama.cpp)."""
+    support = limits.support
+    if not support.gguf_lora:
+        raise AdapterError(
+            f"{GGUF_FILE} is a GGUF LoRA, which {support.by} does not load; drop the PEFT adapter it was "
+            f"converted from ({CONFIG_FILE} and {WEIGHTS_FILE}) instead"
+        )
+    before = os.fstat(dropped.fileno())
+    if before.st_size > limits.max_bytes:
+        raise AdapterError(f"{GGUF_FILE} is {before.st_size} bytes; the limit is {limits.max_bytes}")
+    # The file already opened and checked, by its descriptor: never a file swapped in since.
+    lora = read_gguf_lora(f"/proc/self/fd/{dropped.fileno()}", dropped.read(24))
+    modules = {name: (path, base.linear_shapes[path]) for name, path in base.gguf_weights.items()}
+    check_against(lora, base.gguf_architecture, modules)
+    rank = max(rank for _, _, rank in lora.weights.values())
+    if rank > limits.max_rank:
+        raise AdapterError(f"rank {rank} in {GGUF_FILE} exceeds the engine's max_lora_rank {limits.max_rank}")
+    return AdapterVersion(
+        tenant=tenant,
+        version=version,
+        path=folder,
+        sha256=_digest(b"", dropped, before, GGUF_FILE),
         rank=rank,
-        alpha=float(alpha),
-        target_modules=tuple(sorted(targets)),
+        alpha=lora.alpha,
+        target_modules=tuple(sorted({_leaf(base.gguf_weights[w]) for w in lora.weights})),
         size_bytes=before.st_size,
     )
 
@@ -327,72 +442,132 @@ def _open_member(folder: str, name: str, tenant_root: str) -> BinaryIO | None:
     return opened
 
 
-def _check_config(raw: bytes, base: BaseModelInfo, limits: AdapterLimits) -> tuple[int, float, set[str]]:
-    """(rank, alpha, target modules) of a PEFT LoRA config that this engine and base can serve."""
+def _read_config(raw: bytes, base: BaseModelInfo, limits: AdapterLimits) -> LoraReading:
+    """The config as PEFT reads it against this base; refused if no engine, or not this one, serves it."""
     try:
         config = json.loads(raw)
     except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, a 5,000-digit int, nesting
         raise AdapterError(f"{CONFIG_FILE} is not valid JSON ({type(exc).__name__})") from exc
     if not isinstance(config, dict):
         raise AdapterError(f"{CONFIG_FILE} must be a JSON object")
-    if config.get("peft_type") != "LORA":
-        raise AdapterError(f"peft_type must be LORA, not {_short(config.get('peft_type'))}")
-    rank, alpha = config.get("r"), config.get("lora_alpha", config.get("r"))
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise AdapterError(f"rank r must be a positive integer, not {_short(rank)}")
-    if rank > limits.max_rank:
-        raise AdapterError(f"rank {rank} exceeds the engine's max_lora_rank {limits.max_rank}")
-    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        raise AdapterError(f"lora_alpha must be a finite number, not {_short(alpha)}")
-    if config.get("use_dora"):
-        raise AdapterError("DoRA adapters are not supported")
-    if config.get("bias", "none") != "none":
-        raise AdapterError("adapters with trained biases are not supported (bias must be 'none')")
-    if config.get("modules_to_save"):
-        raise AdapterError("modules_to_save (full-weight copies) is not supported")
-    targets = config.get("target_modules")
-    if isinstance(targets, str) or not isinstance(targets, list) or not targets:
-        raise AdapterError("target_modules must be a non-empty list of module names")
-    names = set(map(str, targets))
-    unknown = sorted(names - base.module_names)
-    if unknown:
-        raise AdapterError(f"target modules not in the base model: {', '.join(unknown)}")
-    return rank, float(alpha), names
+    reading = peftconfig.read(config, base, limits.max_rank)
+    support = limits.support
+    if reading.embeddings and not support.embedding_lora:
+        first = next(iter(reading.embeddings))
+        raise AdapterError(
+            f"target_modules includes {', '.join(reading.embeddings)} (a LoRA on the token embeddings), "
+            f"which {support.by} does not serve; train without {_leaf(first)} in target_modules"
+        )
+    return reading
 
 
-def _short(value: object) -> str:
-    """A config value in a reason: the reason is stored and shown, the value may be a megabyte."""
-    text = repr(value)
-    return text if len(text) <= 160 else text[:160] + "…"
+def _leaf(path: str) -> str:
+    return path.rsplit(".", 1)[-1]
 
 
-def _check_tensors(tensors: dict, base: BaseModelInfo, rank: int, targets: set[str]) -> None:  # type: ignore[type-arg]
+def _check_tensors(tensors: dict[str, TensorInfo], base: BaseModelInfo, reading: LoraReading) -> None:
+    """The weights hold exactly one lora_A/lora_B pair, of the expected shapes, per adapted module."""
     if not tensors:
         raise AdapterError(f"{WEIGHTS_FILE} holds no tensors")
     pairs: dict[str, set[str]] = {}
     for name, info in tensors.items():
-        label = _short(name)
-        stem, _, kind = name.removeprefix(PEFT_PREFIX).rpartition(".lora_")
-        if kind not in ("A.weight", "B.weight"):
-            raise AdapterError(f"unexpected tensor {label} (only lora_A / lora_B weights are served)")
-        if stem not in base.linear_shapes:
-            raise AdapterError(f"tensor {label} targets a layer the base model does not have")
-        out_features, in_features = base.linear_shapes[stem]
-        expected = (rank, in_features) if kind == "A.weight" else (out_features, rank)
+        path = name.removeprefix(PEFT_PREFIX)
+        module, _, kind = path.rpartition(".lora_")
+        side = {"A.weight": "A", "B.weight": "B"}.get(kind)
+        if side is None and module in reading.embeddings:  # PEFT's names for a LoRA on embeddings
+            side = {"embedding_A": "A", "embedding_B": "B"}.get(kind)
+        if side is None:
+            raise AdapterError(_extra_tensor(name, path, info, base, reading))
+        expected = _lora_shape(module, side, base, reading)
+        if expected is None:
+            if module in base.linear_shapes:
+                raise AdapterError(
+                    f"tensor {short(name)} adapts {module}, which target_modules does not select "
+                    "(PEFT would not load it)"
+                )
+            raise AdapterError(f"tensor {short(name)} targets a layer the base model does not have")
         if info.shape != expected:
-            raise AdapterError(f"tensor {label} has shape {list(info.shape)}, expected {list(expected)}")
-        pairs.setdefault(stem, set()).add(kind)
-    unpaired = sorted(stem for stem, kinds in pairs.items() if len(kinds) != 2)
+            raise AdapterError(
+                f"tensor {short(name)} has shape {list(info.shape)}, expected {list(expected)}"
+            )
+        pairs.setdefault(module, set()).add(side)
+    unpaired = sorted(module for module, sides in pairs.items() if len(sides) != 2)
     if unpaired:
         raise AdapterError(f"lora_A/lora_B pairs incomplete for {unpaired[0]}")
-    present = {stem.rsplit(".", 1)[-1] for stem in pairs}
-    if present != set(targets):
+    missing = sorted({*reading.modules, *reading.embeddings} - set(pairs))
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise AdapterError(
-            f"tensors cover modules {sorted(present)} but target_modules says {sorted(targets)}"
+            f"target_modules selects {missing[0]}{more}, but {WEIGHTS_FILE} holds no lora_A/lora_B for it"
         )
 
 
-def _digest(config_bytes: bytes, weights: BinaryIO, before: os.stat_result) -> str:
+def _lora_shape(module: str, side: str, base: BaseModelInfo, reading: LoraReading) -> tuple[int, int] | None:
+    """PEFT's shape for a module's A or B, at the rank PEFT gives it; None if it adapts no such module.
+    A linear layer's A is (rank, in) and B (out, rank); an embedding's A is (rank, vocabulary) and
+    B (hidden, rank)."""
+    if module in reading.modules:
+        out_features, in_features = base.linear_shapes[module]
+        rank = reading.modules[module].rank
+    elif module in reading.embeddings:
+        in_features, out_features = base.embeddings[module]
+        rank = reading.embeddings[module].rank
+    else:
+        return None
+    return (rank, in_features) if side == "A" else (out_features, rank)
+
+
+def _extra_tensor(name: str, path: str, info: TensorInfo, base: BaseModelInfo, reading: LoraReading) -> str:
+    """Why a tensor other than a lora_A/lora_B weight is refused: the training option that made it."""
+    label = short(name)
+    if path.endswith(".lora_B.bias"):
+        return (
+            f"tensor {label} is a bias on lora_B (lora_bias=true), which {NO_ENGINE} serves; train "
+            "with lora_bias=false"
+        )
+    if path.endswith((".lora_embedding_A", ".lora_embedding_B")):
+        return f"tensor {label} is a LoRA on embeddings that target_modules does not select"
+    if path.endswith(".lora_magnitude_vector") or ".lora_magnitude_vector." in path:
+        return (
+            f"tensor {label} is DoRA's magnitude (use_dora=true), which {NO_ENGINE} serves; train with "
+            "use_dora=false"
+        )
+    if "modules_to_save" in path or ".original_module." in path:
+        return f"tensor {label} is a full module copy (modules_to_save), which {NO_ENGINE} loads per tenant"
+    module = path.removesuffix(".weight").removesuffix(".base_layer")
+    if path.endswith(".weight") and (
+        module in base.embeddings or _leaf(module) in peftconfig.EMBEDDING_MODULES
+    ):
+        own = base.embeddings.get(module) or base.linear_shapes.get(module)
+        if own is not None and info.shape[:1] != own[:1]:
+            return (
+                f"tensor {label} is a {info.shape[0]}-token copy of {module}, but the base has {own[0]}: "
+                f"the vocabulary was resized in training, so {NO_ENGINE} serves it on this base; it needs "
+                "that resized base model"
+            )
+        return (
+            f"tensor {label} is a full copy of {module}, which {NO_ENGINE} loads per tenant, saved by "
+            "save_pretrained(save_embedding_layers=True, or 'auto', the default, when an embedding is a "
+            "target); save the adapter again with save_embedding_layers=False"
+        )
+    if path.endswith(".bias"):
+        return (
+            f"tensor {label} is a trained bias of the base layer (bias={reading.bias!r}), which {NO_ENGINE} "
+            "serves per tenant; train with bias='none'"
+        )
+    return f"unexpected tensor {label} (only lora_A / lora_B weights are served)"
+
+
+def _check_support(reading: LoraReading, support: AdapterSupport) -> None:
+    """What this engine cannot serve of an adapter whose config and weights are otherwise sound."""
+    if reading.bias != "none" and not support.bias_setting_without_biases:
+        raise AdapterError(
+            f"bias={reading.bias!r} is refused by {support.by}, although the weights hold no bias (the "
+            f'base has none); set "bias": "none" in {CONFIG_FILE}, which changes nothing the adapter computes'
+        )
+
+
+def _digest(config_bytes: bytes, weights: BinaryIO, before: os.stat_result, name: str = WEIGHTS_FILE) -> str:
     """SHA-256 of config and weights, read from the file already checked: the same bytes, or a refusal."""
     digest = hashlib.sha256(config_bytes)
     weights.seek(0)
@@ -402,5 +577,5 @@ def _digest(config_bytes: bytes, weights: BinaryIO, before: os.stat_result) -> s
         read += len(chunk)
     after = os.fstat(weights.fileno())
     if read != before.st_size or (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
-        raise AdapterError(f"{WEIGHTS_FILE} changed while being read")
+        raise AdapterError(f"{name} changed while being read")
     return digest.hexdigest()

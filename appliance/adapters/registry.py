@@ -21,6 +21,7 @@ So 10,000 empty folders are 20 rows and one event, and the tenant keeps its good
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import os
@@ -61,8 +62,16 @@ class _Judged:
 class FolderRegistry:
     """Brings one tenant's registry rows in line with its folder. Not thread-safe: one caller."""
 
-    def __init__(self, adapters_dir: Path, base: BaseModelInfo, limits: AdapterLimits):
+    def __init__(
+        self,
+        adapters_dir: Path,
+        base: BaseModelInfo,
+        limits: AdapterLimits,
+        *,
+        strict_base_match: bool = False,
+    ):
         self.adapters_dir, self.base, self.limits = adapters_dir, base, limits
+        self.strict_base_match = strict_base_match
         self._judged: dict[str, dict[str, _Judged]] = {}  # tenant → version → last verdict
         self._reported: dict[str, str] = {}  # tenant → summary (or listing error) last recorded
 
@@ -75,7 +84,8 @@ class FolderRegistry:
             return
         keep = self._named_by_route(store, tenant) if is_tenant_name(tenant) else set()
         judged = self._judged.get(tenant, {})
-        current: dict[str, _Judged] = {}  # newest first
+        raw: dict[str, _Judged] = {}  # the check's verdicts, kept for the next time
+        current: dict[str, _Judged] = {}  # what is registered (held where held), newest first
         fresh: set[str] = set()
         servable = 0
         tenant_dir = os.path.join(self.adapters_dir, tenant)
@@ -95,10 +105,28 @@ class FolderRegistry:
                 )
                 entry = _Judged(mark, verdict)
                 fresh.add(version)
-            current[version] = entry
-            servable += entry.verdict.state == "ready"
-        self._judged[tenant] = current
+            raw[version] = entry
+            verdict = entry.verdict
+            if verdict.note and self.strict_base_match:
+                # Held until accepted: decided anew each time, as an acceptance changes no file.
+                verdict = self._held(store, verdict)
+                if version not in fresh and store.get_adapter(tenant, version) != verdict:
+                    fresh.add(version)
+            current[version] = _Judged(mark, verdict)
+            servable += verdict.state == "ready"
+        self._judged[tenant] = raw
         self._write(store, tenant, current, fresh, set(folders))
+
+    @staticmethod
+    def _held(store: Store, verdict: AdapterVersion) -> AdapterVersion:
+        """A version trained on another base, under strict_base_match: held unless accepted."""
+        if verdict.state != "ready" or store.base_accepted(verdict):
+            return verdict
+        reason = (
+            f"{verdict.note}; strict_base_match holds it until `lorabox adapters accept "
+            f"{verdict.tenant} {verdict.version}`"
+        )
+        return dataclasses.replace(verdict, state="held", reason=reason)
 
     def _write(
         self, store: Store, tenant: str, current: dict[str, _Judged], fresh: set[str], on_disk: set[str]
@@ -111,7 +139,9 @@ class FolderRegistry:
             if is_tenant_name(tenant) and is_version_name(version):
                 rows[version] = verdict
             if version in fresh:
-                log.warning("refused adapter %s/%s: %s", verdict.tenant, verdict.version, verdict.reason)
+                log.warning(
+                    "%s adapter %s/%s: %s", verdict.state, verdict.tenant, verdict.version, verdict.reason
+                )
                 if version not in rows:  # no row can hold these names: the event alone says why
                     changes.append(
                         functools.partial(
@@ -122,6 +152,9 @@ class FolderRegistry:
                             detail=verdict.reason,
                         )
                     )
+        for version, verdict in rows.items():
+            if version in fresh and verdict.state == "ready" and verdict.note:
+                log.warning("adapter %s/%s serves, but was %s", verdict.tenant, verdict.version, verdict.note)
         existing = {a.version for a in store.adapters(tenant)} if is_tenant_name(tenant) else set()
         changes += [
             functools.partial(store.register_adapter, verdict)

@@ -206,6 +206,29 @@ async def resident(request: web.Request) -> web.Response:
     return web.json_response({"tenant": tenant, "keep_resident": keep, "pinned_version": pinned})
 
 
+async def accept(request: web.Request) -> web.Response:
+    """Serve a version trained on another base, which strict_base_match holds (`{"version": ...}`)."""
+    services = _services(request)
+    body = await read_json(request)
+    version = body.get("version") if isinstance(body, dict) else None
+    if not isinstance(version, str):
+        raise bad_request("version must be a string", "version")
+    tenant = tenant_of(request)
+    adapter = services.store.get_adapter(tenant, version)
+    if adapter is None:
+        raise APIError(
+            404, f"{tenant}@{version} is not registered", param="version", code="adapter_not_found"
+        )
+    if not adapter.note:
+        raise APIError(
+            409, f"{tenant}@{version} names the served base model: nothing to accept", param="version"
+        )
+    await services.writer.call(Store.accept_base, adapter, actor=peer_user(request))
+    await services.catalog.versions.sync(tenant)
+    after = services.store.get_adapter(tenant, version)
+    return web.json_response({"tenant": tenant, "version": version, "state": after.state if after else None})
+
+
 async def sync(request: web.Request) -> web.Response:
     """Rescan one tenant's folder now (the watcher does this on its own)."""
     await _services(request).catalog.versions.sync(request.match_info["tenant"])
@@ -406,6 +429,7 @@ def build_admin_app(
     app.router.add_post("/admin/tenants/{tenant}/canary", canary)
     app.router.add_post("/admin/tenants/{tenant}/resident", resident)
     app.router.add_post("/admin/tenants/{tenant}/sync", sync)
+    app.router.add_post("/admin/tenants/{tenant}/accept", accept)
     app.router.add_post("/admin/tenants/{tenant}/export", export)
     app.router.add_get("/admin/tenants/{tenant}/policy", get_policy)
     app.router.add_post("/admin/tenants/{tenant}/policy", set_policy)

@@ -242,6 +242,8 @@ def adapter_rows(services: Services, tenant: str | None = None) -> list[dict[str
                 "version": adapter.version,
                 "state": adapter.state,
                 "reason": adapter.reason,
+                "base_model": adapter.base_model,
+                "note": adapter.note,
                 "rank": adapter.rank,
                 "target_modules": list(adapter.target_modules),
                 "size_bytes": adapter.size_bytes,

@@ -122,6 +122,12 @@ class Settings:
     max_lora_rank: int = 64
     """Largest adapter rank the engine accepts; larger ranks are refused at registration."""
 
+    strict_base_match: bool = False
+    """Hold an adapter whose base_model_name_or_path names another model than the served base (its
+    shapes fitting) until `lorabox adapters accept <tenant> <version>`. Off: such adapters serve,
+    flagged in `lorabox adapters list`, the events and `lorabox doctor` (QLoRA adapters name the
+    quantised copy they were trained on)."""
+
     gpu_memory_utilization: float = 0.90
     """Fraction of GPU memory vLLM may use for weights, adapters and KV cache."""
 

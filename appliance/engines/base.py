@@ -66,8 +66,30 @@ class EngineStats:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class AdapterSupport:
+    """What of a PEFT LoRA an engine serves exactly (equal to HF transformers + PEFT) where engines
+    differ. The adapter check refuses the rest when a version is registered, in one line naming the
+    option, this engine and the way out; what no engine serves is refused alike for all
+    (adapters/peftconfig.py)."""
+
+    engine: str = ""
+    """The engine's name as a reason shows it ("vLLM"); empty: what every engine serves."""
+    embedding_lora: bool = False
+    """A LoRA on the token embeddings (`embed_tokens` in target_modules)."""
+    bias_setting_without_biases: bool = False
+    """`bias = "all"` or `"lora_only"` in the config of a base without biases (no bias was trained)."""
+    gguf_lora: bool = False
+    """An adapter converted by llama.cpp's own tools (adapter_model.gguf) instead of a PEFT folder."""
+
+    @property
+    def by(self) -> str:
+        return f"the {self.engine} engine" if self.engine else "this engine"
+
+
 class Engine(Protocol):
     name: str
+    adapter_support: AdapterSupport
 
     @property
     def max_batch(self) -> int:

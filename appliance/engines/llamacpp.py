@@ -3,7 +3,8 @@
 The base model is a GGUF file: `gguf_model` when configured (quantised is fine), else the
 Hugging Face model converted once into the cache folder. Adapters arrive as PEFT folders, like for
 vLLM; each version is converted to a GGUF LoRA against that base (cached by content, off the event
-loop) and loaded once. A conversion llama.cpp cannot serve is an AdapterError, so the drop is
+loop) and loaded once. A GGUF LoRA llama.cpp's own tools made may be dropped instead, and is loaded
+as it is. A conversion llama.cpp cannot serve is an AdapterError, so the drop is
 refused with its reason. All llama.cpp work happens on one thread (see llamacpp_worker.py).
 """
 
@@ -17,10 +18,11 @@ from collections.abc import AsyncGenerator
 from pathlib import Path
 
 from ..errors import EngineDead
+from ..gguf.adapterfile import dropped_gguf
 from ..gguf.layout import read_hf_config
 from ..gguf.lora import BaseGGUF, cached_lora
 from ..gguf.model import cached_model, float_type_for
-from .base import AdapterRef, EngineOptions, EngineStats, GenerationRequest, TokenDelta
+from .base import AdapterRef, AdapterSupport, EngineOptions, EngineStats, GenerationRequest, TokenDelta
 from .llamacpp_worker import DecodeWorker, Job, WorkerOptions
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,8 @@ def llamacpp_unavailable_reason() -> str | None:
 
 class LlamaCppEngine:
     name = "llamacpp"
+    # Adapters reach llama.cpp converted (gguf/lora.py), or as GGUF LoRAs llama.cpp's tools wrote.
+    adapter_support = AdapterSupport("llama.cpp", bias_setting_without_biases=True, gguf_lora=True)
 
     def __init__(self, options: EngineOptions):
         # llama.cpp's CPU threads are OpenMP's, which spin between steps by default: in-process,
@@ -143,11 +147,16 @@ class LlamaCppEngine:
 
     async def load_adapter(self, adapter: AdapterRef) -> None:
         worker = self._running_worker()
-        assert self._base is not None
+        base = self._base
+        assert base is not None
         # Concurrent loads of one version (a warm-up and a first request) share one conversion.
         task = self._conversions.get(adapter.name)
         if task is None:
-            convert = asyncio.to_thread(cached_lora, Path(adapter.path), self._base, self.cache_dir)
+            folder = Path(adapter.path)
+            # A GGUF LoRA dropped as is (checked at registration) needs no conversion.
+            convert = asyncio.to_thread(
+                lambda: dropped_gguf(folder) or cached_lora(folder, base, self.cache_dir)
+            )
             task = self._conversions[adapter.name] = asyncio.ensure_future(convert)
         try:
             path = await task

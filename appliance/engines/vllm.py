@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AdapterError, EngineDead
-from .base import AdapterRef, EngineMemory, EngineOptions, EngineStats, GenerationRequest, TokenDelta
+from .base import (
+    AdapterRef,
+    AdapterSupport,
+    EngineMemory,
+    EngineOptions,
+    EngineStats,
+    GenerationRequest,
+    TokenDelta,
+)
 from .slots import SlotGate
 from .vllm_stats import engine_memory, scheduler_readout
 
@@ -79,6 +87,8 @@ def import_vllm() -> None:
 
 class VLLMEngine:
     name = "vllm"
+    # vLLM's own loader refuses any `bias` setting but "none", and GGUF LoRAs.
+    adapter_support = AdapterSupport("vLLM", embedding_lora=True)
 
     def __init__(self, options: EngineOptions):
         self.options = options

@@ -3,8 +3,10 @@
 The format is that of llama.cpp's `convert_lora_to_gguf.py`: `general.type = adapter`,
 `adapter.type = lora`, `adapter.lora.alpha`, and for each adapted weight `<gguf name>.lora_a` (PEFT's
 lora_A, rank x in) and `<gguf name>.lora_b` (PEFT's lora_B, out x rank, its rows in GGUF order:
-permuted for q/k, see layout.py). llama.cpp scales by alpha / rank as PEFT does; an rsLoRA adapter
-(alpha / sqrt(rank)) is written with alpha * sqrt(rank), which scales the same.
+permuted for q/k, see layout.py). llama.cpp scales each pair by alpha / its own rank, as PEFT does;
+an rsLoRA adapter (alpha / sqrt(rank)) is written with alpha * sqrt(rank), which scales the same.
+A module whose rank or alpha differs (rank_pattern, alpha_pattern) gets the rest of PEFT's scale
+folded into its lora_b, so every module is scaled as PEFT scales it.
 
 A conversion is cached under a name made of the adapter's bytes, the base GGUF's layout and shapes
 and this converter's version: each version is converted once, and never reused against another base.
@@ -15,12 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
 import numpy as np
 
+from ..adapters import peftconfig
 from ..adapters.drops import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE
 from ..errors import AdapterError, ConversionError
 from .atomic import atomic_path
@@ -58,15 +61,14 @@ class BaseGGUF:
 
 @dataclass(frozen=True)
 class PeftLora:
-    """An adapter's A/B pairs by module path (`model.layers.0.self_attn.q_proj`), as float32."""
+    """An adapter's A/B pairs by module path (`model.layers.0.self_attn.q_proj`), as float32, with
+    the scale PEFT gives each module (rank_pattern, alpha_pattern and rsLoRA applied)."""
 
     pairs: dict[str, tuple[np.ndarray, np.ndarray]]
-    rank: int
-    alpha: float  # effective: the scale is alpha / rank for plain LoRA and rsLoRA alike
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
+    scales: dict[str, float]  # module path → what PEFT multiplies B @ A by
+    alpha: float
+    """The adapter's alpha as llama.cpp reads it: it scales each tensor pair by alpha / its rank,
+    which is PEFT's scale for plain LoRA; rsLoRA's alpha is written times sqrt(rank)."""
 
     @classmethod
     def load(cls, folder: Path) -> PeftLora:
@@ -78,14 +80,8 @@ class PeftLora:
             tensors = load_file(folder / WEIGHTS_FILE)
         except Exception as exc:  # safetensors, JSON and OS errors all mean "not readable"
             raise AdapterError(f"cannot read the adapter for conversion: {exc}") from exc
-        if config.get("alpha_pattern") or config.get("rank_pattern"):
-            raise AdapterError(
-                "per-module rank or alpha (rank_pattern / alpha_pattern) cannot be served by llama.cpp"
-            )
-        rank = int(config["r"])
-        alpha = float(config.get("lora_alpha", rank))
-        if config.get("use_rslora"):
-            alpha *= math.sqrt(rank)
+        if not isinstance(config, dict):
+            raise AdapterError(f"{CONFIG_FILE} must be a JSON object")
         parts: dict[str, dict[str, np.ndarray]] = {}
         for name, tensor in tensors.items():
             module, _, kind = name.removeprefix(PEFT_PREFIX).rpartition(".lora_")
@@ -98,12 +94,38 @@ class PeftLora:
             if not (np.isfinite(lora_a).all() and np.isfinite(lora_b).all()):
                 raise AdapterError(f"the weights of {module} are not all finite numbers")
             pairs[module] = (lora_a, lora_b)
-        return cls(pairs, rank, alpha)
+        # The config read as the drop check read it, against the modules these weights adapt.
+        shapes = {module: (b.shape[0], a.shape[1]) for module, (a, b) in pairs.items()}
+        reading = peftconfig.read(config, _AdaptedModules(shapes), max_rank=1 << 30)
+        unselected = sorted(set(pairs) - set(reading.modules))
+        if unselected:
+            raise AdapterError(f"{unselected[0]} has weights but target_modules does not select it")
+        alpha = reading.alpha * (math.sqrt(reading.rank) if reading.use_rslora else 1.0)
+        return cls(pairs, {m: reading.modules[m].scale for m in pairs}, alpha)
 
     def delta(self, module: str) -> np.ndarray | None:
         """What merging adds to the module's weight: scale * B @ A (out x in); None if not adapted."""
         pair = self.pairs.get(module)
-        return None if pair is None else self.scale * (pair[1] @ pair[0])
+        return None if pair is None else self.scales[module] * (pair[1] @ pair[0])
+
+    def lora_b_for_gguf(self, module: str) -> np.ndarray:
+        """The module's lora_B with what llama.cpp's alpha / rank leaves out of PEFT's scale folded
+        in: a per-module rank or alpha (rank_pattern, alpha_pattern) becomes part of the weights."""
+        lora_a, lora_b = self.pairs[module]
+        factor = self.scales[module] / (self.alpha / lora_a.shape[0])
+        return lora_b if math.isclose(factor, 1.0, rel_tol=1e-9) else lora_b * np.float32(factor)
+
+
+@dataclass(frozen=True)
+class _AdaptedModules:
+    """The modules an adapter's weights adapt, as the base PEFT matches its config against."""
+
+    linear_shapes: dict[str, tuple[int, int]]
+    embeddings: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def modules(self) -> frozenset[str]:
+        return frozenset(self.linear_shapes)
 
 
 def write_lora(lora: PeftLora, base: BaseGGUF, out: Path) -> Path:
@@ -124,6 +146,7 @@ def write_lora(lora: PeftLora, base: BaseGGUF, out: Path) -> Path:
                 f"{name} is {expected[1]}x{expected[0]}"
             )
         writer.add_tensor(f"{name}.lora_a", np.ascontiguousarray(lora_a))
+        lora_b = lora.lora_b_for_gguf(module)
         writer.add_tensor(
             f"{name}.lora_b", np.ascontiguousarray(layout.rows_for_gguf(f"{module}.weight", lora_b))
         )

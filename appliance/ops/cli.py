@@ -380,6 +380,7 @@ def cmd_adapters(args: argparse.Namespace) -> None:
             row["active"] = "*" if row["active"] else ""
             row["canary"] = f"{row['canary_percent']}%" if row.get("canary_percent") else ""
             row["sha256"] = row["sha256"][:12]
+            row["reason"] = row["reason"] or row.get("note", "")  # a note: it serves, on another base
         _table(
             rows,
             [
@@ -403,6 +404,9 @@ def cmd_adapters(args: argparse.Namespace) -> None:
             f"{args.tenant} now serves {result['active']} (pinned; `lorabox adapters unpin {args.tenant}` "
             "follows the newest again)"
         )
+    elif args.action == "accept":
+        result = client.call("POST", tenant_path(args.tenant, "accept"), {"version": args.version})
+        print(f"{args.tenant}@{args.version} accepted although trained on another base: {result['state']}")
     elif args.action == "unpin":
         result = client.call("POST", tenant_path(args.tenant, "activate"), {"version": None})
         print(f"{args.tenant} follows its newest version: {result['active']}")
@@ -734,6 +738,11 @@ def build_parser() -> argparse.ArgumentParser:
     asub.add_parser("unpin", parents=[common], help="follow the newest version again").add_argument(
         "tenant", type=tenant_name
     )
+    acc = asub.add_parser(
+        "accept", parents=[common], help="serve a version trained on another base (strict_base_match)"
+    )
+    acc.add_argument("tenant", type=tenant_name)
+    acc.add_argument("version")
     can = asub.add_parser("canary", parents=[common], help="send N%% of a tenant's requests to a version")
     can.add_argument("tenant", type=tenant_name)
     can.add_argument("version")

@@ -4,19 +4,21 @@ Checks: the config, the service user, the GPU driver and CUDA, VRAM, the engines
 real, in a child process), the port, the state and adapters folders' permissions for the service
 user (worked out for that user, not for whoever runs the doctor: see permissions.py), that no
 other local user can read the database, spool or exports (filemodes.py), free space and
-writability where the usage ledger writes, the base model, and the admin socket. `--root DIR`
-checks an install made with `install.sh --root DIR`: the config's absolute paths are read under
-DIR.
+writability where the usage ledger writes, the base model, adapters trained on another base, and
+the admin socket. `--root DIR` checks an install made with `install.sh --root DIR`: the config's
+absolute paths are read under DIR.
 """
 
 from __future__ import annotations
 
 import configparser
+import contextlib
 import errno
 import importlib.metadata
 import os
 import re
 import socket
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -536,6 +538,32 @@ def check_model(box: Box, who: Identity | None) -> Check:
     return Check("model", OK, source.describe())
 
 
+def check_adapter_bases(box: Box) -> Check:
+    """Adapters trained on another base than the served one (read from the registry, read-only):
+    they serve, flagged, or strict_base_match holds them until accepted."""
+    assert box.settings is not None
+    database = box.path(box.settings.database_path)
+    query = (
+        "select tenant, version, state, note from adapter_versions where note != '' order by tenant, version"
+    )
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+            rows = db.execute(query).fetchall()
+    except sqlite3.Error:  # no registry yet, or one the daemon has not brought up to date
+        return Check("bases", OK, "no adapter registered on another base")
+    if not rows:
+        return Check("bases", OK, "every registered adapter names the served base model (or none)")
+    tenant, version, _, note = rows[0]
+    held = sum(state == "held" for _, _, state, _ in rows)
+    detail = f"{len(rows)} adapter version(s) trained on another base, e.g. {tenant}@{version}: {note}"
+    if held:
+        detail += f"; {held} held by strict_base_match"
+    fix = "check that they were trained for this base (`lorabox adapters list`)"
+    if held:
+        fix += "; `lorabox adapters accept <tenant> <version>` serves a held one"
+    return Check("bases", WARN, detail, fix)
+
+
 def check_admin_socket(box: Box) -> Check:
     assert box.settings is not None
     path = box.settings.admin_socket_path
@@ -588,8 +616,8 @@ def run(
     except KeyError:
         who = None
     checks += [check_vram(box), *check_engines(box), check_port(box), check_state_dir(box, who)]
-    checks += [*check_adapters_dir(box, who), check_model(box, who), check_admin_socket(box)]
-    checks += [check_modes(box), *check_space(box), check_spool(box)]
+    checks += [*check_adapters_dir(box, who), check_model(box, who), check_adapter_bases(box)]
+    checks += [check_admin_socket(box), check_modes(box), *check_space(box), check_spool(box)]
     return checks
 
 

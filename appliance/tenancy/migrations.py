@@ -169,3 +169,18 @@ def m016_usage_uid(db: sqlite_utils.Database) -> None:
     # Older rows have none (NULLs do not collide in a unique index).
     db.table("usage").add_column("uid", str)
     db.table("usage").create_index(["uid"], unique=True)
+
+
+@migration
+def m017_adapter_base_names(db: sqlite_utils.Database) -> None:
+    # The base model an adapter names (base_model_name_or_path) and, when that is not the served
+    # base, a note saying so: the version serves (the shapes fit) but is flagged.
+    db.table("adapter_versions").add_column("base_model", str, not_null_default="")
+    db.table("adapter_versions").add_column("note", str, not_null_default="")
+    # Versions an operator accepted on another base (`lorabox adapters accept`) under
+    # strict_base_match: by content, so that changed files are held again.
+    db.table("base_acceptances").create(
+        {"tenant": str, "version": str, "sha256": str, "accepted_at": str, "actor": str},
+        pk=("tenant", "version", "sha256"),
+        not_null={"accepted_at"},
+    )

@@ -90,8 +90,10 @@ class AdapterVersion:
     alpha: float
     target_modules: tuple[str, ...]
     size_bytes: int
-    state: str = "ready"
+    state: str = "ready"  # ready | refused | held (strict_base_match: trained on another base)
     reason: str = ""
+    base_model: str = ""  # the base the adapter names (base_model_name_or_path)
+    note: str = ""  # what an operator should know of a version that serves: another base
 
     @property
     def engine_name(self) -> str:
@@ -110,6 +112,8 @@ class AdapterVersion:
         fields = {k: row[k] for k in cls.__dataclass_fields__}
         fields["target_modules"] = tuple(json.loads(row["target_modules"] or "[]"))
         fields["reason"] = row["reason"] or ""
+        fields["base_model"] = row["base_model"] or ""
+        fields["note"] = row["note"] or ""
         return cls(**fields)
 
 
@@ -291,9 +295,39 @@ class Store:
             self.db.table("adapter_versions").update(self._adapter_id(adapter), row)
         else:
             self.db.table("adapter_versions").insert(row)
-        kind = "adapter_registered" if adapter.state == "ready" else "adapter_refused"
+        kind = {"ready": "adapter_registered", "held": "adapter_held"}.get(adapter.state, "adapter_refused")
         self.record_event(kind, tenant=adapter.tenant, version=adapter.version, detail=adapter.reason)
+        if adapter.note and adapter.state == "ready":
+            self.record_event(
+                "adapter_base_mismatch", tenant=adapter.tenant, version=adapter.version, detail=adapter.note
+            )
         return True
+
+    def accept_base(self, adapter: AdapterVersion, *, actor: str | None = None) -> None:
+        """Serve this version (these bytes) although it names another base (strict_base_match)."""
+        with self.writing():  # one transaction: all of it, or nothing
+            self.db.table("base_acceptances").upsert(
+                {
+                    "tenant": adapter.tenant,
+                    "version": adapter.version,
+                    "sha256": adapter.sha256,
+                    "accepted_at": _now(),
+                    "actor": actor or local_user(),
+                },
+                pk=("tenant", "version", "sha256"),
+            )
+            self.record_event(
+                "adapter_base_accepted", tenant=adapter.tenant, version=adapter.version, detail=adapter.note
+            )
+            change = Change({adapter.version: "held"}, {adapter.version: "accepted on another base"})
+            self.audit(actor, "adapter_accept", adapter.tenant, change)
+
+    def base_accepted(self, adapter: AdapterVersion) -> bool:
+        row = self.db.execute(
+            "select 1 from base_acceptances where tenant = ? and version = ? and sha256 = ?",
+            [adapter.tenant, adapter.version, adapter.sha256],
+        ).fetchone()
+        return row is not None
 
     def _adapter_id(self, adapter: AdapterVersion) -> int:
         row = self.db.execute(

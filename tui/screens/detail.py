@@ -57,7 +57,7 @@ def _setting(value: object) -> str:
 
 
 def version_row(v: Version) -> list[Text]:
-    state_style = "green" if v.state == "ready" else "red" if v.state else ""
+    state_style = {"ready": "green", "held": "yellow"}.get(v.state or "", "red" if v.state else "")
     return [
         Text(v.version, style="bold" if v.active else ""),
         Text(fmt.text(v.state), style=state_style),
@@ -71,7 +71,9 @@ def version_row(v: Version) -> list[Text]:
         Text(fmt.count(v.errors), justify="right", style="red" if v.errors else ""),
         Text(_pair(v.ttft_ms.p50, v.ttft_ms.p95), justify="right"),
         Text(_pair(v.e2e_ms.p50, v.e2e_ms.p95), justify="right"),
-        Text(v.reason or "", style="red"),
+        Text(v.reason, style="yellow" if v.state == "held" else "red")
+        if v.reason
+        else Text(v.note or "", style="yellow"),
     ]
 
 

@@ -17,6 +17,8 @@ KIND_STYLES = {
     "adapter_deactivated": "bold red",
     "residency_pin_failed": "red",
     "adapter_rolled_back": "yellow",
+    "adapter_held": "yellow",
+    "adapter_base_mismatch": "yellow",
     "key_revoked": "yellow",
     "daemon_restarted": "bold yellow",
     "adapter_registered": "green",
@@ -27,6 +29,7 @@ KIND_STYLES = {
     "canary_cleared": "cyan",
     "adapter_pinned": "cyan",
     "adapter_unpinned": "cyan",
+    "adapter_base_accepted": "cyan",
 }
 
 
