@@ -56,3 +56,9 @@ def test_ps_says_how_long_each_adapter_has_been_idle() -> None:
     assert lines[1].split() == ["acme", "v2", "2.5", "MiB", "gpu", "pinned", "1h", "2m", "ago"]
     assert lines[2].split()[-3:] == ["busy", "(2", "running)"]
     assert lines[3].split()[-2:] == ["never", "used"]
+
+
+def test_status_warns_when_llamacpp_serves_in_vllms_place() -> None:
+    status = load("status_cpu.json") | {"engine": "llamacpp", "engine_fallback": "libnuma.so.1 is missing"}
+    assert "WARNING  not vLLM: libnuma.so.1 is missing" in status_text(status, []).splitlines()
+    assert "WARNING" not in status_text(load("status_cpu.json"), [])

@@ -21,12 +21,14 @@ from appliance.ops.cli import main
 from appliance.testing.adminreplay import FAULTS, AdminReplay
 from tui.app import LoraboxApp
 from tui.feed import Backoff
+from tui.payload import Status
 from tui.screens.detail import DetailScreen
 from tui.screens.dialogs import ChoiceDialog, ConfirmDialog, PercentDialog
 from tui.screens.help import HelpScreen
 from tui.screens.main import MainScreen
 from tui.widgets.banner import ConnectionBanner
 from tui.widgets.events import EventLog
+from tui.widgets.header import StatusHeader
 
 SIZE = (160, 45)
 NAMES = ["acme", "globex", "hooli", "initech", "stark", "umbrella", "wayne"]
@@ -361,3 +363,19 @@ def test_cli_tui_finds_the_socket_in_the_config(monkeypatch: pytest.MonkeyPatch,
     assert calls == [(str(tmp_path / "state" / "admin.sock"), True, 2.0), ("/run/other.sock", False, 5.0)]
     with pytest.raises(SystemExit):
         main(["tui", "--interval", "0.1"])
+
+
+async def test_the_header_says_why_llamacpp_serves_in_vllms_place(replay: AdminReplay) -> None:
+    """A fallback is never silent: the reason and its fix, from the admin API, in the header."""
+    fallback = (
+        "vLLM's compiled kernels cannot load: libnuma.so.1 is missing (fix: sudo apt-get install libnuma1, "
+        "then sudo systemctl restart lorabox)"
+    )
+    replay.status = replay.status | {"engine": "llamacpp", "engine_fallback": fallback}
+    async with make_app().run_test(size=SIZE) as pilot:
+        app = await loaded(pilot)
+        assert f"fallback to llamacpp: {fallback}" in app.main.query_one("#header", Static).render().plain
+    drawn = StatusHeader._render_status(Status.read(replay.status), "")
+    assert [span.style for span in drawn.spans if fallback in drawn.plain[span.start : span.end]] == [
+        "bold yellow"
+    ]
