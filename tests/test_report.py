@@ -77,3 +77,9 @@ def test_status_says_when_usage_rows_wait_and_why_requests_are_refused() -> None
         "failed writes: 41 database, 2 spool" in lines
     )
     assert "         refusing requests: the disk is full" in lines
+
+
+def test_status_warns_when_llamacpp_serves_in_vllms_place() -> None:
+    status = load("status_cpu.json") | {"engine": "llamacpp", "engine_fallback": "libnuma.so.1 is missing"}
+    assert "WARNING  not vLLM: libnuma.so.1 is missing" in status_text(status, []).splitlines()
+    assert "WARNING" not in status_text(load("status_cpu.json"), [])

@@ -5,8 +5,10 @@ timers fit the daemon's own."""
 
 from __future__ import annotations
 
+import asyncio
 import configparser
 import itertools
+import logging
 import os
 import shutil
 import socket
@@ -23,8 +25,9 @@ import pytest
 from appliance.config.settings import Settings
 from appliance.daemon import FAILED_LINGER_S, HANDLER_SHUTDOWN_S
 from appliance.demo.build import init_demo
-from appliance.engines.health import HealthSnapshot
+from appliance.engines.health import EngineHealth, HealthSnapshot
 from appliance.engines.vllm import STOP_TIMEOUT_S
+from appliance.ops import systemd
 from appliance.ops.systemd import EXTEND_BY_S, EXTEND_EVERY_S, engine_answers, sd_notify, watchdog_period_s
 from appliance.testing.localserver import LocalServer, free_port, http_status
 from tests.conftest import SERVER_START_TIMEOUT_S, Demo, Server
@@ -122,6 +125,56 @@ def test_watchdog_period_is_systemds_for_this_process_only():
 )
 def test_the_engine_answers_while_a_probe_came_back_within_the_probe_timeout(failure, last_ok_s_ago, answers):
     assert engine_answers(HealthSnapshot(failure, last_ok_s_ago, 5.0, 20.0)) is answers
+
+
+async def test_the_watchdog_is_fed_at_ready_before_the_first_probe_has_come_back(monkeypatch, caplog):
+    """At READY=1 the engine has just started: the first ping goes at once, with no ERROR, even
+    while the first health probe is still out (5 of 10 starts under systemd logged "no more
+    watchdog pings" there, the pings then going on)."""
+    sent: list[str] = []
+    two_pings = asyncio.Event()
+
+    def notify(state: str) -> bool:
+        sent.append(state)
+        if len(sent) == 2:
+            two_pings.set()
+        return True
+
+    monkeypatch.setattr(systemd, "sd_notify", notify)
+
+    class BusyEngine:  # alive, and slow to answer its first probe
+        def failure(self) -> None:
+            return None
+
+        async def probe(self) -> None:
+            await asyncio.sleep(60)
+
+    health = EngineHealth(BusyEngine(), probe_every_s=5.0, probe_timeout_s=20.0)  # type: ignore[arg-type]
+    health.start(lambda reason: None)
+    watchdog = systemd.Watchdog(0.2, lambda: engine_answers(health.snapshot()))
+    watchdog.start()
+    try:
+        await asyncio.wait_for(two_pings.wait(), 30)
+    finally:
+        await watchdog.stop()
+        await health.stop()
+    assert sent[:2] == ["WATCHDOG=1", "WATCHDOG=1"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+def test_log_lines_carry_their_priority_into_the_journal():
+    """journald reads a leading "<N>" as the line's priority: `journalctl -p warning` shows lorabox's
+    warnings (a fallback to llama.cpp, say), which otherwise all arrive at "info"."""
+    stderr = os.fstat(2)
+    assert systemd.writes_to_journal({"JOURNAL_STREAM": f"{stderr.st_dev}:{stderr.st_ino}"})
+    assert not systemd.writes_to_journal({"JOURNAL_STREAM": f"{stderr.st_dev}:{stderr.st_ino + 1}"})
+    assert not systemd.writes_to_journal({})
+    formatter = systemd.JournalPriority("%(levelname)s %(message)s")
+    lines = [
+        formatter.format(logging.LogRecord("x", level, __file__, 1, "m", None, None))
+        for level in (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL)
+    ]
+    assert lines == ["<7>DEBUG m", "<6>INFO m", "<4>WARNING m", "<3>ERROR m", "<2>CRITICAL m"]
 
 
 def test_the_watchdog_leaves_time_for_lorabox_own_exit_on_a_hung_engine():

@@ -21,13 +21,14 @@ from appliance.ops.cli import main
 from appliance.testing.adminreplay import FAULTS, AdminReplay
 from tui.app import LoraboxApp
 from tui.feed import Backoff
-from tui.payload import Version
+from tui.payload import Status, Version
 from tui.screens.detail import DetailScreen, version_row
 from tui.screens.dialogs import ChoiceDialog, ConfirmDialog, PercentDialog
 from tui.screens.help import HelpScreen
 from tui.screens.main import MainScreen
 from tui.widgets.banner import ConnectionBanner
 from tui.widgets.events import EventLog
+from tui.widgets.header import StatusHeader
 
 SIZE = (160, 45)
 NAMES = ["acme", "globex", "hooli", "initech", "stark", "umbrella", "wayne"]
@@ -372,3 +373,19 @@ def test_a_version_trained_on_another_base_shows_its_note() -> None:
     assert held is not None
     assert (version_row(flagged)[-1].plain, version_row(flagged)[-1].style) == (note, "yellow")
     assert (version_row(held)[1].style, version_row(held)[-1].plain) == ("yellow", f"{note}; held")
+
+
+async def test_the_header_says_why_llamacpp_serves_in_vllms_place(replay: AdminReplay) -> None:
+    """A fallback is never silent: the reason and its fix, from the admin API, in the header."""
+    fallback = (
+        "vLLM's compiled kernels cannot load: libnuma.so.1 is missing (fix: sudo apt-get install libnuma1, "
+        "then sudo systemctl restart lorabox)"
+    )
+    replay.status = replay.status | {"engine": "llamacpp", "engine_fallback": fallback}
+    async with make_app().run_test(size=SIZE) as pilot:
+        app = await loaded(pilot)
+        assert f"fallback to llamacpp: {fallback}" in app.main.query_one("#header", Static).render().plain
+    drawn = StatusHeader._render_status(Status.read(replay.status), "")
+    assert [span.style for span in drawn.spans if fallback in drawn.plain[span.start : span.end]] == [
+        "bold yellow"
+    ]

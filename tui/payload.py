@@ -202,6 +202,8 @@ class Status:
     reason: str | None = None
     engine: str | None = None
     engine_reason: str | None = None
+    engine_fallback: str | None = None
+    """Under `engine = "auto"` with llama.cpp serving: why not vLLM, with the fix."""
     model: str | None = None
     api_url: str | None = None
     version: str | None = None
@@ -221,6 +223,7 @@ class Status:
             text(d.get("reason")),
             text(d.get("engine")),
             text(d.get("engine_reason")),
+            text(d.get("engine_fallback")),
             text(d.get("model")),
             text(d.get("api_url")),
             text(d.get("version")),

@@ -470,7 +470,11 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    engine = {"engine": services.engine_name, "engine_reason": services.engine_reason}
+    engine = {
+        "engine": services.engine_name,
+        "engine_reason": services.engine_reason,
+        "engine_fallback": services.engine_fallback or None,
+    }
     # The engine's own word first: it knows of its death before the health watch has polled.
     failure = services.lifecycle.failure or services.engine.failure()
     if failure is not None:

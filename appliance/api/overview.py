@@ -142,6 +142,7 @@ class Overview:
             "reason": reason,
             "engine": services.engine_name,
             "engine_reason": services.engine_reason,
+            "engine_fallback": services.engine_fallback or None,
             "model": self.model,
             "api_url": self.api_url,
             "version": __version__,

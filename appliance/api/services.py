@@ -43,6 +43,7 @@ class Services:
     """Policies, rate limits, quotas and the fair queue; telemetry reads its load() and views."""
     engine_name: str = ""
     engine_reason: str = ""  # why this engine serves (and, under `auto`, why not vLLM)
+    engine_fallback: str = ""  # under `auto` with llama.cpp serving: why not vLLM, with the fix
     generator: Generator | None = None
     started_at: float = field(default_factory=time.time)
     loop_lag: LoopLagMonitor = field(default_factory=LoopLagMonitor)

@@ -99,5 +99,7 @@ def resolve(settings: Settings, *, download: Download | None = None, allow_downl
             raise LoraboxError(f"{source.repo_id} is not downloaded yet: lorabox model fetch")
         fetch(source, download)
     if not (source.path / "config.json").is_file():
-        raise LoraboxError(f"model directory {source.path} has no config.json (Hugging Face format expected)")
+        raise ConfigError(
+            f"model: {source.path} has no config.json (a model folder in Hugging Face format expected)"
+        )
     return source.path

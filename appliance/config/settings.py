@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -106,8 +107,10 @@ class Settings:
     llama.cpp: `float32` also keeps its KV cache in f32 (needed for exact parity with an fp32
     reference), and a model it converts itself is written as f32 for `float32`, else as f16."""
 
-    max_model_len: int = 4096
-    """Context length (prompt + completion) per request. 0: the model's own maximum."""
+    max_model_len: int = 0
+    """Context length (prompt + completion) per request. 0: the model's own (config.json), capped
+    so that one sequence's KV cache fits in what the engine may use (cpu_kv_cache_gib on a CPU box;
+    on a GPU, the VRAM vLLM may use less the weights). More than the model's own is refused at start."""
 
     max_loras: int = 0
     """Adapter slots on the GPU (vLLM `max_loras`: adapters per batch). 0: planned at start from
@@ -385,6 +388,18 @@ def setting_names() -> list[str]:
     return [f.name for f in dataclasses.fields(Settings) if f.name not in ("source", DEFAULTS_SECTION)]
 
 
+def env_origin(name: str) -> str:
+    return f"{ENV_PREFIX}{name.upper()} (environment)"
+
+
+def setting_origin(settings: Settings, name: str, env: Mapping[str, str] | None = None) -> str:
+    """Where a loaded setting's value came from, as load_config's errors name it: its LORABOX_
+    variable, else the file it was read from, else "defaults"."""
+    if ENV_PREFIX + name.upper() in (os.environ if env is None else env):
+        return env_origin(name)
+    return str(settings.source) if settings.source else "defaults"
+
+
 def load_config(path: Path | str | None = None, env: dict[str, str] | None = None) -> Settings:
     """Read settings from `path` (or LORABOX_CONFIG, or the system file if present) plus env.
 
@@ -412,7 +427,7 @@ def load_config(path: Path | str | None = None, env: dict[str, str] | None = Non
         env_value = env.get(ENV_PREFIX + name.upper())
         if env_value is not None:
             values[name] = env_value
-            origins[name] = f"{ENV_PREFIX}{name.upper()} (environment)"
+            origins[name] = env_origin(name)
     # A default found wrong in a cross-field check is the file's to fix.
     where = str(config_path) if config_path.exists() else "defaults"
     hints = get_type_hints(Settings)

@@ -1,9 +1,11 @@
 """Pick the engine: `auto` means vLLM when it can run here, else llama.cpp; always say why.
 
-`select_engine` decides before anything loads: vLLM not installed, a GPU older than vLLM supports,
-or too little free VRAM for the weights each send `auto` to llama.cpp. `start_engine` starts the
-choice; when vLLM's start fails anyway under `auto`, it falls back to llama.cpp there and then.
-The reason travels with the engine: the daemon logs it and shows it in /readyz and /admin/status.
+`select_engine` decides before anything loads: vLLM not installed, its compiled kernels not
+loading (a shared library missing), a GPU older than vLLM supports, or too little free VRAM for the
+weights each send `auto` to llama.cpp. `start_engine` starts the choice; when vLLM's start fails
+anyway under `auto`, it falls back to llama.cpp there and then. The reason travels with the engine,
+and a fallback's in one line with its fix (diagnosis.py): the daemon logs it at WARNING and shows it
+in /readyz, /admin/status (`lorabox status`, the TUI's header) and `lorabox doctor`.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import EngineUnavailable
 from ..telemetry.gpu import gpu_compute_capability, gpu_memory, gpu_name
 from .base import Engine, EngineOptions
+from .diagnosis import explain
 from .llamacpp import LlamaCppEngine, llamacpp_unavailable_reason
 
 log = logging.getLogger(__name__)
@@ -33,11 +36,8 @@ class Selection:
     options: EngineOptions
     engine: Engine
     reason: str
-
-
-def _first_line(exc: BaseException, limit: int = 300) -> str:
-    text = (str(exc).strip().splitlines() or [""])[0]
-    return f"{type(exc).__name__}: {text[:limit]}"
+    fallback: str = ""
+    """Under `auto` with llama.cpp serving: why not vLLM, with the fix. Empty otherwise."""
 
 
 def vllm_unavailable_reason(options: EngineOptions) -> str | None:
@@ -66,6 +66,20 @@ def vllm_unavailable_reason(options: EngineOptions) -> str | None:
     return None
 
 
+def vllm_import_problem() -> str | None:
+    """Why vLLM cannot be imported here, its compiled kernels included; None when it can.
+    `lorabox doctor` runs this in a child process."""
+    try:
+        from .vllm import import_vllm, kernel_import_failure
+
+        if (failure := kernel_import_failure()) is not None:
+            return f"vLLM's compiled kernels cannot load: {explain(ImportError(failure))}"
+        import_vllm()
+    except Exception as exc:  # a broken install raises anything at import
+        return f"vLLM cannot be imported ({explain(exc)})"
+    return None
+
+
 def _llamacpp(options: EngineOptions, why: str) -> LlamaCppEngine:
     problem = llamacpp_unavailable_reason()
     if problem is not None:
@@ -83,18 +97,20 @@ def select_engine(choice: str, options: EngineOptions) -> Selection:
         raise EngineUnavailable(f"engine {choice!r} is not available in this build")
     problem = vllm_unavailable_reason(options)
     if problem is None:
-        from .vllm import VLLMEngine, import_vllm
-
-        try:
-            import_vllm()
-        except Exception as exc:  # a broken install raises anything at import
-            problem = f"vLLM cannot be imported ({_first_line(exc)})"
+        problem = vllm_import_problem()
     if problem is None:
+        from .vllm import VLLMEngine
+
         return Selection(choice, options, VLLMEngine(options), f"engine={choice}: vLLM can run here")
     if choice == "vllm":
         raise EngineUnavailable(problem)
+    return _fallback(choice, options, problem)
+
+
+def _fallback(choice: str, options: EngineOptions, problem: str) -> Selection:
     engine = _llamacpp(options, problem)
-    return Selection(choice, options, engine, f"engine=auto: {problem}; serving with llama.cpp")
+    log.warning("vLLM cannot serve here, llama.cpp does: %s", problem)
+    return Selection(choice, options, engine, f"engine=auto: {problem}; serving with llama.cpp", problem)
 
 
 async def start_engine(selection: Selection) -> Selection:
@@ -105,10 +121,9 @@ async def start_engine(selection: Selection) -> Selection:
     except Exception as exc:
         if selection.choice != "auto" or selection.engine.name != "vllm":
             raise
-        problem = f"vLLM failed to start ({_first_line(exc)})"
-        log.warning("%s; falling back to llama.cpp", problem, exc_info=exc)
+        log.info("vLLM's start failed:", exc_info=exc)  # in full, for whoever digs deeper
         with contextlib.suppress(Exception):
             await selection.engine.shutdown()
-        fallback = _llamacpp(selection.options, problem)
-    await fallback.start()
-    return replace(selection, engine=fallback, reason=f"engine=auto: {problem}; serving with llama.cpp")
+        fallback = _fallback(selection.choice, selection.options, f"vLLM failed to start ({explain(exc)})")
+    await fallback.engine.start()
+    return fallback

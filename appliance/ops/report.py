@@ -101,6 +101,7 @@ def status_text(status: Mapping[str, Any], tenants: Sequence[Mapping[str, Any]])
         f"lorabox  {status.get('version') or NA}, {state}, up {duration(status.get('uptime_s'))}, "
         f"pid {status.get('pid') or NA}",
         f"serving  {served}  ({status.get('engine_reason') or ''})",
+        *([f"WARNING  not vLLM: {status['engine_fallback']}"] if status.get("engine_fallback") else []),
         *_device(status.get("device") or {}),
         f"engine   {number(engine.get('running'))} running, {number(engine.get('waiting'))} waiting, "
         f"KV cache {kv_pct} used, {number(engine.get('gpu_slots'))} adapter slots; adapters {tiers}",

@@ -52,6 +52,29 @@ def sd_notify(state: str) -> bool:
     return True
 
 
+SYSLOG_PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3}
+
+
+def writes_to_journal(env: Mapping[str, str] = os.environ) -> bool:
+    """True when stderr is systemd's journal stream ($JOURNAL_STREAM names its device and inode)."""
+    try:
+        device, inode = (int(part) for part in env.get("JOURNAL_STREAM", "").split(":"))
+        info = os.fstat(2)
+    except (ValueError, OSError):
+        return False
+    return (info.st_dev, info.st_ino) == (device, inode)
+
+
+class JournalPriority(logging.Formatter):
+    """Begins each record with its syslog priority ("<4>" for a warning), which journald reads as
+    the line's priority (SyslogLevelPrefix=, on by default): `journalctl -p warning` then shows
+    lorabox's warnings and errors, not every line at "info"."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = SYSLOG_PRIORITIES.get(record.levelno, 2 if record.levelno > logging.ERROR else 6)
+        return f"<{priority}>{super().format(record)}"
+
+
 def watchdog_period_s(env: Mapping[str, str] = os.environ) -> float | None:
     """systemd's watchdog period for this process (WatchdogSec=), or None when there is none."""
     usec, pid = env.get("WATCHDOG_USEC"), env.get("WATCHDOG_PID")

@@ -58,7 +58,9 @@ class StatusHeader(Static):
         second = Text()
         if status.reason:
             second.append(f"not ready: {status.reason}   ", style="bold red")
-        if status.engine_reason:
+        if status.engine_fallback:  # never silent: vLLM should serve, and this says how to make it
+            second.append(f"fallback to {status.engine}: {status.engine_fallback}   ", style="bold yellow")
+        elif status.engine_reason:
             second.append(f"{status.engine_reason}   ", style="dim")
         totals = status.totals
         second.append("totals ", style="dim")
