@@ -26,6 +26,7 @@ from ..tenancy.policy import FIELDS, MAX_SYSTEM_PROMPT_CHARS, QUOTA_PERIODS, des
 from ..tenancy.quota import period_start, timestamp
 from ..tenancy.store import Store
 
+VERBOSE_HELP = "also the engine's own INFO lines (its warnings and errors are always logged)"
 DEFAULT_DEMO_DIR = (
     Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "lorabox" / "demo"
 )
@@ -48,10 +49,12 @@ def _table(rows: list[dict], columns: Sequence[str]) -> None:  # type: ignore[ty
         print("  ".join(cells).rstrip())
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, verbose: bool = False) -> None:
+    from ..engines.enginelog import engine_log_level, quiet_engine_logging
+
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # vLLM is chatty at INFO; its warnings and errors still reach the log.
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "DEBUG" if level == "debug" else "WARNING")
+    # The engine is chatty at INFO: its warnings and errors reach the log, the rest with --verbose.
+    quiet_engine_logging(engine_log_level(level, verbose))
     # The gguf package logs every file it writes at INFO.
     logging.getLogger("gguf").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
 
@@ -63,19 +66,19 @@ def _model_dir(settings: Settings) -> Path:
     return resolve(settings)
 
 
-def _serve(settings: Settings, on_ready: Callable[[], None] | None = None) -> None:
+def _serve(settings: Settings, on_ready: Callable[[], None] | None = None, verbose: bool = False) -> None:
     from .systemd import StartupExtender
 
     # First, before the engine's imports: systemd's TimeoutStartSec only covers until we speak.
     startup = StartupExtender(settings.start_timeout_s).start()
     from ..daemon import serve
 
-    _setup_logging(settings.log_level)
+    _setup_logging(settings.log_level, verbose)
     serve(settings, _model_dir(settings), on_ready=on_ready, startup=startup)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    _serve(_settings(args))
+    _serve(_settings(args), verbose=args.verbose)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -102,7 +105,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         threading.Thread(target=_announce_demo, args=(url, keys, demo_dir), daemon=True).start()
 
     print(f">>> Starting the engine (first start takes ~30 s on a CPU) ... config: {config_path}", flush=True)
-    _serve(settings, on_ready=announce)
+    _serve(settings, on_ready=announce, verbose=args.verbose)
 
 
 def _announce_demo(url: str, keys: dict[str, str], demo_dir: Path) -> None:
@@ -564,12 +567,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", parents=[common], help="run the daemon (OpenAI-compatible API)")
     p.add_argument("--port", type=int)
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="write the built-in demo and serve it: lorabox demo [init] [DIR]")
     p.add_argument("words", nargs="*", metavar="[init] [DIR]")
     p.add_argument("--port", type=int)
     p.add_argument("--force", action="store_true", help="also rewrite lorabox.toml")
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("tenant", parents=[common], help="add or list tenants")
