@@ -32,18 +32,27 @@ T = TypeVar("T")
 
 class LoadClock:
     """Started at construction. The client is the constructing thread unless `client_tid` names
-    another of this process; the processes (with what runs under them then) are looked up once, so
-    a reading costs a few file reads."""
+    another of this process. The processes are looked up at the start, and again every
+    `refresh_s` where processes come later (a server starting its engine): one that came counts
+    from its own start. Between look-ups a reading costs a few file reads."""
 
-    def __init__(self, pids: Iterable[int] = (), client_tid: int | None = None):
-        self._threads = [(os.getpid(), client_tid or threading.get_native_id())]
-        for pid in pids:
-            with contextlib.suppress(psutil.Error):
-                root = psutil.Process(pid)
-                self._threads += [(p.pid, p.pid) for p in [root, *root.children(recursive=True)]]
+    def __init__(
+        self, pids: Iterable[int] = (), client_tid: int | None = None, refresh_s: float | None = None
+    ):
+        self._client = (os.getpid(), client_tid or threading.get_native_id())
+        self._roots, self._refresh_s = list(pids), refresh_s
+        self._threads, self._looked_up = self._lookup(), time.monotonic()
         self.began = time.monotonic()
         self._first = self._read()
         self._last = dict(self._first)
+
+    def _lookup(self) -> list[tuple[int, int]]:
+        threads = [self._client]
+        for pid in self._roots:
+            with contextlib.suppress(psutil.Error):
+                root = psutil.Process(pid)
+                threads += [(p.pid, p.pid) for p in [root, *root.children(recursive=True)]]
+        return threads
 
     def _read(self) -> dict[tuple[int, int], float]:
         return {thread: s for thread in self._threads if (s := thread_wait_s(*thread)) is not None}
@@ -51,8 +60,10 @@ class LoadClock:
     def waited_s(self) -> float:
         """Seconds the watched threads waited for a CPU since the clock started, summed (a thread
         that has ended counts what it had waited by the last reading)."""
+        if self._refresh_s is not None and time.monotonic() - self._looked_up >= self._refresh_s:
+            self._threads, self._looked_up = self._lookup(), time.monotonic()
         self._last |= self._read()
-        return sum(waited - self._first.get(thread, waited) for thread, waited in self._last.items())
+        return sum(waited - self._first.get(thread, 0.0) for thread, waited in self._last.items())
 
     def elapsed_s(self) -> float:
         """Wall seconds since the clock started, less `waited_s()`: a difference of two readings
