@@ -29,6 +29,8 @@ from concurrency import run  # type: ignore[import-not-found]  # the sibling ben
 from appliance.demo.build import init_demo
 from appliance.testing.localserver import LocalServer
 
+SETTLE_S = 5.0
+
 
 def cpu_seconds(server: LocalServer) -> dict[tuple[int, int], tuple[str, float]]:
     """(pid, thread id) → (the process's name, CPU seconds so far), for the box's every thread."""
@@ -127,6 +129,10 @@ def main() -> None:
             print(f"tokens/s, {args.clients} clients, median of {args.rounds} rounds:")
             for name in variants:
                 print(f"  {name}: {statistics.median(tokens[name]):.0f}")
+            # After its last request vLLM's worker polls its queue for a second (shm_broadcast's
+            # SpinCondition): measured from the end of the last round, that second lands on the
+            # variant that ran last.
+            time.sleep(SETTLE_S)
             print(f"idle, {args.idle_seconds:g} s, every server idle:")
             idle_report(servers, args.idle_seconds)
         finally:
