@@ -37,8 +37,8 @@ KNOWN_BENIGN = (
     "NUMA binding: Using MEMBIND policy for memory allocation",
     # On CPU vLLM turns torch.compile's inductor off itself; lorabox asks for nothing else.
     "Inductor compilation was disabled by user settings",
-    # Intel's OpenMP instead of the GNU one PyTorch loads: measured no faster here (README: "The CPU
-    # path"), and it spins its threads when idle; tcmalloc, which is faster, lorabox preloads itself.
+    # Intel's OpenMP instead of the GNU one PyTorch ships with: no gain measured above the noise
+    # (README, "Engines"); tcmalloc, which is faster, lorabox preloads itself (engines/vllm.py).
     "libiomp is not found in LD_PRELOAD",
     # lorabox tokenizes itself, with the base model's tokenizer, and hands vLLM token ids.
     "vLLM has deprecated support for supporting different tokenizers for different LoRAs",
