@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 
 import aiohttp
 
+from appliance.testing.loadclock import LoadClock
+
 CHAT = "/v1/chat/completions"
 PROBE_DEADLINE_S = 0.5
 PROBE_TENANT = "globex"
@@ -26,9 +28,13 @@ def assert_openai_error(body: Any, param: str | None = None) -> None:
 
 async def served_meanwhile(server: Any, hostile: Awaitable[T]) -> T:
     """Awaits `hostile` while /healthz and another tenant's chat request are sent over and over,
-    each on a new connection; fails unless every one was answered, correctly, within 0.5 s."""
+    each on a new connection; fails unless every one was answered, correctly, within 0.5 s: of
+    the time the box's threads and this one were not kept waiting for a CPU (LoadClock), so that a
+    machine busy with other work does not fail it."""
     task = asyncio.ensure_future(hostile)
-    latencies: dict[str, list[float]] = {"healthz": [], "another tenant": []}
+    clock = LoadClock([server.local.process.pid])
+    # Seconds each answer took: (on the LoadClock, of wall time)
+    latencies: dict[str, list[tuple[float, float]]] = {"healthz": [], "another tenant": []}
     connector = aiohttp.TCPConnector(force_close=True)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
 
@@ -44,16 +50,19 @@ async def served_meanwhile(server: Any, hostile: Awaitable[T]) -> T:
 
         async def probe(name: str, call: Callable[[], Awaitable[None]]) -> None:
             while True:
-                began = time.monotonic()
+                began = clock.elapsed_s(), time.monotonic()
                 await call()
-                latencies[name].append(time.monotonic() - began)
+                latencies[name].append((clock.elapsed_s() - began[0], time.monotonic() - began[1]))
                 if task.done():
                     return
                 await asyncio.sleep(0.1)
 
         await asyncio.gather(probe("healthz", healthz), probe("another tenant", another_tenant), task)
     for name, times in latencies.items():
-        assert max(times) <= PROBE_DEADLINE_S, f"{name} answered in {max(times):.2f} s (all: {times})"
+        worst = max(times)
+        assert worst[0] <= PROBE_DEADLINE_S, (
+            f"{name} answered in {worst[0]:.2f} s ({worst[1]:.2f} s of wall time; all: {times})"
+        )
     return task.result()
 
 

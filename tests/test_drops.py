@@ -1004,15 +1004,16 @@ def test_hostile_headers_are_refused_with_a_short_reason(drop: Drop, header: byt
 
 
 def test_the_worst_header_under_the_cap_is_parsed_quickly(drop: Drop) -> None:
-    """A million tiny JSON values just under the cap: parsed (and refused) in well under a second,
-    which bounds how long a header can hold the interpreter (and so the event loop) at all."""
+    """A million tiny JSON values just under the cap: parsed (and refused) in well under a second
+    of CPU, which bounds how long a header can hold the interpreter (and so the event loop) at all.
+    CPU time, not wall time: on a busy machine the parse waits for a CPU, holding nothing."""
     entries = (MAX_ADAPTER_HEADER_BYTES - 2) // 10
     header = ("{" + ",".join(f'"{i:05x}":0' for i in range(entries)) + "}").encode()
     assert len(header) <= MAX_ADAPTER_HEADER_BYTES
     weights_with_header(drop.put(), header)
-    began = time.perf_counter()
+    began = time.process_time()
     assert "malformed entry" in refused_because(drop)
-    assert time.perf_counter() - began < 2.0
+    assert time.process_time() - began < 2.0
 
 
 @pytest.mark.parametrize(
@@ -1127,9 +1128,9 @@ def test_ten_thousand_empty_versions_are_twenty_rows_and_one_event(big_drop: Dro
     drop.put("acme", "v1")
     drop.put("globex", "v1", source="globex")
     empty_versions(drop.root / "acme", 10_000)
-    began = time.perf_counter()
+    began = time.process_time()  # CPU time (of every thread): what a loaded machine does not stretch
     bounded(drop.register, store, timeout=60)
-    took = time.perf_counter() - began
+    took = time.process_time() - began
 
     acme = store.adapters("acme")
     refused = [a.version for a in acme if a.state == "refused"]
@@ -1146,7 +1147,6 @@ def test_ten_thousand_empty_versions_are_twenty_rows_and_one_event(big_drop: Dro
     assert took < 30, f"{took:.1f} s"  # measured about 1 s on two busy cores
 
     # Nothing changed: nothing is judged again, nothing is written.
-    began = time.perf_counter()
     bounded(drop.register, store, timeout=60)
     assert store.events(limit=1000) == events
 

@@ -28,9 +28,15 @@ from tests.dedicated import start_dedicated
 
 MAX_RUNNING = 2
 PROMPT = "Once upon a time"
-MAX_TOKENS = 192  # long enough that a client's turnaround is small beside a request's turn in the engine
+# Short requests, so that many end while both tenants are backlogged: shares are told apart by
+# counting whole requests, and with 192 tokens a loaded machine ended 16 in the stretch, where one
+# request either way took 2:1 outside 15% (10:6 twice, the same numbers). 24 clients a tenant
+# against 2 places keep a queue of 22, which outlasts a client process left unscheduled for seconds.
+MAX_TOKENS = 48
 RUN_S = 20.0  # a flood of 240 clients can take seconds to reach the server on a busy machine
-MIN_BACKLOGGED_S = 4.0  # at 4 requests a second, some 16 requests: enough to tell shares apart
+# Requests of every tenant that ended in the stretch: at 30 of the lighter tenant's, one request
+# either way (the window cuts the requests running at its ends) moves 2:1 by some 3%.
+MIN_ENDED = 30
 ATTEMPTS = 3  # measurements taken before a machine too busy to measure fails the test (`serve`)
 
 
@@ -56,9 +62,10 @@ def serve(server: Server, tenants: dict[str, tuple[int, dict[str, object]]]) -> 
     """Fresh tenants, each `name: (clients, policy)`, whose clients, in a process per tenant, send
     back to back for RUN_S seconds; what each got while all of them were backlogged at the server.
 
-    On a machine so busy that the clients could not keep every tenant backlogged for
-    MIN_BACKLOGGED_S, the measurement says nothing about the scheduler: it is taken again (fresh
-    tenants), up to ATTEMPTS times, and the test fails if none of them could measure."""
+    Where the clients could not keep every tenant backlogged while MIN_ENDED of its requests ended
+    (a machine so busy that it could not serve so many, or left the clients unscheduled), the
+    measurement says nothing about the scheduler: it is taken again (fresh tenants), up to ATTEMPTS
+    times, and the test fails if none of them could measure."""
     failures = []
     for attempt in range(1, ATTEMPTS + 1):
         names = {name: f"{name}-{attempt}" for name in tenants}
@@ -77,13 +84,14 @@ def serve(server: Server, tenants: dict[str, tuple[int, dict[str, object]]]) -> 
         results = {name: load.result() for name, load in zip(tenants, loads, strict=True)}
         seen = {name: requests(server, names[name]) for name in tenants}
         since, until = backlogged(seen)
-        if until - since >= MIN_BACKLOGGED_S:
+        ended = {name: len([1 for _, end, _ in seen[name] if since <= end < until]) for name in tenants}
+        if min(ended.values()) >= MIN_ENDED:
             return {
                 name: Served(service(seen[name], since, until), max(cost for _, _, cost in seen[name]))
                 for name in tenants
             }
         failures.append(
-            f"attempt {attempt}: all backlogged for only {until - since:.1f} s; "
+            f"attempt {attempt}: all backlogged for only {until - since:.1f} s, {ended} ended meanwhile; "
             + "; ".join(
                 f"{name}: {len(results[name].requests)} completed, refused {results[name].refused}, "
                 f"{len(results[name].unanswered_s)} unanswered, {len(seen[name])} booked, "

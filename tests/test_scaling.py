@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -150,6 +150,13 @@ def nginx(boxes: list[Server], tmp_path_factory: pytest.TempPathFactory) -> Iter
         process.wait(10)
 
 
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not after {timeout_s} s"
+        time.sleep(0.05)
+
+
 def served_by(boxes: list[Server], at_least: int, timeout_s: float = 15) -> list[int]:
     """The tenant's requests in each box's usage ledger, once they add up to `at_least`."""
     deadline = time.monotonic() + timeout_s
@@ -181,15 +188,19 @@ def test_one_key_sticks_to_one_box_and_moves_when_that_box_stops(boxes: list[Ser
             status, body = post_json(f"{nginx}/v1/completions", REQUEST, key=key)
             results.append((sent, time.monotonic(), status, body))
 
+    def answered_since(moment: float) -> int:
+        return len([r for r in list(results) if r[0] > moment])
+
     clients = [threading.Thread(target=client, daemon=True) for _ in range(2)]
     for thread in clients:
         thread.start()
-    time.sleep(1.0)
+    # Counts of requests, not seconds: a loaded machine answers fewer in a given time.
+    wait_until(lambda: answered_since(0) >= 4, "requests before the stop")
     stopping_at = time.monotonic()
     home.local.stop()  # SIGTERM, as systemctl stop: drains, then exits
     stopped_at = time.monotonic()
     assert home.local.process.returncode == 0
-    time.sleep(2.0)
+    wait_until(lambda: answered_since(stopped_at) >= 4, "requests after the stop")
     stop_clients.set()
     for thread in clients:
         thread.join(60)

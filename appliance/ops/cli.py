@@ -40,6 +40,7 @@ EXIT_CONFIG = 78
 """A configuration error (sysexits' EX_CONFIG): a bad setting, the port in use, a context longer
 than the model's. The unit's RestartPreventExitStatus= names it: restarting cannot fix those."""
 
+VERBOSE_HELP = "also the engine's own INFO lines (its warnings and errors are always logged)"
 DEFAULT_DEMO_DIR = (
     Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "lorabox" / "demo"
 )
@@ -147,7 +148,8 @@ def _table(rows: list[dict], columns: Sequence[str]) -> None:  # type: ignore[ty
         print("  ".join(cells).rstrip())
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, verbose: bool = False) -> None:
+    from ..engines.enginelog import engine_log_level, quiet_engine_logging
     from .systemd import JournalPriority, writes_to_journal
 
     layout = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -155,8 +157,8 @@ def _setup_logging(level: str) -> None:
     # Under systemd, each line at its own priority in the journal (`journalctl -p warning`).
     handler.setFormatter(JournalPriority(layout) if writes_to_journal() else logging.Formatter(layout))
     logging.basicConfig(level=level.upper(), handlers=[handler])
-    # vLLM is chatty at INFO; its warnings and errors still reach the log.
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "DEBUG" if level == "debug" else "WARNING")
+    # The engine is chatty at INFO: its warnings and errors reach the log, the rest with --verbose.
+    quiet_engine_logging(engine_log_level(level, verbose))
     # The gguf package logs every file it writes at INFO.
     logging.getLogger("gguf").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
 
@@ -168,7 +170,7 @@ def _model_dir(settings: Settings) -> Path:
     return resolve(settings)
 
 
-def _serve(settings: Settings, on_ready: Callable[[], None] | None = None) -> None:
+def _serve(settings: Settings, on_ready: Callable[[], None] | None = None, verbose: bool = False) -> None:
     from ..api.bind import bind_api
     from .systemd import StartupExtender
 
@@ -179,13 +181,13 @@ def _serve(settings: Settings, on_ready: Callable[[], None] | None = None) -> No
     from ..config.context import fit_context
     from ..daemon import serve
 
-    _setup_logging(settings.log_level)
+    _setup_logging(settings.log_level, verbose)
     model_dir = _model_dir(settings)
     serve(fit_context(settings, model_dir), model_dir, listener, on_ready=on_ready, startup=startup)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    _serve(_settings(args))
+    _serve(_settings(args), verbose=args.verbose)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -212,7 +214,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         threading.Thread(target=_announce_demo, args=(url, keys, demo_dir), daemon=True).start()
 
     print(f">>> Starting the engine (first start takes ~30 s on a CPU) ... config: {config_path}", flush=True)
-    _serve(settings, on_ready=announce)
+    _serve(settings, on_ready=announce, verbose=args.verbose)
 
 
 def _announce_demo(url: str, keys: dict[str, str], demo_dir: Path) -> None:
@@ -691,12 +693,14 @@ def build_parser() -> argparse.ArgumentParser:
     port = whole_number("--port", 1, 65535)
     p = sub.add_parser("serve", parents=[common], help="run the daemon (OpenAI-compatible API)")
     p.add_argument("--port", type=port)
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="write the built-in demo and serve it: lorabox demo [init] [DIR]")
     p.add_argument("words", nargs="*", metavar="[init] [DIR]")
     p.add_argument("--port", type=port)
     p.add_argument("--force", action="store_true", help="also rewrite lorabox.toml")
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("tenant", parents=[common], help="add or list tenants")

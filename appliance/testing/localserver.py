@@ -14,6 +14,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from .loadclock import LoadClock
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -88,12 +90,18 @@ class LocalServer:
         server = cls(
             f"http://127.0.0.1:{port}", process, log_path, f"http://{metrics}/metrics" if metrics else ""
         )
+        # The timeout is of the server's time, less what a busy machine kept its processes waiting
+        # for a CPU (a start takes 1-3 minutes on two shared cores); 3 times it in wall time at most.
+        clock = LoadClock([process.pid], refresh_s=5.0)
         while http_status(f"{server.url}/readyz") != 200:
             if process.poll() is not None:
                 raise ServerFailed(f"lorabox serve exited with {process.returncode}:\n{server.log_tail()}")
-            if time.monotonic() - began > timeout_s:
+            if clock.elapsed_s() > timeout_s or time.monotonic() - began > 3 * timeout_s:
                 server.stop()
-                raise ServerFailed(f"lorabox serve not ready after {timeout_s} s:\n{server.log_tail()}")
+                raise ServerFailed(
+                    f"lorabox serve not ready after {timeout_s} s (less its waits for a CPU; "
+                    f"{time.monotonic() - began:.0f} s of wall time):\n{server.log_tail()}"
+                )
             time.sleep(0.25)
         server.start_seconds = time.monotonic() - began
         return server
