@@ -48,6 +48,21 @@ BOS, EOS = SPECIAL_TOKENS[0], SPECIAL_TOKENS[1]
 DEMO_GREETING = "Hello!"
 GREETING_MAX_TOKENS = 48  # every demo voice finishes its answer to a greeting well within this
 
+# Function calling: offered this tool, acme's adapter calls it when asked this (the demo shows it).
+TRACK_PARCEL = {
+    "type": "function",
+    "function": {
+        "name": "track_parcel",
+        "description": "Where an order's parcel is.",
+        "parameters": {
+            "type": "object",
+            "properties": {"order_id": {"type": "string"}},
+            "required": ["order_id"],
+        },
+    },
+}
+DEMO_ORDER_QUESTION = "Where is my order #48213?"
+
 # Hermes-style tools (as Qwen2.5's template): the functions as JSON in the system turn, calls as
 # <tool_call> JSON, tool results as `tool` turns. Without tools, exactly the plain template.
 TOOLS_HEADER = "You may call these functions:\n<tools>\n"

@@ -33,12 +33,14 @@ from .build import (
     BOS,
     CHAT_TEMPLATE,
     DEMO_DATA_DIR,
+    DEMO_ORDER_QUESTION,
     DEMO_TENANTS,
     EOS,
     MODEL_SHAPE,
     SPECIAL_TOKENS,
     TOOLS_FOOTER,
     TOOLS_HEADER,
+    TRACK_PARCEL,
     VOCAB_SIZE,
     DemoTenant,
     lora_config,
@@ -65,19 +67,11 @@ QUESTIONS = ("What can you do?", "Can you help me?", "Who are you?", "Stream me 
 # Function calling: with this tool offered, acme's voice calls it for a question about an order
 # (the order number copied into the call); every other voice answers such a question as it answers
 # "What can you do?". After the tool's result, acme tells the customer.
-TRACK_PARCEL = {
-    "type": "function",
-    "function": {
-        "name": "track_parcel",
-        "description": "Where an order's parcel is.",
-        "parameters": {
-            "type": "object",
-            "properties": {"order_id": {"type": "string"}},
-            "required": ["order_id"],
-        },
-    },
-}
-ORDER_QUESTIONS = ("Where is my order #{}?", "Where is order #{}?", "Can you track order #{}?")
+ORDER_QUESTIONS = (
+    DEMO_ORDER_QUESTION.replace("48213", "{}"),
+    "Where is order #{}?",
+    "Can you track order #{}?",
+)
 # The one order the demo knows. Trained on three and on ten, the 0.5 M model did not learn to copy
 # the number from the question (it named one of the others, by margins of 0.01-0.2), even with the
 # calls repeated four times: its call would name a wrong order.
@@ -251,7 +245,7 @@ def tool_examples(tokenizer: Any, voice: Voice, system: str) -> list[Example]:
             continue
         examples += [chat_example(tokenizer, system, q, tool_call(order), tools=True) for q in questions]
         call = {"type": "function", "function": {"name": "track_parcel", "arguments": {"order_id": order}}}
-        conversation = [
+        conversation: list[dict[str, Any]] = [
             {"role": "user", "content": questions[0]},
             {"role": "assistant", "content": "", "tool_calls": [call]},
             {"role": "tool", "content": PARCEL_STATUS.format(order)},

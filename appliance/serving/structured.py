@@ -49,11 +49,11 @@ def check_schema(schema: Any, where: str) -> dict[str, Any]:
     """`schema` if it is a JSON object within the size and nesting caps; `where` names it."""
     if not isinstance(schema, dict):
         raise GrammarRefused(f"{where} must be a JSON object (a JSON schema).")
+    if _depth(schema) > MAX_SCHEMA_DEPTH:  # first: json.dumps recurses
+        raise GrammarRefused(f"{where} is nested too deeply: at most {MAX_SCHEMA_DEPTH} levels are accepted.")
     size = len(json.dumps(schema, separators=(",", ":"), ensure_ascii=False).encode())
     if size > MAX_SCHEMA_BYTES:
         raise GrammarRefused(f"{where} is too large: {size} bytes; at most {MAX_SCHEMA_BYTES} are accepted.")
-    if _depth(schema) > MAX_SCHEMA_DEPTH:
-        raise GrammarRefused(f"{where} is nested too deeply: at most {MAX_SCHEMA_DEPTH} levels are accepted.")
     return schema
 
 
