@@ -85,29 +85,42 @@ def test_completion_logprobs_equal_the_reference_streamed_too(live, reference) -
         assert list(top) == [reference.tokenizer.decode([i]) for i in best.indices]
 
 
+# The demo model's answers win by wide margins; past the end of an answer (ignore_eos) it is less
+# sure of itself, and there penalties of these sizes change what it writes, by clear margins.
+QUESTION = [{"role": "user", "content": "What can you do?"}]
+PAST_THE_END = 48
+
+
 def test_repetition_penalty_equals_hf_generate(live, reference) -> None:
-    prompt = reference.prompt_ids(PROMPT)
-    expected = reference.generate("initech", prompt, 48, repetition_penalty=1.3)
-    assert expected != reference.generate("initech", prompt, 48)  # the penalty changes this output
-    response = client(live, "initech").completions.create(
-        model="initech", prompt=PROMPT, max_tokens=48, temperature=0, extra_body={"repetition_penalty": 1.3}
+    prompt = reference.chat_ids(QUESTION)
+    expected, margin = reference.generate_with_margin(
+        "initech", prompt, PAST_THE_END, eos_token_id=None, repetition_penalty=1.3
     )
-    assert response.choices[0].text == reference.text(expected)
+    assert expected != reference.generate("initech", prompt, PAST_THE_END, eos_token_id=None)  # it bites
+    assert margin > 0.1
+    response = client(live, "initech").chat.completions.create(
+        model="initech",
+        messages=QUESTION,
+        max_tokens=PAST_THE_END,
+        temperature=0,
+        extra_body={"repetition_penalty": 1.3, "ignore_eos": True},
+    )
+    assert response.choices[0].message.content == reference.text(expected)
 
 
 def openai_penalised(
     reference, adapter, prompt: list[int], n: int, presence: float, frequency: float
 ) -> list[int]:
-    """Greedy decoding with OpenAI's documented formula applied to HF's logits:
-    logit[j] -= frequency * count[j] + presence * (count[j] > 0), counts over the output so far."""
+    """Greedy decoding (past the end of sequence) with OpenAI's documented formula applied to HF's
+    logits: logit[j] -= frequency * count[j] + presence * (count[j] > 0), counts over the output."""
     out: list[int] = []
     for _ in range(n):
         logits = reference.next_logits(adapter, prompt + out)
         counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.shape[0]).double()
         logits = logits - frequency * counts - presence * (counts > 0).double()
+        best = torch.topk(logits, 2).values
+        assert best[0] - best[1] > 0.1  # a clear choice: engines agree with HF on it
         out.append(int(torch.argmax(logits)))
-        if out[-1] == reference.tokenizer.eos_token_id:
-            break
     return out
 
 
@@ -115,18 +128,19 @@ def openai_penalised(
 def test_presence_and_frequency_penalties_follow_openais_formula(
     live, reference, presence, frequency
 ) -> None:
-    prompt = reference.prompt_ids(PROMPT)
-    expected = openai_penalised(reference, "acme", prompt, 40, presence, frequency)
-    assert expected != reference.generate("acme", prompt, 40)  # the penalties change this output
-    response = client(live).completions.create(
+    prompt = reference.chat_ids(QUESTION)
+    expected = openai_penalised(reference, "acme", prompt, PAST_THE_END, presence, frequency)
+    assert expected != reference.generate("acme", prompt, PAST_THE_END, eos_token_id=None)  # they bite
+    response = client(live).chat.completions.create(
         model="acme",
-        prompt=PROMPT,
-        max_tokens=40,
+        messages=QUESTION,
+        max_tokens=PAST_THE_END,
         temperature=0,
         presence_penalty=presence,
         frequency_penalty=frequency,
+        extra_body={"ignore_eos": True},
     )
-    assert response.choices[0].text == reference.text(expected)
+    assert response.choices[0].message.content == reference.text(expected)
 
 
 def test_logit_bias_moves_the_greedy_token(live, reference) -> None:

@@ -61,15 +61,14 @@ class PeftReference:
             import torch
 
             with torch.no_grad():
+                settings = {
+                    "max_new_tokens": max_tokens,
+                    "do_sample": False,
+                    "eos_token_id": self.tokenizer.eos_token_id,
+                    "pad_token_id": self.tokenizer.eos_token_id,
+                } | options
                 out = self._model(folder).generate(
-                    torch.tensor([prompt_ids]),
-                    max_new_tokens=max_tokens,
-                    do_sample=False,
-                    eos_token_id=self.tokenizer.eos_token_id,
-                    pad_token_id=self.tokenizer.eos_token_id,
-                    output_scores=True,
-                    return_dict_in_generate=True,
-                    **options,
+                    torch.tensor([prompt_ids]), output_scores=True, return_dict_in_generate=True, **settings
                 )
             tokens = out.sequences[0, len(prompt_ids) :].tolist()
             margin = min(float(torch.topk(s[0], 2).values.diff().abs()) for s in out.scores)
