@@ -192,3 +192,29 @@ def test_each_family_grammar_admits_its_own_calls(name: str) -> None:
     assert matcher.is_accepting()
     text, calls = read(name, [written])
     assert (text, [(n, json.loads(a)) for n, a, _ in calls]) == ("", [("get_weather", {"city": "Oslo"})])
+
+
+def test_a_family_marker_that_is_a_special_token_survives_detokenization() -> None:
+    """Mistral's [TOOL_CALLS] is a special token: kept in the text the reader sees (and written
+    as that token by the grammar), while other special tokens are still dropped."""
+    from transformers import AutoTokenizer
+
+    from appliance.demo.build import DEMO_DATA_DIR
+    from appliance.serving.tokenization import TextCodec
+    from appliance.serving.tools import kept_tokens, literal_for
+
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_DATA_DIR / "model")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[TOOL_CALLS]"]})
+    marker = tokenizer.convert_tokens_to_ids("[TOOL_CALLS]")
+    keep = kept_tokens(FORMATS["mistral"], tokenizer)
+    assert keep == {marker}
+    assert literal_for(tokenizer)("[TOOL_CALLS]") == f"<[{marker}]>"
+    call = '[{"name": "get_weather", "arguments": {"city": "Oslo"}}]'
+    ids = [*tokenizer("Sure.", add_special_tokens=False).input_ids, marker]
+    ids += [*tokenizer(call, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
+    codec = TextCodec(tokenizer)
+    assert codec.decode(ids) == "Sure." + call  # without keep: the marker is gone, as any special token
+    detokenizer = codec.detokenizer(keep)
+    text = "".join(detokenizer.feed([token]) for token in ids) + detokenizer.finish()
+    assert text == "Sure.[TOOL_CALLS]" + call
+    assert read("mistral", [text])[0] == "Sure."

@@ -7,7 +7,7 @@ with the serving path (no vLLM, no lorabox tokenization code).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 
 class PeftReference:
@@ -38,7 +38,7 @@ class PeftReference:
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
     ) -> list[int]:
         encoded: Any = self.tokenizer.apply_chat_template(
-            messages, tools=tools, add_generation_prompt=True, return_dict=True
+            messages, tools=cast(Any, tools), add_generation_prompt=True, return_dict=True
         )
         return list(encoded["input_ids"])
 
