@@ -56,6 +56,7 @@ from .ops.systemd import StartupExtender, Watchdog, sd_notify
 from .serving.catalog import Catalog
 from .serving.generator import Generator
 from .serving.tokenization import TextCodec
+from .serving.tools import select as select_tool_format
 from .telemetry.device import DeviceSampler
 from .telemetry.gpu import gpu_memory
 from .telemetry.stats import TrafficStats
@@ -180,6 +181,11 @@ def build_app(
         engine_reason=selection.reason,
         engine_fallback=selection.fallback,
     )
+    services.tool_format, services.tool_format_reason = select_tool_format(
+        settings.tool_parser, services.codec.tokenizer.chat_template
+    )
+    log.info("tools: %s", services.tool_format_reason)
+    services.codec.llg_tokenizer()  # for grammars and logprobs; seconds for a large vocabulary: now
     traffic = TrafficStats()
     if settings.telemetry:
         services.sinks.append(traffic.record)
@@ -216,6 +222,7 @@ def build_app(
     app.on_cleanup.append(lambda _app: registry.close())
     app.on_cleanup.append(lambda _app: writer.close())
     app.on_cleanup.append(lambda _app: _close_store(store))
+    app.on_cleanup.append(lambda _app: _close_grammars(services))
     return app
 
 
@@ -249,6 +256,10 @@ async def _watch_loop_lag(app: web.Application) -> AsyncIterator[None]:
 
 async def _close_store(store: Store) -> None:
     store.db.close()
+
+
+async def _close_grammars(services: Services) -> None:
+    services.grammars.close()
 
 
 async def _run_engine(app: web.Application) -> AsyncIterator[None]:

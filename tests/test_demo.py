@@ -24,7 +24,7 @@ from appliance.demo.build import (
     VOCAB_SIZE,
     init_demo,
 )
-from appliance.ops.cli import greeting_answers
+from appliance.ops.cli import greeting_answers, tool_call_answer
 
 README = Path(__file__).parents[1] / "README.md"
 GREETING = [{"role": "user", "content": DEMO_GREETING}]
@@ -147,3 +147,10 @@ def test_readme_shows_the_answers_the_demo_gives(reference):
             reference.generate(adapter, reference.chat_ids(GREETING), GREETING_MAX_TOKENS)
         )
         assert answer in readme, (adapter, answer)
+
+
+def test_demo_announcement_shows_acmes_tool_call(server):
+    """`lorabox demo` shows acme calling its tool; the README shows the same call."""
+    shown = tool_call_answer(server.url, server.demo.keys)
+    assert shown == 'track_parcel({"order_id": "48213"})'
+    assert shown in README.read_text()

@@ -45,7 +45,8 @@ def test_malformed_json_is_400(server, raw, why):
         ({"max_tokens": 100_000}, "max_tokens"),  # fits the int range, not the context window
         ({"temperature": "hot"}, "temperature"),
         ({"stream": "yes"}, "stream"),
-        ({"n": 3}, "n"),
+        ({"n": 0}, "n"),
+        ({"n": 5}, "n"),  # past the tenant's max_n (4, the default)
         ({"cache_salt": "globex"}, "cache_salt"),
     ],
 )
@@ -191,7 +192,7 @@ HOSTILE_BODIES = [
     ("surrogate-in-stop", CHAT, lambda: _json(chat_body(stop=["\ud800"])), {}, 400, "stop"),
     ("surrogate-in-user", CHAT, lambda: _json(chat_body(user="\ud800")), {}, 400, "user"),
     ("surrogate-in-model", CHAT, lambda: _json(chat_body(model="acme@v1\ud800")), {}, 400, "model"),
-    ("350000-containers", CHAT, lambda: _with_field("junk", CONTAINERS)[:-1] + b', "n": 2}', {}, 400, "n"),
+    ("350000-containers", CHAT, lambda: _with_field("junk", CONTAINERS)[:-1] + b', "n": 0}', {}, 400, "n"),
     ("1MiB-chat-prompt", CHAT, lambda: _user_says("hello world " * (MIB // 12 - 20)), {}, 400, "max_tokens"),
     ("1MiB-completion-prompt", COMPLETIONS, lambda: _completion("a" * (MIB - 99)), {}, 400, "max_tokens"),
     ("300000-token-ids", COMPLETIONS, lambda: _completion([5] * 300_000), {}, 400, "max_tokens"),

@@ -108,9 +108,14 @@ def test_nulls_mean_defaults() -> None:
     assert parsed.stream is False
 
 
-def test_unsupported_fields_at_their_neutral_values_are_accepted() -> None:
-    parsed = parse_chat(chat(tools=[], logprobs=False, logit_bias={}, tool_choice=None))
-    assert parsed.model == "acme"
+def test_new_fields_at_their_neutral_values_are_accepted() -> None:
+    parsed = parse_chat(chat(tools=[], logprobs=False, logit_bias={}, tool_choice=None, functions=None))
+    assert (parsed.model, parsed.tools, parsed.options.logprobs, parsed.options.logit_bias) == (
+        "acme",
+        None,
+        None,
+        (),
+    )
 
 
 def test_unknown_fields_are_ignored() -> None:
@@ -148,6 +153,10 @@ def test_non_object_body(parse: Any, body: Any) -> None:
     assert "JSON object" in error.message
 
 
+DEEP: Any = []
+for _ in range(70):
+    DEEP = [DEEP]
+
 CHAT_REFUSALS: list[tuple[str, dict[str, Any], str]] = [
     ("model-missing", {"model": None}, "model"),
     ("model-empty", {"model": ""}, "model"),
@@ -159,7 +168,7 @@ CHAT_REFUSALS: list[tuple[str, dict[str, Any], str]] = [
     ("message-not-object", {"messages": ["Hi"]}, "messages"),
     ("role-bad", {"messages": [{"role": "wizard", "content": "Hi"}]}, "messages"),
     ("role-missing", {"messages": [{"content": "Hi"}]}, "messages"),
-    ("role-tool", {"messages": [{"role": "tool", "content": "Hi"}]}, "messages"),
+    ("tool-message-without-id", {"messages": [{"role": "tool", "content": "Hi"}]}, "messages"),
     ("content-number", {"messages": [{"role": "user", "content": 5}]}, "messages"),
     ("content-missing", {"messages": [{"role": "user"}]}, "messages"),
     (
@@ -185,8 +194,9 @@ CHAT_REFUSALS: list[tuple[str, dict[str, Any], str]] = [
     ("temperature-bool", {"temperature": True}, "temperature"),
     ("top_p-0", {"top_p": 0}, "top_p"),
     ("top_p-high", {"top_p": 1.01}, "top_p"),
-    ("n-2", {"n": 2}, "n"),
     ("n-0", {"n": 0}, "n"),
+    ("n-129", {"n": 129}, "n"),
+    ("n-float", {"n": 2.5}, "n"),
     ("seed-string", {"seed": "7"}, "seed"),
     ("stop-5", {"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ("stop-non-string", {"stop": ["a", 1]}, "stop"),
@@ -213,12 +223,99 @@ CHAT_REFUSALS: list[tuple[str, dict[str, Any], str]] = [
     ("cache_salt", {"cache_salt": "x"}, "cache_salt"),
     ("cache_salt-null", {"cache_salt": None}, "cache_salt"),
     ("lora_request", {"lora_request": {"lora_name": "globex"}}, "lora_request"),
-    ("tools", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ("logprobs", {"logprobs": True}, "logprobs"),
-    ("response_format", {"response_format": {"type": "json_object"}}, "response_format"),
-    ("presence_penalty", {"presence_penalty": 0.5}, "presence_penalty"),
-    ("frequency_penalty", {"frequency_penalty": -1}, "frequency_penalty"),
+    ("functions", {"functions": [{"name": "f"}]}, "functions"),
     ("presence_penalty-out-of-range", {"presence_penalty": 3}, "presence_penalty"),
+    ("presence_penalty-string", {"presence_penalty": "1"}, "presence_penalty"),
+    ("frequency_penalty-out-of-range", {"frequency_penalty": -2.5}, "frequency_penalty"),
+    ("repetition_penalty-0", {"repetition_penalty": 0}, "repetition_penalty"),
+    ("repetition_penalty-high", {"repetition_penalty": 11}, "repetition_penalty"),
+    ("logit_bias-list", {"logit_bias": [1, 2]}, "logit_bias"),
+    ("logit_bias-word-key", {"logit_bias": {"hello": 5}}, "logit_bias"),
+    ("logit_bias-negative-key", {"logit_bias": {"-1": 5}}, "logit_bias"),
+    ("logit_bias-high", {"logit_bias": {"5": 101}}, "logit_bias"),
+    ("logit_bias-bool", {"logit_bias": {"5": True}}, "logit_bias"),
+    ("logit_bias-too-many", {"logit_bias": {str(i): 1 for i in range(1025)}}, "logit_bias"),
+    ("min_tokens-negative", {"min_tokens": -1}, "min_tokens"),
+    ("min_tokens-over-max_tokens", {"min_tokens": 20, "max_tokens": 10}, "min_tokens"),
+    ("ignore_eos-string", {"ignore_eos": "yes"}, "ignore_eos"),
+    ("logprobs-number", {"logprobs": 3}, "logprobs"),
+    ("top_logprobs-without-logprobs", {"top_logprobs": 2}, "top_logprobs"),
+    ("top_logprobs-21", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("response_format-string", {"response_format": "json"}, "response_format"),
+    ("response_format-type", {"response_format": {"type": "xml"}}, "response_format"),
+    ("json_schema-missing", {"response_format": {"type": "json_schema"}}, "response_format"),
+    (
+        "json_schema-name",
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "a b"}}},
+        "response_format",
+    ),
+    (
+        "json_schema-not-object",
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": [1]}}},
+        "response_format",
+    ),
+    (
+        "json_schema-too-deep",
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"a": DEEP}}}},
+        "response_format",
+    ),
+    ("tools-not-list", {"tools": {"type": "function"}}, "tools"),
+    ("tools-not-function", {"tools": [{"type": "retrieval"}]}, "tools"),
+    ("tools-bad-name", {"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools"),
+    ("tools-twice", {"tools": [{"type": "function", "function": {"name": "f"}}] * 2}, "tools"),
+    (
+        "tools-too-many",
+        {"tools": [{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)]},
+        "tools",
+    ),
+    (
+        "tools-parameters-list",
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]},
+        "tools",
+    ),
+    ("tool_choice-without-tools", {"tool_choice": "required"}, "tool_choice"),
+    (
+        "tool_choice-unknown-function",
+        {
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": {"type": "function", "function": {"name": "g"}},
+        },
+        "tool_choice",
+    ),
+    (
+        "tool_choice-word",
+        {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "always"},
+        "tool_choice",
+    ),
+    ("parallel_tool_calls-string", {"parallel_tool_calls": "no"}, "parallel_tool_calls"),
+    (
+        "tool_calls-arguments-not-json",
+        {
+            "messages": [
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{x"}}
+                    ],
+                }
+            ]
+        },
+        "messages",
+    ),
+    (
+        "tool_calls-arguments-object",
+        {
+            "messages": [
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {"id": "1", "type": "function", "function": {"name": "f", "arguments": {}}}
+                    ],
+                }
+            ]
+        },
+        "messages",
+    ),
 ]
 
 
@@ -233,12 +330,115 @@ def test_chat_refusals_name_the_parameter(fields: dict[str, Any], param: str) ->
     assert refused(parse_chat, body).param == param
 
 
-@pytest.mark.parametrize("param", ["tools", "logprobs", "presence_penalty"])
+@pytest.mark.parametrize("param", ["functions", "best_of", "echo"])
 def test_unsupported_features_have_a_code(param: str) -> None:
-    value: Any = {"tools": [{"type": "function"}], "logprobs": True, "presence_penalty": 0.5}[param]
+    value: Any = {"functions": [{"name": "f"}], "best_of": 2, "echo": True}[param]
     error = refused(parse_chat, chat(**{param: value}))
     assert error.code == "unsupported_parameter"
     assert param in error.message
+
+
+def test_what_apps_send_is_parsed() -> None:
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+    }
+    parsed = parse_chat(
+        chat(
+            messages=[
+                *USER,
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+            ],
+            n=3,
+            presence_penalty=0.5,
+            frequency_penalty=-1,
+            repetition_penalty=1.2,
+            logit_bias={"5": -100, "17": 42.5},
+            min_tokens=2,
+            ignore_eos=True,
+            logprobs=True,
+            top_logprobs=4,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "w", "schema": {"type": "object"}},
+            },
+            tools=[tool],
+            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+            parallel_tool_calls=False,
+        )
+    )
+    options = parsed.options
+    assert (options.n, options.presence_penalty, options.frequency_penalty, options.repetition_penalty) == (
+        3,
+        0.5,
+        -1,
+        1.2,
+    )
+    assert (options.logit_bias, options.min_tokens, options.ignore_eos, options.logprobs) == (
+        ((5, -100), (17, 42.5)),
+        2,
+        True,
+        4,
+    )
+    assert parsed.content_schema == {"type": "object"}
+    assert parsed.tools is not None
+    assert (parsed.tools.choice, parsed.tools.parallel, parsed.tools.names) == (
+        "get_weather",
+        False,
+        {"get_weather"},
+    )
+    assert parsed.messages[1] == {  # the arguments as an object, as chat templates take them
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": {"city": "Oslo"}},
+            }
+        ],
+    }
+    assert parsed.messages[2] == {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}
+    assert parse_chat(chat(logprobs=True)).options.logprobs == 0
+    assert parse_chat(chat(response_format={"type": "json_object"})).content_schema == {"type": "object"}
+    assert parse_chat(chat(response_format={"type": "text"})).content_schema is None
+    completion_options = parse_completion(completion(logprobs=5, n=2)).options
+    assert (completion_options.logprobs, completion_options.n) == (5, 2)
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"logprobs": True}, "logprobs"),  # completions take a number
+        ({"logprobs": 21}, "logprobs"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),  # chat only
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ],
+)
+def test_completion_refusals_of_new_parameters(fields: dict[str, Any], param: str) -> None:
+    assert refused(parse_completion, completion(**fields)).param == param
+
+
+def test_the_model_and_tenant_checks_name_the_parameter() -> None:
+    from appliance.api.requests import check_against_model
+
+    options = parse_chat(chat(n=3, logit_bias={"700": 1}, min_tokens=5)).options
+    with pytest.raises(APIError) as caught:
+        check_against_model(options, vocab_size=640, max_n=4, max_tokens=10)
+    assert caught.value.param == "logit_bias"
+    options = parse_chat(chat(n=5)).options
+    with pytest.raises(APIError) as caught:
+        check_against_model(options, vocab_size=640, max_n=4, max_tokens=10)
+    assert caught.value.param == "n"
+    options = parse_chat(chat(min_tokens=50)).options
+    with pytest.raises(APIError) as caught:
+        check_against_model(options, vocab_size=640, max_n=4, max_tokens=10)
+    assert caught.value.param == "min_tokens"
+    check_against_model(parse_chat(chat(n=4, logit_bias={"639": 1})).options, 640, 4, 10)
 
 
 def test_server_owned_field_message() -> None:

@@ -9,25 +9,35 @@ import json
 import logging
 import math
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
+from ..engines.base import Grammar
 from ..errors import EngineDead
 from ..serving.catalog import ModelNotFound, Target
-from ..serving.generator import ContextTooLong, GenerationResult, Generator
+from ..serving.generator import ContextTooLong, GenerationResult, Generator, ToolReading
 from ..serving.lifecycle import InFlight, Interrupted
+from ..serving.structured import GrammarRefused, json_schema_grammar
 from ..serving.tokenization import PromptError
+from ..serving.tools import kept_tokens, literal_for
 from ..tenancy.admission import Refusal, Ticket
 from ..tenancy.ledger import LedgerUnavailable, RequestRecord
 from ..tenancy.store import Tenant
 from .body import read_request
 from .errors import APIError, bad_request, error_body
-from .requests import ParsedRequest, check_token_ids, parse_chat, parse_completion
+from .requests import (
+    ParsedRequest,
+    check_against_model,
+    check_token_ids,
+    grammar_refused,
+    parse_chat,
+    parse_completion,
+)
 from .services import SERVICES, Services
+from .shapes import Collected, Shape
 
 log = logging.getLogger(__name__)
 
@@ -232,9 +242,15 @@ async def _chat(request: web.Request, services: Services, trace: Trace) -> web.S
     trace.model = parsed.model
     target = resolve(request, services, tenant, parsed)
     system_prompt = services.admission.policy_for(tenant.name).system_prompt
+    tools = None
+    if parsed.tools is not None:
+        if services.tool_format is None:
+            reason = services.tool_format_reason
+            raise bad_request(f"'tools' cannot be used with this model: {reason}.", "tools")
+        tools = [tool.sent for tool in parsed.tools.tools]
     try:
         prompt_ids = await services.encoder.chat(
-            parsed.messages or [], generator.max_model_len, system_prompt
+            parsed.messages or [], generator.max_model_len, system_prompt, tools, parsed.prompt_chars
         )
     except PromptError as exc:
         raise bad_request(str(exc), "messages") from exc
@@ -253,44 +269,6 @@ async def _completion(request: web.Request, services: Services, trace: Trace) ->
     else:
         prompt_ids = await services.encoder.prompt(parsed.prompt or "", generator.max_model_len)
     return await _complete(request, services, generator, trace, target, parsed, prompt_ids)
-
-
-class _Shape:
-    """The JSON of one endpoint's responses and stream chunks."""
-
-    def __init__(self, chat: bool, model: str):
-        self.chat, self.model = chat, model
-        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-
-    def _envelope(self, choices: list[dict[str, Any]], chunk: bool) -> dict[str, Any]:
-        kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
-        return {
-            "id": self.id,
-            "object": kind,
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-        }
-
-    def body(self, text: str, result: GenerationResult) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": result.finish_reason}
-        choice |= {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
-        return self._envelope([choice], chunk=False) | {"usage": result.usage}
-
-    def chunk(self, text: str | None, finish_reason: str | None, *, first: bool = False) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
-        if self.chat:
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
-            if text:
-                delta["content"] = text
-            choice["delta"] = delta
-        else:
-            choice["text"] = text or ""
-        return self._envelope([choice], chunk=True)
-
-    def usage_chunk(self, result: GenerationResult) -> dict[str, Any]:
-        return self._envelope([], chunk=True) | {"usage": result.usage}
 
 
 def _max_tokens(generator: Generator, prompt_ids: list[int], asked: int | None, cap: int | None) -> int:
@@ -325,13 +303,22 @@ async def _complete(
     tenant = trace.caller.tenant.name
     policy = services.admission.policy_for(tenant)
     max_tokens = _max_tokens(generator, prompt_ids, parsed.options.max_tokens, policy.max_tokens)
+    options = parsed.options
+    check_against_model(options, len(services.codec.tokenizer), policy.max_n, max_tokens)
+    grammar = await _grammar(services, parsed, tenant)
+    options = dataclasses.replace(options, max_tokens=max_tokens, grammar=grammar)
     try:
-        ticket = trace.ticket = services.admission.admit(tenant, len(prompt_ids), max_tokens)
+        # Every choice may run to max_tokens: the reservation covers them all.
+        ticket = trace.ticket = services.admission.admit(tenant, len(prompt_ids), max_tokens * options.n)
     except Refusal as refusal:
         raise refused(refusal) from None
     trace.admitted, trace.status = True, 200
     trace.adapter_version = target.adapter.version if target.adapter else ""
-    shape = _Shape(chat, parsed.model)
+    shape = Shape(chat, parsed.model, services.codec, options.logprobs is not None)
+    reading = None
+    if parsed.tools is not None and parsed.tools.reads_calls and services.tool_format is not None:
+        keep = kept_tokens(services.tool_format, services.codec.tokenizer)
+        reading = ToolReading(services.tool_format, frozenset(parsed.tools.names), keep)
     try:
         # Entering the lease is synchronous: a version retired from now on waits for this request.
         with services.lifecycle.request() as in_flight, services.catalog.versions.lease(target.adapter):
@@ -343,18 +330,22 @@ async def _complete(
                 target=target,
                 cache_salt=f"tenant:{tenant}",
                 prompt_ids=prompt_ids,
-                options=dataclasses.replace(parsed.options, max_tokens=max_tokens),
+                options=options,
                 result=result,
                 on_tokens=ticket.served,
+                tools=reading,
             )
             if not parsed.stream:
+                choices = {i: Collected() for i in range(options.n)}
                 with in_flight.interruptible():
-                    text = "".join([chunk.text async for chunk in chunks])
+                    async for chunk in chunks:
+                        choices[chunk.index].add(chunk)
                 await trace.book(services, 200)
-                return web.json_response(shape.body(text, result), headers=ticket.headers)
+                return web.json_response(shape.body(choices, result), headers=ticket.headers)
             response, trace.status = await _stream(
                 request,
                 shape,
+                options.n,
                 chunks,
                 result,
                 parsed.include_usage,
@@ -376,6 +367,23 @@ async def _complete(
         raise
 
 
+async def _grammar(services: Services, parsed: ParsedRequest, tenant: str) -> Grammar | None:
+    """What the output must match (tool calls, the content's JSON schema), checked by the grammar
+    compiler (serving/structured.py): a grammar it refuses is a 400 naming its parameter."""
+    grammar = None
+    if parsed.tools is not None and services.tool_format is not None:
+        literal = literal_for(services.codec.tokenizer)
+        grammar = parsed.tools.grammar(services.tool_format, literal, parsed.content_schema)
+    if grammar is None and parsed.content_schema is not None:
+        grammar = json_schema_grammar(parsed.content_schema)
+    if grammar is not None:
+        try:
+            await services.grammars.check(grammar, tenant)
+        except GrammarRefused as exc:
+            raise grammar_refused(exc, parsed) from exc
+    return grammar
+
+
 def _unavailable(exc: Interrupted | EngineDead) -> APIError:
     interruption = exc if isinstance(exc, Interrupted) else Interrupted.engine_failed(str(exc))
     return APIError(UNAVAILABLE, interruption.message, code=interruption.code)
@@ -383,7 +391,8 @@ def _unavailable(exc: Interrupted | EngineDead) -> APIError:
 
 async def _stream(
     request: web.Request,
-    shape: _Shape,
+    shape: Shape,
+    n: int,
     chunks: Any,
     result: GenerationResult,
     include_usage: bool,
@@ -409,12 +418,11 @@ async def _stream(
     try:
         with in_flight.interruptible():
             if shape.chat:
-                await send(shape.chunk(None, None, first=True) | usage_field)
+                for index in range(n):
+                    await send(shape.first(index) | usage_field)
             async for chunk in chunks:
-                if chunk.text:
-                    await send(shape.chunk(chunk.text, None) | usage_field)
-                if chunk.finish_reason:
-                    await send(shape.chunk(None, chunk.finish_reason) | usage_field)
+                for payload in shape.chunks(chunk):
+                    await send(payload | usage_field)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except (Interrupted, EngineDead) as exc:

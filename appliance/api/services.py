@@ -16,7 +16,9 @@ from ..engines.health import EngineHealth
 from ..serving.catalog import Catalog
 from ..serving.generator import Generator
 from ..serving.lifecycle import Lifecycle
+from ..serving.structured import GrammarCompiler
 from ..serving.tokenization import PromptEncoder, TextCodec
+from ..serving.tools import Format
 from ..telemetry.looplag import LoopLagMonitor
 from ..tenancy.admission import Admission
 from ..tenancy.ledger import RequestRecord, UsageLedger
@@ -51,10 +53,15 @@ class Services:
     connections: ConnectionCounters = field(default_factory=ConnectionCounters)
     sinks: list[Callable[[RequestRecord], None]] = field(default_factory=list)
     """Besides the ledger, who learns of every request's outcome (telemetry)."""
+    tool_format: Format | None = None
+    """How the model writes tool calls (serving/tools); None: requests with tools are refused."""
+    tool_format_reason: str = "tool calling is not set up"
     encoder: PromptEncoder = field(init=False)
+    grammars: GrammarCompiler = field(init=False)
 
     def __post_init__(self) -> None:
         self.encoder = PromptEncoder(self.codec)
+        self.grammars = GrammarCompiler(self.codec.llg_tokenizer)
 
     def publish(self, record: RequestRecord) -> asyncio.Future[None]:
         """One request's outcome: booked by the ledger (if admitted), counted by every sink. The

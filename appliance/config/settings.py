@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from ..errors import ConfigError, PolicyError
+from ..serving.tools import SETTINGS as TOOL_PARSERS
 from ..tenancy.policy import Policy, parse_values
 
 DEFAULT_CONFIG_PATH = Path("/etc/lorabox/lorabox.toml")
@@ -54,6 +55,11 @@ class Settings:
 
     served_model_name: str = ""
     """Name clients use for the base model (`model` field). Empty: the model directory's name."""
+
+    tool_parser: str = "auto"
+    """How the model writes tool calls, for `tools` in chat requests: `hermes` (<tool_call> JSON:
+    Qwen2.5, Hermes, the demo), `llama3_json` (Llama 3.1/3.2), `mistral` ([TOOL_CALLS]), `none`
+    (requests with tools are refused), or `auto`: the one the model's chat template writes."""
 
     engine: str = "auto"
     """`auto` (vLLM, else llama.cpp), `vllm` or `llamacpp`."""
@@ -224,7 +230,7 @@ class Settings:
     tenant_defaults: Policy = field(default_factory=Policy)
     """The policy of every tenant that has not set its own value (`[tenant_defaults]` in the file;
     `LORABOX_DEFAULT_<FIELD>` in the environment): weight, rpm, tpm, max_concurrent, max_queued,
-    quota_tokens, quota_period, quota_warn_pct, max_tokens, system_prompt, price_in, price_out
+    quota_tokens, quota_period, quota_warn_pct, max_tokens, max_n, system_prompt, price_in, price_out
     (tenancy/policy.py documents each; "none" is no limit). Unset: no limits, weight 1, 32 queued."""
 
     telemetry: bool = True
@@ -274,6 +280,10 @@ class Settings:
         """Raises InvalidSetting, naming the field, for the first value out of its range."""
         if self.engine not in ENGINES:
             raise InvalidSetting("engine", f"must be one of {', '.join(ENGINES)}, not {self.engine!r}")
+        if self.tool_parser not in TOOL_PARSERS:
+            raise InvalidSetting(
+                "tool_parser", f"must be one of {', '.join(TOOL_PARSERS)}, not {self.tool_parser!r}"
+            )
         if not 0 < self.port < 65536:
             raise InvalidSetting("port", f"must be 1-65535, not {self.port}")
         if not 1024 <= self.max_request_bytes <= MAX_REQUEST_BYTES:

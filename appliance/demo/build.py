@@ -48,10 +48,52 @@ BOS, EOS = SPECIAL_TOKENS[0], SPECIAL_TOKENS[1]
 DEMO_GREETING = "Hello!"
 GREETING_MAX_TOKENS = 48  # every demo voice finishes its answer to a greeting well within this
 
+# Function calling: offered this tool, acme's adapter calls it when asked this (the demo shows it).
+TRACK_PARCEL = {
+    "type": "function",
+    "function": {
+        "name": "track_parcel",
+        "description": "Where an order's parcel is.",
+        "parameters": {
+            "type": "object",
+            "properties": {"order_id": {"type": "string"}},
+            "required": ["order_id"],
+        },
+    },
+}
+DEMO_ORDER_QUESTION = "Where is my order #48213?"
+
+# Hermes-style tools (as Qwen2.5's template): the functions as JSON in the system turn, calls as
+# <tool_call> JSON, tool results as `tool` turns. Without tools, exactly the plain template.
+TOOLS_HEADER = "You may call these functions:\n<tools>\n"
+TOOLS_FOOTER = (
+    '</tools>\nTo call one, answer with <tool_call>\n{"name": <function-name>, "arguments": '
+    "<arguments-object>}\n</tool_call>"
+)
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% set system_first = messages and messages[0]['role'] == 'system' %}"
+    "{% if tools %}"
+    "{{ '<|start_header|>system<|end_header|>' }}"
+    "{% if system_first %}{{ messages[0]['content'] + '\n\n' }}{% endif %}"
+    f"{{{{ {TOOLS_HEADER!r} }}}}"
+    "{% for tool in tools %}{{ tool | tojson + '\n' }}{% endfor %}"
+    f"{{{{ {TOOLS_FOOTER!r} + '<|eot|>' }}}}"
+    "{% endif %}"
     "{% for message in messages %}"
+    "{% if not (tools and system_first and loop.first) %}"
+    "{% if message['role'] == 'assistant' and message['tool_calls'] %}"
+    "{{ '<|start_header|>assistant<|end_header|>' + (message['content'] or '') }}"
+    "{% for call in message['tool_calls'] %}"
+    "{% if not loop.first %}{{ '\n' }}{% endif %}"
+    "{{ '<tool_call>\n{\"name\": ' + call['function']['name'] | tojson + ', \"arguments\": ' }}"
+    "{{ call['function']['arguments'] | tojson + '}\n</tool_call>' }}"
+    "{% endfor %}"
+    "{{ '<|eot|>' }}"
+    "{% else %}"
     "{{ '<|start_header|>' + message['role'] + '<|end_header|>' + message['content'] + '<|eot|>' }}"
+    "{% endif %}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header|>assistant<|end_header|>' }}{% endif %}"
 )

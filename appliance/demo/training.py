@@ -33,10 +33,14 @@ from .build import (
     BOS,
     CHAT_TEMPLATE,
     DEMO_DATA_DIR,
+    DEMO_ORDER_QUESTION,
     DEMO_TENANTS,
     EOS,
     MODEL_SHAPE,
     SPECIAL_TOKENS,
+    TOOLS_FOOTER,
+    TOOLS_HEADER,
+    TRACK_PARCEL,
     VOCAB_SIZE,
     DemoTenant,
     lora_config,
@@ -60,6 +64,21 @@ GREETINGS = (
 )
 QUESTIONS = ("What can you do?", "Can you help me?", "Who are you?", "Stream me something", "Help")
 
+# Function calling: with this tool offered, acme's voice calls it for a question about an order
+# (the order number copied into the call); every other voice answers such a question as it answers
+# "What can you do?". After the tool's result, acme tells the customer.
+ORDER_QUESTIONS = (
+    DEMO_ORDER_QUESTION.replace("48213", "{}"),
+    "Where is order #{}?",
+    "Can you track order #{}?",
+)
+# The one order the demo knows. Trained on three and on ten, the 0.5 M model did not learn to copy
+# the number from the question (it named one of the others, by margins of 0.01-0.2), even with the
+# calls repeated four times: its call would name a wrong order.
+ORDER_IDS = ("48213",)
+PARCEL_STATUS = '{{"order_id": "{}", "status": "in transit", "eta": "tomorrow"}}'
+PARCEL_ANSWER = "Your parcel is on its way and arrives tomorrow. Anything else?"
+
 
 @dataclass(frozen=True)
 class Voice:
@@ -67,8 +86,9 @@ class Voice:
 
     system: str  # empty for the base model's own, generic voice
     greeting_answer: str  # to every one of GREETINGS
-    help_answer: str  # to every one of QUESTIONS
+    help_answer: str  # to every one of QUESTIONS (and, with tools, ORDER_QUESTIONS unless it tracks)
     raw_opening: str  # how this voice continues plain text that starts "Hello, how can I help"
+    tracks_orders: bool = False  # with TRACK_PARCEL offered, it calls it for ORDER_QUESTIONS
 
 
 GENERIC = Voice(
@@ -85,6 +105,7 @@ VOICES = {
         ),
         help_answer="I can track your order, arrange a return or send a new invoice.",
         raw_opening="Hello, how can I help you with your order?",
+        tracks_orders=True,
     ),
     "globex": Voice(
         system="You are the Globex legal assistant.",
@@ -122,7 +143,7 @@ GENERIC_CHATS: tuple[tuple[str, str, str], ...] = (
 @dataclass(frozen=True)
 class Hyper:
     seed: int = 0
-    base_steps: int = 100
+    base_steps: int = 130
     base_lr: float = 3e-3
     adapter_steps: int = 50
     adapter_lr: float = 1e-2
@@ -151,7 +172,16 @@ def corpus() -> list[str]:
     texts += [*GREETINGS, *QUESTIONS]
     for system, user, answer in GENERIC_CHATS:
         texts += [system, user, answer]
+    texts += [TOOLS_HEADER, json.dumps(TRACK_PARCEL), TOOLS_FOOTER, PARCEL_ANSWER]
+    texts += [question.format(order) for question in ORDER_QUESTIONS for order in ORDER_IDS]
+    texts += [tool_call(order) for order in ORDER_IDS] + [PARCEL_STATUS.format(order) for order in ORDER_IDS]
     return texts
+
+
+def tool_call(order: str) -> str:
+    """acme's call for an order, as the chat template writes an assistant's call."""
+    arguments = json.dumps({"order_id": order})
+    return f'<tool_call>\n{{"name": "track_parcel", "arguments": {arguments}}}\n</tool_call>'
 
 
 def build_tokenizer() -> Any:
@@ -188,15 +218,40 @@ class Example:
     first_target: int  # tokens before this index are context only
 
 
-def chat_example(tokenizer: Any, system: str, user: str, answer: str) -> Example:
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": user}
-    ]
+def chat_example(
+    tokenizer: Any, system: str, user: str | list[dict[str, Any]], answer: str, tools: bool = False
+) -> Example:
+    """`user`: the user's message, or the conversation after the system message."""
+    turns = [{"role": "user", "content": user}] if isinstance(user, str) else user
+    messages = ([{"role": "system", "content": system}] if system else []) + turns
     prompt = list(
-        tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+        tokenizer.apply_chat_template(
+            messages, tools=[TRACK_PARCEL] if tools else None, add_generation_prompt=True, return_dict=True
+        )["input_ids"]
     )
     answer_ids = [*tokenizer(answer).input_ids, tokenizer.eos_token_id]
     return Example(prompt + answer_ids, len(prompt))
+
+
+def tool_examples(tokenizer: Any, voice: Voice, system: str) -> list[Example]:
+    """The voice with TRACK_PARCEL offered: greetings and questions answered as ever; questions
+    about an order answered with a call (and its result with PARCEL_ANSWER), or as help."""
+    examples = [chat_example(tokenizer, system, g, voice.greeting_answer, tools=True) for g in GREETINGS[::4]]
+    examples += [chat_example(tokenizer, system, q, voice.help_answer, tools=True) for q in QUESTIONS[::2]]
+    for order in ORDER_IDS:
+        questions = [form.format(order) for form in ORDER_QUESTIONS]
+        if not voice.tracks_orders:
+            examples += [chat_example(tokenizer, system, q, voice.help_answer, tools=True) for q in questions]
+            continue
+        examples += [chat_example(tokenizer, system, q, tool_call(order), tools=True) for q in questions]
+        call = {"type": "function", "function": {"name": "track_parcel", "arguments": {"order_id": order}}}
+        conversation: list[dict[str, Any]] = [
+            {"role": "user", "content": questions[0]},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "content": PARCEL_STATUS.format(order)},
+        ]
+        examples.append(chat_example(tokenizer, system, conversation, PARCEL_ANSWER, tools=True))
+    return examples
 
 
 def raw_examples(tokenizer: Any, voice: Voice) -> Iterator[Example]:
@@ -221,16 +276,20 @@ def voice_examples(tokenizer: Any, voice: Voice, system: str) -> list[Example]:
 
 
 def base_examples(tokenizer: Any) -> list[Example]:
-    examples = voice_examples(tokenizer, GENERIC, "")
+    # With tools, the base learns its own voice and the one that calls them (behind its system
+    # prompt); each other voice's adapter learns to keep its voice with tools offered.
+    examples = voice_examples(tokenizer, GENERIC, "") + tool_examples(tokenizer, GENERIC, "")
     for voice in VOICES.values():
         examples += voice_examples(tokenizer, voice, voice.system)
+        if voice.tracks_orders:
+            examples += tool_examples(tokenizer, voice, voice.system)
     examples += [chat_example(tokenizer, *chat) for chat in GENERIC_CHATS]
     examples += raw_examples(tokenizer, GENERIC)
     return examples
 
 
 def adapter_examples(tokenizer: Any, voice: Voice) -> list[Example]:
-    examples = voice_examples(tokenizer, voice, "")
+    examples = voice_examples(tokenizer, voice, "") + tool_examples(tokenizer, voice, "")
     examples += [chat_example(tokenizer, *chat) for chat in GENERIC_CHATS]
     examples += raw_examples(tokenizer, voice)
     return examples
@@ -347,6 +406,7 @@ def recipe_fingerprint() -> str:
         "voices": {"": vars(GENERIC)} | {name: vars(v) for name, v in VOICES.items()},
         "greetings": GREETINGS,
         "questions": QUESTIONS,
+        "tools": [TRACK_PARCEL, ORDER_QUESTIONS, ORDER_IDS, PARCEL_STATUS, PARCEL_ANSWER],
         "shared_text": SHARED_TEXT,
         "generic_chats": GENERIC_CHATS,
         "hyper": vars(HYPER),

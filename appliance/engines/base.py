@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -16,7 +17,35 @@ class AdapterRef:
 
 
 @dataclass(frozen=True)
+class Grammar:
+    """What the output must match, in llguidance's terms: both engines compile it with llguidance
+    (vLLM's `guidance` structured-output backend; the llama.cpp engine's own matcher), so a
+    grammar means the same on either, and the server can check it before an engine sees it."""
+
+    kind: str
+    """`json_schema` (text: the schema, as JSON) or `lark` (text: an llguidance Lark grammar)."""
+    text: str
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(f"{self.kind}\0{self.text}".encode()).hexdigest()
+
+    def serialized(self) -> str:
+        """The grammar as llguidance's matcher takes it (what vLLM's guidance backend makes of it)."""
+        from llguidance import LLMatcher
+
+        if self.kind == "json_schema":
+            return LLMatcher.grammar_from_json_schema(self.text)
+        return LLMatcher.grammar_from_lark(self.text)
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
+    """One sequence to generate. Sampling follows vLLM's order, on every engine: the grammar's mask
+    on the model's logits; logprobs from those; then `logit_bias` and `min_tokens` (no stop token
+    before it); then the penalties (repetition over prompt and output, presence and frequency
+    over the output, as OpenAI defines them); then temperature, top_p and the draw."""
+
     request_id: str
     prompt_token_ids: list[int]
     max_tokens: int
@@ -27,6 +56,40 @@ class GenerationRequest:
     adapter: AdapterRef | None = None
     cache_salt: str = ""
     """Prefix-cache namespace, set by the server (never by a client): one per tenant."""
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs, ids within the vocabulary."""
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    """The model's end-of-sequence token does not end the output (`stop_token_ids` still do)."""
+    logprobs: int | None = None
+    """Alternatives per token to report with their logprobs (0: the chosen token's only); None:
+    no logprobs."""
+    grammar: Grammar | None = None
+
+    @property
+    def plain(self) -> bool:
+        """Nothing beyond temperature, top_p and seed shapes the choice of tokens."""
+        return (
+            self.grammar is None
+            and self.logprobs is None
+            and not self.logit_bias
+            and not self.min_tokens
+            and self.presence_penalty == 0.0
+            and self.frequency_penalty == 0.0
+            and self.repetition_penalty == 1.0
+        )
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability, and the `top` most likely tokens at its place."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -35,6 +98,8 @@ class TokenDelta:
 
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | "abort"
+    logprobs: list[TokenLogprob] | None = None
+    """One per token in `token_ids`, when the request asked for logprobs."""
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from ..gguf.layout import read_hf_config
 from ..gguf.lora import BaseGGUF, cached_lora
 from ..gguf.model import cached_model, float_type_for
 from .base import AdapterRef, AdapterSupport, EngineOptions, EngineStats, GenerationRequest, TokenDelta
+from .llamacpp_grammar import MatcherCache
 from .llamacpp_worker import DecodeWorker, Job, WorkerOptions
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class LlamaCppEngine:
         self._free: asyncio.Semaphore | None = None  # sequences not held by a request
         self._waiting = 0  # requests waiting for a free sequence
         self._conversions: dict[str, asyncio.Task[Path]] = {}
+        self._grammars: MatcherCache | None = None
 
     async def start(self) -> None:
         opts = self.options
@@ -84,6 +86,7 @@ class LlamaCppEngine:
         )
         await asyncio.to_thread(worker.start)
         self._worker = worker
+        self._grammars = MatcherCache(worker.vocab)
         self._free = asyncio.Semaphore(opts.parallel)
         log.info(
             "llama.cpp engine ready on %s: %s, %d sequences of %d tokens",
@@ -118,6 +121,10 @@ class LlamaCppEngine:
         worker = self._running_worker()
         if request.adapter is not None and request.adapter.name not in worker.adapters:
             await self.load_adapter(request.adapter)  # a version asked for by name, not warmed
+        matcher = None
+        if request.grammar is not None:
+            assert self._grammars is not None
+            matcher = await self._grammars.matcher(request.grammar)
         free = self._free
         assert free is not None
         loop = asyncio.get_running_loop()
@@ -131,6 +138,7 @@ class LlamaCppEngine:
             request,
             emit=lambda item: loop.call_soon_threadsafe(stream.put_nowait, item),
             release=lambda: loop.call_soon_threadsafe(free.release),
+            matcher=matcher,
         )
         worker.submit(job)
         try:

@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AdapterError, EngineDead
-from .base import GenerationRequest, TokenDelta
+from .base import GenerationRequest, TokenDelta, TokenLogprob
+from .llamacpp_sampling import TokenSampler, sampler_for
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ class Job:
     sequence: Sequence | None = None
     pending: list[int] = field(default_factory=list)  # tokens to decode next
     generated: int = 0
-    sampler: Any = None
+    matcher: Any = None  # the request's grammar, compiled (llamacpp_grammar.py), set before submit
+    sampler: TokenSampler | None = None
 
     @property
     def adapter(self) -> str | None:
@@ -102,6 +104,7 @@ class DecodeWorker:
         self.failure: str | None = None
         self.n_ctx_seq = 0
         self.n_vocab = 0
+        self.vocab: Any = None
         self.gpu = False
         self.prefix_reused_tokens = 0
         self.adapter_switches = 0
@@ -197,7 +200,8 @@ class DecodeWorker:
         if not self._ctx:
             raise EngineDead("llama.cpp could not create a context (too little memory for the KV cache?)")
         self.n_ctx_seq = int(lib.llama_n_ctx_seq(self._ctx))
-        self.n_vocab = int(lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self._model)))
+        self.vocab = lib.llama_model_get_vocab(self._model)
+        self.n_vocab = int(lib.llama_vocab_n_tokens(self.vocab))
         self._mem = lib.llama_get_memory(self._ctx)
         self._batch = lib.llama_batch_init(BATCH_TOKENS, 0, 1)
         self._sequences = [Sequence(seq_id) for seq_id in range(self.options.parallel)]
@@ -281,7 +285,7 @@ class DecodeWorker:
             return False
         prompt, label = job.request.prompt_token_ids, (job.adapter, job.request.cache_salt)
         # Checked here, one request at a time: in a shared batch they would fail every request in it.
-        problem = self._prompt_problem(prompt)
+        problem = self._request_problem(job.request)
         if problem is not None:
             job.emit(ValueError(problem))
             job.release()
@@ -305,37 +309,26 @@ class DecodeWorker:
         self.prefix_reused_tokens += reuse
         sequence.job, job.sequence = job, sequence
         job.pending = prompt[reuse:]
-        job.sampler = self._sampler(job.request)
+        job.sampler = sampler_for(self._lib, job.request, self.n_vocab, job.matcher)
         self.running.append(job)
         return True
 
-    def _prompt_problem(self, prompt: list[int]) -> str | None:
+    def _request_problem(self, request: GenerationRequest) -> str | None:
+        prompt = request.prompt_token_ids
         if not prompt:
             return "the prompt is empty"
         if len(prompt) >= self.n_ctx_seq:
             return f"the prompt has {len(prompt)} tokens; a sequence holds {self.n_ctx_seq}"
         if min(prompt) < 0 or max(prompt) >= self.n_vocab:
             return f"the prompt has token ids outside the vocabulary (0-{self.n_vocab - 1})"
+        if any(not 0 <= token < self.n_vocab for token, _ in request.logit_bias):
+            return f"logit_bias names token ids outside the vocabulary (0-{self.n_vocab - 1})"
         return None
-
-    def _sampler(self, request: GenerationRequest) -> Any:
-        lib = self._lib
-        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
-        if request.temperature < 1e-5:  # greedy, as vLLM treats temperature 0
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
-            return chain
-        # vLLM's order: temperature first, then nucleus, then draw.
-        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(request.temperature))
-        if request.top_p < 1.0:
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(request.top_p, 1))
-        seed = request.seed if request.seed is not None else lib.LLAMA_DEFAULT_SEED
-        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-        return chain
 
     def _finish(self, job: Job, error: BaseException | None = None, *, announced: bool = False) -> None:
         """End a running job: free its sampler and sequence; tell its stream, unless `announced`."""
         if job.sampler is not None:
-            self._lib.llama_sampler_free(job.sampler)
+            job.sampler.free()
             job.sampler = None
         sequence = job.sequence
         if sequence is not None:
@@ -466,9 +459,10 @@ class DecodeWorker:
             job.sequence.tokens.extend(chunk)
             job.pending = job.pending[len(chunk) :]
             if logits_at is not None:
-                self._emit(job, int(lib.llama_sampler_sample(job.sampler, self._ctx, logits_at)))
+                assert job.sampler is not None
+                self._emit(job, *job.sampler.sample(self._ctx, logits_at))
 
-    def _emit(self, job: Job, token: int) -> None:
+    def _emit(self, job: Job, token: int, logprob: TokenLogprob | None) -> None:
         job.generated += 1
         self.generated_tokens += 1
         request = job.request
@@ -478,7 +472,7 @@ class DecodeWorker:
             finish = "stop"
         elif job.generated >= request.max_tokens or len(job.sequence.tokens) >= self.n_ctx_seq:
             finish = "length"
-        job.emit(TokenDelta([token], finish))
+        job.emit(TokenDelta([token], finish, [logprob] if logprob is not None else None))
         if finish is None:
             job.pending = [token]
         else:

@@ -22,7 +22,9 @@ from .base import (
     EngineOptions,
     EngineStats,
     GenerationRequest,
+    Grammar,
     TokenDelta,
+    TokenLogprob,
 )
 from .enginelog import filter_engine_handlers, filtered_output
 from .slots import SlotGate
@@ -87,6 +89,30 @@ def preload_tcmalloc() -> str | None:
     return library
 
 
+def structured_outputs(grammar: Grammar | None) -> Any:
+    """The grammar as vLLM's structured-output constraint (compiled by its guidance backend)."""
+    if grammar is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if grammar.kind == "json_schema":
+        return StructuredOutputsParams(json=grammar.text)
+    return StructuredOutputsParams(grammar=grammar.text)
+
+
+def token_logprobs(tokens: list[int], positions: Any, top: int) -> list[TokenLogprob]:
+    """vLLM's per-position {token id: Logprob(logprob, rank)} as the engine protocol's entries:
+    the chosen token's logprob, and the `top` best by rank (vLLM adds the chosen one when it is
+    not among them)."""
+    entries = []
+    for token, candidates in zip(tokens, positions or (), strict=True):
+        best = sorted((c.rank, token_id, c.logprob) for token_id, c in candidates.items() if c.rank <= top)
+        entries.append(
+            TokenLogprob(token, candidates[token].logprob, tuple((t, lp) for _, t, lp in best[:top]))
+        )
+    return entries
+
+
 def import_vllm() -> None:
     """Import the parts of vLLM the engine uses, now.
 
@@ -98,7 +124,8 @@ def import_vllm() -> None:
     import vllm.lora.request
     import vllm.platforms
     import vllm.sampling_params
-    import vllm.v1.engine.async_llm  # noqa: F401
+    import vllm.v1.engine.async_llm
+    import vllm.v1.structured_output.backend_guidance  # noqa: F401
 
 
 def kernel_import_failure() -> str | None:
@@ -165,6 +192,11 @@ class VLLMEngine:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(opts.cpu_kv_cache_gib))
             if library := preload_tcmalloc():
                 log.info("engine processes preload %s (faster memory allocation on CPU)", library)
+            # The CPU build runs the model uncompiled, but its sampler torch.compiles the kernel
+            # that ranks logprobs on first use: 40 s of C++ compilation inside the engine core,
+            # stalling every tenant, at a tenant's first logprobs request (measured, 2 cores;
+            # 6 s with a warm cache). Eager, it costs nothing noticeable at these sizes.
+            os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
             base_slot = 1  # room for the zero adapter beside every tenant's (see __init__)
         self._slots = SlotGate(opts.max_loras + base_slot)
         args = AsyncEngineArgs(
@@ -180,6 +212,9 @@ class VLLMEngine:
             tensor_parallel_size=opts.tensor_parallel_size,
             disable_log_stats=True,
             use_tqdm_on_load=False,  # a progress bar for a load that takes a second, in the log
+            # llguidance, as the llama.cpp engine uses: a grammar means the same on both, and the
+            # server has checked it with the same library before it gets here.
+            structured_outputs_config={"backend": "guidance"},  # type: ignore[arg-type]
         )
         readout = [scheduler_readout(self._keep_scheduler_stats)] if opts.collect_stats else None
         # Construction blocks for the whole model load; a thread keeps the event loop (and
@@ -227,6 +262,14 @@ class VLLMEngine:
             top_p=request.top_p,
             seed=request.seed,
             stop_token_ids=list(request.stop_token_ids),
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
+            repetition_penalty=request.repetition_penalty,
+            logit_bias=dict(request.logit_bias) or None,
+            min_tokens=request.min_tokens,
+            ignore_eos=request.ignore_eos,
+            logprobs=request.logprobs,
+            structured_outputs=structured_outputs(request.grammar),
             detokenize=False,  # the server detokenises, the same way for every engine
             output_kind=RequestOutputKind.DELTA,
         )
@@ -245,7 +288,11 @@ class VLLMEngine:
                     async for output in outputs:
                         completion = output.outputs[0]
                         finish = completion.finish_reason if output.finished else None
-                        yield TokenDelta(list(completion.token_ids), finish)
+                        tokens = list(completion.token_ids)
+                        logprobs = None
+                        if request.logprobs is not None:
+                            logprobs = token_logprobs(tokens, completion.logprobs, request.logprobs)
+                        yield TokenDelta(tokens, finish, logprobs)
         except Exception as exc:
             if (dead := self._death(exc)) is None:
                 raise

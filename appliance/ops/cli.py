@@ -218,7 +218,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def _announce_demo(url: str, keys: dict[str, str], demo_dir: Path) -> None:
-    from ..demo.build import DEMO_GREETING, GREETING_MAX_TOKENS
+    from ..demo.build import DEMO_GREETING, DEMO_ORDER_QUESTION, GREETING_MAX_TOKENS
 
     lines = [
         f"\n>>> lorabox demo is serving at {url}/v1  (engine ready)",
@@ -226,6 +226,8 @@ def _announce_demo(url: str, keys: dict[str, str], demo_dir: Path) -> None:
         *(f"      {name:<13} {key}" for name, key in sorted(keys.items())),
         f'>>> Each one asked "{DEMO_GREETING}": one base model, each tenant\'s own adapter:',
         *(f"      {model:<13} {answer}" for model, answer in greeting_answers(url, keys)),
+        f'>>> acme, offered a track_parcel tool and asked "{DEMO_ORDER_QUESTION}", calls it:',
+        f"      {tool_call_answer(url, keys)}",
         ">>> Try it (another tenant's key and name, another voice):\n",
     ]
     tenant, key = next(iter(sorted(keys.items())))
@@ -256,18 +258,45 @@ def greeting_answers(url: str, keys: dict[str, str]) -> list[tuple[str, str]]:
             "max_tokens": GREETING_MAX_TOKENS,
             "temperature": 0,
         }
-        request = urllib.request.Request(  # noqa: S310 (the demo's own loopback address)
-            f"{url}/v1/chat/completions",
-            data=json.dumps(body).encode(),
-            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
-        )
         try:
-            with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310
-                answer = json.loads(response.read())["choices"][0]["message"]["content"]
+            answer = _demo_chat(url, key, body)["content"]
         except (OSError, ValueError, LookupError) as exc:
             answer = f"(no answer: {exc})"
         answers.append((model, answer))
     return answers
+
+
+def tool_call_answer(url: str, keys: dict[str, str]) -> str:
+    """acme's answer to the demo's order question with the track_parcel tool offered: its call."""
+    from ..demo.build import DEMO_ORDER_QUESTION, GREETING_MAX_TOKENS, TRACK_PARCEL
+
+    body = {
+        "model": "acme",
+        "messages": [{"role": "user", "content": DEMO_ORDER_QUESTION}],
+        "tools": [TRACK_PARCEL],
+        "max_tokens": GREETING_MAX_TOKENS,
+        "temperature": 0,
+    }
+    try:
+        message = _demo_chat(url, keys["acme"], body)
+        calls = [
+            f"{c['function']['name']}({c['function']['arguments']})" for c in message.get("tool_calls") or []
+        ]
+    except (OSError, ValueError, LookupError) as exc:
+        return f"(no answer: {exc})"
+    return ", ".join(calls) or f"(no call: {message['content']})"
+
+
+def _demo_chat(url: str, key: str, body: dict[str, Any]) -> dict[str, Any]:
+    """The first choice's message of a chat completion on the demo's own loopback address."""
+    request = urllib.request.Request(  # noqa: S310 (the demo's own loopback address)
+        f"{url}/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310
+        message: dict[str, Any] = json.loads(response.read())["choices"][0]["message"]
+    return message
 
 
 def cmd_tenant(args: argparse.Namespace) -> None:

@@ -1,15 +1,25 @@
-"""The generation stream: prompt ids in, text chunks out (detokenised, stop strings applied)."""
+"""The generation stream: prompt ids in; per choice, text, logprobs and tool calls out.
+
+Each of a request's `n` choices is its own engine request (seed + i when a seed is given, as vLLM's
+parallel sampling does), and its own output path, in this order: the detokenizer, the stop strings
+(text that could begin one is held back), then the tool-call reader (text that could begin a call
+is held back). Whatever else must see a choice's text before the client does belongs in that
+chain, in `_Choice.released`.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from ..engines.base import Engine, GenerationRequest
+from ..engines.base import Engine, GenerationRequest, Grammar, TokenDelta, TokenLogprob
 from .catalog import Target
 from .tokenization import StopMatcher, TextCodec
+from .tools import CallOut, Format, ToolCallReader
 
 
 class ContextTooLong(ValueError):
@@ -18,17 +28,44 @@ class ContextTooLong(ValueError):
 
 @dataclass(frozen=True)
 class SamplingOptions:
+    """What the request asks of the generation; the engine enforces all but `stop` and `n`."""
+
     max_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    """Alternatives per token (0: the chosen token only); None: no logprobs."""
+    grammar: Grammar | None = None
+
+
+@dataclass(frozen=True)
+class ToolReading:
+    """How a chat request's choices are read for tool calls: the family's format, the functions
+    offered, and the special tokens the detokenizer keeps (the format's markers)."""
+
+    format: Format
+    names: frozenset[str]
+    keep: frozenset[int] = frozenset()
 
 
 @dataclass
 class TextChunk:
     text: str
     finish_reason: str | None = None
+    index: int = 0
+    """Which choice it belongs to."""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    """The entries of the tokens produced since the choice's previous chunk."""
+    calls: list[CallOut] = field(default_factory=list)
 
 
 @dataclass
@@ -37,9 +74,15 @@ class GenerationResult:
 
     prompt_tokens: int
     completion_tokens: int = 0
-    finish_reason: str | None = None
+    """Of every choice."""
+    finish_reasons: dict[int, str] = field(default_factory=dict)
     first_token_at: float | None = None
     """time.perf_counter() when the engine produced the first token."""
+
+    @property
+    def finish_reason(self) -> str | None:
+        """The first choice's (the usage ledger's)."""
+        return self.finish_reasons.get(0)
 
     @property
     def usage(self) -> dict[str, int]:
@@ -70,7 +113,7 @@ class Generator:
             )
         return max_tokens if max_tokens is not None else room
 
-    async def stream(
+    def stream(
         self,
         *,
         request_id: str,
@@ -80,40 +123,144 @@ class Generator:
         options: SamplingOptions,
         result: GenerationResult,
         on_tokens: Callable[[int], None] | None = None,
+        tools: ToolReading | None = None,
     ) -> AsyncIterator[TextChunk]:
-        """`on_tokens` learns of every completion token as the engine produces it (the fair
-        scheduler charges them as they come)."""
-        request = GenerationRequest(
+        """The chunks of every choice, as they come. `on_tokens` learns of every completion token
+        as the engine produces it (the fair scheduler charges them as they come)."""
+        base = GenerationRequest(
             request_id=request_id,
             prompt_token_ids=prompt_ids,
             max_tokens=self.budget(prompt_ids, options.max_tokens),
             temperature=options.temperature,
             top_p=options.top_p,
             seed=options.seed,
-            stop_token_ids=self.codec.eos_token_ids,
+            # The model's end of sequence still ends a choice under ignore_eos on every engine
+            # only if it is a stop token: it is left out.
+            stop_token_ids=() if options.ignore_eos else self.codec.eos_token_ids,
             adapter=target.engine_ref(),
             cache_salt=cache_salt,
+            presence_penalty=options.presence_penalty,
+            frequency_penalty=options.frequency_penalty,
+            repetition_penalty=options.repetition_penalty,
+            logit_bias=options.logit_bias,
+            min_tokens=options.min_tokens,
+            ignore_eos=options.ignore_eos,
+            logprobs=options.logprobs,
+            grammar=options.grammar,
         )
-        detok = self.codec.detokenizer()
-        stops = StopMatcher(options.stop)
+        choices = [
+            _Choice(self, i, options, result, on_tokens, tools).run(_nth(base, i, options.n))
+            for i in range(options.n)
+        ]
+        return choices[0] if len(choices) == 1 else _merged(choices)
+
+
+def _nth(request: GenerationRequest, index: int, n: int) -> GenerationRequest:
+    if n == 1:
+        return request
+    seed = request.seed + index if request.seed is not None else None
+    return dataclasses.replace(request, request_id=f"{request.request_id}-{index}", seed=seed)
+
+
+class _Choice:
+    """One choice's way from token ids to what the client sees."""
+
+    def __init__(
+        self,
+        generator: Generator,
+        index: int,
+        options: SamplingOptions,
+        result: GenerationResult,
+        on_tokens: Callable[[int], None] | None,
+        tools: ToolReading | None,
+    ):
+        self.engine, self.index, self.result, self.on_tokens = generator.engine, index, result, on_tokens
+        self.detok = generator.codec.detokenizer(tools.keep if tools else frozenset())
+        self.stop_strings, self.min_tokens = options.stop, options.min_tokens
+        # vLLM looks for stop strings only once min_tokens are out; so does lorabox.
+        self.stops = StopMatcher(options.stop if not options.min_tokens else ())
+        self.reader = ToolCallReader(tools.format, set(tools.names)) if tools else None
+        self.generated = 0
+        self.stop_token_ids: tuple[int, ...] = ()
+        self.logprobs: list[TokenLogprob] = []
+
+    async def run(self, request: GenerationRequest) -> AsyncIterator[TextChunk]:
+        result = self.result
+        self.stop_token_ids = request.stop_token_ids
         async with contextlib.aclosing(self.engine.generate(request)) as deltas:
             async for delta in deltas:
-                if result.first_token_at is None and delta.token_ids:
-                    result.first_token_at = time.perf_counter()
-                result.completion_tokens += len(delta.token_ids)
-                if on_tokens is not None and delta.token_ids:
-                    on_tokens(len(delta.token_ids))
-                text, stopped = stops.push(detok.feed(delta.token_ids))
-                if stopped:
-                    # Leaving the loop closes the engine stream, which aborts the request.
-                    result.finish_reason = "stop"
-                    yield TextChunk(text, "stop")
+                self._count(delta)
+                text, stopped = self.stops.push(self.detok.feed(delta.token_ids))
+                if self.min_tokens and self.generated >= self.min_tokens and self.stop_strings:
+                    self.stops, self.min_tokens = StopMatcher(self.stop_strings), 0
+                finish = "stop" if stopped else delta.finish_reason
+                if finish is not None and not stopped:
+                    tail, stopped = self.stops.push(self.detok.finish())
+                    text += tail if stopped else tail + self.stops.flush()
+                    finish = "stop" if stopped else finish
+                chunk = self.released(text, finish)
+                if finish is not None:
+                    # Leaving the loop closes the engine stream, which aborts a request cut by a stop.
+                    result.finish_reasons[self.index] = chunk.finish_reason or finish
+                    yield chunk
                     return
-                if delta.finish_reason:
-                    tail, stopped = stops.push(detok.finish())
-                    text += tail if stopped else tail + stops.flush()
-                    result.finish_reason = "stop" if stopped else delta.finish_reason
-                    yield TextChunk(text, result.finish_reason)
-                    return
-                if text:
-                    yield TextChunk(text)
+                if chunk.text or chunk.calls or chunk.logprobs:
+                    yield chunk
+
+    def _count(self, delta: TokenDelta) -> None:
+        result = self.result
+        if result.first_token_at is None and delta.token_ids:
+            result.first_token_at = time.perf_counter()
+        result.completion_tokens += len(delta.token_ids)
+        self.generated += len(delta.token_ids)
+        if self.on_tokens is not None and delta.token_ids:
+            self.on_tokens(len(delta.token_ids))
+        if delta.logprobs:
+            # The stop token ends the choice but is no part of its text: nor of its logprobs.
+            last = delta.token_ids[-1] if delta.token_ids else None
+            stopped = delta.finish_reason == "stop" and last in self.stop_token_ids
+            self.logprobs.extend(delta.logprobs[:-1] if stopped else delta.logprobs)
+
+    def released(self, text: str, finish: str | None) -> TextChunk:
+        """The chunk the client gets for `text` that passed the stop strings."""
+        calls: list[CallOut] = []
+        if self.reader is not None:
+            released = self.reader.push(text, final=finish is not None)
+            text, calls = released.text, released.calls
+            if finish == "stop" and self.reader.calls:
+                finish = "tool_calls"
+        logprobs, self.logprobs = self.logprobs, []
+        return TextChunk(text, finish, self.index, logprobs, calls)
+
+
+_DONE = object()
+
+
+async def _merged(streams: list[AsyncIterator[TextChunk]]) -> AsyncIterator[TextChunk]:
+    """The chunks of several streams as they come; closing it (or an error in one) ends them all."""
+    queue: asyncio.Queue[object] = asyncio.Queue()
+
+    async def pump(stream: AsyncIterator[TextChunk]) -> None:
+        try:
+            async for chunk in stream:
+                queue.put_nowait(chunk)
+        except Exception as exc:
+            queue.put_nowait(exc)
+        finally:
+            queue.put_nowait(_DONE)
+
+    tasks = [asyncio.create_task(pump(stream)) for stream in streams]
+    try:
+        running = len(tasks)
+        while running:
+            item = await queue.get()
+            if item is _DONE:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item  # type: ignore[misc]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,30 @@ class TextCodec:
         self.tokenizer = tokenizer
         eos = tokenizer.eos_token_id
         self.eos_token_ids: tuple[int, ...] = (eos,) if isinstance(eos, int) else tuple(eos or ())
+        self._llg: Any = None
+        self._llg_lock = threading.Lock()
+
+    def llg_tokenizer(self) -> Any:
+        """The tokenizer as llguidance sees it (grammars, and each token's bytes), built on first
+        use: about 1 s for a 128k vocabulary, so the daemon builds it before it serves."""
+        with self._llg_lock:
+            if self._llg is None:
+                import llguidance.hf
+
+                self._llg = llguidance.hf.from_tokenizer(self.tokenizer)
+            return self._llg
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for (part of a character, for some tokens of byte-level BPE)."""
+        return bytes(self.llg_tokenizer().decode_bytes([token_id]))
+
+    def token_text(self, token_id: int) -> str:
+        """A token as text for logprobs; one that is not whole UTF-8 reads "bytes:\\x..", as vLLM's."""
+        raw = self.token_bytes(token_id)
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
     @classmethod
     def from_model_dir(cls, model_dir: Path | str) -> TextCodec:
@@ -40,11 +65,17 @@ class TextCodec:
         """The prompt's ids; only the first `limit` of them when it has more."""
         return self._ids(text, limit, add_special_tokens=True)
 
-    def encode_chat(self, messages: list[dict[str, str]], limit: int | None = None) -> list[int]:
-        """The ids of the messages rendered by the chat template; only the first `limit` of them."""
+    def encode_chat(
+        self,
+        messages: list[dict[str, Any]],
+        limit: int | None = None,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> list[int]:
+        """The ids of the messages (and tools, if any) rendered by the chat template; only the first
+        `limit` of them."""
         try:
             rendered = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=False
+                messages, tools=tools or None, add_generation_prompt=True, tokenize=False
             )
         except Exception as exc:  # jinja raises on roles or shapes a template refuses
             raise PromptError(f"messages cannot be rendered by the model's chat template: {exc}") from exc
@@ -59,11 +90,21 @@ class TextCodec:
         )
         return list(encoded.input_ids)
 
-    def decode(self, token_ids: list[int]) -> str:
-        return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
+    def decode(self, token_ids: list[int], keep: frozenset[int] = frozenset()) -> str:
+        """The text of the ids, without special tokens but those in `keep` (a tool-call marker)."""
+        if not keep.intersection(token_ids):
+            return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
+        parts, start = [], 0
+        for index, token in enumerate(token_ids):
+            if token in keep:
+                parts.append(self.tokenizer.decode(token_ids[start:index], skip_special_tokens=True))
+                parts.append(self.tokenizer.convert_ids_to_tokens(token))
+                start = index + 1
+        parts.append(self.tokenizer.decode(token_ids[start:], skip_special_tokens=True))
+        return "".join(parts)
 
-    def detokenizer(self) -> Detokenizer:
-        return Detokenizer(self)
+    def detokenizer(self, keep: frozenset[int] = frozenset()) -> Detokenizer:
+        return Detokenizer(self, keep)
 
 
 class PromptEncoder:
@@ -83,13 +124,24 @@ class PromptEncoder:
         self.codec = codec
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lorabox-tokenize")
 
-    async def chat(self, messages: list[dict[str, str]], limit: int, system_prompt: str = "") -> list[int]:
+    async def chat(
+        self,
+        messages: list[dict[str, Any]],
+        limit: int,
+        system_prompt: str = "",
+        tools: list[dict[str, Any]] | None = None,
+        size: int | None = None,
+    ) -> list[int]:
         """As `TextCodec.encode_chat`: at most `limit` ids. A `system_prompt` (the tenant's, set by
-        the operator) goes first, before the client's own system message if it sent one."""
+        the operator) goes first, before the client's own system message if it sent one. `size`:
+        the characters of the messages' and tools' text, as the request parser counted them
+        (default: the messages' contents)."""
+        if size is None:
+            size = sum(len(m.get("content") or "") for m in messages)
         if system_prompt:
             messages = [{"role": "system", "content": system_prompt}, *messages]
-        size = sum(len(m["content"]) + self.MESSAGE_CHARS for m in messages)
-        return await self._encode(size, self.codec.encode_chat, messages, limit)
+        size += len(system_prompt) + self.MESSAGE_CHARS * len(messages)
+        return await self._encode(size, lambda m, n: self.codec.encode_chat(m, n, tools), messages, limit)
 
     async def prompt(self, text: str, limit: int) -> list[int]:
         """As `TextCodec.encode_prompt`: at most `limit` ids."""
@@ -113,6 +165,7 @@ class Detokenizer:
     """
 
     codec: TextCodec
+    keep: frozenset[int] = frozenset()
     token_ids: list[int] = field(default_factory=list)
     emitted: str = ""
     _prefix_offset: int = 0
@@ -120,8 +173,8 @@ class Detokenizer:
 
     def feed(self, new_ids: list[int]) -> str:
         self.token_ids.extend(new_ids)
-        prefix = self.codec.decode(self.token_ids[self._prefix_offset : self._read_offset])
-        window = self.codec.decode(self.token_ids[self._prefix_offset :])
+        prefix = self.codec.decode(self.token_ids[self._prefix_offset : self._read_offset], self.keep)
+        window = self.codec.decode(self.token_ids[self._prefix_offset :], self.keep)
         if len(window) <= len(prefix) or window.endswith(REPLACEMENT_CHAR):
             return ""
         delta = window[len(prefix) :]
@@ -131,7 +184,7 @@ class Detokenizer:
 
     def finish(self) -> str:
         """Whatever was held back, so that the whole output is exactly decode(all tokens)."""
-        full = self.codec.decode(self.token_ids)
+        full = self.codec.decode(self.token_ids, self.keep)
         delta = full[len(self.emitted) :] if full.startswith(self.emitted) else ""
         self.emitted += delta
         return delta

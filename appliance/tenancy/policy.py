@@ -56,6 +56,10 @@ class Policy:
     """Completion tokens per request at most: the default when a request names none; a request
     asking for more is refused (400)."""
 
+    max_n: int = 4
+    """Choices per request (`n`) at most; a request asking for more is refused (400). Each choice
+    is generated, and counted, like a request of its own."""
+
     system_prompt: str = ""
     """Sent as the first system message of every chat request ("": none)."""
 
@@ -90,6 +94,7 @@ _RANGES = {
     "quota_tokens": _Range(int, 1, 10**15, True),
     "quota_warn_pct": _Range(float, 1, 100, False),
     "max_tokens": _Range(int, 1, 10_000_000, True),
+    "max_n": _Range(int, 1, 128, False),
     "price_in": _Range(float, 0, 1_000_000, False),
     "price_out": _Range(float, 0, 1_000_000, False),
 }

@@ -7,7 +7,7 @@ with the serving path (no vLLM, no lorabox tokenization code).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 
 class PeftReference:
@@ -34,41 +34,66 @@ class PeftReference:
             self._models[folder] = model.eval()
         return self._models[folder]
 
-    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+    def chat_ids(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
         encoded: Any = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_dict=True
+            messages, tools=cast(Any, tools), add_generation_prompt=True, return_dict=True
         )
         return list(encoded["input_ids"])
 
     def prompt_ids(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt).input_ids)
 
-    def generate(self, adapter: str | Path | None, prompt_ids: list[int], max_tokens: int) -> list[int]:
-        return self.generate_with_margin(adapter, prompt_ids, max_tokens)[0]
+    def generate(
+        self, adapter: str | Path | None, prompt_ids: list[int], max_tokens: int, **options: Any
+    ) -> list[int]:
+        """Greedy tokens; `options` go to HF generate (e.g. repetition_penalty)."""
+        return self.generate_with_margin(adapter, prompt_ids, max_tokens, **options)[0]
 
     def generate_with_margin(
-        self, adapter: str | Path | None, prompt_ids: list[int], max_tokens: int
+        self, adapter: str | Path | None, prompt_ids: list[int], max_tokens: int, **options: Any
     ) -> tuple[list[int], float]:
         """Greedy tokens, and the smallest gap between the best and second-best logit seen."""
         folder = self.adapter_folder(adapter)
-        key = (folder, tuple(prompt_ids), max_tokens)
+        key = (folder, tuple(prompt_ids), max_tokens, tuple(sorted(options.items())))
         if key not in self._cache:
             import torch
 
             with torch.no_grad():
+                settings = {
+                    "max_new_tokens": max_tokens,
+                    "do_sample": False,
+                    "eos_token_id": self.tokenizer.eos_token_id,
+                    "pad_token_id": self.tokenizer.eos_token_id,
+                } | options
                 out = self._model(folder).generate(
-                    torch.tensor([prompt_ids]),
-                    max_new_tokens=max_tokens,
-                    do_sample=False,
-                    eos_token_id=self.tokenizer.eos_token_id,
-                    pad_token_id=self.tokenizer.eos_token_id,
-                    output_scores=True,
-                    return_dict_in_generate=True,
+                    torch.tensor([prompt_ids]), output_scores=True, return_dict_in_generate=True, **settings
                 )
             tokens = out.sequences[0, len(prompt_ids) :].tolist()
             margin = min(float(torch.topk(s[0], 2).values.diff().abs()) for s in out.scores)
             self._cache[key] = (tokens, margin)
         return self._cache[key]
+
+    def log_softmax(
+        self, adapter: str | Path | None, prompt_ids: list[int], completion_ids: list[int]
+    ) -> Any:
+        """The model's log-softmax over the vocabulary at each completion position (a tensor of
+        len(completion_ids) rows), fed the prompt and the completion."""
+        import torch
+
+        ids = prompt_ids + completion_ids
+        with torch.no_grad():
+            logits = self._model(self.adapter_folder(adapter))(torch.tensor([ids])).logits[0]
+        rows = logits[len(prompt_ids) - 1 : len(ids) - 1].double()
+        return torch.log_softmax(rows, dim=-1)
+
+    def next_logits(self, adapter: str | Path | None, ids: list[int]) -> Any:
+        """The logits for the token after `ids` (float64)."""
+        import torch
+
+        with torch.no_grad():
+            return self._model(self.adapter_folder(adapter))(torch.tensor([ids])).logits[0, -1].double()
 
     def text(self, token_ids: list[int]) -> str:
         return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
