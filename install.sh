@@ -299,7 +299,7 @@ remove_cuda_extras() {
 # the command that would install them is told.
 install_test_tools() {
     local missing=() tool
-    for tool in nginx:nginx shellcheck:shellcheck setfacl:acl rsync:rsync systemd-analyze:systemd sqlite3:sqlite3; do
+    for tool in nginx:nginx shellcheck:shellcheck setfacl:acl rsync:rsync systemd-analyze:systemd sqlite3:sqlite3 redis-server:redis-server; do
         command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool#*:}")
     done
     [ ${#missing[@]} -gt 0 ] || return 0

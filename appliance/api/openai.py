@@ -326,7 +326,12 @@ async def _complete(
     policy = services.admission.policy_for(tenant)
     max_tokens = _max_tokens(generator, prompt_ids, parsed.options.max_tokens, policy.max_tokens)
     try:
-        ticket = trace.ticket = services.admission.admit(tenant, len(prompt_ids), max_tokens)
+        admission = services.admission  # with shared counters (Redis) the take is awaited
+        ticket = trace.ticket = (
+            admission.admit(tenant, len(prompt_ids), max_tokens)
+            if admission.shared is None
+            else await admission.admit_shared(tenant, len(prompt_ids), max_tokens)
+        )
     except Refusal as refusal:
         raise refused(refusal) from None
     trace.admitted, trace.status = True, 200
@@ -484,6 +489,11 @@ async def readyz(request: web.Request) -> web.Response:
     if services.ledger.unavailable is not None:
         reason = f"usage ledger unavailable: {services.ledger.unavailable}"
         return web.json_response({"status": "refusing", "reason": reason} | engine, status=503)
+    if (limits := services.admission.limits_problem()) is not None:
+        reason, refusing = limits
+        if refusing:
+            return web.json_response({"status": "refusing", "reason": reason} | engine, status=503)
+        return web.json_response({"status": "ready", "degraded": reason} | engine)
     return web.json_response({"status": "ready"} | engine)
 
 
