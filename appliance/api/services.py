@@ -43,6 +43,8 @@ class Services:
     """Policies, rate limits, quotas and the fair queue; telemetry reads its load() and views."""
     engine_name: str = ""
     engine_reason: str = ""  # why this engine serves (and, under `auto`, why not vLLM)
+    box_id: str = ""
+    """This box's name in the usage ledger and the shared counters."""
     generator: Generator | None = None
     started_at: float = field(default_factory=time.time)
     loop_lag: LoopLagMonitor = field(default_factory=LoopLagMonitor)
