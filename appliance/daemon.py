@@ -39,7 +39,14 @@ from .adapters.watcher import DropWatcher
 from .api.admin import EXPORTER, PLAN, build_admin_app
 from .api.connections import ConnectionLimits, GuardedAppRunner, fit_to_file_limit
 from .api.errors import MAX_BODY_BYTES, openai_errors
-from .api.metrics import METRICS_SOURCES, MetricsSource, build_metrics_app, metrics, overview_metrics
+from .api.metrics import (
+    METRICS_SOURCES,
+    MetricsSource,
+    build_metrics_app,
+    metrics,
+    overview_metrics,
+    protocol_metrics,
+)
 from .api.openai import add_routes
 from .api.overview import OVERVIEW, Overview
 from .api.services import SERVICES, Services
@@ -203,7 +210,7 @@ def build_app(
     app[ON_READY] = on_ready or (lambda: None)
     app[STARTUP] = startup or StartupExtender(settings.start_timeout_s)  # not started: stop() is a no-op
     app[WATCHDOG] = Watchdog.for_health(services.health.snapshot)
-    sources: list[MetricsSource] = [overview_metrics]
+    sources: list[MetricsSource] = [overview_metrics, protocol_metrics]
     app[METRICS_SOURCES] = sources
     add_routes(app)
     if settings.metrics_on_api_port:

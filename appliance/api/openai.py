@@ -327,10 +327,11 @@ async def _complete(
     max_tokens = _max_tokens(generator, prompt_ids, parsed.options.max_tokens, policy.max_tokens)
     try:
         admission = services.admission  # with shared counters (Redis) the take is awaited
+        adapter = parsed.model if target.adapter else ""  # as requests name it: the picker's key
         ticket = trace.ticket = (
-            admission.admit(tenant, len(prompt_ids), max_tokens)
+            admission.admit(tenant, len(prompt_ids), max_tokens, adapter)
             if admission.shared is None
-            else await admission.admit_shared(tenant, len(prompt_ids), max_tokens)
+            else await admission.admit_shared(tenant, len(prompt_ids), max_tokens, adapter)
         )
     except Refusal as refusal:
         raise refused(refusal) from None

@@ -76,12 +76,15 @@ class Ticket:
         ask: Ask,
         headers: dict[str, str],
         shared: bool,
+        model: str = "",
     ):
         self._admission, self.policy, self._turn = admission, policy, turn
         self.ask = ask
         self.headers = headers
         self.shared = shared
         """Its reservation was taken from the shared counters (not the local ones, failing open)."""
+        self.model = model
+        """The adapter as the request named it in `model` ("" for the base model)."""
         self._finished = False
 
     @property
@@ -91,6 +94,11 @@ class Ticket:
     @property
     def reserved(self) -> int:
         return self.ask.tokens
+
+    @property
+    def started(self) -> bool:
+        """The fair queue let it go to the engine."""
+        return self._turn.started is not None
 
     async def wait(self) -> None:
         """Until the scheduler starts this request."""
@@ -106,6 +114,7 @@ class Ticket:
         self._finished = True
         self._admission.settle(self, prompt_tokens + completion_tokens)
         self._admission.scheduler.leave(self._turn)
+        self._admission.tickets.pop(self, None)
 
 
 class Admission:
@@ -122,6 +131,7 @@ class Admission:
         self.local = LocalLimits(quota, clock)
         self.shared = shared
         self._seen: dict[str, Levels] = {}  # the shared buckets' levels, as last answered per tenant
+        self.tickets: dict[Ticket, None] = {}  # admitted on an adapter and not finished, in order
 
     def policy_for(self, tenant: str) -> Policy:
         return self.policies.get(tenant)
@@ -167,14 +177,15 @@ class Admission:
             )
         return ask
 
-    def admit(self, tenant: str, prompt_tokens: int, max_tokens: int) -> Ticket:
+    def admit(self, tenant: str, prompt_tokens: int, max_tokens: int, model: str = "") -> Ticket:
         """Reserve and queue one request with this box's counters, or raise Refusal. Nothing is kept
-        when it is refused."""
+        when it is refused. `model`: the adapter as the request names it ("" for the base model)."""
         policy = self.policies.get(tenant)
         ask = self._ask(tenant, policy, prompt_tokens, max_tokens)
-        return self._enter(ask, policy, prompt_tokens, max_tokens, self.local.take(ask), shared=False)
+        counted = self.local.take(ask)
+        return self._enter(ask, policy, prompt_tokens, max_tokens, counted, shared=False, model=model)
 
-    async def admit_shared(self, tenant: str, prompt_tokens: int, max_tokens: int) -> Ticket:
+    async def admit_shared(self, tenant: str, prompt_tokens: int, max_tokens: int, model: str = "") -> Ticket:
         """`admit` with the shared counters (there must be some): the take is awaited; when they do
         not answer, the local counters serve (fail open) or the request gets 503 (fail closed)."""
         shared = self.shared
@@ -192,9 +203,9 @@ class Admission:
                 raise
             else:
                 policy = self.policies.get(tenant)
-                return self._enter(ask, policy, prompt_tokens, max_tokens, counted, shared=True)
+                return self._enter(ask, policy, prompt_tokens, max_tokens, counted, shared=True, model=model)
         if shared.fail_open:
-            return self.admit(tenant, prompt_tokens, max_tokens)
+            return self.admit(tenant, prompt_tokens, max_tokens, model)
         raise Refusal(
             503,
             "limits_unavailable",
@@ -204,7 +215,15 @@ class Admission:
         )
 
     def _enter(
-        self, ask: Ask, policy: Policy, prompt_tokens: int, max_tokens: int, counted: Counted, *, shared: bool
+        self,
+        ask: Ask,
+        policy: Policy,
+        prompt_tokens: int,
+        max_tokens: int,
+        counted: Counted,
+        *,
+        shared: bool,
+        model: str,
     ) -> Ticket:
         """Step 3, for a request whose counters answered: refuse what they did not take, else queue."""
         now = self._clock()
@@ -244,7 +263,10 @@ class Admission:
             self.quota.set_elsewhere(ask.tenant, ask.quota_period, elsewhere)
         if warn := warning(policy, counted.quota_used):
             headers[QUOTA_WARNING_HEADER] = warn
-        return Ticket(self, policy, turn, ask, headers, shared)
+        ticket = Ticket(self, policy, turn, ask, headers, shared, model)
+        if model:
+            self.tickets[ticket] = None
+        return ticket
 
     def _refusal(
         self, ask: Ask, policy: Policy, counted: Counted, headers: dict[str, str], now: float
@@ -287,6 +309,15 @@ class Admission:
         return self._levels(tenant, self.policies.get(tenant)).headers(self._clock())
 
     # -- what telemetry and the admin API read ----------------------------------------------------
+
+    def adapters_in_use(self) -> tuple[list[str], list[str]]:
+        """The adapters (as requests name them in `model`) with requests running, and with requests
+        waiting in the fair queue: the model server protocol's running and waiting LoRA adapters."""
+        running: set[str] = set()
+        waiting: set[str] = set()
+        for ticket in self.tickets:
+            (running if ticket.started else waiting).add(ticket.model)
+        return sorted(running), sorted(waiting)
 
     def limits_state(self) -> dict[str, Any]:
         """Where the counters are: `{"backend": "local"}`, or the shared backend's state."""
