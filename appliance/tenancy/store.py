@@ -268,11 +268,15 @@ class Store:
                 raise StoreError(f"no key with id {key_id!r}")
             row = rows[0]
             if not row["revoked_at"]:
-                self.db.table("api_keys").update(row["key_id"], {"revoked_at": revoked_at or _now()})
-                self.record_event("key_revoked", tenant=row["tenant"], detail=row["key_id"])
-                key = f"key {row['key_id']}"
-                self.audit(actor, "key_revoke", row["tenant"], Change({key: "active"}, {key: "revoked"}))
+                self.mark_revoked(row["key_id"], row["tenant"], actor=actor, revoked_at=revoked_at)
             return str(row["tenant"]), str(row["key_id"])
+
+    def mark_revoked(self, key_id: str, tenant: str, *, actor: str | None, revoked_at: str | None) -> None:
+        """Revoke an active key, with its event and audit row, in the caller's transaction."""
+        self.db.table("api_keys").update(key_id, {"revoked_at": revoked_at or _now()})
+        self.record_event("key_revoked", tenant=tenant, detail=key_id)
+        key = f"key {key_id}"
+        self.audit(actor, "key_revoke", tenant, Change({key: "active"}, {key: "revoked"}))
 
     def list_keys(self, tenant: str | None = None) -> list[dict[str, Any]]:
         where, args = ("tenant = ?", [tenant]) if tenant else (None, [])
