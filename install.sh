@@ -294,14 +294,14 @@ remove_cuda_extras() {
 }
 
 # The system tools some tests drive: shellcheck and systemd-analyze (install.sh and its unit), ACLs
-# (the drop folder), rsync and nginx (two boxes behind nginx), sqlite3 (another program locking the
-# database), debootstrap and systemd-nspawn (the real-systemd test, tests/system/, run on demand).
-# Debian packages, installed when missing and this runs as root with apt-get; otherwise the command
-# that would install them is told.
+# (the drop folder), rsync, nginx and redis-server (boxes behind nginx, shared limits), sqlite3
+# (another program locking the database), debootstrap and systemd-nspawn (the real-systemd test,
+# tests/system/, run on demand). Debian packages, installed when missing and this runs as root with
+# apt-get; otherwise the command that would install them is told.
 install_test_tools() {
     local missing=() tool
     for tool in nginx:nginx shellcheck:shellcheck setfacl:acl rsync:rsync systemd-analyze:systemd \
-        debootstrap:debootstrap systemd-nspawn:systemd-container sqlite3:sqlite3; do
+        debootstrap:debootstrap systemd-nspawn:systemd-container sqlite3:sqlite3 redis-server:redis-server; do
         command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool#*:}")
     done
     [ ${#missing[@]} -gt 0 ] || return 0

@@ -41,7 +41,14 @@ from .adapters.watcher import DropWatcher
 from .api.admin import EXPORTER, PLAN, build_admin_app
 from .api.connections import ConnectionLimits, GuardedAppRunner, fit_to_file_limit
 from .api.errors import MAX_BODY_BYTES, openai_errors
-from .api.metrics import METRICS_SOURCES, MetricsSource, build_metrics_app, metrics, overview_metrics
+from .api.metrics import (
+    METRICS_SOURCES,
+    MetricsSource,
+    build_metrics_app,
+    metrics,
+    overview_metrics,
+    protocol_metrics,
+)
 from .api.openai import add_routes
 from .api.overview import OVERVIEW, Overview
 from .api.services import SERVICES, Services
@@ -61,9 +68,11 @@ from .telemetry.device import DeviceSampler
 from .telemetry.gpu import gpu_memory
 from .telemetry.stats import TrafficStats
 from .tenancy.admission import Admission
+from .tenancy.keysync import RevocationSync
 from .tenancy.ledger import UsageLedger
 from .tenancy.policybook import PolicyBook
 from .tenancy.quota import QuotaMeter
+from .tenancy.redislimits import RedisLimits, connect
 from .tenancy.scheduler import FairScheduler
 from .tenancy.store import Store
 from .tenancy.writer import StoreWriter
@@ -162,7 +171,10 @@ def build_app(
     versions = VersionManager(
         store, writer, selection.engine, registry, ResidencyTracker(sizes.max_loras, sizes.max_cpu_loras)
     )
-    ledger = UsageLedger(settings.database_path, settings.usage_spool_path, commit=settings.usage_commit)
+    box_id = store.box_id(settings.box_id)
+    ledger = UsageLedger(
+        settings.database_path, settings.usage_spool_path, commit=settings.usage_commit, box_id=box_id
+    )
     ledger.recover()  # what a crash left in the spool, before the quotas are counted from the ledger
     services = Services(
         store=store,
@@ -176,10 +188,11 @@ def build_app(
             probe_every_s=settings.engine_probe_interval_s,
             probe_timeout_s=settings.engine_probe_timeout_s,
         ),
-        admission=build_admission(settings, store, ledger),
+        admission=build_admission(settings, store, ledger, box_id),
         engine_name=selection.engine.name,
         engine_reason=selection.reason,
         engine_fallback=selection.fallback,
+        box_id=box_id,
     )
     services.tool_format, services.tool_format_reason = select_tool_format(
         settings.tool_parser, services.codec.tokenizer.chat_template
@@ -210,7 +223,7 @@ def build_app(
     app[ON_READY] = on_ready or (lambda: None)
     app[STARTUP] = startup or StartupExtender(settings.start_timeout_s)  # not started: stop() is a no-op
     app[WATCHDOG] = Watchdog.for_health(services.health.snapshot)
-    sources: list[MetricsSource] = [overview_metrics]
+    sources: list[MetricsSource] = [overview_metrics, protocol_metrics]
     app[METRICS_SOURCES] = sources
     add_routes(app)
     if settings.metrics_on_api_port:
@@ -219,6 +232,10 @@ def build_app(
     app.cleanup_ctx.append(_run_engine)
     app.cleanup_ctx.append(lambda _app: services.ledger.run())
     app.cleanup_ctx.append(lambda _app: services.admission.policies.follow(settings.database_path))
+    if isinstance(shared := services.admission.shared, RedisLimits):
+        app.cleanup_ctx.append(lambda _app: shared.running())
+        revocations = RevocationSync(connect(settings.limits_backend), store, writer)
+        app.cleanup_ctx.append(lambda _app: revocations.running())
     app.on_cleanup.append(lambda _app: registry.close())
     app.on_cleanup.append(lambda _app: writer.close())
     app.on_cleanup.append(lambda _app: _close_store(store))
@@ -226,8 +243,9 @@ def build_app(
     return app
 
 
-def build_admission(settings: Settings, store: Store, ledger: UsageLedger) -> Admission:
-    """Policies from the store, quota use seeded from the ledger, the fair queue."""
+def build_admission(settings: Settings, store: Store, ledger: UsageLedger, box_id: str = "") -> Admission:
+    """Policies from the store, quota use seeded from the ledger, the fair queue; and the shared
+    counters, when `limits_backend` names a Redis."""
 
     def warn(tenant: str, detail: str) -> None:
         ledger.event("quota_warning", tenant=tenant, detail=detail)
@@ -241,11 +259,16 @@ def build_admission(settings: Settings, store: Store, ledger: UsageLedger) -> Ad
 
     quota = QuotaMeter(on_warning=warn)
     quota.seed(booked_since, store.last_events("quota_warning"))
+    shared = None
+    if settings.shared_limits:
+        fail_open = settings.limits_fail_mode == "open"
+        shared = RedisLimits(settings.limits_backend, box_id, quota, fail_open=fail_open)
     return Admission(
         PolicyBook.load(store, settings.tenant_defaults),
         quota,
         # max_running is set once the engine runs (it depends on the engine's batch size).
         FairScheduler(settings.max_running or 1, settings.max_queued, fair=settings.scheduler == "fair"),
+        shared=shared,
     )
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from appliance.errors import PolicyError
 from appliance.tenancy.admission import QUOTA_WARNING_HEADER, Admission, Refusal, Ticket
+from appliance.tenancy.limits import Ask, LocalLimits
 from appliance.tenancy.policy import Policy, parse_value
 from appliance.tenancy.policybook import PolicyBook
 from appliance.tenancy.quota import QuotaMeter, period_start
@@ -129,8 +130,9 @@ async def test_quota_use_is_seeded_from_the_ledger_for_every_period(clocks: Cloc
     booked = {starts["month"]: {"acme": 900}, starts["week"]: {"acme": 300}, starts["day"]: {"acme": 100}}
     meter.seed(lambda since: booked[since], {})
     assert [meter.used("acme", p) for p in ("day", "week", "month")] == [100, 300, 900]
-    assert not meter.check("acme", Policy(quota_tokens=1000), 101).fits
-    assert meter.check("acme", Policy(quota_tokens=1000, quota_period="week"), 101).fits
+    counters = LocalLimits(meter, clocks.monotonic)
+    assert not counters.take(Ask("acme", 101, quota_tokens=1000)).quota_fits
+    assert counters.take(Ask("acme", 101, quota_tokens=1000, quota_period="week")).quota_fits
 
 
 async def test_queue_full_is_429_for_the_tenant_and_503_for_the_box(clocks: Clocks) -> None:

@@ -306,9 +306,11 @@ def test_usage_by_day_in_a_window_with_the_prices_each_request_was_served_at(run
         ["2026-11-02", "acme", "1", "0", "2000000", "2.0000"],
     ]
     csv_lines = run("usage", "--since", "2026-11-01", "--by", "month", "--csv").out.splitlines()
+    with Store.open(box.database) as store:
+        box_id = store.box_id()  # rows booked without one are this box's
     assert csv_lines == [
-        "period,tenant,requests,prompt_tokens,completion_tokens,cost",
-        "2026-11,acme,4,1500007,3000007,3.000014",
+        "period,tenant,requests,prompt_tokens,completion_tokens,cost,box_id",
+        f"2026-11,acme,4,1500007,3000007,3.000014,{box_id}",
     ]
     assert run("usage", "--since", "7d").code == 0  # relative to now: nothing that old in this box
     assert_one_line_error(run("usage", "--since", "last tuesday"), "--since: use e.g. 7d")

@@ -6,8 +6,9 @@ needed, as for any Prometheus target: keep the listener on loopback or a managem
 
 The text is the concatenation of the app's `METRICS_SOURCES`, each an async function that
 returns whole metric families in the text format: lorabox's own telemetry (telemetry/metrics.py)
-first; more families (another protocol's names, say) are one more source, added by the daemon.
-Each copies what it needs on the event loop and writes its text on a thread.
+first, then the model server protocol's families under vLLM's names (telemetry/protocol.py), which
+routers such as the inference gateway's endpoint picker scrape. Each copies what it needs on the
+event loop and writes its text on a thread.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from ..telemetry import protocol
 from ..telemetry.metrics import MetricsSnapshot, render
 from .overview import OVERVIEW, Overview
 
@@ -33,6 +35,25 @@ async def overview_metrics(overview: Overview) -> bytes:
     loads = [(name, load.running, load.queued) for name, load in overview.loads().items()]
     snapshot = MetricsSnapshot.take(overview.traffic, status, loads)
     return await asyncio.to_thread(render, snapshot)
+
+
+async def protocol_metrics(overview: Overview) -> bytes:
+    """The model server protocol's families: queue, running, KV cache, adapters in use."""
+    services = overview.services
+    admission = services.admission
+    stats = overview.engine_stats()
+    running, waiting = admission.adapters_in_use()
+    snapshot = protocol.ProtocolSnapshot(
+        model_name=overview.model,
+        waiting=admission.queued + (stats.waiting_requests if stats else 0),
+        running=stats.running_requests if stats else 0,
+        kv_cache_usage=stats.kv_cache_usage if stats else None,
+        max_lora=(stats.gpu_slots or services.engine.max_batch) if stats else None,
+        running_adapters=running,
+        waiting_adapters=waiting,
+        kv_cache_blocks=stats.kv_cache_blocks if stats else None,
+    )
+    return await asyncio.to_thread(protocol.render, snapshot)
 
 
 async def metrics(request: web.Request) -> web.Response:

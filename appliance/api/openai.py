@@ -308,8 +308,15 @@ async def _complete(
     grammar = await _grammar(services, parsed, tenant)
     options = dataclasses.replace(options, max_tokens=max_tokens, grammar=grammar)
     try:
-        # Every choice may run to max_tokens: the reservation covers them all.
-        ticket = trace.ticket = services.admission.admit(tenant, len(prompt_ids), max_tokens * options.n)
+        # Every choice may run to max_tokens: the reservation covers them all. With shared
+        # counters (Redis) the take is awaited.
+        admission, reserve = services.admission, max_tokens * options.n
+        adapter = parsed.model if target.adapter else ""  # as requests name it: the picker's key
+        ticket = trace.ticket = (
+            admission.admit(tenant, len(prompt_ids), reserve, adapter)
+            if admission.shared is None
+            else await admission.admit_shared(tenant, len(prompt_ids), reserve, adapter)
+        )
     except Refusal as refusal:
         raise refused(refusal) from None
     trace.admitted, trace.status = True, 200
@@ -496,6 +503,11 @@ async def readyz(request: web.Request) -> web.Response:
     if services.ledger.unavailable is not None:
         reason = f"usage ledger unavailable: {services.ledger.unavailable}"
         return web.json_response({"status": "refusing", "reason": reason} | engine, status=503)
+    if (limits := services.admission.limits_problem()) is not None:
+        reason, refusing = limits
+        if refusing:
+            return web.json_response({"status": "refusing", "reason": reason} | engine, status=503)
+        return web.json_response({"status": "ready", "degraded": reason} | engine)
     return web.json_response({"status": "ready"} | engine)
 
 

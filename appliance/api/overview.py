@@ -118,6 +118,8 @@ class Overview:
             return "starting", "the model is still loading"
         if services.ledger.unavailable is not None:
             return "refusing", f"usage ledger unavailable: {services.ledger.unavailable}"
+        if (limits := services.admission.limits_problem()) is not None:
+            return ("refusing" if limits[1] else "ready"), limits[0]
         return "ready", None
 
     def engine_stats(self) -> EngineStats | None:
@@ -158,6 +160,7 @@ class Overview:
             "engine_health": dataclasses.asdict(services.health.snapshot()),
             "connections": dataclasses.asdict(services.connections),
             "ledger": dataclasses.asdict(services.ledger.health()),
+            "limits": services.admission.limits_state() | {"box_id": services.box_id},
         }
 
     # -- tenants ------------------------------------------------------------------------------

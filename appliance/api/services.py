@@ -46,6 +46,8 @@ class Services:
     engine_name: str = ""
     engine_reason: str = ""  # why this engine serves (and, under `auto`, why not vLLM)
     engine_fallback: str = ""  # under `auto` with llama.cpp serving: why not vLLM, with the fix
+    box_id: str = ""
+    """This box's name in the usage ledger and the shared counters."""
     generator: Generator | None = None
     started_at: float = field(default_factory=time.time)
     loop_lag: LoopLagMonitor = field(default_factory=LoopLagMonitor)

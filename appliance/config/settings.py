@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,6 +31,9 @@ See `Settings.stop_timeout_s`."""
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCHEDULERS = ("fair", "fifo")
+LIMITS_FAIL_MODES = ("open", "closed")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+BOX_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 COMMIT_MODES = ("fsync", "commit", "async")  # the usage ledger's durability, `usage_commit`
 DEFAULTS_SECTION = "tenant_defaults"
 DEFAULTS_ENV_PREFIX = ENV_PREFIX + "DEFAULT_"
@@ -227,6 +231,22 @@ class Settings:
     """Where `POST /admin/tenants/<tenant>/export` writes (a file name in it, never a path); mode
     0750, files 0640. Empty: <state_dir>/exports."""
 
+    limits_backend: str = "local"
+    """Where rate limits and quotas are counted. `local`: on this box alone. A Redis URL
+    (`redis://host:6379/0`, `rediss://` for TLS, `unix:///run/redis.sock`): in Redis, shared by every
+    box that names it, so a tenant's limits and quota hold across boxes behind round-robin (one
+    Redis database per fleet; docs/scaling.md). Key revocations reach every such box within 2 s."""
+
+    limits_fail_mode: str = "open"
+    """What a box does while Redis (`limits_backend`) does not answer: `open` counts on this box alone
+    (a tenant may get up to its limits on each box, and the quota what the others had used when last
+    heard of), `closed` refuses requests with 503. Either way one line in the log, /readyz and
+    `lorabox status` say so until Redis answers again."""
+
+    box_id: str = ""
+    """This box's name in the usage ledger (every row carries it) and in the shared counters. Empty:
+    made once from the host name and a random part, and kept in the state database."""
+
     tenant_defaults: Policy = field(default_factory=Policy)
     """The policy of every tenant that has not set its own value (`[tenant_defaults]` in the file;
     `LORABOX_DEFAULT_<FIELD>` in the environment): weight, rpm, tpm, max_concurrent, max_queued,
@@ -267,6 +287,11 @@ class Settings:
     def metrics_address(self) -> tuple[str, int] | None:
         """(host, port) of the metrics listener, or None for none (`metrics_listen` checked)."""
         return _address(self.metrics_listen) if self.metrics_listen else None
+
+    @property
+    def shared_limits(self) -> bool:
+        """Rate limits and quotas are counted in Redis (`limits_backend`), not on this box alone."""
+        return self.limits_backend != "local"
 
     @property
     def admin_socket_path(self) -> Path:
@@ -349,6 +374,21 @@ class Settings:
             raise InvalidSetting("max_running", "must be >= 0 (0: the engine's batch size)")
         if self.max_queued < 0:
             raise InvalidSetting("max_queued", "must be >= 0")
+        if self.limits_backend != "local" and not self.limits_backend.startswith(REDIS_SCHEMES):
+            raise InvalidSetting(
+                "limits_backend",
+                f"must be local or a Redis URL (redis://host:6379/0), not {self.limits_backend!r}",
+            )
+        if self.limits_fail_mode not in LIMITS_FAIL_MODES:
+            raise InvalidSetting(
+                "limits_fail_mode",
+                f"must be one of {', '.join(LIMITS_FAIL_MODES)}, not {self.limits_fail_mode!r}",
+            )
+        if self.box_id and not BOX_ID.fullmatch(self.box_id):
+            raise InvalidSetting(
+                "box_id",
+                f"must be 1-63 of A-Z, a-z, 0-9, '.', '_', '-', a letter or digit first; not {self.box_id!r}",
+            )
         return self
 
 

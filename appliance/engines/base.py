@@ -125,6 +125,9 @@ class EngineStats:
     """Fraction of the KV cache in use (0-1), or None where the engine does not say."""
     gpu_slots: int | None = None
     """Adapters one batch may use at once (vLLM's `max_loras`); None where there is no such limit."""
+    kv_cache_blocks: tuple[int, int] | None = None
+    """(tokens per block, blocks) of the KV cache, once known: vLLM's paged cache as it allocated it;
+    llama.cpp's cells counted in blocks of 16 tokens (it has none of its own)."""
     pinned: list[str] = field(default_factory=list)
     """Adapters held in fast memory for good (engine names)."""
     memory: EngineMemory = field(default_factory=EngineMemory)

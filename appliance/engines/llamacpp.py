@@ -27,6 +27,9 @@ from .llamacpp_grammar import MatcherCache
 from .llamacpp_worker import DecodeWorker, Job, WorkerOptions
 
 log = logging.getLogger(__name__)
+KV_BLOCK_TOKENS = 16
+"""llama.cpp's KV cache has cells, not blocks; reported in blocks of vLLM's default size, so that a
+router sizing its prefix index from `vllm:cache_config_info` counts in the units it expects."""
 
 
 def llamacpp_unavailable_reason() -> str | None:
@@ -200,12 +203,18 @@ class LlamaCppEngine:
     def stats(self) -> EngineStats:
         worker = self._worker
         adapters = list(worker.adapters.values()) if worker else []
+        cells = worker.n_ctx_seq * self.options.parallel if worker else 0
+        # The KV cells the running requests hold (sequences kept for prefix reuse are free to take,
+        # as vLLM counts its cached blocks). Read off the worker's thread: a list copy, no lock.
+        held = sum(len(job.sequence.tokens) for job in list(worker.running) if job.sequence) if worker else 0
         return EngineStats(
             engine=self.name,
             device=self.device,
             loaded_adapters=sorted(a.name for a in adapters),
             running_requests=len(worker.running) if worker else 0,
             waiting_requests=self._waiting,
+            kv_cache_usage=min(1.0, held / cells) if cells else None,
+            kv_cache_blocks=(KV_BLOCK_TOKENS, cells // KV_BLOCK_TOKENS) if cells else None,
             pinned=sorted(a.name for a in adapters if a.pinned),
             extra={
                 "model": str(self.model_path) if self.model_path else None,

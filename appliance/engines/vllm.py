@@ -28,7 +28,7 @@ from .base import (
 )
 from .enginelog import filter_engine_handlers, filtered_output
 from .slots import SlotGate
-from .vllm_stats import engine_memory, scheduler_readout
+from .vllm_stats import engine_memory, kv_cache_blocks, scheduler_readout
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +179,7 @@ class VLLMEngine:
         self._slots: SlotGate | None = None  # sized at start; see slots.py for why it exists
         self._scheduler: Any = None  # vLLM's latest SchedulerStats (with options.collect_stats)
         self._memory = EngineMemory()
+        self._kv_blocks: tuple[int, int] | None = None
 
     async def start(self) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -225,6 +226,7 @@ class VLLMEngine:
         self._memory = engine_memory(
             self._engine.vllm_config, Path(opts.model), self._slots.slots, vllm_lora_rank(opts.max_lora_rank)
         )
+        self._kv_blocks = kv_cache_blocks(self._engine.vllm_config)
         if current_platform.is_cpu():
             self._scratch = tempfile.TemporaryDirectory(prefix="lorabox-base-adapter-")
             folder = Path(self._scratch.name)
@@ -378,7 +380,9 @@ class VLLMEngine:
     def stats(self) -> EngineStats:
         waiting_for_slot = self._slots.waiting if self._slots else 0
         inside = self._running - waiting_for_slot  # handed to vLLM, by our own count
-        running, waiting, kv_usage = inside, 0, None
+        # An idle engine holds no KV cache (its prefix cache's blocks are free to take), whether
+        # or not the scheduler has reported yet; with requests and no report, the use is unknown.
+        running, waiting, kv_usage = inside, 0, None if inside else 0.0
         scheduler = self._scheduler
         if scheduler is not None:
             # The scheduler reports at its steps only: bounded by our own count, an abort after
@@ -394,6 +398,7 @@ class VLLMEngine:
             waiting_requests=waiting + waiting_for_slot,
             kv_cache_usage=kv_usage,
             gpu_slots=self._slots.slots if self._slots else None,
+            kv_cache_blocks=self._kv_blocks,
             pinned=sorted(self._slots.pinned) if self._slots else [],
             memory=self._memory,
         )

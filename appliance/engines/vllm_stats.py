@@ -83,6 +83,16 @@ def _kv_cache_bytes(vllm_config: Any) -> int:
     return int(cache.num_gpu_blocks) * int(cache.block_size) * per_token * itemsize
 
 
+def kv_cache_blocks(vllm_config: Any) -> tuple[int, int] | None:
+    """(tokens per block, blocks) of the KV cache vLLM allocated; None where its config does not say."""
+    try:
+        cache = vllm_config.cache_config
+        return int(cache.block_size), int(cache.num_gpu_blocks)
+    except Exception as exc:  # vLLM's configuration objects are not a stable interface
+        log.info("vLLM's KV cache blocks are unknown: %s", exc)
+        return None
+
+
 def engine_memory(vllm_config: Any, model_dir: Path, slots: int, max_lora_rank: int) -> EngineMemory:
     """The engine's memory by use, each figure None where vLLM's configuration does not tell."""
 

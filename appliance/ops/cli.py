@@ -21,7 +21,8 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -31,10 +32,11 @@ from ..config.settings import Settings, load_config, setting_origin
 from ..errors import ConfigError, LoraboxError
 from ..gguf import EXPORT_QUANTS
 from ..names import is_tenant_name
+from ..tenancy import fleet
 from ..tenancy.audit import Change, change_text
 from ..tenancy.policy import FIELDS, MAX_SYSTEM_PROMPT_CHARS, QUOTA_PERIODS, describe, effective, parse_values
 from ..tenancy.quota import period_start, timestamp
-from ..tenancy.store import Store, unavailable
+from ..tenancy.store import USAGE_COLUMNS, Store, unavailable
 
 EXIT_CONFIG = 78
 """A configuration error (sysexits' EX_CONFIG): a bad setting, the port in use, a context longer
@@ -582,8 +584,15 @@ def moment(option: str) -> Callable[[str], str]:
 
 def cmd_usage(args: argparse.Namespace) -> None:
     tenant = args.tenant_option or args.tenant
-    with Store.open(_settings(args).database_path) as store:
-        rows = store.usage_report(tenant, args.since, args.until, args.by or "")
+    settings = _settings(args)
+    with _usage_store(settings, args.from_files) as (store, box):
+        if args.rows:
+            writer = csv.writer(sys.stdout, lineterminator="\n")
+            writer.writerow(USAGE_COLUMNS)
+            rows = store.usage_rows(tenant, args.since, args.until, box)
+            writer.writerows([["" if row[c] is None else row[c] for c in USAGE_COLUMNS] for row in rows])
+            return
+        rows = store.usage_report(tenant, args.since, args.until, args.by or "", box)
     columns = (["period"] if args.by else []) + [
         "tenant",
         "requests",
@@ -591,6 +600,8 @@ def cmd_usage(args: argparse.Namespace) -> None:
         "completion_tokens",
         "cost",
     ]
+    if args.csv or args.from_files:
+        columns.append("box_id")  # several boxes' ledgers add up: say whose rows these are
     if args.csv:
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow(columns)
@@ -599,6 +610,84 @@ def cmd_usage(args: argparse.Namespace) -> None:
     for row in rows:
         row["cost"] = f"{row['cost']:.4f}"
     _table(rows, columns)
+
+
+@contextmanager
+def _usage_store(settings: Settings, files: list[str] | None) -> Iterator[tuple[Store, str]]:
+    """This box's ledger (and its box id, for rows that name none); or, `--from`, the rows of
+    `lorabox usage --rows` exports in a database in memory, each row (its uid) once."""
+    if not files:
+        with Store.open(settings.database_path) as store:
+            yield store, store.box_id(settings.box_id)
+        return
+    with Store.open(":memory:") as merged:
+        read = duplicates = 0
+        for path in files:
+            rows = _usage_export(path)
+            before = merged.db.execute("select count(*) from usage").fetchone()[0]
+            merged.record_usage(rows)
+            added = merged.db.execute("select count(*) from usage").fetchone()[0] - before
+            read, duplicates = read + len(rows), duplicates + len(rows) - added
+        print(
+            f"merged {read - duplicates} rows from {len(files)} files ({duplicates} repeated: counted once)",
+            file=sys.stderr,
+        )
+        yield merged, ""
+
+
+USAGE_INTS = ("status", "prompt_tokens", "completion_tokens")
+USAGE_FLOATS = ("ttft_ms", "latency_ms", "price_in", "price_out")
+
+
+def _usage_export(path: str) -> list[dict[str, Any]]:
+    """The rows of one `lorabox usage --rows` export; LoraboxError naming the file and line."""
+    text = read_text_file(path, 1 << 30, f"--from {path}")
+    reader = csv.DictReader(text.splitlines())
+    if reader.fieldnames is None or not set(USAGE_COLUMNS) <= set(reader.fieldnames):
+        raise LoraboxError(
+            f"--from {path}: not a usage export (uid, box_id, ...): make one with `lorabox usage --rows`"
+        )
+    rows = []
+    for number, raw in enumerate(reader, start=2):
+        row: dict[str, Any] = {c: (raw[c] if raw[c] != "" else None) for c in USAGE_COLUMNS}
+        try:
+            if not row["uid"] or not row["tenant"] or not row["ts"]:
+                raise ValueError("uid, tenant and ts are needed")
+            for column in USAGE_INTS:
+                row[column] = int(row[column]) if row[column] is not None else None
+            for column in USAGE_FLOATS:
+                row[column] = float(row[column]) if row[column] is not None else None
+        except ValueError as exc:
+            raise LoraboxError(f"--from {path}: line {number}: {exc}") from None
+        rows.append(row)
+    return rows
+
+
+def cmd_fleet(args: argparse.Namespace) -> None:
+    settings = _settings(args)
+    if args.action == "export":
+        with Store.open(settings.database_path) as store:
+            document = fleet.export(store, store.box_id(settings.box_id))
+        print(json.dumps(document, indent=1, ensure_ascii=False))
+        return
+    data = fleet.read(read_text_file(args.file, fleet.MAX_BYTES, "fleet import"))
+    with Store.open(settings.database_path) as store:
+        changes = fleet.plan(store, data)
+        if not args.dry_run and not changes.empty:
+            fleet.apply(store, changes)
+    for line in changes.summary():
+        print(line)
+    if args.dry_run or changes.empty:
+        print("nothing changed" if changes.empty else "dry run: nothing changed")
+        return
+    # New tenants and pins apply at once where the daemon runs (policies within seconds, keys at the
+    # next request: both are read from the database); else when it starts.
+    try:
+        client = _admin(settings)
+        for tenant in changes.touched:
+            client.call("POST", tenant_path(tenant, "sync"))
+    except AdminUnavailable:
+        print("the daemon was not reachable: it applies this when it starts")
 
 
 def cmd_audit(args: argparse.Namespace) -> None:
@@ -833,8 +922,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", type=moment("--since"), help="7d, 24h, 30m ago, or a date/time (UTC)")
     p.add_argument("--until", type=moment("--until"), help="as --since; up to (not including) it")
     p.add_argument("--by", choices=("day", "month"), help="one row per tenant and day (or month)")
-    p.add_argument("--csv", action="store_true", help="comma-separated values, for a spreadsheet")
+    p.add_argument(
+        "--csv", action="store_true", help="comma-separated values, for a spreadsheet (with each row's boxes)"
+    )
+    p.add_argument(
+        "--rows",
+        action="store_true",
+        help="every request's row as CSV (uid, box_id, ...): an export for `lorabox usage --from`",
+    )
+    p.add_argument(
+        "--from",
+        dest="from_files",
+        nargs="+",
+        metavar="FILE",
+        help="add up `--rows` exports of several boxes (each row once) instead of this box's ledger",
+    )
     p.set_defaults(func=cmd_usage)
+
+    p = sub.add_parser(
+        "fleet", parents=[common], help="one set of tenants, keys and policies for several boxes"
+    )
+    fsub = p.add_subparsers(dest="action", required=True)
+    fsub.add_parser(
+        "export", parents=[common], help="tenants, key hashes (never keys), policies and pins, as JSON"
+    )
+    fimport = fsub.add_parser(
+        "import", parents=[common], help="merge an export: adds what is missing, keeps what is newer here"
+    )
+    fimport.add_argument("file", nargs="?", default="-", help="the export (default: stdin)")
+    fimport.add_argument("--dry-run", action="store_true", help="only say what would change")
+    p.set_defaults(func=cmd_fleet)
 
     p = sub.add_parser("audit", parents=[common], help="operator actions: who changed what, when")
     p.add_argument("--tenant", type=tenant_name)

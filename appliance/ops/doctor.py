@@ -650,6 +650,41 @@ def check_admin_socket(box: Box) -> Check:
     return Check("admin", OK, f"the daemon answers on {path} (engine {status.get('engine', '?')})")
 
 
+def check_limits(box: Box) -> Check | None:
+    """With shared limits (`limits_backend` = a Redis URL): does Redis answer?"""
+    assert box.settings is not None
+    settings = box.settings
+    if not settings.shared_limits:
+        return None
+    from ..tenancy.redislimits import shown
+
+    url = shown(settings.limits_backend)
+    try:
+        import redis
+    except ImportError:
+        return Check("limits", FAIL, "the redis package is not installed", "reinstall lorabox (./install.sh)")
+    try:
+        client = redis.Redis.from_url(settings.limits_backend, socket_timeout=2, socket_connect_timeout=2)
+        with client:
+            client.ping()
+    except (redis.RedisError, OSError, ValueError) as exc:
+        level = WARN if settings.limits_fail_mode == "open" else FAIL
+        meanwhile = (
+            "each box counts rate limits and quotas alone"
+            if level == WARN
+            else "the daemon refuses requests (limits_fail_mode = closed)"
+        )
+        return Check(
+            "limits",
+            level,
+            f"Redis at {url} does not answer ({exc}): {meanwhile}",
+            "start Redis (systemctl start redis-server) or correct limits_backend in the config",
+        )
+    return Check(
+        "limits", OK, f"Redis at {url} answers: limits and quotas shared, fail {settings.limits_fail_mode}"
+    )
+
+
 def run(
     config_path: Path | None = None, root: Path | None = None, service_user: str | None = None
 ) -> list[Check]:
@@ -667,6 +702,8 @@ def run(
     checks += [*check_adapters_dir(box, who), check_model(box, who), check_adapter_bases(box)]
     checks += [check_context(box)]
     checks += [check_admin_socket(box), check_modes(box), *check_space(box), check_spool(box)]
+    if (limits := check_limits(box)) is not None:
+        checks.append(limits)
     return checks
 
 

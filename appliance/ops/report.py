@@ -88,6 +88,19 @@ def _ledger(ledger: Mapping[str, Any]) -> list[str]:
     )
 
 
+def _limits(limits: Mapping[str, Any]) -> list[str]:
+    """A line only for shared limits: where, and whether they answer."""
+    if limits.get("backend") != "redis":
+        return []
+    where = (
+        f"{limits.get('url') or NA}, box {limits.get('box_id') or NA}, fail {limits.get('fail_mode') or NA}"
+    )
+    if not limits.get("down"):
+        return [f"limits   shared in Redis {where}"]
+    action = "counting on this box alone" if limits.get("fail_mode") == "open" else "refusing requests"
+    return [f"limits   NOT SHARED for {duration(limits.get('down_s'))}: {limits['down']}; {action} ({where})"]
+
+
 def status_text(status: Mapping[str, Any], tenants: Sequence[Mapping[str, Any]]) -> str:
     engine = status.get("engine_stats") or {}
     adapters = status.get("adapters") or {}
@@ -109,6 +122,7 @@ def status_text(status: Mapping[str, Any], tenants: Sequence[Mapping[str, Any]])
         f" + {number(totals.get('completion_tokens'))} completion tokens, "
         f"{number(totals.get('rps_10s'))} req/s, {number(totals.get('tps_10s'))} tok/s over 10 s",
         *_ledger(status.get("ledger") or {}),
+        *_limits(status.get("limits") or {}),
         "",
     ]
     rows = []

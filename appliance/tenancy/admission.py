@@ -11,6 +11,13 @@ a check and its reservation:
 3. queue: the fair scheduler starts the request or queues it (scheduler.py); a full tenant queue
    is 429, a full box 503, both with Retry-After.
 
+Steps 1 and 2 are the counters' (limits.py): this box's own (`LocalLimits`), or, with a shared
+backend (`limits_backend` = a Redis URL), every box's at once. Then `admit_shared` awaits the
+shared take (one atomic script; the event loop serves others meanwhile) and does step 3 the same
+way; the local counters mirror this box's share. When the shared counters do not answer,
+`limits_fail_mode` decides: "open" admits with the local counters (this box's share, plus what the
+other boxes had used of the quota when last heard of), "closed" refuses with 503.
+
 Every response carries OpenAI's `x-ratelimit-*` headers for the limits the tenant has. When the
 request ends, `Ticket.finish` settles: unused reserved tokens go back to the tokens bucket, and
 the quota counts what the request used (what its ledger row books).
@@ -18,19 +25,23 @@ the quota counts what the request used (what its ledger row books).
 
 from __future__ import annotations
 
-import math
+import asyncio
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .limits import Ask, Counted, Levels, LimitsUnavailable, LocalLimits, SharedLimits
 from .policy import Policy
 from .policybook import PolicyBook
-from .quota import QuotaMeter
-from .ratelimit import Bucket, duration
+from .quota import QuotaMeter, warning
+from .ratelimit import duration
 from .scheduler import FairScheduler, QueueFull, TenantLoad, Turn
 
 QUOTA_WARNING_HEADER = "x-lorabox-quota-warning"
+LIMITS_RETRY_S = 1.0
+"""Retry-After of a request refused because the shared counters do not answer (fail closed)."""
 
 
 @dataclass(eq=False)
@@ -48,36 +59,46 @@ class Refusal(Exception):
         super().__init__(self.message)
 
 
-@dataclass
-class _Buckets:
-    requests: Bucket | None = None
-    tokens: Bucket | None = None
-
-
-def _fitted(bucket: Bucket | None, limit: int | None, now: float) -> Bucket | None:
-    if limit is None:
-        return None
-    if bucket is None:
-        return Bucket(limit, now)
-    if bucket.limit != limit:
-        bucket.resize(limit, now)
-    return bucket
+def _undo(shared: SharedLimits, ask: Ask, take: asyncio.Future[Counted]) -> None:
+    """A shared take whose request was gone before it was answered: give it back if it was taken."""
+    if not take.cancelled() and take.exception() is None and take.result().taken:
+        shared.settle(ask, 0, bucket=True, requests=1)
 
 
 class Ticket:
     """One admitted request: its place in the queue, and what it reserved."""
 
     def __init__(
-        self, admission: Admission, policy: Policy, turn: Turn, reserved: int, headers: dict[str, str]
+        self,
+        admission: Admission,
+        policy: Policy,
+        turn: Turn,
+        ask: Ask,
+        headers: dict[str, str],
+        shared: bool,
+        model: str = "",
     ):
         self._admission, self.policy, self._turn = admission, policy, turn
-        self.reserved = reserved
+        self.ask = ask
         self.headers = headers
+        self.shared = shared
+        """Its reservation was taken from the shared counters (not the local ones, failing open)."""
+        self.model = model
+        """The adapter as the request named it in `model` ("" for the base model)."""
         self._finished = False
 
     @property
     def tenant(self) -> str:
         return self._turn.tenant
+
+    @property
+    def reserved(self) -> int:
+        return self.ask.tokens
+
+    @property
+    def started(self) -> bool:
+        """The fair queue let it go to the engine."""
+        return self._turn.started is not None
 
     async def wait(self) -> None:
         """Until the scheduler starts this request."""
@@ -93,6 +114,7 @@ class Ticket:
         self._finished = True
         self._admission.settle(self, prompt_tokens + completion_tokens)
         self._admission.scheduler.leave(self._turn)
+        self._admission.tickets.pop(self, None)
 
 
 class Admission:
@@ -102,66 +124,117 @@ class Admission:
         quota: QuotaMeter,
         scheduler: FairScheduler,
         clock: Callable[[], float] = time.monotonic,
+        shared: SharedLimits | None = None,
     ):
         self.policies, self.quota, self.scheduler = policies, quota, scheduler
         self._clock = clock
-        self._buckets: dict[str, _Buckets] = {}
+        self.local = LocalLimits(quota, clock)
+        self.shared = shared
+        self._seen: dict[str, Levels] = {}  # the shared buckets' levels, as last answered per tenant
+        self.tickets: dict[Ticket, None] = {}  # admitted on an adapter and not finished, in order
 
     def policy_for(self, tenant: str) -> Policy:
         return self.policies.get(tenant)
 
-    def _fit(self, tenant: str, policy: Policy, now: float) -> _Buckets:
-        buckets = self._buckets.get(tenant) or self._buckets.setdefault(tenant, _Buckets())
-        buckets.requests = _fitted(buckets.requests, policy.rpm, now)
-        buckets.tokens = _fitted(buckets.tokens, policy.tpm, now)
-        return buckets
+    def _levels(self, tenant: str, policy: Policy) -> Levels:
+        """The tenant's bucket levels as best known: the shared counters' last answer (aged), else
+        this box's own."""
+        if self.shared is not None and self.shared.down is None:
+            seen = self._seen.get(tenant)
+            if seen is not None and (seen.rpm, seen.tpm) == (policy.rpm, policy.tpm):
+                return seen
+        return self.local.levels(tenant, policy.rpm, policy.tpm)
 
     def check_requests(self, tenant: str) -> None:
-        """Before reading a body: a tenant out of requests is refused without more work."""
-        now = self._clock()
-        buckets = self._fit(tenant, self.policies.get(tenant), now)
-        if buckets.requests is not None and (wait := buckets.requests.wait_s(1, now)) > 0:
-            raise self._too_many(buckets, wait, now, "requests")
-
-    def admit(self, tenant: str, prompt_tokens: int, max_tokens: int) -> Ticket:
-        """Reserve and queue one request, or raise Refusal. Nothing is kept when it is refused."""
+        """Before reading a body: a tenant out of requests is refused without more work. (With shared
+        counters, from their last answer: other boxes only ever take more, so it cannot be wrong.)"""
         policy = self.policies.get(tenant)
-        reserve = prompt_tokens + max_tokens
         now = self._clock()
-        buckets = self._fit(tenant, policy, now)
-        waits = {
-            "requests": buckets.requests.wait_s(1, now) if buckets.requests else 0.0,
-            "tokens": buckets.tokens.wait_s(reserve, now) if buckets.tokens else 0.0,
-        }
-        if waits["tokens"] == math.inf:
+        levels = self._levels(tenant, policy)
+        level = levels.level("requests", now)
+        if level is not None and policy.rpm is not None and level < 1:
+            raise self._too_many(levels, (1 - level) * 60.0 / policy.rpm, now, "requests")
+
+    def _ask(self, tenant: str, policy: Policy, prompt_tokens: int, max_tokens: int) -> Ask:
+        """What the request asks of the counters; refuses at once one that no limit could ever fit."""
+        ask = Ask(
+            tenant,
+            prompt_tokens + max_tokens,
+            rpm=policy.rpm,
+            tpm=policy.tpm,
+            quota_tokens=policy.quota_tokens,
+            quota_period=policy.quota_period,
+        )
+        if policy.tpm is not None and ask.tokens > policy.tpm:
             raise Refusal(
                 429,
                 "rate_limit_exceeded",
-                f"Request too large: it reserves {reserve} tokens (prompt {prompt_tokens} + max_tokens "
+                f"Request too large: it reserves {ask.tokens} tokens (prompt {prompt_tokens} + max_tokens "
                 f"{max_tokens}), more than the limit of {policy.tpm} tokens per minute. Lower max_tokens "
                 "or shorten the prompt.",
                 should_retry=False,
-                headers=self._headers(buckets, now),
+                headers=self.headers(tenant),
             )
-        kind, wait = max(waits.items(), key=lambda item: item[1])
-        if wait > 0:
-            raise self._too_many(buckets, wait, now, kind)
+        return ask
 
-        quota = self.quota.check(tenant, policy, reserve)
-        if not quota.fits:
-            raise Refusal(
-                429,
-                "insufficient_quota",
-                f"You exceeded your quota: {self._quota_text(tenant, policy)}; this request could use "
-                f"{reserve} tokens more (prompt + max_tokens). Lower max_tokens, or wait for the next "
-                f"{policy.quota_period}.",
-                should_retry=False,
-                headers=self._headers(buckets, now),
-            )
+    def admit(self, tenant: str, prompt_tokens: int, max_tokens: int, model: str = "") -> Ticket:
+        """Reserve and queue one request with this box's counters, or raise Refusal. Nothing is kept
+        when it is refused. `model`: the adapter as the request names it ("" for the base model)."""
+        policy = self.policies.get(tenant)
+        ask = self._ask(tenant, policy, prompt_tokens, max_tokens)
+        counted = self.local.take(ask)
+        return self._enter(ask, policy, prompt_tokens, max_tokens, counted, shared=False, model=model)
 
+    async def admit_shared(self, tenant: str, prompt_tokens: int, max_tokens: int, model: str = "") -> Ticket:
+        """`admit` with the shared counters (there must be some): the take is awaited; when they do
+        not answer, the local counters serve (fail open) or the request gets 503 (fail closed)."""
+        shared = self.shared
+        assert shared is not None, "no shared limits backend"
+        policy = self.policies.get(tenant)
+        ask = self._ask(tenant, policy, prompt_tokens, max_tokens)
+        if shared.down is None:
+            take = asyncio.ensure_future(shared.take(ask))
+            try:
+                counted = await asyncio.shield(take)
+            except LimitsUnavailable:
+                pass  # the backend says so in the log, once, and now answers `down`
+            except asyncio.CancelledError:  # the client left: what the take took goes back
+                take.add_done_callback(functools.partial(_undo, shared, ask))
+                raise
+            else:
+                policy = self.policies.get(tenant)
+                return self._enter(ask, policy, prompt_tokens, max_tokens, counted, shared=True, model=model)
+        if shared.fail_open:
+            return self.admit(tenant, prompt_tokens, max_tokens, model)
+        raise Refusal(
+            503,
+            "limits_unavailable",
+            f"The server cannot check its rate limits and quotas now ({shared.down}). Retry shortly.",
+            retry_after_s=LIMITS_RETRY_S,
+            headers=self.headers(tenant),
+        )
+
+    def _enter(
+        self,
+        ask: Ask,
+        policy: Policy,
+        prompt_tokens: int,
+        max_tokens: int,
+        counted: Counted,
+        *,
+        shared: bool,
+        model: str,
+    ) -> Ticket:
+        """Step 3, for a request whose counters answered: refuse what they did not take, else queue."""
+        now = self._clock()
+        if shared:
+            self._seen[ask.tenant] = counted.levels
+        headers = counted.levels.headers(now)
+        if not counted.taken:
+            raise self._refusal(ask, policy, counted, headers, now)
         try:
             turn = self.scheduler.enter(
-                tenant,
+                ask.tenant,
                 weight=policy.weight,
                 max_concurrent=policy.max_concurrent,
                 max_queued=policy.max_queued,
@@ -169,6 +242,7 @@ class Admission:
                 max_tokens=max_tokens,
             )
         except QueueFull as full:
+            self._give_back(ask, 0, shared=shared, requests=1)
             if full.scope == "tenant":
                 status, message = 429, f"Too many requests waiting: at most {policy.max_queued} may queue."
             else:
@@ -181,53 +255,85 @@ class Admission:
                 "rate_limit_exceeded" if status == 429 else "server_overloaded",
                 message,
                 retry_after_s=full.retry_after_s,
-                headers=self._headers(buckets, now),
+                headers=headers,
             ) from None
+        if shared:  # this box's share, in its own counters too: they serve when the shared do not
+            self.local.take(ask, force=True)
+            elsewhere = counted.quota_used - self.quota.own(ask.tenant, ask.quota_period)
+            self.quota.set_elsewhere(ask.tenant, ask.quota_period, elsewhere)
+        if warn := warning(policy, counted.quota_used):
+            headers[QUOTA_WARNING_HEADER] = warn
+        ticket = Ticket(self, policy, turn, ask, headers, shared, model)
+        if model:
+            self.tickets[ticket] = None
+        return ticket
 
-        if buckets.requests:
-            buckets.requests.take(1, now)
-        if buckets.tokens:
-            buckets.tokens.take(reserve, now)
-        self.quota.reserve(tenant, reserve)
-        headers = self._headers(buckets, now)
-        if quota.warn:
-            headers[QUOTA_WARNING_HEADER] = quota.warn
-        return Ticket(self, policy, turn, reserve, headers)
+    def _refusal(
+        self, ask: Ask, policy: Policy, counted: Counted, headers: dict[str, str], now: float
+    ) -> Refusal:
+        kind, wait = max(counted.waits.items(), key=lambda item: item[1])
+        if wait > 0:
+            return self._too_many(counted.levels, wait, now, kind)
+        return Refusal(
+            429,
+            "insufficient_quota",
+            f"You exceeded your quota: {counted.quota_used} of {policy.quota_tokens} tokens used this "
+            f"{policy.quota_period}; this request could use {ask.tokens} tokens more (prompt + "
+            f"max_tokens). Lower max_tokens, or wait for the next {policy.quota_period}.",
+            should_retry=False,
+            headers=headers,
+        )
+
+    def _give_back(self, ask: Ask, used: int, *, shared: bool, requests: int = 0) -> None:
+        self.local.give_back(ask, used, requests=requests)
+        self.quota.settle(ask.tenant, self.policies.get(ask.tenant), ask.tokens, used)
+        if self.shared is not None:
+            # Whichever counters took it: a reservation made while failing open was written to the
+            # shared counters when they came back (redislimits.py), and is settled there too.
+            self.shared.settle(ask, used, bucket=shared, requests=requests)
 
     def settle(self, ticket: Ticket, used: int) -> None:
-        buckets = self._buckets.get(ticket.tenant)
-        if buckets is not None and buckets.tokens is not None:
-            buckets.tokens.give_back(max(0, ticket.reserved - used), self._clock())
-        self.quota.settle(ticket.tenant, self.policies.get(ticket.tenant), ticket.reserved, used)
+        self._give_back(ticket.ask, used, shared=ticket.shared)
 
-    def _too_many(self, buckets: _Buckets, wait: float, now: float, kind: str) -> Refusal:
+    def _too_many(self, levels: Levels, wait: float, now: float, kind: str) -> Refusal:
         return Refusal(
             429,
             "rate_limit_exceeded",
             f"Rate limit reached for {kind} per minute. Retry in {duration(wait)}.",
             retry_after_s=wait,
-            headers=self._headers(buckets, now),
+            headers=levels.headers(now),
         )
 
     def headers(self, tenant: str) -> dict[str, str]:
         """The `x-ratelimit-*` headers as the tenant's limits stand now."""
-        now = self._clock()
-        return self._headers(self._fit(tenant, self.policies.get(tenant), now), now)
-
-    def _headers(self, buckets: _Buckets, now: float) -> dict[str, str]:
-        headers = {}
-        for kind, bucket in (("requests", buckets.requests), ("tokens", buckets.tokens)):
-            if bucket is not None:
-                headers[f"x-ratelimit-limit-{kind}"] = str(bucket.limit)
-                headers[f"x-ratelimit-remaining-{kind}"] = str(bucket.remaining(now))
-                headers[f"x-ratelimit-reset-{kind}"] = duration(bucket.full_in_s(now))
-        return headers
-
-    def _quota_text(self, tenant: str, policy: Policy) -> str:
-        view = self.quota.view(tenant, policy)
-        return f"{view['used_tokens']} of {view['limit_tokens']} tokens used this {policy.quota_period}"
+        return self._levels(tenant, self.policies.get(tenant)).headers(self._clock())
 
     # -- what telemetry and the admin API read ----------------------------------------------------
+
+    def adapters_in_use(self) -> tuple[list[str], list[str]]:
+        """The adapters (as requests name them in `model`) with requests running, and with requests
+        waiting in the fair queue: the model server protocol's running and waiting LoRA adapters."""
+        running: set[str] = set()
+        waiting: set[str] = set()
+        for ticket in self.tickets:
+            (running if ticket.started else waiting).add(ticket.model)
+        return sorted(running), sorted(waiting)
+
+    def limits_state(self) -> dict[str, Any]:
+        """Where the counters are: `{"backend": "local"}`, or the shared backend's state."""
+        return {"backend": "local"} if self.shared is None else self.shared.state()
+
+    def limits_problem(self) -> tuple[str, bool] | None:
+        """While the shared counters do not answer: (what to say, whether requests are refused)."""
+        shared = self.shared
+        if shared is None or shared.down is None:
+            return None
+        if shared.fail_open:
+            return f"shared limits unavailable ({shared.down}): counting on this box alone", False
+        return (
+            f"shared limits unavailable ({shared.down}): refusing requests (limits_fail_mode = closed)",
+            True,
+        )
 
     def load(self) -> dict[str, TenantLoad]:
         """Requests queued and running per tenant (tenants with neither are left out)."""

@@ -142,10 +142,12 @@ class UsageLedger:
         commit: str = "commit",
         flush_every_s: float = 1.0,
         max_pending: int = MAX_PENDING_ROWS,
+        box_id: str = "",
     ):
         if commit not in COMMIT_MODES:
             raise ValueError(f"commit must be one of {COMMIT_MODES}")
         self.database = database
+        self.box_id = box_id  # on every row: which box served it, when boxes' ledgers are added up
         self.commit = commit
         self.flush_every_s = flush_every_s
         self.max_pending = max_pending
@@ -181,7 +183,7 @@ class UsageLedger:
             self._refuse(reason)
             durable.set_exception(LedgerUnavailable(reason))
             return durable
-        row = record.row() | {"uid": uuid.uuid4().hex}
+        row = record.row() | {"uid": uuid.uuid4().hex, "box_id": self.box_id or None}
         if self.commit == "async":  # written by the tick, after the response
             durable.set_result(None)
             self._queued.append(_Pending(row, None))

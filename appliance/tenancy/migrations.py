@@ -5,6 +5,9 @@ Add a new function at the end; never edit one that has shipped.
 
 from __future__ import annotations
 
+import re
+import secrets
+import socket
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -184,3 +187,31 @@ def m017_adapter_base_names(db: sqlite_utils.Database) -> None:
         pk=("tenant", "version", "sha256"),
         not_null={"accepted_at"},
     )
+
+
+def m022a_box_id(db: sqlite_utils.Database) -> None:
+    # Several boxes' ledgers are added up into one bill (docs/scaling.md): each row says which box
+    # served it. Older rows have none (they are this box's: exports name it for them).
+    db.table("usage").add_column("box_id", str)
+    # This box's id, unless the `box_id` setting names one: made once, from the host name and a
+    # random part (two boxes cloned from one image still differ once each has made its database).
+    host = re.sub(r"[^a-z0-9-]+", "-", socket.gethostname().lower()).strip("-")[:40] or "box"
+    db.table("box").create({"id": str, "created_at": str}, pk="id")
+    db.table("box").insert(
+        {"id": f"{host}-{secrets.token_hex(3)}", "created_at": datetime.now(UTC).isoformat()}
+    )
+    # Every row gets a uid (those booked before m016 had none), so that merged exports count each
+    # row once (`lorabox usage --from`).
+    db.execute("update usage set uid = lower(hex(randomblob(16))) where uid is null")
+
+
+@migration
+def m022b_fleet_versions(db: sqlite_utils.Database) -> None:
+    # When a tenant's policy values were set, wherever that was: `lorabox fleet import` keeps the
+    # newer of two boxes' values, and carries this time over (`updated_at` stays the time of the
+    # local write, which the daemon watches for changes).
+    db.table("tenant_policies").add_column("set_at", str)
+    db.execute("update tenant_policies set set_at = updated_at")
+    # The same for a tenant's pins (pinned version, canary, kept resident): set by an operator, or
+    # by an import; `updated_at` also moves when the daemon activates a new version.
+    db.table("routes").add_column("pins_at", str)

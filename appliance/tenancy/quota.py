@@ -5,6 +5,10 @@ applies at the next request without a query. A request reserves prompt + max_tok
 admitted; one whose reservation, with what is used and what others have reserved, would cross the
 quota is refused before it runs, so the quota is never exceeded. At the end the reservation is
 settled to what the request used, the tokens its ledger row books.
+
+With a shared limits backend (redislimits.py) this meter is the mirror of this box's own share:
+its use is exactly this box's ledger, and what the other boxes used is kept as they last reported
+it (`set_elsewhere`), for when the shared counters cannot be asked.
 """
 
 from __future__ import annotations
@@ -48,12 +52,13 @@ class _Use:
     tokens: int = 0
 
 
-@dataclass(frozen=True)
-class QuotaCheck:
-    """What admission needs to know: whether it fits, and whether to warn."""
-
-    fits: bool
-    warn: str | None  # the warning header's text, past the soft threshold
+def warning(policy: Policy, used: int) -> str | None:
+    """The warning header's text once `used` is past the soft threshold; None before (or without
+    a quota)."""
+    limit = policy.quota_tokens
+    if limit is None or used < limit * policy.quota_warn_pct / 100:
+        return None
+    return f"{used / limit:.0%} of the {ADJECTIVES[policy.quota_period]} quota of {limit} tokens used"
 
 
 class QuotaMeter:
@@ -61,6 +66,7 @@ class QuotaMeter:
         self._clock = clock
         self._use: dict[tuple[str, str], _Use] = {}
         self._reserved: defaultdict[str, int] = defaultdict(int)
+        self._elsewhere: dict[tuple[str, str], _Use] = {}
         self._warned: dict[str, datetime] = {}  # tenant → start of the period it was last warned in
         self.on_warning = on_warning
 
@@ -82,19 +88,33 @@ class QuotaMeter:
             use = self._use[(tenant, period)] = _Use(start)
         return use
 
-    def used(self, tenant: str, period: str) -> int:
+    def own(self, tenant: str, period: str) -> int:
+        """Tokens this box's requests used this period (its ledger's count)."""
         return self._current(tenant, period).tokens
 
-    def check(self, tenant: str, policy: Policy, reserve: int) -> QuotaCheck:
-        limit = policy.quota_tokens
-        if limit is None:
-            return QuotaCheck(True, None)
-        used = self.used(tenant, policy.quota_period)
-        fits = used + self._reserved[tenant] + reserve <= limit
-        warn = None
-        if used >= limit * policy.quota_warn_pct / 100:
-            warn = f"{used / limit:.0%} of the {ADJECTIVES[policy.quota_period]} quota of {limit} tokens used"
-        return QuotaCheck(fits, warn)
+    def used(self, tenant: str, period: str) -> int:
+        """Tokens used this period: this box's, and what other boxes had used when last heard of."""
+        use = self._current(tenant, period)
+        other = self._elsewhere.get((tenant, period))
+        return use.tokens + (other.tokens if other is not None and other.start == use.start else 0)
+
+    def set_elsewhere(self, tenant: str, period: str, tokens: int) -> None:
+        """What other boxes have used this period, as the shared counters last said (kept for when
+        they cannot be asked: limits_fail_mode = "open")."""
+        self._elsewhere[(tenant, period)] = _Use(self._current(tenant, period).start, max(0, tokens))
+
+    def reserved(self, tenant: str) -> int:
+        return self._reserved.get(tenant, 0)
+
+    def usage(self) -> list[tuple[str, str, datetime, int]]:
+        """This box's own use in every current period: (tenant, period, period start, tokens)."""
+        return [
+            (tenant, period, self._current(tenant, period).start, self._current(tenant, period).tokens)
+            for tenant, period in list(self._use)
+        ]
+
+    def reservations(self) -> dict[str, int]:
+        return dict(self._reserved)
 
     def reserve(self, tenant: str, tokens: int) -> None:
         self._reserved[tenant] += tokens
@@ -113,11 +133,12 @@ class QuotaMeter:
         if limit is None:
             return
         use = self._current(tenant, policy.quota_period)
+        used = self.used(tenant, policy.quota_period)
         last = self._warned.get(tenant)
-        if use.tokens < limit * policy.quota_warn_pct / 100 or (last is not None and last >= use.start):
+        if used < limit * policy.quota_warn_pct / 100 or (last is not None and last >= use.start):
             return
         self._warned[tenant] = self._clock()
-        detail = f"{use.tokens / limit:.0%} of {limit} tokens this {policy.quota_period}"
+        detail = f"{used / limit:.0%} of {limit} tokens this {policy.quota_period}"
         log.warning("tenant %s passed %g%% of its quota: %s", tenant, policy.quota_warn_pct, detail)
         if self.on_warning is not None:
             self.on_warning(tenant, detail)
@@ -125,11 +146,12 @@ class QuotaMeter:
     def view(self, tenant: str, policy: Policy) -> dict[str, Any]:
         """The admin API's `quota` object."""
         use = self._current(tenant, policy.quota_period)
+        used = self.used(tenant, policy.quota_period)
         limit = policy.quota_tokens
         return {
-            "used_tokens": use.tokens,
+            "used_tokens": used,
             "limit_tokens": limit,
-            "used_pct": round(100 * use.tokens / limit, 1) if limit else None,
+            "used_pct": round(100 * used / limit, 1) if limit else None,
             "period": policy.quota_period,
             "period_start": use.start.isoformat(),
             "reserved_tokens": self._reserved.get(tenant, 0),

@@ -31,6 +31,11 @@ from .migrations import migrate
 from .policy import check_fields, describe, parse_values
 
 KEY_PREFIX = "lbx"
+USAGE_COLUMNS = (
+    "uid", "box_id", "ts", "tenant", "key_id", "model", "adapter_version", "endpoint", "engine", "status",
+    "finish_reason", "prompt_tokens", "completion_tokens", "ttft_ms", "latency_ms", "price_in", "price_out",
+)  # fmt: skip
+"""A usage row as `lorabox usage --rows` exports it, and `lorabox usage --from` reads it back."""
 BUSY_TIMEOUT_MS = 5000
 """How long a connection waits for another one's write lock by default (the CLI's); the daemon's
 writers wait less, or not at all (tenancy/writer.py, tenancy/ledger.py)."""
@@ -127,6 +132,10 @@ class Route:
     keep_resident: bool = False
 
 
+def _pins(route: Route) -> tuple[object, ...]:
+    return (route.pinned_version, route.canary_version, route.canary_percent, route.keep_resident)
+
+
 class Store:
     def __init__(self, db: sqlite_utils.Database):
         self.db = db
@@ -173,6 +182,13 @@ class Store:
                 with contextlib.suppress(sqlite3.Error):
                     self.db.execute("ROLLBACK")
             raise
+
+    def box_id(self, configured: str = "") -> str:
+        """This box's id: the `box_id` setting when set, else the one its database was made with."""
+        if configured:
+            return configured
+        row = self.db.execute("select id from box order by created_at limit 1").fetchone()
+        return str(row[0])
 
     # -- tenants ------------------------------------------------------------------------------
 
@@ -243,8 +259,11 @@ class Store:
             self.audit(actor, "key_import", tenant, Change({}, {f"key {key_id}": "active"}))
             return key_id
 
-    def revoke_key(self, key_id: str, *, actor: str | None = None) -> tuple[str, str]:
-        """Revoke by public id (or the full key); returns (tenant, key id)."""
+    def revoke_key(
+        self, key_id: str, *, actor: str | None = None, revoked_at: str | None = None
+    ) -> tuple[str, str]:
+        """Revoke by public id (or the full key); returns (tenant, key id). `revoked_at`: when it was
+        revoked on another box (a revocation that reached this one from the fleet)."""
         with self.writing():  # one transaction: all of it, or nothing
             rows = list(
                 self.db.table("api_keys").rows_where("key_id = ? or key_hash = ?", [key_id, hash_key(key_id)])
@@ -253,11 +272,15 @@ class Store:
                 raise StoreError(f"no key with id {key_id!r}")
             row = rows[0]
             if not row["revoked_at"]:
-                self.db.table("api_keys").update(row["key_id"], {"revoked_at": _now()})
-                self.record_event("key_revoked", tenant=row["tenant"], detail=row["key_id"])
-                key = f"key {row['key_id']}"
-                self.audit(actor, "key_revoke", row["tenant"], Change({key: "active"}, {key: "revoked"}))
+                self.mark_revoked(row["key_id"], row["tenant"], actor=actor, revoked_at=revoked_at)
             return str(row["tenant"]), str(row["key_id"])
+
+    def mark_revoked(self, key_id: str, tenant: str, *, actor: str | None, revoked_at: str | None) -> None:
+        """Revoke an active key, with its event and audit row, in the caller's transaction."""
+        self.db.table("api_keys").update(key_id, {"revoked_at": revoked_at or _now()})
+        self.record_event("key_revoked", tenant=tenant, detail=key_id)
+        key = f"key {key_id}"
+        self.audit(actor, "key_revoke", tenant, Change({key: "active"}, {key: "revoked"}))
 
     def list_keys(self, tenant: str | None = None) -> list[dict[str, Any]]:
         where, args = ("tenant = ?", [tenant]) if tenant else (None, [])
@@ -377,7 +400,13 @@ class Store:
     def routes(self) -> list[Route]:
         return [self.route(row["tenant"]) for row in self.db.table("routes").rows_where(order_by="tenant")]
 
-    def save_route(self, route: Route) -> None:
+    def save_route(self, route: Route, *, pins_at: str | None = None) -> None:
+        """Save a tenant's route. When its pins change (pinned version, canary, kept resident), they
+        are stamped with `pins_at` (an import's), else now: `lorabox fleet import` keeps the newer."""
+        before = self.route(route.tenant)
+        if pins_at is None and _pins(before) != _pins(route):
+            pins_at = _now()
+        stamp = {"pins_at": pins_at} if pins_at is not None else {}
         self.db.table("routes").upsert(
             {
                 "tenant": route.tenant,
@@ -387,8 +416,10 @@ class Store:
                 "canary_percent": route.canary_percent,
                 "keep_resident": int(route.keep_resident),
                 "updated_at": _now(),
-            },
+            }
+            | stamp,
             pk="tenant",
+            alter=False,
         )
 
     def set_keep_resident(self, tenant: str, keep: bool) -> bool:
@@ -436,8 +467,9 @@ class Store:
                 raise StoreError(f"no tenant named {tenant!r}")
             before = self.policy_values(tenant)
             after = {k: v for k, v in before.items() if k not in reset} | checked
+            now = _now()
             self.db.table("tenant_policies").upsert(
-                {"tenant": tenant, "policy": json.dumps(after), "updated_at": _now()}, pk="tenant"
+                {"tenant": tenant, "policy": json.dumps(after), "updated_at": now, "set_at": now}, pk="tenant"
             )
             fields = dict.fromkeys([*before, *after])
             shown = [
@@ -487,22 +519,43 @@ class Store:
         return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
 
     def usage_report(
-        self, tenant: str | None = None, since: str | None = None, until: str | None = None, by: str = ""
+        self,
+        tenant: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        by: str = "",
+        box: str = "",
     ) -> list[dict[str, Any]]:
         """Requests, tokens and cost per tenant (and per `day` or `month` when `by` says so) from
-        `since` up to `until` (ISO 8601 UTC). Cost uses the prices each request was served at."""
+        `since` up to `until` (ISO 8601 UTC), and the boxes that served them (`box` for rows that
+        name none: this box's own, booked before rows carried it). Cost uses the prices each
+        request was served at."""
         period = {"": "''", "day": "substr(ts, 1, 10)", "month": "substr(ts, 1, 7)"}[by]
         cursor = self.db.execute(
             f"select {period} as period, tenant, count(*) as requests, "  # noqa: S608 (a fixed expression)
             "sum(prompt_tokens) as prompt_tokens, sum(completion_tokens) as completion_tokens, "
             "sum(prompt_tokens * coalesce(price_in, 0) + completion_tokens * coalesce(price_out, 0)) / 1e6 "
-            "as cost from usage where (:tenant is null or tenant = :tenant) "
+            "as cost, replace(group_concat(distinct coalesce(box_id, :box)), ',', '+') as box_id "
+            "from usage where (:tenant is null or tenant = :tenant) "
             "and (:since is null or ts >= :since) and (:until is null or ts < :until) "
             "group by period, tenant order by period, tenant",
-            {"tenant": tenant, "since": since, "until": until},
+            {"tenant": tenant, "since": since, "until": until, "box": box},
         )
         columns = [c[0] for c in cursor.description]
         return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
+
+    def usage_rows(
+        self, tenant: str | None = None, since: str | None = None, until: str | None = None, box: str = ""
+    ) -> list[dict[str, Any]]:
+        """Every ledger row in the window, as `lorabox usage --rows` exports them (USAGE_COLUMNS;
+        `box` for rows that name no box)."""
+        names = ", ".join("coalesce(box_id, :box) as box_id" if c == "box_id" else c for c in USAGE_COLUMNS)
+        cursor = self.db.execute(
+            f"select {names} from usage where (:tenant is null or tenant = :tenant) "  # noqa: S608 (ours)
+            "and (:since is null or ts >= :since) and (:until is null or ts < :until) order by ts, id",
+            {"tenant": tenant, "since": since, "until": until, "box": box},
+        )
+        return [dict(zip(USAGE_COLUMNS, row, strict=True)) for row in cursor.fetchall()]
 
     def tokens_since(self, since: str) -> dict[str, int]:
         """Prompt + completion tokens booked per tenant from `since` (ISO 8601 UTC) on."""
