@@ -189,6 +189,7 @@ def m017_adapter_base_names(db: sqlite_utils.Database) -> None:
     )
 
 
+@migration
 def m022a_box_id(db: sqlite_utils.Database) -> None:
     # Several boxes' ledgers are added up into one bill (docs/scaling.md): each row says which box
     # served it. Older rows have none (they are this box's: exports name it for them).
