@@ -6,7 +6,6 @@ no failed request beyond those in flight."""
 
 from __future__ import annotations
 
-import re
 import shutil
 import socket
 import subprocess
@@ -20,56 +19,13 @@ from pathlib import Path
 import pytest
 
 from appliance.demo.build import init_demo
-from appliance.testing.localserver import ServerFailed, free_port, http_status
+from appliance.testing.localserver import ServerFailed
 from tests.conftest import Demo, Server, post_json, start_llamacpp
 from tests.dedicated import usage_rows
+from tests.nginxfront import DOC, REPO, running_nginx
 
-REPO = Path(__file__).resolve().parents[1]
-DOC = REPO / "docs" / "scaling.md"
 TENANT = "acme"
 REQUEST = {"model": TENANT, "prompt": "Hello", "max_tokens": 4, "temperature": 0}
-
-
-def documented_nginx_block() -> str:
-    blocks = re.findall(r"```nginx\n(.*?)```", DOC.read_text(), re.S)
-    assert len(blocks) == 1, "docs/scaling.md should hold one nginx block"
-    return str(blocks[0])
-
-
-def render(block: str, upstreams: list[str], port: int) -> str:
-    """The doc's block with its boxes' addresses replaced, listening on a loopback port without TLS."""
-    boxes = iter(upstreams)
-    lines = []
-    for line in block.splitlines():
-        words = line.split()
-        if words[:1] == ["server"] and ":" in words[1]:  # an upstream box, parameters kept
-            line = line.replace(words[1], next(boxes))
-        elif words[:1] == ["listen"]:
-            line = f"    listen 127.0.0.1:{port};"
-        elif words[:1] and words[0].startswith("ssl_"):
-            continue
-        lines.append(line)
-    assert next(boxes, None) is None, "the doc's upstream should name exactly the two boxes"
-    return "\n".join(lines)
-
-
-def nginx_conf(prefix: Path, http_block: str) -> str:
-    temp = "\n".join(
-        f"    {kind}_temp_path {prefix / kind};"
-        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
-    return f"""\
-master_process off;
-daemon off;
-pid {prefix / "nginx.pid"};
-error_log {prefix / "error.log"} warn;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-{temp}
-{http_block}
-}}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -131,23 +87,9 @@ def boxes(demo: Demo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list
 
 @pytest.fixture(scope="module")
 def nginx(boxes: list[Server], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    prefix = tmp_path_factory.mktemp("nginx")
-    port = free_port()
     upstreams = [server.url.removeprefix("http://") for server in boxes]
-    conf = prefix / "nginx.conf"
-    conf.write_text(nginx_conf(prefix, render(documented_nginx_block(), upstreams, port)))
-    process = subprocess.Popen(["nginx", "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(conf)])
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 10
-        while http_status(f"{url}/healthz") != 200:
-            assert process.poll() is None, (prefix / "error.log").read_text()
-            assert time.monotonic() < deadline, "nginx did not come up"
-            time.sleep(0.1)
+    with running_nginx(tmp_path_factory.mktemp("nginx"), upstreams, "hash") as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 120) -> None:
@@ -274,37 +216,22 @@ def test_the_documented_nginx_block_passes_the_api_on_and_never_metrics(tmp_path
     """Against stand-in boxes that would answer anything: /metrics (however spelt) never reaches
     them; the API and the health checks do."""
     upstreams = [RecordingUpstream(), RecordingUpstream()]
-    port = free_port()
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(
-        nginx_conf(tmp_path, render(documented_nginx_block(), [u.address for u in upstreams], port))
-    )
-    process = subprocess.Popen(
-        ["nginx", "-p", str(tmp_path), "-e", str(tmp_path / "error.log"), "-c", str(conf)]
-    )
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 10
-        while http_status(f"{url}/healthz") != 200:
-            assert process.poll() is None, (tmp_path / "error.log").read_text()
-            assert time.monotonic() < deadline, "nginx did not come up"
-            time.sleep(0.1)
-        for path in ("/v1/models", "/readyz"):
-            assert raw_get(url, path) == 200, path
-        for path in (
-            "/metrics",
-            "/metrics?x=1",
-            "/v1/../metrics",
-            "/%6Detrics",
-            "//metrics",
-            "/v1/%2e%2e/metrics",
-        ):
-            assert raw_get(url, path) == 404, path
-        for path in ("/admin/status", "/", "/healthzz"):
-            assert raw_get(url, path) == 404, path
+        with running_nginx(tmp_path, [u.address for u in upstreams]) as url:
+            for path in ("/v1/models", "/readyz"):
+                assert raw_get(url, path) == 200, path
+            for path in (
+                "/metrics",
+                "/metrics?x=1",
+                "/v1/../metrics",
+                "/%6Detrics",
+                "//metrics",
+                "/v1/%2e%2e/metrics",
+            ):
+                assert raw_get(url, path) == 404, path
+            for path in ("/admin/status", "/", "/healthzz"):
+                assert raw_get(url, path) == 404, path
     finally:
-        process.terminate()
-        process.wait(10)
         for upstream in upstreams:
             upstream.shutdown()
     sent = [path for upstream in upstreams for path in upstream.paths]
