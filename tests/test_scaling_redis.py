@@ -225,7 +225,7 @@ def test_round_robin_a_tenant_quota_holds_across_boxes(fleet: list[Server], ngin
     and once it is spent both boxes refuse (insufficient_quota). With a quota per box they would
     book up to 240."""
     key = fleet[0].demo.keys[QUOTA_LIMITED]
-    successes, refusals = 0, []
+    successes, refusals = 0, list[tuple[int, str]]()
     for _ in range(80):
         status, body = completion(nginx, key, QUOTA_LIMITED, max_tokens=4)
         if status == 200:
@@ -272,9 +272,10 @@ def outage_lines(server: Server) -> int:
 
 def shares_in_redis(server: RedisServer, tenant: str) -> dict[str, int]:
     """The tokens each box's requests used this month, as Redis holds them (box id -> tokens)."""
-    client = redis.Redis.from_url(server.url)
-    [month] = client.keys(redis_key(tenant, "used:month:*")) or [None]
-    return {} if month is None else {k.decode(): int(v) for k, v in client.hgetall(month).items()}
+    client = redis.Redis.from_url(server.url, decode_responses=True)
+    months = client.keys(redis_key(tenant, "used:month:*"))
+    assert len(months) <= 1, months
+    return {str(box): int(tokens) for month in months for box, tokens in client.hgetall(month).items()}
 
 
 def shares_in_ledgers(fleet: list[Server], tenant: str) -> dict[str, int]:
