@@ -183,19 +183,18 @@ def pick(scrapes: list[dict[str, Any]], model: str) -> int:
     return max(range(len(scrapes)), key=lambda index: score(scrapes[index]))
 
 
-@pytest.mark.parametrize("busy", [0, 1])
-def test_a_picker_reading_both_boxes_sends_the_tenant_where_its_adapter_runs(
-    fleet: list[Server], busy: int
-) -> None:
-    """acme streams on one box (each direction in turn): the LoRA-affinity rule over both boxes'
-    live metrics picks that box for acme, and the other one for a tenant running nowhere."""
+def test_a_picker_reading_both_boxes_sends_the_tenant_where_its_adapter_runs(fleet: list[Server]) -> None:
+    """acme streams on the second box: the LoRA-affinity rule over both boxes' live metrics picks
+    that box for acme (not the first, which a picker reading nothing would take), and the other
+    one for a tenant running nowhere."""
+    busy = 1
     box, key = fleet[busy], fleet[busy].demo.keys[STREAMING]
     taken = in_flight_scrape(
         lambda: [scrape(server.local.metrics_url) for server in fleet],
         lambda: STREAMING in lora_info(scrape(box.local.metrics_url))["running"],
         lambda: held_streams(box.url, key, STREAMING),
     )
-    assert [STREAMING in lora_info(families)["running"] for families in taken] == [busy == 0, busy == 1]
+    assert [STREAMING in lora_info(families)["running"] for families in taken] == [False, True]
     assert pick(taken, STREAMING) == busy
     assert pick(taken, RATE_LIMITED) == 1 - busy  # running nowhere: the less loaded box
 
