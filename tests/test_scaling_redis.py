@@ -40,8 +40,8 @@ pytestmark = pytest.mark.skipif(
 
 RPM = 10
 RATE_LIMITED = "globex"  # --rpm 10
-QUOTA = 120
-QUOTA_LIMITED = "initech"  # --quota-tokens 120
+QUOTA = 60
+QUOTA_LIMITED = "initech"  # --quota-tokens 60
 STREAMING = "acme"  # no limits: the picker test's tenant
 
 
@@ -220,9 +220,9 @@ def test_round_robin_a_tenant_gets_its_rpm_once_for_the_fleet(
 
 
 def test_round_robin_a_tenant_quota_holds_across_boxes(fleet: list[Server], nginx: str) -> None:
-    """A quota of 120 tokens: the two boxes' ledgers together book at most 120 for the tenant,
+    """A quota of 60 tokens: the two boxes' ledgers together book at most 60 for the tenant,
     and once it is spent both boxes refuse (insufficient_quota). With a quota per box they would
-    book up to 240."""
+    book up to 120."""
     key = fleet[0].demo.keys[QUOTA_LIMITED]
     successes, refusals = 0, list[tuple[int, str]]()
     for _ in range(80):
