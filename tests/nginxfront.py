@@ -1,6 +1,6 @@
 """nginx in front of lorabox boxes, as docs/scaling.md sets it up: the doc's own nginx blocks with
 their addresses replaced by loopback ones, run by a real nginx (no TLS, no root, a prefix of its
-own). For tests/test_scaling.py (consistent hash) and tests/test_scaling_redis.py (round robin)."""
+own), for tests/test_scaling.py: consistent hash by key, and round robin."""
 
 from __future__ import annotations
 
