@@ -34,7 +34,15 @@ from ..gguf import EXPORT_QUANTS
 from ..names import is_tenant_name
 from ..tenancy import fleet
 from ..tenancy.audit import Change, change_text
-from ..tenancy.policy import FIELDS, MAX_SYSTEM_PROMPT_CHARS, QUOTA_PERIODS, describe, effective, parse_values
+from ..tenancy.policy import (
+    FIELDS,
+    MAX_SYSTEM_PROMPT_CHARS,
+    QUOTA_ACTIONS,
+    QUOTA_PERIODS,
+    describe,
+    effective,
+    parse_values,
+)
 from ..tenancy.quota import period_start, timestamp
 from ..tenancy.store import USAGE_COLUMNS, Store, unavailable
 
@@ -388,7 +396,8 @@ def _tenant_show(args: argparse.Namespace) -> None:
         print(f"  {field:<15} {describe(field, getattr(policy, field)):<40} ({source})")
     limit = quota["limit_tokens"]
     of = f" of {limit:,} ({100 * quota['used_tokens'] / limit:.1f}%)" if limit else " (no quota)"
-    print(f"quota: {quota['used_tokens']:,} tokens used{of} since {quota['period_start'][:10]}")
+    state = ", throttled" if quota.get("state") == "throttled" else ""
+    print(f"quota: {quota['used_tokens']:,} tokens used{of} since {quota['period_start'][:10]}{state}")
 
 
 def cmd_key(args: argparse.Namespace) -> None:
@@ -839,7 +848,9 @@ def build_parser() -> argparse.ArgumentParser:
         tset.add_argument(
             f"--{field.replace('_', '-')}",
             dest=field,
-            metavar="|".join(QUOTA_PERIODS) if field == "quota_period" else "N",
+            metavar={"quota_period": "|".join(QUOTA_PERIODS), "quota_action": "|".join(QUOTA_ACTIONS)}.get(
+                field, "N"
+            ),
         )
     tset.add_argument(
         "--system-prompt-file",
