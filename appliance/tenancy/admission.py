@@ -93,6 +93,20 @@ class Standing:
         return {QUOTA_STATE_HEADER: "throttled"} if self.throttled else {}
 
 
+@dataclass(frozen=True)
+class KeyLimits:
+    """A service key's own limits, on top of those of the tenant it acts for. Counted by this box
+    alone (also with shared counters: they hold tenants' limits), in buckets of their own."""
+
+    key_id: str
+    rpm: int | None = None
+    tpm: int | None = None
+
+    def ask(self, tokens: int) -> Ask:
+        # "key:" cannot begin a tenant name (names.py): these buckets are never a tenant's.
+        return Ask(f"key:{self.key_id}", tokens, rpm=self.rpm, tpm=self.tpm, counts_quota=False)
+
+
 def _undo(shared: SharedLimits, ask: Ask, take: asyncio.Future[Counted]) -> None:
     """A shared take whose request was gone before it was answered: give it back if it was taken."""
     if not take.cancelled() and take.exception() is None and take.result().taken:
@@ -111,9 +125,12 @@ class Ticket:
         headers: dict[str, str],
         shared: bool,
         model: str = "",
+        key_ask: Ask | None = None,
     ):
         self._admission, self.policy, self._turn = admission, policy, turn
         self.ask = ask
+        self.key_ask = key_ask
+        """What it took from its service key's own buckets, if the key has limits."""
         self.headers = headers
         self.shared = shared
         """Its reservation was taken from the shared counters (not the local ones, failing open)."""
@@ -195,9 +212,10 @@ class Admission:
                 return seen
         return self.local.levels(tenant, standing.rpm, standing.tpm)
 
-    def check_requests(self, tenant: str) -> None:
-        """Before reading a body: a tenant out of requests is refused without more work. (With shared
-        counters, from their last answer: other boxes only ever take more, so it cannot be wrong.)"""
+    def check_requests(self, tenant: str, key: KeyLimits | None = None) -> None:
+        """Before reading a body: a tenant (or service key) out of requests is refused without more
+        work. (With shared counters, from their last answer: other boxes only ever take more, so it
+        cannot be wrong.)"""
         policy = self.policies.get(tenant)
         standing = self.standing(tenant, policy)
         now = self._clock()
@@ -205,6 +223,40 @@ class Admission:
         level = levels.level("requests", now)
         if level is not None and standing.rpm is not None and level < 1:
             raise self._too_many(levels, (1 - level) * 60.0 / standing.rpm, now, "requests", standing)
+        if key is not None and key.rpm is not None:
+            levels = self.local.levels(key.ask(0).tenant, key.rpm, key.tpm)
+            level = levels.level("requests", now)
+            if level is not None and level < 1:
+                raise self._key_too_many(levels, (1 - level) * 60.0 / key.rpm, now, "requests")
+
+    def _take_key(self, key: KeyLimits | None, tokens: int) -> Ask | None:
+        """Take a request from its service key's own buckets (when it has limits), or raise Refusal."""
+        if key is None or (key.rpm is None and key.tpm is None):
+            return None
+        ask = key.ask(tokens)
+        now = self._clock()
+        if key.tpm is not None and tokens > key.tpm:
+            raise Refusal(
+                429,
+                "rate_limit_exceeded",
+                f"Request too large: it reserves {tokens} tokens, more than this service key's limit of "
+                f"{key.tpm} tokens per minute. Lower max_tokens or shorten the prompt.",
+                should_retry=False,
+            )
+        counted = self.local.take(ask)
+        if not counted.taken:
+            kind, wait = max(counted.waits.items(), key=lambda item: item[1])
+            raise self._key_too_many(counted.levels, wait, now, kind)
+        return ask
+
+    def _key_too_many(self, levels: Levels, wait: float, now: float, kind: str) -> Refusal:
+        return Refusal(
+            429,
+            "rate_limit_exceeded",
+            f"Rate limit reached for {kind} per minute on this service key. Retry in {duration(wait)}.",
+            retry_after_s=wait,
+            headers=levels.headers(now),
+        )
 
     def _ask(self, tenant: str, policy: Policy, prompt_tokens: int, max_tokens: int) -> tuple[Ask, Standing]:
         """What the request asks of the counters, under which limits; refuses at once one that no
@@ -231,46 +283,93 @@ class Admission:
             )
         return ask, standing
 
-    def admit(self, tenant: str, prompt_tokens: int, max_tokens: int, model: str = "") -> Ticket:
+    def admit(
+        self, tenant: str, prompt_tokens: int, max_tokens: int, model: str = "", key: KeyLimits | None = None
+    ) -> Ticket:
         """Reserve and queue one request with this box's counters, or raise Refusal. Nothing is kept
-        when it is refused. `model`: the adapter as the request names it ("" for the base model)."""
+        when it is refused. `model`: the adapter as the request names it ("" for the base model);
+        `key`: the service key's own limits, when a service key sent it."""
         policy = self.policies.get(tenant)
         ask, standing = self._ask(tenant, policy, prompt_tokens, max_tokens)
-        counted = self.local.take(ask)
-        return self._enter(
-            ask, policy, standing, prompt_tokens, max_tokens, counted, shared=False, model=model
-        )
+        key_ask = self._take_key(key, ask.tokens)
+        try:
+            counted = self.local.take(ask)
+            return self._enter(
+                ask,
+                policy,
+                standing,
+                prompt_tokens,
+                max_tokens,
+                counted,
+                shared=False,
+                model=model,
+                key_ask=key_ask,
+            )
+        except BaseException:
+            self._give_back_key(key_ask)
+            raise
 
-    async def admit_shared(self, tenant: str, prompt_tokens: int, max_tokens: int, model: str = "") -> Ticket:
+    async def admit_shared(
+        self, tenant: str, prompt_tokens: int, max_tokens: int, model: str = "", key: KeyLimits | None = None
+    ) -> Ticket:
         """`admit` with the shared counters (there must be some): the take is awaited; when they do
         not answer, the local counters serve (fail open) or the request gets 503 (fail closed)."""
         shared = self.shared
         assert shared is not None, "no shared limits backend"
         policy = self.policies.get(tenant)
         ask, standing = self._ask(tenant, policy, prompt_tokens, max_tokens)
-        if shared.down is None:
-            take = asyncio.ensure_future(shared.take(ask))
-            try:
-                counted = await asyncio.shield(take)
-            except LimitsUnavailable:
-                pass  # the backend says so in the log, once, and now answers `down`
-            except asyncio.CancelledError:  # the client left: what the take took goes back
-                take.add_done_callback(functools.partial(_undo, shared, ask))
-                raise
-            else:
-                policy = self.policies.get(tenant)
+        key_ask = self._take_key(key, ask.tokens)
+        try:
+            if shared.down is None:
+                take = asyncio.ensure_future(shared.take(ask))
+                try:
+                    counted = await asyncio.shield(take)
+                except LimitsUnavailable:
+                    pass  # the backend says so in the log, once, and now answers `down`
+                except asyncio.CancelledError:  # the client left: what the take took goes back
+                    take.add_done_callback(functools.partial(_undo, shared, ask))
+                    raise
+                else:
+                    policy = self.policies.get(tenant)
+                    return self._enter(
+                        ask,
+                        policy,
+                        standing,
+                        prompt_tokens,
+                        max_tokens,
+                        counted,
+                        shared=True,
+                        model=model,
+                        key_ask=key_ask,
+                    )
+            if shared.fail_open:
+                counted = self.local.take(ask)
                 return self._enter(
-                    ask, policy, standing, prompt_tokens, max_tokens, counted, shared=True, model=model
+                    ask,
+                    policy,
+                    standing,
+                    prompt_tokens,
+                    max_tokens,
+                    counted,
+                    shared=False,
+                    model=model,
+                    key_ask=key_ask,
                 )
-        if shared.fail_open:
-            return self.admit(tenant, prompt_tokens, max_tokens, model)
-        raise Refusal(
-            503,
-            "limits_unavailable",
-            f"The server cannot check its rate limits and quotas now ({shared.down}). Retry shortly.",
-            retry_after_s=LIMITS_RETRY_S,
-            headers=self.headers(tenant),
-        )
+            raise Refusal(
+                503,
+                "limits_unavailable",
+                f"The server cannot check its rate limits and quotas now ({shared.down}). Retry shortly.",
+                retry_after_s=LIMITS_RETRY_S,
+                headers=self.headers(tenant),
+            )
+        except BaseException:
+            self._give_back_key(key_ask)
+            raise
+
+    def _give_back_key(self, key_ask: Ask | None) -> None:
+        """A request that took from its service key's buckets was refused after all: all goes back."""
+        if key_ask is not None:
+            self.local.give_back(key_ask, 0, requests=1)
 
     def _enter(
         self,
@@ -283,6 +382,7 @@ class Admission:
         *,
         shared: bool,
         model: str,
+        key_ask: Ask | None = None,
     ) -> Ticket:
         """Step 3, for a request whose counters answered: refuse what they did not take, else queue."""
         now = self._clock()
@@ -325,7 +425,7 @@ class Admission:
         if standing.throttled:
             self.throttled[ask.tenant] += 1
             self.quota.note_throttled(ask.tenant, policy)
-        ticket = Ticket(self, policy, turn, ask, headers, shared, model)
+        ticket = Ticket(self, policy, turn, ask, headers, shared, model, key_ask)
         if model:
             self.tickets[ticket] = None
         return ticket
@@ -367,6 +467,8 @@ class Admission:
 
     def settle(self, ticket: Ticket, used: int) -> None:
         self._give_back(ticket.ask, used, shared=ticket.shared)
+        if ticket.key_ask is not None:
+            self.local.give_back(ticket.key_ask, used)
 
     def _too_many(self, levels: Levels, wait: float, now: float, kind: str, standing: Standing) -> Refusal:
         throttled = " (throttled: the quota is used up)" if standing.throttled else ""
