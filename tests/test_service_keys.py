@@ -146,6 +146,13 @@ def test_a_throttled_tenant_is_served_slowly_then_refused_at_the_ceiling(tenants
     assert ceiling.headers.get("x-should-retry") == "false"
 
 
+def test_the_admin_api_revokes_a_service_key_at_once(server: Server, tenants: Tenants) -> None:
+    key, key_id = service_key(server, ["acme"])
+    revoked = tenants.admin("POST", f"/admin/keys/{key_id}/revoke")
+    assert (revoked["tenant"], revoked["revoked_at"] is not None) == ("service agency", True)
+    assert raw_post(server, key, **{HEADER: "acme"}).status_code == 401
+
+
 # -- the store and the CLI --------------------------------------------------------------------------
 
 

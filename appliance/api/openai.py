@@ -76,7 +76,7 @@ def model_not_found(model: str) -> APIError:
 def named_tenant(request: web.Request) -> str | None:
     """The tenant the request names, by URL prefix or header; None when it names none."""
     path = request.match_info.get("tenant")
-    header = request.headers.get(TENANT_HEADER)
+    header = request.headers.get(TENANT_HEADER) or None  # an empty header names nobody
     if path is not None and header is not None and header != path:
         raise bad_request(f"The {TENANT_HEADER} header and the URL name different tenants.", TENANT_HEADER)
     return path if path is not None else header
