@@ -125,3 +125,23 @@ def test_throttle_values_are_checked_naming_the_field(field: str, value: str) ->
 def test_the_throttled_requests_are_a_metric_per_tenant() -> None:
     text = render(MetricsSnapshot.take(TrafficStats(), status("status_cpu.json"), [], {"acme": 7}))
     assert samples(text)[("lorabox_quota_throttled_requests_total", (("tenant", "acme"),))] == 7
+
+
+async def test_the_lead_run_up_while_throttled_is_not_carried_into_the_next_period(clocks: Clocks) -> None:
+    gate = throttling(clocks, [])
+    use_up(gate, 1000)
+    scheduler = gate.scheduler
+    other = scheduler.enter("globex", weight=1.0, max_concurrent=None, max_queued=8, prompt_tokens=1)
+    throttled = gate.admit("acme", 50, 50)  # served 50 + 2 x 50 at the lowest weight
+    throttled.served(50)
+    throttled.finish(50, 50)
+
+    def lead() -> float:
+        return scheduler._tenants["acme"].counter - scheduler._tenants["globex"].counter
+
+    throttled_lead = lead()
+    assert throttled_lead > 100 / THROTTLED_WEIGHT
+    clocks.start += timedelta(days=31)  # a new month: acme's own weight again
+    gate.admit("acme", 1, 1)  # its prompt charged at weight 1
+    assert lead() == pytest.approx(throttled_lead * THROTTLED_WEIGHT + 1)
+    scheduler.leave(other)
