@@ -250,6 +250,9 @@ def build_admission(settings: Settings, store: Store, ledger: UsageLedger, box_i
     def warn(tenant: str, detail: str) -> None:
         ledger.event("quota_warning", tenant=tenant, detail=detail)
 
+    def throttle(tenant: str, detail: str) -> None:
+        ledger.event("quota_throttled", tenant=tenant, detail=detail)
+
     def booked_since(since: str) -> dict[str, int]:
         """The database's rows, and those still in the spool (an earlier run's, not replayed yet)."""
         tokens = store.tokens_since(since)
@@ -257,8 +260,8 @@ def build_admission(settings: Settings, store: Store, ledger: UsageLedger, box_i
             tokens[tenant] = tokens.get(tenant, 0) + spooled
         return tokens
 
-    quota = QuotaMeter(on_warning=warn)
-    quota.seed(booked_since, store.last_events("quota_warning"))
+    quota = QuotaMeter(on_warning=warn, on_throttle=throttle)
+    quota.seed(booked_since, store.last_events("quota_warning"), store.last_events("quota_throttled"))
     shared = None
     if settings.shared_limits:
         fail_open = settings.limits_fail_mode == "open"

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from appliance.tenancy.admission import Admission, Refusal
+from appliance.tenancy.admission import QUOTA_STATE_HEADER, Admission, Refusal
 from appliance.tenancy.limits import Ask, LimitsUnavailable
 from appliance.tenancy.policy import Policy
 from appliance.tenancy.policybook import PolicyBook
@@ -179,3 +179,30 @@ async def test_a_take_never_waits_longer_than_the_timeout_on_an_unanswering_redi
         if server.process is not None:
             server.process.send_signal(18)
         server.stop()
+
+
+async def test_throttle_and_its_hard_ceiling_hold_across_boxes(redis_server: RedisServer) -> None:
+    policy = {"quota_tokens": 100, "quota_action": "throttle", "throttle_rpm": 2, "quota_hard_pct": 200}
+    async with (
+        Box(redis_server.url, "box-a", True, **policy) as a,
+        Box(redis_server.url, "box-b", False, **policy) as b,
+    ):
+        for _ in range(5):  # box A uses the whole quota
+            (await a.admit()).finish(10, 10)
+        # Box B learns what A used from its first answer: that request may pass at full rate (within
+        # the ceiling, which the shared counters check), the next ones are throttled.
+        (await b.admit()).finish(10, 10)
+        for _ in range(2):  # the throttle's burst: 2 requests
+            throttled = await b.admit()
+            assert throttled.headers[QUOTA_STATE_HEADER] == "throttled"
+            throttled.finish(10, 10)
+        with pytest.raises(Refusal) as slowed:  # the shared bucket of 2 a minute: empty
+            await b.admit()
+        assert slowed.value.code == "rate_limit_exceeded"
+        assert 29.0 < slowed.value.retry_after_s <= 30.0
+        b.admission.policies.update("acme", policy | {"throttle_rpm": None})
+        for _ in range(2):  # 160 used of the ceiling of 200: two more of 20 fit, not a third
+            (await b.admit()).finish(10, 10)
+        with pytest.raises(Refusal) as ceiling:
+            await b.admit()
+        assert (ceiling.value.code, ceiling.value.should_retry) == ("insufficient_quota", False)

@@ -238,13 +238,18 @@ async def sync(request: web.Request) -> web.Response:
 async def revoke_key(request: web.Request) -> web.Response:
     """Revoke an API key by its id (never by the key itself: it would be in a URL)."""
     store, key_id = _services(request).store, request.match_info["key_id"]
-    found = next((k for k in store.list_keys() if k["key_id"] == key_id), None)
-    if found is None:
+
+    def found() -> dict[str, Any] | None:  # a tenant's key or a service key
+        return next((k for k in store.list_keys() + store.list_service_keys() if k["key_id"] == key_id), None)
+
+    key = found()
+    if key is None:
         raise APIError(404, f"no key with id {key_id!r}", param="key_id", code="key_not_found")
-    if found["revoked_at"]:
-        raise APIError(409, f"key {key_id} was revoked at {found['revoked_at']}", param="key_id")
+    if key["revoked_at"]:
+        raise APIError(409, f"key {key_id} was revoked at {key['revoked_at']}", param="key_id")
     tenant, _ = await _services(request).writer.call(Store.revoke_key, key_id, actor=peer_user(request))
-    revoked_at = next(k["revoked_at"] for k in store.list_keys(tenant) if k["key_id"] == key_id)
+    revoked = found()
+    revoked_at = revoked["revoked_at"] if revoked else None
     return web.json_response({"key_id": key_id, "tenant": tenant, "revoked_at": revoked_at})
 
 

@@ -33,7 +33,7 @@ async def overview_metrics(overview: Overview) -> bytes:
     """lorabox's own families: traffic per tenant and version, the box, the engine, the device."""
     status = await overview.status()
     loads = [(name, load.running, load.queued) for name, load in overview.loads().items()]
-    snapshot = MetricsSnapshot.take(overview.traffic, status, loads)
+    snapshot = MetricsSnapshot.take(overview.traffic, status, loads, overview.services.admission.throttled)
     return await asyncio.to_thread(render, snapshot)
 
 

@@ -1,4 +1,10 @@
-"""The OpenAI-compatible routes. The API key decides the tenant; `model` picks its weights."""
+"""The OpenAI-compatible routes. The API key decides the tenant; `model` picks its weights.
+
+Every route is served twice: at `/v1/...` and at `/t/<tenant>/v1/...`. A service key (no tenant's
+own) names the tenant it acts for by that prefix or by the `X-Lorabox-Tenant` header; a tenant's
+own key may name only itself. A tenant the key may not act for, or that does not exist, is the
+404 of a model that does not exist (`model_not_found`, naming the tenant as the model): no caller
+learns which tenants exist."""
 
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ from ..serving.lifecycle import InFlight, Interrupted
 from ..serving.structured import GrammarRefused, json_schema_grammar
 from ..serving.tokenization import PromptError
 from ..serving.tools import kept_tokens, literal_for
-from ..tenancy.admission import Refusal, Ticket
+from ..tenancy.admission import KeyLimits, Refusal, Ticket
 from ..tenancy.ledger import LedgerUnavailable, RequestRecord
 from ..tenancy.store import Tenant
 from .body import read_request
@@ -49,12 +55,31 @@ UNAVAILABLE = 503
 FINAL_WRITE_S = 1.0  # how long a cut stream may take to send its error event (the client may be stuck)
 
 
+TENANT_HEADER = "X-Lorabox-Tenant"
+
+
 @dataclass(frozen=True)
 class Caller:
-    """Who sent a request: the tenant its key belongs to, and which of the tenant's keys."""
+    """Who sent a request: the tenant it acts for, and which key (of which kind) sent it."""
 
     tenant: Tenant
     key_id: str
+    key_kind: str = "tenant"
+    key_limits: KeyLimits | None = None
+    """A service key's own limits (tenant keys have none)."""
+
+
+def model_not_found(model: str) -> APIError:
+    return APIError(404, str(ModelNotFound(model)), param="model", code="model_not_found")
+
+
+def named_tenant(request: web.Request) -> str | None:
+    """The tenant the request names, by URL prefix or header; None when it names none."""
+    path = request.match_info.get("tenant")
+    header = request.headers.get(TENANT_HEADER) or None  # an empty header names nobody
+    if path is not None and header is not None and header != path:
+        raise bad_request(f"The {TENANT_HEADER} header and the URL name different tenants.", TENANT_HEADER)
+    return path if path is not None else header
 
 
 def authenticate(request: web.Request, services: Services) -> Caller:
@@ -64,11 +89,26 @@ def authenticate(request: web.Request, services: Services) -> Caller:
         raise APIError(
             401, "Missing API key. Send it as 'Authorization: Bearer <key>'.", code="missing_api_key"
         )
-    owner = services.store.key_owner(key.strip())
-    tenant = services.store.get_tenant(owner[0]) if owner else None
-    if owner is None or tenant is None:
+    holder = services.store.key_holder(key.strip())
+    if holder is None:
         raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
-    return Caller(tenant, owner[1])
+    name = named_tenant(request)
+    if name is None:
+        if holder.kind == "service":
+            raise bad_request(
+                f"A service key acts for a tenant it names: send the {TENANT_HEADER} header, or call "
+                "/t/<tenant>/v1/... .",
+                TENANT_HEADER,
+                "tenant_required",
+            )
+        name = holder.tenant
+    tenant = services.store.get_tenant(name) if holder.may_act_for(name) else None
+    if tenant is None or tenant.disabled:
+        raise model_not_found(name)
+    if holder.kind == "tenant":
+        return Caller(tenant, holder.key_id)
+    limits = KeyLimits(holder.key_id, holder.rpm, holder.tpm) if holder.rpm or holder.tpm else None
+    return Caller(tenant, holder.key_id, "service", limits)
 
 
 @dataclass
@@ -118,6 +158,7 @@ class Trace:
         return RequestRecord(
             tenant=self.caller.tenant.name,
             key_id=self.caller.key_id,
+            key_kind=self.caller.key_kind,
             model=self.model,
             adapter_version=self.adapter_version,
             endpoint=self.endpoint,
@@ -185,10 +226,10 @@ def refused(refusal: Refusal) -> APIError:
     return APIError(refusal.status, refusal.message, code=refusal.code, headers=headers)
 
 
-def check_requests(services: Services, tenant: Tenant) -> None:
-    """A tenant out of requests for now is refused before its body is read."""
+def check_requests(services: Services, caller: Caller) -> None:
+    """A tenant (or service key) out of requests for now is refused before its body is read."""
     try:
-        services.admission.check_requests(tenant.name)
+        services.admission.check_requests(caller.tenant.name, caller.key_limits)
     except Refusal as refusal:
         raise refused(refusal) from None
 
@@ -223,7 +264,7 @@ def resolve(request: web.Request, services: Services, tenant: Tenant, parsed: Pa
     try:
         return services.catalog.resolve(tenant, parsed.model, sticky)
     except ModelNotFound as exc:
-        raise APIError(404, str(exc), param="model", code="model_not_found") from exc
+        raise model_not_found(exc.model) from exc
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -237,7 +278,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def _chat(request: web.Request, services: Services, trace: Trace) -> web.StreamResponse:
     generator = ready_generator(services)
     tenant = trace.caller.tenant
-    check_requests(services, tenant)
+    check_requests(services, trace.caller)
     parsed = await read_request(request, parse_chat)
     trace.model = parsed.model
     target = resolve(request, services, tenant, parsed)
@@ -259,7 +300,7 @@ async def _chat(request: web.Request, services: Services, trace: Trace) -> web.S
 
 async def _completion(request: web.Request, services: Services, trace: Trace) -> web.StreamResponse:
     generator = ready_generator(services)
-    check_requests(services, trace.caller.tenant)
+    check_requests(services, trace.caller)
     parsed = await read_request(request, parse_completion)
     trace.model = parsed.model
     target = resolve(request, services, trace.caller.tenant, parsed)
@@ -312,10 +353,11 @@ async def _complete(
         # counters (Redis) the take is awaited.
         admission, reserve = services.admission, max_tokens * options.n
         adapter = parsed.model if target.adapter else ""  # as requests name it: the picker's key
+        key = trace.caller.key_limits
         ticket = trace.ticket = (
-            admission.admit(tenant, len(prompt_ids), reserve, adapter)
+            admission.admit(tenant, len(prompt_ids), reserve, adapter, key)
             if admission.shared is None
-            else await admission.admit_shared(tenant, len(prompt_ids), reserve, adapter)
+            else await admission.admit_shared(tenant, len(prompt_ids), reserve, adapter, key)
         )
     except Refusal as refusal:
         raise refused(refusal) from None
@@ -512,8 +554,9 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_get("/v1/models", list_models)
+    for prefix in ("", "/t/{tenant}"):  # the tenant by key (or header), or by URL
+        app.router.add_post(f"{prefix}/v1/chat/completions", chat_completions)
+        app.router.add_post(f"{prefix}/v1/completions", completions)
+        app.router.add_get(f"{prefix}/v1/models", list_models)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

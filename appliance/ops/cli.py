@@ -34,9 +34,17 @@ from ..gguf import EXPORT_QUANTS
 from ..names import is_tenant_name
 from ..tenancy import fleet
 from ..tenancy.audit import Change, change_text
-from ..tenancy.policy import FIELDS, MAX_SYSTEM_PROMPT_CHARS, QUOTA_PERIODS, describe, effective, parse_values
+from ..tenancy.policy import (
+    FIELDS,
+    MAX_SYSTEM_PROMPT_CHARS,
+    QUOTA_ACTIONS,
+    QUOTA_PERIODS,
+    describe,
+    effective,
+    parse_values,
+)
 from ..tenancy.quota import period_start, timestamp
-from ..tenancy.store import USAGE_COLUMNS, Store, unavailable
+from ..tenancy.store import USAGE_COLUMNS, IssuedKey, Store, unavailable
 
 EXIT_CONFIG = 78
 """A configuration error (sysexits' EX_CONFIG): a bad setting, the port in use, a context longer
@@ -388,16 +396,39 @@ def _tenant_show(args: argparse.Namespace) -> None:
         print(f"  {field:<15} {describe(field, getattr(policy, field)):<40} ({source})")
     limit = quota["limit_tokens"]
     of = f" of {limit:,} ({100 * quota['used_tokens'] / limit:.1f}%)" if limit else " (no quota)"
-    print(f"quota: {quota['used_tokens']:,} tokens used{of} since {quota['period_start'][:10]}")
+    state = ", throttled" if quota.get("state") == "throttled" else ""
+    print(f"quota: {quota['used_tokens']:,} tokens used{of} since {quota['period_start'][:10]}{state}")
+
+
+def _issue_service_key(store: Store, args: argparse.Namespace) -> IssuedKey:
+    if args.target is not None:
+        raise LoraboxError("a service key is no tenant's: name its tenants with --tenants, not TENANT")
+    if (args.tenants is None) == (not args.all_tenants):
+        raise LoraboxError("a service key needs --tenants acme,globex or --all-tenants (one of them)")
+    tenants = (
+        None if args.all_tenants else [tenant_name(t.strip()) for t in args.tenants.split(",") if t.strip()]
+    )
+    if tenants == []:
+        raise LoraboxError("--tenants names no tenant")
+    limits = parse_values({k: v for k, v in (("rpm", args.rpm), ("tpm", args.tpm)) if v is not None})
+    return store.issue_service_key(args.service, tenants, rpm=limits.get("rpm"), tpm=limits.get("tpm"))
 
 
 def cmd_key(args: argparse.Namespace) -> None:
     with Store.open(_settings(args).database_path) as store:
         if args.action == "issue":
-            issued = store.issue_key(args.target)
+            service = args.service is not None
+            if not service and (args.tenants or args.all_tenants or args.rpm or args.tpm):
+                raise LoraboxError(
+                    "--tenants, --all-tenants, --rpm and --tpm are for service keys (--service NAME)"
+                )
+            if not service and args.target is None:
+                raise LoraboxError("name the tenant the key is for (or --service NAME for a service key)")
+            issued = _issue_service_key(store, args) if service else store.issue_key(args.target)
             print(issued.plaintext)
+            whose = f"service key {issued.tenant}" if service else f"tenant {issued.tenant}"
             print(
-                f"key id {issued.key_id} for tenant {issued.tenant}. This key is shown once; store it now.",
+                f"key id {issued.key_id} for {whose}. This key is shown once; store it now.",
                 file=sys.stderr,
             )
         elif args.action == "import":
@@ -409,6 +440,10 @@ def cmd_key(args: argparse.Namespace) -> None:
             print(f"revoked key {key_id} of tenant {tenant}")
         else:
             _table(store.list_keys(args.target), ["key_id", "tenant", "created_at", "revoked_at"])
+            if services := store.list_service_keys(args.target):
+                print()
+                columns = ["key_id", "name", "tenants", "rpm", "tpm", "created_at", "revoked_at"]
+                _table([k | {"name": f"service {k['name']}"} for k in services], columns)
 
 
 def _admin(settings: Settings) -> AdminClient:
@@ -839,7 +874,9 @@ def build_parser() -> argparse.ArgumentParser:
         tset.add_argument(
             f"--{field.replace('_', '-')}",
             dest=field,
-            metavar="|".join(QUOTA_PERIODS) if field == "quota_period" else "N",
+            metavar={"quota_period": "|".join(QUOTA_PERIODS), "quota_action": "|".join(QUOTA_ACTIONS)}.get(
+                field, "N"
+            ),
         )
     tset.add_argument(
         "--system-prompt-file",
@@ -854,7 +891,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("key", parents=[common], help="issue, revoke or list API keys")
     ksub = p.add_subparsers(dest="action", required=True)
-    ksub.add_parser("issue", parents=[common]).add_argument("target", metavar="TENANT", type=tenant_name)
+    kissue = ksub.add_parser(
+        "issue",
+        parents=[common],
+        help="a tenant's key, or (--service) a key that acts for the tenants each request names",
+    )
+    kissue.add_argument("target", metavar="TENANT", nargs="?", type=tenant_name)
+    kissue.add_argument("--service", metavar="NAME", type=tenant_name, help="issue a service key named NAME")
+    kissue.add_argument("--tenants", metavar="A,B", help="the tenants a service key may act for")
+    kissue.add_argument("--all-tenants", action="store_true", help="a service key for every tenant")
+    kissue.add_argument("--rpm", metavar="N", help="a service key's own requests per minute")
+    kissue.add_argument("--tpm", metavar="N", help="a service key's own tokens per minute")
     ksub.add_parser(
         "import", parents=[common], help="accept a key issued on another box (read from stdin)"
     ).add_argument("target", metavar="TENANT", type=tenant_name)

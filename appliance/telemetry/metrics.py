@@ -10,7 +10,7 @@ statuses, GPU indexes: never a key, a prompt or a completion. Every metric is li
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -68,10 +68,16 @@ class MetricsSnapshot:
     """`GET /admin/status`'s payload."""
     tenants: list[tuple[str, int, int]]
     """(tenant, running, queued)."""
+    throttled: Mapping[str, int] = field(default_factory=dict)
+    """Requests admitted while their tenant was past its quota and throttled, per tenant."""
 
     @classmethod
     def take(
-        cls, traffic: TrafficStats, status: Mapping[str, Any], tenants: list[tuple[str, int, int]]
+        cls,
+        traffic: TrafficStats,
+        status: Mapping[str, Any],
+        tenants: list[tuple[str, int, int]],
+        throttled: Mapping[str, int] | None = None,
     ) -> MetricsSnapshot:
         """Copies the counters; call on the event loop (where they change)."""
 
@@ -90,7 +96,7 @@ class MetricsSnapshot:
             )
             for tenant, version, counts in traffic.series()
         ]
-        return cls(series, status, tenants)
+        return cls(series, status, tenants, dict(throttled or {}))
 
 
 def _histogram(name: str, doc: str, series: list[SeriesCounts], pick: str) -> HistogramMetricFamily:
@@ -162,7 +168,14 @@ class _Collector(Collector):
         for tenant, now_running, now_queued in self.snapshot.tenants:
             running.add_metric([tenant], now_running)
             queued.add_metric([tenant], now_queued)
-        yield from (running, queued)
+        throttled = CounterMetricFamily(
+            "lorabox_quota_throttled_requests",
+            "Requests served while their tenant was past its quota (quota_action = throttle), by tenant.",
+            labels=["tenant"],
+        )
+        for tenant, count in sorted(self.snapshot.throttled.items()):
+            throttled.add_metric([tenant], count)
+        yield from (running, queued, throttled)
 
     def _box(self) -> Iterator[Metric]:
         status = self.snapshot.status

@@ -18,6 +18,15 @@ way; the local counters mirror this box's share. When the shared counters do not
 `limits_fail_mode` decides: "open" admits with the local counters (this box's share, plus what the
 other boxes had used of the quota when last heard of), "closed" refuses with 503.
 
+Throttling instead of refusing (`quota_action = "throttle"`, `Standing`). Rule: a request that
+would take its tenant past the quota (used + reserved + its own reservation) is served all the same,
+under the throttle's limits: requests and tokens per minute of at most `throttle_rpm` /
+`throttle_tpm` (the tenant's own buckets, shrunk: no burst is granted on the way in), and the lowest
+fair-share weight, so a throttled tenant takes only what the others leave. Bound: its use never
+passes `quota_hard_pct` of the quota (that ceiling is what the counters check, exactly as they
+check the quota under `reject`). Knobs: the three policy fields. Every response to a throttled
+tenant says so (`x-lorabox-quota-state: throttled`), the first in a period is an event.
+
 Every response carries OpenAI's `x-ratelimit-*` headers for the limits the tenant has. When the
 request ends, `Ticket.finish` settles: unused reserved tokens go back to the tokens bucket, and
 the quota counts what the request used (what its ledger row books).
@@ -27,7 +36,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +51,9 @@ from .ratelimit import duration
 from .scheduler import FairScheduler, QueueFull, TenantLoad, Turn
 
 QUOTA_WARNING_HEADER = "x-lorabox-quota-warning"
+QUOTA_STATE_HEADER = "x-lorabox-quota-state"
+THROTTLED_WEIGHT = 0.01
+"""A throttled tenant's fair-share weight: the lowest a policy may set (policy.py)."""
 LIMITS_RETRY_S = 1.0
 """Retry-After of a request refused because the shared counters do not answer (fail closed)."""
 
@@ -57,6 +71,40 @@ class Refusal(Exception):
 
     def __post_init__(self) -> None:
         super().__init__(self.message)
+
+
+def _lower(limit: int | None, cap: int | None) -> int | None:
+    """The stricter of two limits (None: no limit)."""
+    return cap if limit is None else limit if cap is None else min(limit, cap)
+
+
+@dataclass(frozen=True)
+class Standing:
+    """The limits a tenant's next request is admitted under: its policy's, or the throttle's."""
+
+    rpm: int | None
+    tpm: int | None
+    weight: float
+    quota_tokens: int | None
+    """What the counters check the reservation against: the quota, or (throttling) its hard ceiling."""
+    throttled: bool = False
+
+    def headers(self) -> dict[str, str]:
+        return {QUOTA_STATE_HEADER: "throttled"} if self.throttled else {}
+
+
+@dataclass(frozen=True)
+class KeyLimits:
+    """A service key's own limits, on top of those of the tenant it acts for. Counted by this box
+    alone (also with shared counters: they hold tenants' limits), in buckets of their own."""
+
+    key_id: str
+    rpm: int | None = None
+    tpm: int | None = None
+
+    def ask(self, tokens: int) -> Ask:
+        # "key:" cannot begin a tenant name (names.py): these buckets are never a tenant's.
+        return Ask(f"key:{self.key_id}", tokens, rpm=self.rpm, tpm=self.tpm, counts_quota=False)
 
 
 def _undo(shared: SharedLimits, ask: Ask, take: asyncio.Future[Counted]) -> None:
@@ -77,9 +125,12 @@ class Ticket:
         headers: dict[str, str],
         shared: bool,
         model: str = "",
+        key_ask: Ask | None = None,
     ):
         self._admission, self.policy, self._turn = admission, policy, turn
         self.ask = ask
+        self.key_ask = key_ask
+        """What it took from its service key's own buckets, if the key has limits."""
         self.headers = headers
         self.shared = shared
         """Its reservation was taken from the shared counters (not the local ones, failing open)."""
@@ -132,110 +183,218 @@ class Admission:
         self.shared = shared
         self._seen: dict[str, Levels] = {}  # the shared buckets' levels, as last answered per tenant
         self.tickets: dict[Ticket, None] = {}  # admitted on an adapter and not finished, in order
+        self.throttled: Counter[str] = Counter()  # requests admitted throttled, per tenant (/metrics)
 
     def policy_for(self, tenant: str) -> Policy:
         return self.policies.get(tenant)
 
-    def _levels(self, tenant: str, policy: Policy) -> Levels:
+    def standing(self, tenant: str, policy: Policy, tokens: int = 0) -> Standing:
+        """The limits a request reserving `tokens` is admitted under (see the module's docstring).
+        Whether it would pass the quota is judged from this box's meter: with shared counters, from
+        what the other boxes had used when last heard of."""
+        quota = policy.quota_tokens
+        if quota is None or policy.quota_action == "reject":
+            return Standing(policy.rpm, policy.tpm, policy.weight, quota)
+        hard = policy.quota_hard_pct
+        ceiling = None if hard is None else math.floor(quota * hard / 100)
+        used = self.quota.used(tenant, policy.quota_period) + self.quota.reserved(tenant)
+        if used + tokens <= quota and used < quota:
+            return Standing(policy.rpm, policy.tpm, policy.weight, ceiling)
+        rpm, tpm = _lower(policy.rpm, policy.throttle_rpm), _lower(policy.tpm, policy.throttle_tpm)
+        return Standing(rpm, tpm, min(policy.weight, THROTTLED_WEIGHT), ceiling, throttled=True)
+
+    def _levels(self, tenant: str, standing: Standing) -> Levels:
         """The tenant's bucket levels as best known: the shared counters' last answer (aged), else
         this box's own."""
         if self.shared is not None and self.shared.down is None:
             seen = self._seen.get(tenant)
-            if seen is not None and (seen.rpm, seen.tpm) == (policy.rpm, policy.tpm):
+            if seen is not None and (seen.rpm, seen.tpm) == (standing.rpm, standing.tpm):
                 return seen
-        return self.local.levels(tenant, policy.rpm, policy.tpm)
+        return self.local.levels(tenant, standing.rpm, standing.tpm)
 
-    def check_requests(self, tenant: str) -> None:
-        """Before reading a body: a tenant out of requests is refused without more work. (With shared
-        counters, from their last answer: other boxes only ever take more, so it cannot be wrong.)"""
+    def check_requests(self, tenant: str, key: KeyLimits | None = None) -> None:
+        """Before reading a body: a tenant (or service key) out of requests is refused without more
+        work. (With shared counters, from their last answer: other boxes only ever take more, so it
+        cannot be wrong.)"""
         policy = self.policies.get(tenant)
+        standing = self.standing(tenant, policy)
         now = self._clock()
-        levels = self._levels(tenant, policy)
+        levels = self._levels(tenant, standing)
         level = levels.level("requests", now)
-        if level is not None and policy.rpm is not None and level < 1:
-            raise self._too_many(levels, (1 - level) * 60.0 / policy.rpm, now, "requests")
+        if level is not None and standing.rpm is not None and level < 1:
+            raise self._too_many(levels, (1 - level) * 60.0 / standing.rpm, now, "requests", standing)
+        if key is not None and key.rpm is not None:
+            levels = self.local.levels(key.ask(0).tenant, key.rpm, key.tpm)
+            level = levels.level("requests", now)
+            if level is not None and level < 1:
+                raise self._key_too_many(levels, (1 - level) * 60.0 / key.rpm, now, "requests")
 
-    def _ask(self, tenant: str, policy: Policy, prompt_tokens: int, max_tokens: int) -> Ask:
-        """What the request asks of the counters; refuses at once one that no limit could ever fit."""
+    def _take_key(self, key: KeyLimits | None, tokens: int) -> Ask | None:
+        """Take a request from its service key's own buckets (when it has limits), or raise Refusal."""
+        if key is None or (key.rpm is None and key.tpm is None):
+            return None
+        ask = key.ask(tokens)
+        now = self._clock()
+        if key.tpm is not None and tokens > key.tpm:
+            raise Refusal(
+                429,
+                "rate_limit_exceeded",
+                f"Request too large: it reserves {tokens} tokens, more than this service key's limit of "
+                f"{key.tpm} tokens per minute. Lower max_tokens or shorten the prompt.",
+                should_retry=False,
+            )
+        counted = self.local.take(ask)
+        if not counted.taken:
+            kind, wait = max(counted.waits.items(), key=lambda item: item[1])
+            raise self._key_too_many(counted.levels, wait, now, kind)
+        return ask
+
+    def _key_too_many(self, levels: Levels, wait: float, now: float, kind: str) -> Refusal:
+        return Refusal(
+            429,
+            "rate_limit_exceeded",
+            f"Rate limit reached for {kind} per minute on this service key. Retry in {duration(wait)}.",
+            retry_after_s=wait,
+            headers=levels.headers(now),
+        )
+
+    def _ask(self, tenant: str, policy: Policy, prompt_tokens: int, max_tokens: int) -> tuple[Ask, Standing]:
+        """What the request asks of the counters, under which limits; refuses at once one that no
+        limit could ever fit."""
+        tokens = prompt_tokens + max_tokens
+        standing = self.standing(tenant, policy, tokens)
         ask = Ask(
             tenant,
-            prompt_tokens + max_tokens,
-            rpm=policy.rpm,
-            tpm=policy.tpm,
-            quota_tokens=policy.quota_tokens,
+            tokens,
+            rpm=standing.rpm,
+            tpm=standing.tpm,
+            quota_tokens=standing.quota_tokens,
             quota_period=policy.quota_period,
         )
-        if policy.tpm is not None and ask.tokens > policy.tpm:
+        if standing.tpm is not None and ask.tokens > standing.tpm:
             raise Refusal(
                 429,
                 "rate_limit_exceeded",
                 f"Request too large: it reserves {ask.tokens} tokens (prompt {prompt_tokens} + max_tokens "
-                f"{max_tokens}), more than the limit of {policy.tpm} tokens per minute. Lower max_tokens "
+                f"{max_tokens}), more than the limit of {standing.tpm} tokens per minute. Lower max_tokens "
                 "or shorten the prompt.",
                 should_retry=False,
                 headers=self.headers(tenant),
             )
-        return ask
+        return ask, standing
 
-    def admit(self, tenant: str, prompt_tokens: int, max_tokens: int, model: str = "") -> Ticket:
+    def admit(
+        self, tenant: str, prompt_tokens: int, max_tokens: int, model: str = "", key: KeyLimits | None = None
+    ) -> Ticket:
         """Reserve and queue one request with this box's counters, or raise Refusal. Nothing is kept
-        when it is refused. `model`: the adapter as the request names it ("" for the base model)."""
+        when it is refused. `model`: the adapter as the request names it ("" for the base model);
+        `key`: the service key's own limits, when a service key sent it."""
         policy = self.policies.get(tenant)
-        ask = self._ask(tenant, policy, prompt_tokens, max_tokens)
-        counted = self.local.take(ask)
-        return self._enter(ask, policy, prompt_tokens, max_tokens, counted, shared=False, model=model)
+        ask, standing = self._ask(tenant, policy, prompt_tokens, max_tokens)
+        key_ask = self._take_key(key, ask.tokens)
+        try:
+            counted = self.local.take(ask)
+            return self._enter(
+                ask,
+                policy,
+                standing,
+                prompt_tokens,
+                max_tokens,
+                counted,
+                shared=False,
+                model=model,
+                key_ask=key_ask,
+            )
+        except BaseException:
+            self._give_back_key(key_ask)
+            raise
 
-    async def admit_shared(self, tenant: str, prompt_tokens: int, max_tokens: int, model: str = "") -> Ticket:
+    async def admit_shared(
+        self, tenant: str, prompt_tokens: int, max_tokens: int, model: str = "", key: KeyLimits | None = None
+    ) -> Ticket:
         """`admit` with the shared counters (there must be some): the take is awaited; when they do
         not answer, the local counters serve (fail open) or the request gets 503 (fail closed)."""
         shared = self.shared
         assert shared is not None, "no shared limits backend"
         policy = self.policies.get(tenant)
-        ask = self._ask(tenant, policy, prompt_tokens, max_tokens)
-        if shared.down is None:
-            take = asyncio.ensure_future(shared.take(ask))
-            try:
-                counted = await asyncio.shield(take)
-            except LimitsUnavailable:
-                pass  # the backend says so in the log, once, and now answers `down`
-            except asyncio.CancelledError:  # the client left: what the take took goes back
-                take.add_done_callback(functools.partial(_undo, shared, ask))
-                raise
-            else:
-                policy = self.policies.get(tenant)
-                return self._enter(ask, policy, prompt_tokens, max_tokens, counted, shared=True, model=model)
-        if shared.fail_open:
-            return self.admit(tenant, prompt_tokens, max_tokens, model)
-        raise Refusal(
-            503,
-            "limits_unavailable",
-            f"The server cannot check its rate limits and quotas now ({shared.down}). Retry shortly.",
-            retry_after_s=LIMITS_RETRY_S,
-            headers=self.headers(tenant),
-        )
+        ask, standing = self._ask(tenant, policy, prompt_tokens, max_tokens)
+        key_ask = self._take_key(key, ask.tokens)
+        try:
+            if shared.down is None:
+                take = asyncio.ensure_future(shared.take(ask))
+                try:
+                    counted = await asyncio.shield(take)
+                except LimitsUnavailable:
+                    pass  # the backend says so in the log, once, and now answers `down`
+                except asyncio.CancelledError:  # the client left: what the take took goes back
+                    take.add_done_callback(functools.partial(_undo, shared, ask))
+                    raise
+                else:
+                    policy = self.policies.get(tenant)
+                    return self._enter(
+                        ask,
+                        policy,
+                        standing,
+                        prompt_tokens,
+                        max_tokens,
+                        counted,
+                        shared=True,
+                        model=model,
+                        key_ask=key_ask,
+                    )
+            if shared.fail_open:
+                counted = self.local.take(ask)
+                return self._enter(
+                    ask,
+                    policy,
+                    standing,
+                    prompt_tokens,
+                    max_tokens,
+                    counted,
+                    shared=False,
+                    model=model,
+                    key_ask=key_ask,
+                )
+            raise Refusal(
+                503,
+                "limits_unavailable",
+                f"The server cannot check its rate limits and quotas now ({shared.down}). Retry shortly.",
+                retry_after_s=LIMITS_RETRY_S,
+                headers=self.headers(tenant),
+            )
+        except BaseException:
+            self._give_back_key(key_ask)
+            raise
+
+    def _give_back_key(self, key_ask: Ask | None) -> None:
+        """A request that took from its service key's buckets was refused after all: all goes back."""
+        if key_ask is not None:
+            self.local.give_back(key_ask, 0, requests=1)
 
     def _enter(
         self,
         ask: Ask,
         policy: Policy,
+        standing: Standing,
         prompt_tokens: int,
         max_tokens: int,
         counted: Counted,
         *,
         shared: bool,
         model: str,
+        key_ask: Ask | None = None,
     ) -> Ticket:
         """Step 3, for a request whose counters answered: refuse what they did not take, else queue."""
         now = self._clock()
         if shared:
             self._seen[ask.tenant] = counted.levels
-        headers = counted.levels.headers(now)
+        headers = counted.levels.headers(now) | standing.headers()
         if not counted.taken:
-            raise self._refusal(ask, policy, counted, headers, now)
+            raise self._refusal(ask, policy, standing, counted, headers, now)
         try:
             turn = self.scheduler.enter(
                 ask.tenant,
-                weight=policy.weight,
+                weight=standing.weight,
                 max_concurrent=policy.max_concurrent,
                 max_queued=policy.max_queued,
                 prompt_tokens=prompt_tokens,
@@ -263,21 +422,35 @@ class Admission:
             self.quota.set_elsewhere(ask.tenant, ask.quota_period, elsewhere)
         if warn := warning(policy, counted.quota_used):
             headers[QUOTA_WARNING_HEADER] = warn
-        ticket = Ticket(self, policy, turn, ask, headers, shared, model)
+        if standing.throttled:
+            self.throttled[ask.tenant] += 1
+            self.quota.note_throttled(ask.tenant, policy)
+        ticket = Ticket(self, policy, turn, ask, headers, shared, model, key_ask)
         if model:
             self.tickets[ticket] = None
         return ticket
 
     def _refusal(
-        self, ask: Ask, policy: Policy, counted: Counted, headers: dict[str, str], now: float
+        self,
+        ask: Ask,
+        policy: Policy,
+        standing: Standing,
+        counted: Counted,
+        headers: dict[str, str],
+        now: float,
     ) -> Refusal:
         kind, wait = max(counted.waits.items(), key=lambda item: item[1])
         if wait > 0:
-            return self._too_many(counted.levels, wait, now, kind)
+            return self._too_many(counted.levels, wait, now, kind, standing)
+        ceiling = (
+            f" ({policy.quota_hard_pct:g}% of the quota of {policy.quota_tokens}: its hard ceiling)"
+            if ask.quota_tokens != policy.quota_tokens
+            else ""
+        )
         return Refusal(
             429,
             "insufficient_quota",
-            f"You exceeded your quota: {counted.quota_used} of {policy.quota_tokens} tokens used this "
+            f"You exceeded your quota: {counted.quota_used} of {ask.quota_tokens} tokens{ceiling} used this "
             f"{policy.quota_period}; this request could use {ask.tokens} tokens more (prompt + "
             f"max_tokens). Lower max_tokens, or wait for the next {policy.quota_period}.",
             should_retry=False,
@@ -294,19 +467,24 @@ class Admission:
 
     def settle(self, ticket: Ticket, used: int) -> None:
         self._give_back(ticket.ask, used, shared=ticket.shared)
+        if ticket.key_ask is not None:
+            self.local.give_back(ticket.key_ask, used)
 
-    def _too_many(self, levels: Levels, wait: float, now: float, kind: str) -> Refusal:
+    def _too_many(self, levels: Levels, wait: float, now: float, kind: str, standing: Standing) -> Refusal:
+        throttled = " (throttled: the quota is used up)" if standing.throttled else ""
         return Refusal(
             429,
             "rate_limit_exceeded",
-            f"Rate limit reached for {kind} per minute. Retry in {duration(wait)}.",
+            f"Rate limit reached for {kind} per minute{throttled}. Retry in {duration(wait)}.",
             retry_after_s=wait,
-            headers=levels.headers(now),
+            headers=levels.headers(now) | standing.headers(),
         )
 
     def headers(self, tenant: str) -> dict[str, str]:
-        """The `x-ratelimit-*` headers as the tenant's limits stand now."""
-        return self._levels(tenant, self.policies.get(tenant)).headers(self._clock())
+        """The `x-ratelimit-*` headers as the tenant's limits stand now (and its quota state, when
+        throttled)."""
+        standing = self.standing(tenant, self.policies.get(tenant))
+        return self._levels(tenant, standing).headers(self._clock()) | standing.headers()
 
     # -- what telemetry and the admin API read ----------------------------------------------------
 
@@ -364,4 +542,6 @@ class Admission:
 
     def quota_view(self, tenant: str) -> dict[str, Any]:
         """The admin API's `quota` object (limit and pct None when the tenant has no quota)."""
-        return self.quota.view(tenant, self.policies.get(tenant))
+        policy = self.policies.get(tenant)
+        state = "throttled" if self.standing(tenant, policy).throttled else "ok"
+        return self.quota.view(tenant, policy) | {"state": state}

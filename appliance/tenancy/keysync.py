@@ -43,7 +43,8 @@ class RevocationSync:
 
     def _revoked_here(self) -> dict[str, str]:
         rows = self.store.db.execute(
-            "select key_id, revoked_at from api_keys where revoked_at is not null"
+            "select key_id, revoked_at from api_keys where revoked_at is not null "
+            "union all select key_id, revoked_at from service_keys where revoked_at is not null"
         ).fetchall()
         return {str(key_id): str(at) for key_id, at in rows}
 
@@ -57,7 +58,12 @@ class RevocationSync:
                 pipe.hsetnx(REVOKED, key_id, at)
             await pipe.execute()
             self._shared.update(new)
-        known = {str(row[0]) for row in self.store.db.execute("select key_id from api_keys").fetchall()}
+        known = {
+            str(row[0])
+            for row in self.store.db.execute(
+                "select key_id from api_keys union all select key_id from service_keys"
+            ).fetchall()
+        }
         # Read in full only when something changed: revoked elsewhere, or a key new here (imported).
         seen = (int(await self.client.hlen(REVOKED)), len(known), len(here))
         if seen == self._seen:

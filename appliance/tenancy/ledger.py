@@ -56,6 +56,7 @@ class RequestRecord:
     """One generation request that got past authentication, as it ended."""
 
     tenant: str
+    """The tenant it was served for (named by a service key, or the tenant key's own)."""
     key_id: str
     model: str
     """What the client asked for (`acme`, `acme@v2`, the base model's name)."""
@@ -75,6 +76,8 @@ class RequestRecord:
     price_in: float = 0.0
     price_out: float = 0.0
     """The tenant's prices when it was served, per million prompt / completion tokens."""
+    key_kind: str = "tenant"
+    """Which kind of key sent it: the tenant's own (`tenant`) or a service key (`service`)."""
     admitted: bool = True
     """It passed admission (rate limits, quota, queue bounds). The ledger books only these, with
     the tokens the engine processed (none for one that never left the queue); refusals are

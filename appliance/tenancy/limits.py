@@ -44,6 +44,8 @@ class Ask:
     quota_tokens: int | None = None
     """The quota the reservation must fit in. None: the tokens are counted, not checked."""
     quota_period: str = "month"
+    counts_quota: bool = True
+    """False for a service key's own buckets (admission.KeyLimits): rate limits only, no quota."""
 
 
 @dataclass(frozen=True)
@@ -132,8 +134,8 @@ class LocalLimits:
             "requests": buckets.requests.wait_s(1, now) if buckets.requests else 0.0,
             "tokens": buckets.tokens.wait_s(ask.tokens, now) if buckets.tokens else 0.0,
         }
-        used = self.quota.used(ask.tenant, ask.quota_period)
-        reserved = self.quota.reserved(ask.tenant)
+        used = self.quota.used(ask.tenant, ask.quota_period) if ask.counts_quota else 0
+        reserved = self.quota.reserved(ask.tenant) if ask.counts_quota else 0
         fits = ask.quota_tokens is None or used + reserved + ask.tokens <= ask.quota_tokens
         taken = force or (fits and not any(waits.values()))
         if taken:
@@ -141,8 +143,9 @@ class LocalLimits:
                 buckets.requests.take(1, now)
             if buckets.tokens:
                 buckets.tokens.take(ask.tokens, now)
-            self.quota.reserve(ask.tenant, ask.tokens)
-            reserved += ask.tokens
+            if ask.counts_quota:
+                self.quota.reserve(ask.tenant, ask.tokens)
+                reserved += ask.tokens
         return Counted(taken, waits, fits, used, reserved, self._levels(buckets, ask, now))
 
     def give_back(self, ask: Ask, used: int, *, requests: int = 0) -> None:

@@ -216,3 +216,31 @@ def m022b_fleet_versions(db: sqlite_utils.Database) -> None:
     # The same for a tenant's pins (pinned version, canary, kept resident): set by an operator, or
     # by an import; `updated_at` also moves when the daemon activates a new version.
     db.table("routes").add_column("pins_at", str)
+
+
+@migration
+def m020a_service_keys(db: sqlite_utils.Database) -> None:
+    # Keys that are no tenant's own: an agency's backend calls for several tenants with one key and
+    # names the tenant per request. `tenants` is a JSON list of the tenants it may act for, NULL for
+    # every tenant; `rpm` / `tpm` its own limits (NULL: none) on top of each tenant's. Key ids are
+    # unique across both key tables (the ledger names a key by its id).
+    db.table("service_keys").create(
+        {
+            "key_id": str,
+            "name": str,
+            "key_hash": str,
+            "tenants": str,
+            "rpm": int,
+            "tpm": int,
+            "created_at": str,
+            "revoked_at": str,
+        },
+        pk="key_id",
+        not_null={"name", "key_hash", "created_at"},
+    )
+    db.table("service_keys").create_index(["key_hash"], unique=True)
+    # Which kind of key acted: on each usage row ("tenant" or "service"; older rows: a tenant's),
+    # and on each audit row about a key.
+    db.table("usage").add_column("key_kind", str)
+    db.table("audit_log").add_column("key_id", str)
+    db.table("audit_log").add_column("key_kind", str)

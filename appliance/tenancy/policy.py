@@ -18,6 +18,7 @@ from typing import Any
 from ..errors import PolicyError
 
 QUOTA_PERIODS = ("day", "week", "month")
+QUOTA_ACTIONS = ("reject", "throttle")
 MAX_SYSTEM_PROMPT_CHARS = 32_768
 """A longer system prompt is refused when it is set: it is sent before every chat request of the
 tenant, so it costs every request its tokens (and its share of the context length)."""
@@ -51,6 +52,23 @@ class Policy:
 
     quota_warn_pct: float = 80.0
     """Share of the quota past which responses carry a warning header (and one event per period)."""
+
+    quota_action: str = "reject"
+    """What a request that would take the tenant past its quota gets: `reject` refuses it (429
+    insufficient_quota); `throttle` serves it at `throttle_rpm` / `throttle_tpm` and the lowest
+    fair-share weight, up to `quota_hard_pct` of the quota."""
+
+    throttle_rpm: int | None = 10
+    """Requests per minute past the quota, with `quota_action = "throttle"` (or the tenant's `rpm`,
+    when lower)."""
+
+    throttle_tpm: int | None = 10_000
+    """Tokens per minute past the quota, with `quota_action = "throttle"` (or the tenant's `tpm`,
+    when lower)."""
+
+    quota_hard_pct: float | None = 150.0
+    """With `quota_action = "throttle"`: the share of the quota past which requests are refused
+    (429 insufficient_quota) all the same; none: throttled without end."""
 
     max_tokens: int | None = None
     """Completion tokens per request at most: the default when a request names none; a request
@@ -93,6 +111,9 @@ _RANGES = {
     "max_queued": _Range(int, 0, 100_000, False),
     "quota_tokens": _Range(int, 1, 10**15, True),
     "quota_warn_pct": _Range(float, 1, 100, False),
+    "throttle_rpm": _Range(int, 1, 1_000_000, True),
+    "throttle_tpm": _Range(int, 1, 1_000_000_000, True),
+    "quota_hard_pct": _Range(float, 100, 100_000, True),
     "max_tokens": _Range(int, 1, 10_000_000, True),
     "max_n": _Range(int, 1, 128, False),
     "price_in": _Range(float, 0, 1_000_000, False),
@@ -141,9 +162,10 @@ def parse_value(field: str, raw: Any) -> Any:
         except UnicodeEncodeError:
             raise PolicyError(field, "is not valid Unicode (an unpaired surrogate)") from None
         return raw
-    if field == "quota_period":
-        if raw not in QUOTA_PERIODS:
-            raise PolicyError(field, f"must be one of {', '.join(QUOTA_PERIODS)}, not {str(raw)[:40]!r}")
+    choices = {"quota_period": QUOTA_PERIODS, "quota_action": QUOTA_ACTIONS}.get(field)
+    if choices is not None:
+        if raw not in choices:
+            raise PolicyError(field, f"must be one of {', '.join(choices)}, not {str(raw)[:40]!r}")
         return raw
     spec = _RANGES[field]
     if unlimited:

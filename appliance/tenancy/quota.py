@@ -62,17 +62,29 @@ def warning(policy: Policy, used: int) -> str | None:
 
 
 class QuotaMeter:
-    def __init__(self, clock: Clock = _utc_now, on_warning: Callable[[str, str], None] | None = None):
+    def __init__(
+        self,
+        clock: Clock = _utc_now,
+        on_warning: Callable[[str, str], None] | None = None,
+        on_throttle: Callable[[str, str], None] | None = None,
+    ):
         self._clock = clock
         self._use: dict[tuple[str, str], _Use] = {}
         self._reserved: defaultdict[str, int] = defaultdict(int)
         self._elsewhere: dict[tuple[str, str], _Use] = {}
-        self._warned: dict[str, datetime] = {}  # tenant → start of the period it was last warned in
+        self._warned: dict[str, datetime] = {}  # tenant → when it was last warned
+        self._throttled: dict[str, datetime] = {}  # tenant → when it was last told it is throttled
         self.on_warning = on_warning
+        self.on_throttle = on_throttle
 
-    def seed(self, tokens_since: Callable[[str], dict[str, int]], warned: dict[str, str]) -> None:
+    def seed(
+        self,
+        tokens_since: Callable[[str], dict[str, int]],
+        warned: dict[str, str],
+        throttled: dict[str, str] | None = None,
+    ) -> None:
         """Start from the ledger: tokens per tenant since each period's start, and when each tenant
-        last got a quota warning (one per period, across restarts)."""
+        last got a quota warning, or was first throttled (one of each per period, across restarts)."""
         now = self._clock()
         for period in QUOTA_PERIODS:
             start = period_start(period, now)
@@ -80,6 +92,21 @@ class QuotaMeter:
                 self._use[(tenant, period)] = _Use(start, tokens)
         for tenant, ts in warned.items():
             self._warned[tenant] = datetime.fromisoformat(ts)
+        for tenant, ts in (throttled or {}).items():
+            self._throttled[tenant] = datetime.fromisoformat(ts)
+
+    def note_throttled(self, tenant: str, policy: Policy) -> None:
+        """A request of the tenant was admitted throttled: the first one in a period is told (the log,
+        and an event through `on_throttle`)."""
+        last = self._throttled.get(tenant)
+        if last is not None and last >= self._current(tenant, policy.quota_period).start:
+            return
+        self._throttled[tenant] = self._clock()
+        used = self.used(tenant, policy.quota_period)
+        detail = f"{used} of {policy.quota_tokens} tokens this {policy.quota_period}: throttled"
+        log.warning("tenant %s is past its quota (%s)", tenant, detail)
+        if self.on_throttle is not None:
+            self.on_throttle(tenant, detail)
 
     def _current(self, tenant: str, period: str) -> _Use:
         start = period_start(period, self._clock())

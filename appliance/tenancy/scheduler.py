@@ -7,7 +7,9 @@ completion token as it comes). At most `max_running` requests run in the engine;
 the waiting request of the tenant with the lowest counter starts (a tenant's own requests in
 arrival order). Work-conserving: a tenant alone gets every place. A tenant that had nothing
 waiting or running starts at the lowest counter of those active (or, with none active, at the
-counter of the last one to go idle): it banks no credit for the time it was away.
+counter of the last one to go idle): it banks no credit for the time it was away. A new weight (a
+policy change; a quota throttle beginning or ending) restates the tenant's lead over the lowest
+counter in the new weight, so what it was served counts at the weight it was served at.
 
 Latency isolation: a tenant's share of the places is `max_running` x its weight / the weights of
 the tenants active (at least one place). A tenant holding fewer places than its share starts its
@@ -128,7 +130,9 @@ class FairScheduler:
         """Queue a request, starting it at once if it may; raises QueueFull (and leaves no trace)
         when it would have to wait and its tenant's queue, or the box's, is full."""
         state = self._tenants.get(tenant) or self._tenants.setdefault(tenant, _Tenant(tenant))
-        state.weight, state.max_concurrent = weight, max_concurrent
+        if weight != state.weight:
+            self._reweigh(state, weight)
+        state.max_concurrent = max_concurrent
         if not state.active:
             self._wake_up(state)
         turn = Turn(tenant, prompt_tokens, self._clock(), max_tokens)
@@ -190,6 +194,15 @@ class FairScheduler:
         return {name: t.counter for name, t in self._tenants.items()}
 
     # -- inside -----------------------------------------------------------------------------------
+
+    def _reweigh(self, state: _Tenant, weight: float) -> None:
+        """The lead over the lowest counter is service / old weight: restated as service / new
+        weight. (A tenant throttled at the lowest weight would otherwise carry the lead it ran up
+        there, a hundred times its service, into its next period, and wait behind every other.)"""
+        floor = min((t.counter for t in self._active.values()), default=state.counter)
+        if state.counter > floor:
+            state.counter = floor + (state.counter - floor) * state.weight / weight
+        state.weight = weight
 
     def _wake_up(self, state: _Tenant) -> None:
         """No banked credit: a tenant coming back starts where the others are now."""

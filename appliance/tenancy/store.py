@@ -81,8 +81,32 @@ class Tenant:
 class IssuedKey:
     key_id: str
     tenant: str
+    """The tenant a tenant key belongs to; a service key's name."""
     plaintext: str
     """Shown once, never stored."""
+
+
+@dataclass(frozen=True)
+class KeyHolder:
+    """Who an active key is: a tenant's own key, or a service key acting for some tenants."""
+
+    key_id: str
+    kind: str
+    """`tenant` or `service`."""
+    tenant: str = ""
+    """A tenant key's tenant."""
+    service: str = ""
+    """A service key's name."""
+    tenants: tuple[str, ...] | None = None
+    """The tenants a service key may act for; None: every tenant."""
+    rpm: int | None = None
+    tpm: int | None = None
+    """A service key's own limits, on top of each tenant's (None: none)."""
+
+    def may_act_for(self, tenant: str) -> bool:
+        if self.kind == "tenant":
+            return tenant == self.tenant
+        return self.tenants is None or tenant in self.tenants
 
 
 @dataclass(frozen=True)
@@ -225,18 +249,73 @@ class Store:
 
     # -- API keys -----------------------------------------------------------------------------
 
+    def _new_key(self) -> tuple[str, str]:
+        """A fresh (key id, plaintext), the id unused by either kind of key."""
+        while True:
+            key_id = secrets.token_hex(4)
+            if not self._key_rows(key_id):
+                return key_id, f"{KEY_PREFIX}-{key_id}-{secrets.token_urlsafe(32)}"
+
+    def _key_rows(self, key_id: str) -> list[tuple[str, dict[str, Any]]]:
+        """The rows (with their table) of a key, by public id or full key."""
+        return [
+            (table, row)
+            for table in ("api_keys", "service_keys")
+            for row in self.db.table(table).rows_where(
+                "key_id = ? or key_hash = ?", [key_id, hash_key(key_id)]
+            )
+        ]
+
     def issue_key(self, tenant: str, *, actor: str | None = None) -> IssuedKey:
         with self.writing():  # one transaction: all of it, or nothing
             if not self.get_tenant(tenant):
                 raise StoreError(f"no tenant named {tenant!r}")
-            key_id = secrets.token_hex(4)
-            plaintext = f"{KEY_PREFIX}-{key_id}-{secrets.token_urlsafe(32)}"
+            key_id, plaintext = self._new_key()
             self.db.table("api_keys").insert(
                 {"key_id": key_id, "tenant": tenant, "key_hash": hash_key(plaintext), "created_at": _now()}
             )
             self.record_event("key_issued", tenant=tenant, detail=key_id)
-            self.audit(actor, "key_issue", tenant, Change({}, {f"key {key_id}": "active"}))
+            self.audit(
+                actor, "key_issue", tenant, Change({}, {f"key {key_id}": "active"}), key=(key_id, "tenant")
+            )
             return IssuedKey(key_id, tenant, plaintext)
+
+    def issue_service_key(
+        self,
+        name: str,
+        tenants: list[str] | None,
+        *,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        actor: str | None = None,
+    ) -> IssuedKey:
+        """A key that is no tenant's own, for `tenants` (None: every tenant, also those added later).
+        Audited once per tenant it reaches ("*": all)."""
+        if not is_tenant_name(name):
+            raise StoreError(f"invalid service name {name!r}: use 1-63 characters of a-z, 0-9, '_' and '-'")
+        with self.writing():  # one transaction: all of it, or nothing
+            for tenant in tenants or []:
+                if not self.get_tenant(tenant):
+                    raise StoreError(f"no tenant named {tenant!r}")
+            key_id, plaintext = self._new_key()
+            scope = None if tenants is None else json.dumps(sorted(set(tenants)))
+            self.db.table("service_keys").insert(
+                {
+                    "key_id": key_id,
+                    "name": name,
+                    "key_hash": hash_key(plaintext),
+                    "tenants": scope,
+                    "rpm": rpm,
+                    "tpm": tpm,
+                    "created_at": _now(),
+                }
+            )
+            limits = {"rpm": rpm, "tpm": tpm}
+            after = {f"service key {key_id}": f"active ({name})"} | {k: v for k, v in limits.items() if v}
+            for tenant in sorted(set(tenants)) if tenants is not None else ["*"]:
+                self.record_event("key_issued", tenant=tenant if tenant != "*" else "", detail=key_id)
+                self.audit(actor, "key_issue", tenant, Change({}, after), key=(key_id, "service"))
+            return IssuedKey(key_id, name, plaintext)
 
     def import_key(self, tenant: str, plaintext: str, *, actor: str | None = None) -> str:
         """Accept a key issued on another box (several boxes serve the same tenants, docs/scaling.md):
@@ -248,15 +327,17 @@ class Store:
             if match is None:
                 raise StoreError(f"not a lorabox key (expected {KEY_PREFIX}-<8 hex digits>-<secret>)")
             key_id = match.group(1)
-            existing = list(self.db.table("api_keys").rows_where("key_id = ?", [key_id]))
+            existing = [row for _, row in self._key_rows(key_id)]
             if existing:
-                same = existing[0]["key_hash"] == hash_key(plaintext) and existing[0]["tenant"] == tenant
+                same = existing[0]["key_hash"] == hash_key(plaintext) and existing[0].get("tenant") == tenant
                 raise StoreError(f"key {key_id} is {'already here' if same else 'taken by another key'}")
             self.db.table("api_keys").insert(
                 {"key_id": key_id, "tenant": tenant, "key_hash": hash_key(plaintext), "created_at": _now()}
             )
             self.record_event("key_imported", tenant=tenant, detail=key_id)
-            self.audit(actor, "key_import", tenant, Change({}, {f"key {key_id}": "active"}))
+            self.audit(
+                actor, "key_import", tenant, Change({}, {f"key {key_id}": "active"}), key=(key_id, "tenant")
+            )
             return key_id
 
     def revoke_key(
@@ -265,12 +346,14 @@ class Store:
         """Revoke by public id (or the full key); returns (tenant, key id). `revoked_at`: when it was
         revoked on another box (a revocation that reached this one from the fleet)."""
         with self.writing():  # one transaction: all of it, or nothing
-            rows = list(
-                self.db.table("api_keys").rows_where("key_id = ? or key_hash = ?", [key_id, hash_key(key_id)])
-            )
+            rows = self._key_rows(key_id)
             if not rows:
                 raise StoreError(f"no key with id {key_id!r}")
-            row = rows[0]
+            table, row = rows[0]
+            if table == "service_keys":
+                if not row["revoked_at"]:
+                    self._revoke_service_key(row, actor=actor, revoked_at=revoked_at)
+                return f"service {row['name']}", str(row["key_id"])
             if not row["revoked_at"]:
                 self.mark_revoked(row["key_id"], row["tenant"], actor=actor, revoked_at=revoked_at)
             return str(row["tenant"]), str(row["key_id"])
@@ -280,7 +363,23 @@ class Store:
         self.db.table("api_keys").update(key_id, {"revoked_at": revoked_at or _now()})
         self.record_event("key_revoked", tenant=tenant, detail=key_id)
         key = f"key {key_id}"
-        self.audit(actor, "key_revoke", tenant, Change({key: "active"}, {key: "revoked"}))
+        self.audit(
+            actor, "key_revoke", tenant, Change({key: "active"}, {key: "revoked"}), key=(key_id, "tenant")
+        )
+
+    def _revoke_service_key(self, row: dict[str, Any], *, actor: str | None, revoked_at: str | None) -> None:
+        key_id = str(row["key_id"])
+        self.db.table("service_keys").update(key_id, {"revoked_at": revoked_at or _now()})
+        key = f"service key {key_id}"
+        for tenant in json.loads(row["tenants"]) if row["tenants"] is not None else ["*"]:
+            self.record_event("key_revoked", tenant=tenant if tenant != "*" else "", detail=key_id)
+            self.audit(
+                actor,
+                "key_revoke",
+                tenant,
+                Change({key: "active"}, {key: "revoked"}),
+                key=(key_id, "service"),
+            )
 
     def list_keys(self, tenant: str | None = None) -> list[dict[str, Any]]:
         where, args = ("tenant = ?", [tenant]) if tenant else (None, [])
@@ -288,6 +387,35 @@ class Store:
             {k: r[k] for k in ("key_id", "tenant", "created_at", "revoked_at")}
             for r in self.db.table("api_keys").rows_where(where, args, order_by="created_at")
         ]
+
+    def list_service_keys(self, tenant: str | None = None) -> list[dict[str, Any]]:
+        """Service keys (those that reach `tenant`, when given), tenants shown as `acme,globex` or `*`."""
+        found = []
+        for r in self.db.table("service_keys").rows_where(order_by="created_at"):
+            tenants = None if r["tenants"] is None else list(json.loads(r["tenants"]))
+            if tenant is not None and tenants is not None and tenant not in tenants:
+                continue
+            shown = "*" if tenants is None else ",".join(tenants)
+            found.append({k: r[k] for k in ("key_id", "name", "rpm", "tpm", "created_at", "revoked_at")})
+            found[-1]["tenants"] = shown
+        return found
+
+    def key_holder(self, plaintext: str) -> KeyHolder | None:
+        """Who an active key is (a tenant's own key of an enabled tenant, or a service key), or None.
+        The stored hash is compared in constant time."""
+        owner = self.key_owner(plaintext)
+        if owner is not None:
+            return KeyHolder(owner[1], "tenant", tenant=owner[0])
+        presented = hash_key(plaintext)
+        row = self.db.execute(
+            "select key_hash, key_id, name, tenants, rpm, tpm from service_keys "
+            "where key_hash = ? and revoked_at is null",
+            [presented],
+        ).fetchone()
+        if row is None or not hmac.compare_digest(row[0], presented):
+            return None
+        tenants = None if row[3] is None else tuple(json.loads(row[3]))
+        return KeyHolder(str(row[1]), "service", service=str(row[2]), tenants=tenants, rpm=row[4], tpm=row[5])
 
     def key_owner(self, plaintext: str) -> tuple[str, str] | None:
         """(tenant, key id) of an active key, or None. The stored hash is compared in constant time."""
@@ -481,10 +609,20 @@ class Store:
 
     # -- the audit log --------------------------------------------------------------------------
 
-    def audit(self, actor: str | None, action: str, tenant: str, change: Change) -> None:
+    def audit(
+        self,
+        actor: str | None,
+        action: str,
+        tenant: str,
+        change: Change,
+        *,
+        key: tuple[str, str] | None = None,
+    ) -> None:
+        """One audit row; `key`: the (key id, key kind) the action was about."""
         self.db.table("audit_log").insert(
             {"ts": _now(), "actor": actor or local_user(), "action": action, "tenant": tenant}
             | change.columns()
+            | ({"key_id": key[0], "key_kind": key[1]} if key else {})
         )
 
     def audit_log(self, tenant: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
