@@ -232,8 +232,8 @@ VARIANTS = [
     Variant("v02-rslora", peft_adapter(seed=2, use_rslora=True, r=16, lora_alpha=8)),
     Variant(
         "v03-seven-linear",
-        peft_adapter(
-            seed=3,
+        peft_adapter(  # seed 3 left a greedy margin of 0.007 on the retrained demo model (103: 0.33)
+            seed=103,
             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         ),
     ),
