@@ -9,6 +9,7 @@ is one line on stderr and exit status 1 (a mistyped command line: argparse's usa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import json
@@ -32,7 +33,7 @@ from ..config.settings import Settings, load_config, setting_origin
 from ..errors import ConfigError, LoraboxError
 from ..gguf import EXPORT_QUANTS
 from ..names import is_tenant_name
-from ..tenancy import fleet
+from ..tenancy import auditchain, fleet
 from ..tenancy.audit import Change, change_text
 from ..tenancy.policy import FIELDS, MAX_SYSTEM_PROMPT_CHARS, QUOTA_PERIODS, describe, effective, parse_values
 from ..tenancy.quota import period_start, timestamp
@@ -691,11 +692,32 @@ def cmd_fleet(args: argparse.Namespace) -> None:
 
 
 def cmd_audit(args: argparse.Namespace) -> None:
+    if args.verify or args.export:
+        _audit_chain(args)
+        return
     with Store.open(_settings(args).database_path) as store:
         rows = list(reversed(store.audit_log(args.tenant, args.limit)))
     for row in rows:
         row["change"] = change_text(row["before"], row["after"])
     _table(rows, ["ts", "actor", "action", "tenant", "change"])
+
+
+def _audit_chain(args: argparse.Namespace) -> None:
+    """`--verify`: the first row that breaks the chain, named (status 1); `--export`: every row
+    with its hashes as JSON lines, and the head to keep, on stderr."""
+    with Store.open(_settings(args).database_path) as store:
+        verdict = auditchain.verify(store.db)
+        if verdict.problem:
+            raise LoraboxError(f"the audit log was tampered with: {verdict.problem}")
+        if args.export:
+            with contextlib.ExitStack() as stack:
+                out = sys.stdout if args.export == "-" else stack.enter_context(open(args.export, "w"))
+                for row in auditchain.rows(store.db):
+                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    print(
+        f"audit log intact: {verdict.rows} rows, head {verdict.head}",
+        file=sys.stderr if args.export == "-" else sys.stdout,
+    )
 
 
 def cmd_status(args: argparse.Namespace) -> None:
@@ -956,6 +978,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("audit", parents=[common], help="operator actions: who changed what, when")
     p.add_argument("--tenant", type=tenant_name)
     p.add_argument("--limit", type=limit, default=100, help=f"at most {MAX_LIMIT}")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="check the hash chain; names the first row edited, inserted or deleted",
+    )
+    p.add_argument(
+        "--export",
+        metavar="FILE",
+        help="every row with its hashes as JSON lines ('-': stdout), once verified",
+    )
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser(

@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 
 import sqlite_utils
 
+from . import auditchain
+
 Migration = Callable[[sqlite_utils.Database], None]
 MIGRATIONS: list[Migration] = []
 
@@ -216,3 +218,10 @@ def m022b_fleet_versions(db: sqlite_utils.Database) -> None:
     # The same for a tenant's pins (pinned version, canary, kept resident): set by an operator, or
     # by an import; `updated_at` also moves when the daemon activates a new version.
     db.table("routes").add_column("pins_at", str)
+
+
+@migration
+def m020b_audit_chain(db: sqlite_utils.Database) -> None:
+    # Each audit row chained to the one before it by a hash, from a random genesis made now; the
+    # rows already there are chained in their order (tenancy/auditchain.py).
+    auditchain.create(db)

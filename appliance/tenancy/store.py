@@ -26,6 +26,7 @@ import sqlite_utils
 
 from ..errors import StoreError, StoreUnavailable
 from ..names import is_tenant_name, natural_key
+from . import auditchain
 from .audit import Change, local_user
 from .migrations import migrate
 from .policy import check_fields, describe, parse_values
@@ -482,10 +483,14 @@ class Store:
     # -- the audit log --------------------------------------------------------------------------
 
     def audit(self, actor: str | None, action: str, tenant: str, change: Change) -> None:
-        self.db.table("audit_log").insert(
-            {"ts": _now(), "actor": actor or local_user(), "action": action, "tenant": tenant}
-            | change.columns()
-        )
+        """One audit row, chained onto the last (tenancy/auditchain.py): in the caller's transaction,
+        which holds the write lock (`writing()`), else in one of its own."""
+        with contextlib.nullcontext() if self.db.conn.in_transaction else self.writing():
+            table = self.db.table("audit_log").insert(
+                {"ts": _now(), "actor": actor or local_user(), "action": action, "tenant": tenant}
+                | change.columns()
+            )
+            auditchain.seal(self.db, int(table.last_rowid or 0))
 
     def audit_log(self, tenant: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         """Newest first."""
