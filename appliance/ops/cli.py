@@ -33,6 +33,7 @@ from ..config.settings import Settings, load_config, setting_origin
 from ..errors import ConfigError, LoraboxError
 from ..gguf import EXPORT_QUANTS
 from ..names import is_tenant_name
+from ..serving.guardrails import MAX_PATTERN_CHARS, MAX_PATTERNS, PATTERN_FIELDS
 from ..tenancy import auditchain, fleet
 from ..tenancy.audit import Change, change_text
 from ..tenancy.policy import FIELDS, MAX_SYSTEM_PROMPT_CHARS, QUOTA_PERIODS, describe, effective, parse_values
@@ -325,6 +326,8 @@ def cmd_tenant(args: argparse.Namespace) -> None:
 
 
 POLICY_OPTIONS = [f for f in FIELDS if f != "system_prompt"]
+# Room for a list ten times the cap, so that what is refused is the count, named as such.
+PATTERNS_FILE_CHARS = 10 * MAX_PATTERNS * (MAX_PATTERN_CHARS + 1)
 
 
 def _policy_changes(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
@@ -337,8 +340,15 @@ def _policy_changes(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]
             if path in ("none", "default")
             else read_text_file(path, MAX_SYSTEM_PROMPT_CHARS, "system_prompt")
         )
+    for field in PATTERN_FIELDS:
+        path = getattr(args, f"{field}_file")
+        if path is not None:
+            text = read_text_file(path, PATTERNS_FILE_CHARS, field)
+            given[field] = [line for line in text.splitlines() if line.strip()] or "none"
     if not given:
         raise LoraboxError("nothing to set: name at least one option (see lorabox tenant set --help)")
+    # A list field given once as `default` or `none` means that, not a pattern of that text.
+    given = {f: v[0] if isinstance(v, list) and v in (["default"], ["none"]) else v for f, v in given.items()}
     reset = [f for f, v in given.items() if isinstance(v, str) and v.strip().lower() == "default"]
     values = {f: v for f, v in given.items() if f not in reset}
     parse_values(values)  # checked here first (PolicyError names the field); the daemon checks again
@@ -858,10 +868,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tset.add_argument("name", type=tenant_name)
     for field in POLICY_OPTIONS:
+        if field in PATTERN_FIELDS:
+            tset.add_argument(
+                f"--{field.replace('_', '-')}",
+                dest=field,
+                action="append",
+                metavar="PATTERN",
+                help="an RE2 pattern; repeat for several (they replace the list); `none` clears it",
+            )
+            tset.add_argument(
+                f"--{field.replace('_', '-')}-file",
+                dest=f"{field}_file",
+                metavar="FILE",
+                help=f"the {field} patterns, one a line (- reads stdin; empty lines are skipped)",
+            )
+            continue
         tset.add_argument(
             f"--{field.replace('_', '-')}",
             dest=field,
-            metavar="|".join(QUOTA_PERIODS) if field == "quota_period" else "N",
+            metavar={"quota_period": "|".join(QUOTA_PERIODS), "redact_output": "email,phone,card"}.get(
+                field, "N"
+            ),
         )
     tset.add_argument(
         "--system-prompt-file",

@@ -9,6 +9,7 @@ statuses, GPU indexes: never a key, a prompt or a completion. Every metric is li
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +69,8 @@ class MetricsSnapshot:
     """`GET /admin/status`'s payload."""
     tenants: list[tuple[str, int, int]]
     """(tenant, running, queued)."""
+    guardrails: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)
+    """Requests a guardrail acted on, per (tenant, guardrail)."""
 
     @classmethod
     def take(
@@ -90,7 +93,7 @@ class MetricsSnapshot:
             )
             for tenant, version, counts in traffic.series()
         ]
-        return cls(series, status, tenants)
+        return cls(series, status, tenants, dict(traffic.guardrails))
 
 
 def _histogram(name: str, doc: str, series: list[SeriesCounts], pick: str) -> HistogramMetricFamily:
@@ -163,6 +166,15 @@ class _Collector(Collector):
             running.add_metric([tenant], now_running)
             queued.add_metric([tenant], now_queued)
         yield from (running, queued)
+        guardrails = CounterMetricFamily(
+            "lorabox_guardrail_actions",
+            "Requests a tenant's guardrail acted on, by tenant and kind (deny_input: refused; "
+            "deny_output: cut, finish_reason content_filter; redact_output: text redacted).",
+            labels=["tenant", "kind"],
+        )
+        for (tenant, kind), count in sorted(self.snapshot.guardrails.items()):
+            guardrails.add_metric([tenant, kind], count)
+        yield guardrails
 
     def _box(self) -> Iterator[Metric]:
         status = self.snapshot.status

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import PolicyError
+from ..serving.guardrails import PATTERN_FIELDS, check_detectors, check_patterns
 
 QUOTA_PERIODS = ("day", "week", "month")
 MAX_SYSTEM_PROMPT_CHARS = 32_768
@@ -68,6 +70,18 @@ class Policy:
 
     price_out: float = 0.0
     """Price per million completion tokens, for `lorabox usage`."""
+
+    deny_input: tuple[str, ...] = ()
+    """Patterns (RE2 syntax: linear time) that a request's messages or prompt must not match; a
+    request that does is refused (400 `content_policy_violation`), naming no pattern."""
+
+    deny_output: tuple[str, ...] = ()
+    """Patterns the generated text must not match: it is cut where a match would begin, and ends
+    with finish_reason `content_filter`. A match may span at most 256 characters."""
+
+    redact_output: tuple[str, ...] = ()
+    """Built-in detectors whose matches in the generated text become `[redacted]`: `email`,
+    `phone`, `card` (payment card numbers, Luhn-checked)."""
 
     def view(self) -> dict[str, Any]:
         """As the admin API shows it: the system prompt only as whether there is one."""
@@ -141,6 +155,10 @@ def parse_value(field: str, raw: Any) -> Any:
         except UnicodeEncodeError:
             raise PolicyError(field, "is not valid Unicode (an unpaired surrogate)") from None
         return raw
+    if field in PATTERN_FIELDS:
+        return check_patterns(field, raw)
+    if field == "redact_output":
+        return check_detectors(field, raw)
     if field == "quota_period":
         if raw not in QUOTA_PERIODS:
             raise PolicyError(field, f"must be one of {', '.join(QUOTA_PERIODS)}, not {str(raw)[:40]!r}")
@@ -165,7 +183,9 @@ def check_fields(fields: list[str] | tuple[str, ...]) -> None:
 
 def effective(defaults: Policy, own: dict[str, Any]) -> Policy:
     """The defaults with a tenant's own values on top (values already checked)."""
-    return dataclasses.replace(defaults, **{k: v for k, v in own.items() if k in FIELDS})
+    # Lists (as JSON keeps them) become the tuples a Policy holds.
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in own.items() if k in FIELDS}
+    return dataclasses.replace(defaults, **values)  # type: ignore[arg-type]
 
 
 def describe(field: str, value: Any) -> str:
@@ -175,4 +195,9 @@ def describe(field: str, value: Any) -> str:
             return "(none)"
         digest = hashlib.sha256(value.encode()).hexdigest()[:12]
         return f"{len(value)} characters, sha256 {digest}"
+    if isinstance(value, list | tuple):
+        shown = json.dumps(list(value), ensure_ascii=False)
+        if len(shown) <= 120:
+            return shown
+        return f"{len(value)} entries, sha256 {hashlib.sha256(shown.encode()).hexdigest()[:12]}"
     return "none" if value is None else str(value)
