@@ -33,10 +33,18 @@ from ..config.settings import Settings, load_config, setting_origin
 from ..errors import ConfigError, LoraboxError
 from ..gguf import EXPORT_QUANTS
 from ..names import is_tenant_name
-from ..serving.guardrails import MAX_PATTERN_CHARS, MAX_PATTERNS, PATTERN_FIELDS
+from ..serving.guardrails import MAX_PATTERN_CHARS, MAX_PATTERNS
 from ..tenancy import auditchain, fleet
 from ..tenancy.audit import Change, change_text
-from ..tenancy.policy import FIELDS, MAX_SYSTEM_PROMPT_CHARS, QUOTA_PERIODS, describe, effective, parse_values
+from ..tenancy.policy import (
+    FIELDS,
+    MAX_SYSTEM_PROMPT_CHARS,
+    PATTERN_FIELDS,
+    QUOTA_PERIODS,
+    describe,
+    effective,
+    parse_values,
+)
 from ..tenancy.quota import period_start, timestamp
 from ..tenancy.store import USAGE_COLUMNS, Store, unavailable
 
@@ -824,6 +832,8 @@ def cmd_config(args: argparse.Namespace) -> None:
 def _toml(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, list | tuple):  # guardrail patterns: an array of basic strings
+        return "[" + ", ".join(_toml(str(v)) for v in value) + "]"
     return json.dumps(value if isinstance(value, int | float) else str(value), ensure_ascii=False)
 
 

@@ -37,7 +37,6 @@ MAX_PATTERN_CHARS = 500
 MAX_SPAN = 256
 """Characters a deny_output match may span at most: the text a stream holds back at most."""
 REDACTED = "[redacted]"
-PATTERN_FIELDS = ("deny_input", "deny_output")
 
 _OPTIONS = re2.Options()
 _OPTIONS.log_errors = False  # a refused pattern is the caller's error, not a line on stderr

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import PolicyError
-from ..serving.guardrails import PATTERN_FIELDS, check_detectors, check_patterns
 
 QUOTA_PERIODS = ("day", "week", "month")
+PATTERN_FIELDS = ("deny_input", "deny_output")
+"""Guardrail pattern lists (serving/guardrails.py checks them)."""
 MAX_SYSTEM_PROMPT_CHARS = 32_768
 """A longer system prompt is refused when it is set: it is sent before every chat request of the
 tenant, so it costs every request its tokens (and its share of the context length)."""
@@ -155,10 +156,11 @@ def parse_value(field: str, raw: Any) -> Any:
         except UnicodeEncodeError:
             raise PolicyError(field, "is not valid Unicode (an unpaired surrogate)") from None
         return raw
-    if field in PATTERN_FIELDS:
-        return check_patterns(field, raw)
-    if field == "redact_output":
-        return check_detectors(field, raw)
+    if field in PATTERN_FIELDS or field == "redact_output":
+        # Imported here: the config's example runs on the standard library alone (install.sh).
+        from ..serving.guardrails import check_detectors, check_patterns
+
+        return (check_patterns if field in PATTERN_FIELDS else check_detectors)(field, raw)
     if field == "quota_period":
         if raw not in QUOTA_PERIODS:
             raise PolicyError(field, f"must be one of {', '.join(QUOTA_PERIODS)}, not {str(raw)[:40]!r}")
