@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import sqlite3
 import stat
 import sys
@@ -318,6 +319,9 @@ def cmd_tenant(args: argparse.Namespace) -> None:
     if args.action == "show":
         _tenant_show(args)
         return
+    if args.action == "remove":
+        _tenant_remove(args)
+        return
     with Store.open(_settings(args).database_path) as store:
         if args.action == "add":
             tenant = store.add_tenant(args.name, allow_base_model=args.allow_base)
@@ -380,6 +384,40 @@ def _tenant_set(args: argparse.Namespace) -> None:
         if field in change.before or field in change.after:
             mark = describe(field, change.after[field]) if field in change.after else "(default)"
             print(f"  {field:<15} {mark}")
+
+
+def _tenant_remove(args: argparse.Namespace) -> None:
+    """Keys revoked and the tenant gone first (the next request is refused), then its adapter
+    folders: moved to <adapters_dir>/.archive/ (the drop folder ignores dot names), or deleted
+    with --purge, which asks for the tenant's name typed back (or --confirm NAME)."""
+    settings = _settings(args)
+    name = args.name
+    if args.purge:
+        typed = args.confirm
+        if typed is None:
+            print(
+                f"--purge deletes {name}'s adapters and usage rows for good. Type its name to go on: ",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+            typed = _read_bounded(lambda: sys.stdin.readline(200), "the confirmation").strip()
+        if typed != name:
+            raise LoraboxError(f"not confirmed (typed {typed[:40]!r}, not {name!r}): nothing was removed")
+    with Store.open(settings.database_path) as store:
+        done = store.remove_tenant(name, purge=args.purge)
+    print(f"removed tenant {name}: {done['keys revoked']} keys revoked, usage {done['usage']}")
+    folder = settings.adapters_dir / name
+    if folder.is_dir() and not folder.is_symlink():
+        if args.purge:
+            shutil.rmtree(folder)
+            print(f"deleted its adapters ({folder})")
+        else:
+            archive = settings.adapters_dir / ".archive"
+            archive.mkdir(mode=0o750, exist_ok=True)
+            target = archive / f"{name}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}"
+            folder.rename(target)
+            print(f"moved its adapters to {target} (a running daemon unloads them)")
 
 
 def _tenant_show(args: argparse.Namespace) -> None:
@@ -906,6 +944,16 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the first system message of every chat request (UTF-8, at most {MAX_SYSTEM_PROMPT_CHARS} "
         "characters; - reads stdin); `none` removes it",
     )
+    tremove = tsub.add_parser(
+        "remove",
+        parents=[common],
+        help="revoke its keys, drop its policy and routes, archive its adapters; --purge deletes all",
+    )
+    tremove.add_argument("name", type=tenant_name)
+    tremove.add_argument(
+        "--purge", action="store_true", help="delete its adapters and usage rows too (asks to type the name)"
+    )
+    tremove.add_argument("--confirm", metavar="NAME", help="the name, typed ahead (for --purge in scripts)")
     tsub.add_parser("show", parents=[common], help="a tenant's effective policy and quota use").add_argument(
         "name", type=tenant_name
     )

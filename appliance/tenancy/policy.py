@@ -84,6 +84,10 @@ class Policy:
     """Built-in detectors whose matches in the generated text become `[redacted]`: `email`,
     `phone`, `card` (payment card numbers, Luhn-checked)."""
 
+    retention_days: int | None = None
+    """Days the tenant's usage rows are kept (at least 31: the quota's month); older ones are
+    deleted by a daily job after their totals are kept as monthly summaries. None: kept for good."""
+
     def view(self) -> dict[str, Any]:
         """As the admin API shows it: the system prompt only as whether there is one."""
         return dataclasses.asdict(self) | {"system_prompt": bool(self.system_prompt)}
@@ -112,6 +116,7 @@ _RANGES = {
     "max_n": _Range(int, 1, 128, False),
     "price_in": _Range(float, 0, 1_000_000, False),
     "price_out": _Range(float, 0, 1_000_000, False),
+    "retention_days": _Range(int, 31, 365_000, True),
 }
 
 
