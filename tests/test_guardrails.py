@@ -262,3 +262,14 @@ def test_a_redos_pattern_runs_in_linear_time() -> None:
 
     small, large = cpu(200_000), cpu(2_000_000)
     assert large / max(small, 1e-4) < 40, (small, large)
+
+
+def test_the_daemon_checks_the_caps_again_on_what_it_reads() -> None:
+    """A database edited past the caps: the request path refuses to run the lists (the API answers
+    500 guardrail_invalid), rather than serving unfiltered or running an unbounded list."""
+    with pytest.raises(PolicyError, match="at most 200 patterns"):
+        output_rules(tuple(f"w{i}" for i in range(10_000)), ())
+    with pytest.raises(PolicyError, match="may match more than 256"):
+        output_rules(("secret.*",), ())
+    with pytest.raises(PolicyError, match="at most 200 patterns"):
+        input_denied(tuple(f"w{i}" for i in range(10_000)), ["text"])

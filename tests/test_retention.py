@@ -6,16 +6,22 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import openai
 import pytest
+from openai import OpenAI
 
+from appliance.api.adminclient import AdminClient
 from appliance.ops.cli import main
 from appliance.tenancy import auditchain, retention
 from appliance.tenancy.quota import timestamp
 from appliance.tenancy.store import Store
+from tests.conftest import Server
 
 NOW = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
 
@@ -167,3 +173,28 @@ def test_purge_asks_for_the_name_then_leaves_nothing(
     with Store.open(database) as store:
         assert store.db.execute("select count(*) from usage").fetchone() == (0,)
         assert store.audit_log("acme", 1)[0]["action"] == "tenant_remove"
+
+
+def test_a_reused_name_starts_clean_on_a_running_daemon(server: Server) -> None:
+    """The daemon forgets a removed tenant's quota use and policy: the next acme starts at zero."""
+    name = f"reuse-{uuid.uuid4().hex[:10]}"
+    admin = AdminClient(server.demo.dir / "state" / "admin.sock")
+    with Store.open(server.demo.database) as store:
+        store.add_tenant(name, allow_base_model=True)
+        key = store.issue_key(name).plaintext
+    admin.call("POST", f"/admin/tenants/{name}/policy", {"quota_tokens": 100_000, "rpm": 1000})
+    client = OpenAI(base_url=server.base_url, api_key=key, max_retries=0)
+    client.completions.create(model="lorabox-demo", prompt="Hello", max_tokens=3, temperature=0)
+    assert admin.call("GET", f"/admin/tenants/{name}/policy")["quota"]["used_tokens"] > 0
+
+    cli = [sys.executable, "-m", "appliance", "tenant", "remove", name, "--config", str(server.demo.config)]
+    subprocess.run(cli, check=True, capture_output=True, timeout=60)
+    with pytest.raises(openai.AuthenticationError):  # its key, at once
+        client.completions.create(model="lorabox-demo", prompt="Hello", max_tokens=1)
+
+    with Store.open(server.demo.database) as store:
+        store.add_tenant(name, allow_base_model=True)
+    report = admin.call("GET", f"/admin/tenants/{name}/policy")
+    assert report["quota"]["used_tokens"] == 0
+    assert report["own"] == {}
+    assert report["policy"]["rpm"] is None

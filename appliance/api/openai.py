@@ -281,11 +281,22 @@ async def _completion(request: web.Request, services: Services, trace: Trace) ->
     return await _complete(request, services, generator, trace, target, parsed, prompt_ids)
 
 
+def guardrail_invalid(exc: PolicyError) -> APIError:
+    """A tenant's guardrails that cannot be applied (the database was edited past the caps): its
+    requests are refused, since a filter that does not run must not look like one."""
+    log.error("guardrails cannot be applied: %s; fix with lorabox tenant set", exc)
+    return APIError(500, f"This tenant's guardrails cannot be applied: {exc}", code="guardrail_invalid")
+
+
 def check_input(services: Services, trace: Trace, texts: list[str], param: str) -> None:
     """The tenant's deny_input patterns against what the client sent. The refusal names no
     pattern: it would teach how to word around it."""
     patterns = services.admission.policy_for(trace.caller.tenant.name).deny_input
-    if input_denied(patterns, texts):
+    try:
+        denied = input_denied(patterns, texts)
+    except PolicyError as exc:
+        raise guardrail_invalid(exc) from exc
+    if denied:
         trace.guardrails.add("deny_input")
         raise APIError(
             400,
@@ -296,15 +307,11 @@ def check_input(services: Services, trace: Trace, texts: list[str], param: str) 
 
 
 def _output_rules(policy: Policy, options: SamplingOptions) -> OutputRules | None:
-    """The tenant's output guardrails; refused with the request when they cannot be applied (the
-    database was edited past the caps): a filter that does not run must not look like one."""
+    """The tenant's output guardrails (None: none)."""
     try:
         rules = output_rules(policy.deny_output, policy.redact_output)
     except PolicyError as exc:
-        log.error("guardrails cannot be applied: %s; fix with lorabox tenant set", exc)
-        raise APIError(
-            500, f"This tenant's guardrails cannot be applied: {exc}", code="guardrail_invalid"
-        ) from exc
+        raise guardrail_invalid(exc) from exc
     if rules is not None and options.logprobs is not None:
         # Each token's text would show what the filter holds back, cuts or redacts.
         raise bad_request("logprobs are not available: this model's output is filtered.", "logprobs")

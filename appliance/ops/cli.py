@@ -407,6 +407,12 @@ def _tenant_remove(args: argparse.Namespace) -> None:
     with Store.open(settings.database_path) as store:
         done = store.remove_tenant(name, purge=args.purge)
     print(f"removed tenant {name}: {done['keys revoked']} keys revoked, usage {done['usage']}")
+    # A daemon that is not running starts from the database, where nothing of the tenant is left.
+    with contextlib.suppress(AdminUnavailable):
+        try:
+            _admin(settings).call("POST", tenant_path(name, "removed"))
+        except AdminError as exc:
+            print(f"the daemon keeps {name}'s quota use until it restarts: {exc}", file=sys.stderr)
     folder = settings.adapters_dir / name
     if folder.is_dir() and not folder.is_symlink():
         if args.purge:

@@ -118,11 +118,17 @@ def _compile(patterns: tuple[str, ...]) -> Any:
     return _re2("|".join(f"(?:{p})" for p in patterns))
 
 
+@functools.lru_cache(maxsize=512)
+def _checked(name: str, patterns: tuple[str, ...]) -> tuple[str, ...]:
+    return check_patterns(name, patterns)
+
+
 def input_denied(patterns: tuple[str, ...], texts: Iterable[str]) -> bool:
-    """Whether any of the texts matches any of the patterns."""
+    """Whether any of the texts matches any of the patterns (checked against the caps again, once
+    per list: a database edited by hand does not get past them; PolicyError)."""
     if not patterns:
         return False
-    regex = _compile(tuple(patterns))
+    regex = _compile(_checked("deny_input", tuple(patterns)))
     return any(regex.search(text) is not None for text in texts)
 
 
@@ -254,7 +260,7 @@ class OutputRules:
 def output_rules(deny: Iterable[str], redact: Iterable[str]) -> OutputRules | None:
     """None when there is nothing to apply. The caps are checked again here: a database edited
     by hand does not get past them (PolicyError)."""
-    deny, redact = check_patterns("deny_output", list(deny)), check_detectors("redact_output", list(redact))
+    deny, redact = _checked("deny_output", tuple(deny)), check_detectors("redact_output", list(redact))
     return OutputRules(deny, redact) if deny or redact else None
 
 
