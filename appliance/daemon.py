@@ -67,6 +67,7 @@ from .serving.tools import select as select_tool_format
 from .telemetry.device import DeviceSampler
 from .telemetry.gpu import gpu_memory
 from .telemetry.stats import TrafficStats
+from .tenancy import retention
 from .tenancy.admission import Admission
 from .tenancy.keysync import RevocationSync
 from .tenancy.ledger import UsageLedger
@@ -232,6 +233,7 @@ def build_app(
     app.cleanup_ctx.append(_run_engine)
     app.cleanup_ctx.append(lambda _app: services.ledger.run())
     app.cleanup_ctx.append(lambda _app: services.admission.policies.follow(settings.database_path))
+    app.cleanup_ctx.append(lambda _app: retention.running(writer, _retention_days(services)))
     if isinstance(shared := services.admission.shared, RedisLimits):
         app.cleanup_ctx.append(lambda _app: shared.running())
         revocations = RevocationSync(connect(settings.limits_backend), store, writer)
@@ -273,6 +275,11 @@ def build_admission(settings: Settings, store: Store, ledger: UsageLedger, box_i
         FairScheduler(settings.max_running or 1, settings.max_queued, fair=settings.scheduler == "fair"),
         shared=shared,
     )
+
+
+def _retention_days(services: Services) -> Callable[[str], int | None]:
+    # Read on the writer thread: the policies are a dict the event loop replaces whole.
+    return lambda tenant: services.admission.policy_for(tenant).retention_days
 
 
 async def _watch_loop_lag(app: web.Application) -> AsyncIterator[None]:

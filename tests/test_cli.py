@@ -464,7 +464,7 @@ def test_config_option_before_a_nested_key_command(run: Run, box: Box) -> None:
 
 def test_unknown_command_is_a_usage_error(run: Run) -> None:
     with pytest.raises(SystemExit) as caught:
-        run("tenant", "remove", "acme")
+        run("tenant", "rename", "acme")
     assert caught.value.code == 2
 
 

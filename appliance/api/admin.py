@@ -401,6 +401,17 @@ async def set_policy(request: web.Request) -> web.Response:
     return web.json_response(policy_report(services, tenant))
 
 
+async def tenant_removed(request: web.Request) -> web.Response:
+    """`lorabox tenant remove` has removed the tenant from the database: the daemon forgets its
+    quota use and policy, so that a tenant given the name later inherits nothing."""
+    services, tenant = _services(request), tenant_of(request)
+    if services.store.get_tenant(tenant) is not None:
+        raise APIError(409, f"tenant {tenant!r} is still there (or was added again)", param="tenant")
+    services.admission.quota.forget(tenant)
+    services.admission.policies.update(tenant, {})
+    return web.json_response({"forgotten": tenant})
+
+
 async def audit_log(request: web.Request) -> web.Response:
     """`?tenant=acme&limit=100`: operator actions, newest first."""
     try:
@@ -438,6 +449,7 @@ def build_admin_app(
     app.router.add_post("/admin/tenants/{tenant}/export", export)
     app.router.add_get("/admin/tenants/{tenant}/policy", get_policy)
     app.router.add_post("/admin/tenants/{tenant}/policy", set_policy)
+    app.router.add_post("/admin/tenants/{tenant}/removed", tenant_removed)
     app.router.add_get("/admin/audit", audit_log)
     app.router.add_post("/admin/keys/{key_id}/revoke", revoke_key)
     return app

@@ -22,15 +22,17 @@ from typing import Any
 from aiohttp import web
 
 from ..engines.base import Grammar
-from ..errors import EngineDead
+from ..errors import EngineDead, PolicyError
 from ..serving.catalog import ModelNotFound, Target
-from ..serving.generator import ContextTooLong, GenerationResult, Generator, ToolReading
+from ..serving.generator import ContextTooLong, GenerationResult, Generator, SamplingOptions, ToolReading
+from ..serving.guardrails import OutputRules, input_denied, output_rules
 from ..serving.lifecycle import InFlight, Interrupted
 from ..serving.structured import GrammarRefused, json_schema_grammar
 from ..serving.tokenization import PromptError
 from ..serving.tools import kept_tokens, literal_for
 from ..tenancy.admission import KeyLimits, Refusal, Ticket
 from ..tenancy.ledger import LedgerUnavailable, RequestRecord
+from ..tenancy.policy import Policy
 from ..tenancy.store import Tenant
 from .body import read_request
 from .errors import APIError, bad_request, error_body
@@ -126,6 +128,8 @@ class Trace:
     ticket: Ticket | None = None
     result: GenerationResult | None = None  # once the request has started in the engine
     published: bool = False
+    guardrails: set[str] = field(default_factory=set)
+    """Which of the tenant's guardrails acted on the request before it ran (deny_input)."""
 
     def settle(self) -> None:
         """Give back what the request reserved and did not use (idempotent)."""
@@ -172,6 +176,7 @@ class Trace:
             price_in=policy.price_in if policy else 0.0,
             price_out=policy.price_out if policy else 0.0,
             admitted=self.admitted,
+            guardrails=tuple(sorted(self.guardrails | (result.guardrails if result else set()))),
         )
 
 
@@ -289,6 +294,8 @@ async def _chat(request: web.Request, services: Services, trace: Trace) -> web.S
             reason = services.tool_format_reason
             raise bad_request(f"'tools' cannot be used with this model: {reason}.", "tools")
         tools = [tool.sent for tool in parsed.tools.tools]
+    texts = [m["content"] for m in parsed.messages or [] if isinstance(m.get("content"), str)]
+    check_input(services, trace, texts, "messages")
     try:
         prompt_ids = await services.encoder.chat(
             parsed.messages or [], generator.max_model_len, system_prompt, tools, parsed.prompt_chars
@@ -309,7 +316,47 @@ async def _completion(request: web.Request, services: Services, trace: Trace) ->
         check_token_ids(prompt_ids, len(services.codec.tokenizer))
     else:
         prompt_ids = await services.encoder.prompt(parsed.prompt or "", generator.max_model_len)
+    # Token ids are checked as the text they stand for: a pattern is not dodged by sending ids.
+    text = parsed.prompt if isinstance(parsed.prompt, str) else services.codec.decode(prompt_ids)
+    check_input(services, trace, [text], "prompt")
     return await _complete(request, services, generator, trace, target, parsed, prompt_ids)
+
+
+def guardrail_invalid(exc: PolicyError) -> APIError:
+    """A tenant's guardrails that cannot be applied (the database was edited past the caps): its
+    requests are refused, since a filter that does not run must not look like one."""
+    log.error("guardrails cannot be applied: %s; fix with lorabox tenant set", exc)
+    return APIError(500, f"This tenant's guardrails cannot be applied: {exc}", code="guardrail_invalid")
+
+
+def check_input(services: Services, trace: Trace, texts: list[str], param: str) -> None:
+    """The tenant's deny_input patterns against what the client sent. The refusal names no
+    pattern: it would teach how to word around it."""
+    patterns = services.admission.policy_for(trace.caller.tenant.name).deny_input
+    try:
+        denied = input_denied(patterns, texts)
+    except PolicyError as exc:
+        raise guardrail_invalid(exc) from exc
+    if denied:
+        trace.guardrails.add("deny_input")
+        raise APIError(
+            400,
+            "The request was refused by this deployment's content policy.",
+            param=param,
+            code="content_policy_violation",
+        )
+
+
+def _output_rules(policy: Policy, options: SamplingOptions) -> OutputRules | None:
+    """The tenant's output guardrails (None: none)."""
+    try:
+        rules = output_rules(policy.deny_output, policy.redact_output)
+    except PolicyError as exc:
+        raise guardrail_invalid(exc) from exc
+    if rules is not None and options.logprobs is not None:
+        # Each token's text would show what the filter holds back, cuts or redacts.
+        raise bad_request("logprobs are not available: this model's output is filtered.", "logprobs")
+    return rules
 
 
 def _max_tokens(generator: Generator, prompt_ids: list[int], asked: int | None, cap: int | None) -> int:
@@ -346,6 +393,7 @@ async def _complete(
     max_tokens = _max_tokens(generator, prompt_ids, parsed.options.max_tokens, policy.max_tokens)
     options = parsed.options
     check_against_model(options, len(services.codec.tokenizer), policy.max_n, max_tokens)
+    guard = _output_rules(policy, options)
     grammar = await _grammar(services, parsed, tenant)
     options = dataclasses.replace(options, max_tokens=max_tokens, grammar=grammar)
     try:
@@ -383,6 +431,7 @@ async def _complete(
                 result=result,
                 on_tokens=ticket.served,
                 tools=reading,
+                guard=guard,
             )
             if not parsed.stream:
                 choices = {i: Collected() for i in range(options.n)}

@@ -67,6 +67,8 @@ def toml_value(value: Any, none: str = '""') -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
+    if isinstance(value, list | tuple):  # a TOML array of basic strings (guardrail patterns)
+        return "[" + ", ".join(json.dumps(str(v)) for v in value) + "]"
     return json.dumps(str(value))  # a JSON string is a TOML basic string
 
 

@@ -9,11 +9,13 @@ is one line on stderr and exit status 1 (a mistyped command line: argparse's usa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import json
 import logging
 import os
+import shutil
 import sqlite3
 import stat
 import sys
@@ -32,11 +34,13 @@ from ..config.settings import Settings, load_config, setting_origin
 from ..errors import ConfigError, LoraboxError
 from ..gguf import EXPORT_QUANTS
 from ..names import is_tenant_name
-from ..tenancy import fleet
+from ..serving.guardrails import MAX_PATTERN_CHARS, MAX_PATTERNS
+from ..tenancy import auditchain, fleet
 from ..tenancy.audit import Change, change_text
 from ..tenancy.policy import (
     FIELDS,
     MAX_SYSTEM_PROMPT_CHARS,
+    PATTERN_FIELDS,
     QUOTA_ACTIONS,
     QUOTA_PERIODS,
     describe,
@@ -316,6 +320,9 @@ def cmd_tenant(args: argparse.Namespace) -> None:
     if args.action == "show":
         _tenant_show(args)
         return
+    if args.action == "remove":
+        _tenant_remove(args)
+        return
     with Store.open(_settings(args).database_path) as store:
         if args.action == "add":
             tenant = store.add_tenant(args.name, allow_base_model=args.allow_base)
@@ -332,6 +339,8 @@ def cmd_tenant(args: argparse.Namespace) -> None:
 
 
 POLICY_OPTIONS = [f for f in FIELDS if f != "system_prompt"]
+# Room for a list ten times the cap, so that what is refused is the count, named as such.
+PATTERNS_FILE_CHARS = 10 * MAX_PATTERNS * (MAX_PATTERN_CHARS + 1)
 
 
 def _policy_changes(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
@@ -344,8 +353,15 @@ def _policy_changes(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]
             if path in ("none", "default")
             else read_text_file(path, MAX_SYSTEM_PROMPT_CHARS, "system_prompt")
         )
+    for field in PATTERN_FIELDS:
+        path = getattr(args, f"{field}_file")
+        if path is not None:
+            text = read_text_file(path, PATTERNS_FILE_CHARS, field)
+            given[field] = [line for line in text.splitlines() if line.strip()] or "none"
     if not given:
         raise LoraboxError("nothing to set: name at least one option (see lorabox tenant set --help)")
+    # A list field given once as `default` or `none` means that, not a pattern of that text.
+    given = {f: v[0] if isinstance(v, list) and v in (["default"], ["none"]) else v for f, v in given.items()}
     reset = [f for f, v in given.items() if isinstance(v, str) and v.strip().lower() == "default"]
     values = {f: v for f, v in given.items() if f not in reset}
     parse_values(values)  # checked here first (PolicyError names the field); the daemon checks again
@@ -369,6 +385,46 @@ def _tenant_set(args: argparse.Namespace) -> None:
         if field in change.before or field in change.after:
             mark = describe(field, change.after[field]) if field in change.after else "(default)"
             print(f"  {field:<15} {mark}")
+
+
+def _tenant_remove(args: argparse.Namespace) -> None:
+    """Keys revoked and the tenant gone first (the next request is refused), then its adapter
+    folders: moved to <adapters_dir>/.archive/ (the drop folder ignores dot names), or deleted
+    with --purge, which asks for the tenant's name typed back (or --confirm NAME)."""
+    settings = _settings(args)
+    name = args.name
+    if args.purge:
+        typed = args.confirm
+        if typed is None:
+            print(
+                f"--purge deletes {name}'s adapters and usage rows for good. Type its name to go on: ",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+            typed = _read_bounded(lambda: sys.stdin.readline(200), "the confirmation").strip()
+        if typed != name:
+            raise LoraboxError(f"not confirmed (typed {typed[:40]!r}, not {name!r}): nothing was removed")
+    with Store.open(settings.database_path) as store:
+        done = store.remove_tenant(name, purge=args.purge)
+    print(f"removed tenant {name}: {done['keys revoked']} keys revoked, usage {done['usage']}")
+    # A daemon that is not running starts from the database, where nothing of the tenant is left.
+    with contextlib.suppress(AdminUnavailable):
+        try:
+            _admin(settings).call("POST", tenant_path(name, "removed"))
+        except AdminError as exc:
+            print(f"the daemon keeps {name}'s quota use until it restarts: {exc}", file=sys.stderr)
+    folder = settings.adapters_dir / name
+    if folder.is_dir() and not folder.is_symlink():
+        if args.purge:
+            shutil.rmtree(folder)
+            print(f"deleted its adapters ({folder})")
+        else:
+            archive = settings.adapters_dir / ".archive"
+            archive.mkdir(mode=0o750, exist_ok=True)
+            target = archive / f"{name}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}"
+            folder.rename(target)
+            print(f"moved its adapters to {target} (a running daemon unloads them)")
 
 
 def _tenant_show(args: argparse.Namespace) -> None:
@@ -726,11 +782,32 @@ def cmd_fleet(args: argparse.Namespace) -> None:
 
 
 def cmd_audit(args: argparse.Namespace) -> None:
+    if args.verify or args.export:
+        _audit_chain(args)
+        return
     with Store.open(_settings(args).database_path) as store:
         rows = list(reversed(store.audit_log(args.tenant, args.limit)))
     for row in rows:
         row["change"] = change_text(row["before"], row["after"])
     _table(rows, ["ts", "actor", "action", "tenant", "change"])
+
+
+def _audit_chain(args: argparse.Namespace) -> None:
+    """`--verify`: the first row that breaks the chain, named (status 1); `--export`: every row
+    with its hashes as JSON lines, and the head to keep, on stderr."""
+    with Store.open(_settings(args).database_path) as store:
+        verdict = auditchain.verify(store.db)
+        if verdict.problem:
+            raise LoraboxError(f"the audit log was tampered with: {verdict.problem}")
+        if args.export:
+            with contextlib.ExitStack() as stack:
+                out = sys.stdout if args.export == "-" else stack.enter_context(open(args.export, "w"))
+                for row in auditchain.rows(store.db):
+                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    print(
+        f"audit log intact: {verdict.rows} rows, head {verdict.head}",
+        file=sys.stderr if args.export == "-" else sys.stdout,
+    )
 
 
 def cmd_status(args: argparse.Namespace) -> None:
@@ -827,6 +904,8 @@ def cmd_config(args: argparse.Namespace) -> None:
 def _toml(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, list | tuple):  # guardrail patterns: an array of basic strings
+        return "[" + ", ".join(_toml(str(v)) for v in value) + "]"
     return json.dumps(value if isinstance(value, int | float) else str(value), ensure_ascii=False)
 
 
@@ -871,12 +950,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tset.add_argument("name", type=tenant_name)
     for field in POLICY_OPTIONS:
+        if field in PATTERN_FIELDS:
+            tset.add_argument(
+                f"--{field.replace('_', '-')}",
+                dest=field,
+                action="append",
+                metavar="PATTERN",
+                help="an RE2 pattern; repeat for several (they replace the list); `none` clears it",
+            )
+            tset.add_argument(
+                f"--{field.replace('_', '-')}-file",
+                dest=f"{field}_file",
+                metavar="FILE",
+                help=f"the {field} patterns, one a line (- reads stdin; empty lines are skipped)",
+            )
+            continue
         tset.add_argument(
             f"--{field.replace('_', '-')}",
             dest=field,
-            metavar={"quota_period": "|".join(QUOTA_PERIODS), "quota_action": "|".join(QUOTA_ACTIONS)}.get(
-                field, "N"
-            ),
+            metavar={
+                "quota_period": "|".join(QUOTA_PERIODS),
+                "quota_action": "|".join(QUOTA_ACTIONS),
+                "redact_output": "email,phone,card",
+            }.get(field, "N"),
         )
     tset.add_argument(
         "--system-prompt-file",
@@ -884,6 +980,16 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the first system message of every chat request (UTF-8, at most {MAX_SYSTEM_PROMPT_CHARS} "
         "characters; - reads stdin); `none` removes it",
     )
+    tremove = tsub.add_parser(
+        "remove",
+        parents=[common],
+        help="revoke its keys, drop its policy and routes, archive its adapters; --purge deletes all",
+    )
+    tremove.add_argument("name", type=tenant_name)
+    tremove.add_argument(
+        "--purge", action="store_true", help="delete its adapters and usage rows too (asks to type the name)"
+    )
+    tremove.add_argument("--confirm", metavar="NAME", help="the name, typed ahead (for --purge in scripts)")
     tsub.add_parser("show", parents=[common], help="a tenant's effective policy and quota use").add_argument(
         "name", type=tenant_name
     )
@@ -1003,6 +1109,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("audit", parents=[common], help="operator actions: who changed what, when")
     p.add_argument("--tenant", type=tenant_name)
     p.add_argument("--limit", type=limit, default=100, help=f"at most {MAX_LIMIT}")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="check the hash chain; names the first row edited, inserted or deleted",
+    )
+    p.add_argument(
+        "--export",
+        metavar="FILE",
+        help="every row with its hashes as JSON lines ('-': stdout), once verified",
+    )
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser(

@@ -2,9 +2,10 @@
 
 Each of a request's `n` choices is its own engine request (seed + i when a seed is given, as vLLM's
 parallel sampling does), and its own output path, in this order: the detokenizer, the stop strings
-(text that could begin one is held back), then the tool-call reader (text that could begin a call
-is held back). Whatever else must see a choice's text before the client does belongs in that
-chain, in `_Choice.released`.
+(text that could begin one is held back), the tenant's guardrails (text that could begin a denied
+match is held back, detected e-mails, phones and cards replaced), then the tool-call reader (text
+that could begin a call is held back). Whatever else must see a choice's text before the client
+does belongs in that chain, in `_Choice.released`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 
 from ..engines.base import Engine, GenerationRequest, Grammar, TokenDelta, TokenLogprob
 from .catalog import Target
+from .guardrails import OutputGuard, OutputRules
 from .tokenization import StopMatcher, TextCodec
 from .tools import CallOut, Format, ToolCallReader
 
@@ -78,6 +80,8 @@ class GenerationResult:
     finish_reasons: dict[int, str] = field(default_factory=dict)
     first_token_at: float | None = None
     """time.perf_counter() when the engine produced the first token."""
+    guardrails: set[str] = field(default_factory=set)
+    """Which of the tenant's output guardrails acted, in any choice (deny_output, redact_output)."""
 
     @property
     def finish_reason(self) -> str | None:
@@ -124,9 +128,11 @@ class Generator:
         result: GenerationResult,
         on_tokens: Callable[[int], None] | None = None,
         tools: ToolReading | None = None,
+        guard: OutputRules | None = None,
     ) -> AsyncIterator[TextChunk]:
         """The chunks of every choice, as they come. `on_tokens` learns of every completion token
-        as the engine produces it (the fair scheduler charges them as they come)."""
+        as the engine produces it (the fair scheduler charges them as they come). `guard`: the
+        tenant's output guardrails."""
         base = GenerationRequest(
             request_id=request_id,
             prompt_token_ids=prompt_ids,
@@ -149,7 +155,7 @@ class Generator:
             grammar=options.grammar,
         )
         choices = [
-            _Choice(self, i, options, result, on_tokens, tools).run(_nth(base, i, options.n))
+            _Choice(self, i, options, result, on_tokens, tools, guard).run(_nth(base, i, options.n))
             for i in range(options.n)
         ]
         return choices[0] if len(choices) == 1 else _merged(choices)
@@ -173,6 +179,7 @@ class _Choice:
         result: GenerationResult,
         on_tokens: Callable[[int], None] | None,
         tools: ToolReading | None,
+        guard: OutputRules | None,
     ):
         self.engine, self.index, self.result, self.on_tokens = generator.engine, index, result, on_tokens
         self.detok = generator.codec.detokenizer(tools.keep if tools else frozenset())
@@ -180,6 +187,7 @@ class _Choice:
         # vLLM looks for stop strings only once min_tokens are out; so does lorabox.
         self.stops = StopMatcher(options.stop if not options.min_tokens else ())
         self.reader = ToolCallReader(tools.format, set(tools.names)) if tools else None
+        self.guard = OutputGuard(guard) if guard else None
         self.generated = 0
         self.stop_token_ids: tuple[int, ...] = ()
         self.logprobs: list[TokenLogprob] = []
@@ -199,9 +207,9 @@ class _Choice:
                     text += tail if stopped else tail + self.stops.flush()
                     finish = "stop" if stopped else finish
                 chunk = self.released(text, finish)
-                if finish is not None:
+                if chunk.finish_reason is not None:  # also a cut by the guardrails
                     # Leaving the loop closes the engine stream, which aborts a request cut by a stop.
-                    result.finish_reasons[self.index] = chunk.finish_reason or finish
+                    result.finish_reasons[self.index] = chunk.finish_reason
                     yield chunk
                     return
                 if chunk.text or chunk.calls or chunk.logprobs:
@@ -223,6 +231,10 @@ class _Choice:
 
     def released(self, text: str, finish: str | None) -> TextChunk:
         """The chunk the client gets for `text` that passed the stop strings."""
+        if self.guard is not None:
+            text, cut = self.guard.push(text, final=finish is not None)
+            self.result.guardrails |= self.guard.actions
+            finish = "content_filter" if cut else finish
         calls: list[CallOut] = []
         if self.reader is not None:
             released = self.reader.push(text, final=finish is not None)

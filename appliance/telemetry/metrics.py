@@ -70,6 +70,8 @@ class MetricsSnapshot:
     """(tenant, running, queued)."""
     throttled: Mapping[str, int] = field(default_factory=dict)
     """Requests admitted while their tenant was past its quota and throttled, per tenant."""
+    guardrails: dict[tuple[str, str], int] = field(default_factory=dict)
+    """Requests a guardrail acted on, per (tenant, guardrail)."""
 
     @classmethod
     def take(
@@ -96,7 +98,7 @@ class MetricsSnapshot:
             )
             for tenant, version, counts in traffic.series()
         ]
-        return cls(series, status, tenants, dict(throttled or {}))
+        return cls(series, status, tenants, dict(throttled or {}), dict(traffic.guardrails))
 
 
 def _histogram(name: str, doc: str, series: list[SeriesCounts], pick: str) -> HistogramMetricFamily:
@@ -176,6 +178,15 @@ class _Collector(Collector):
         for tenant, count in sorted(self.snapshot.throttled.items()):
             throttled.add_metric([tenant], count)
         yield from (running, queued, throttled)
+        guardrails = CounterMetricFamily(
+            "lorabox_guardrail_actions",
+            "Requests a tenant's guardrail acted on, by tenant and kind (deny_input: refused; "
+            "deny_output: cut, finish_reason content_filter; redact_output: text redacted).",
+            labels=["tenant", "kind"],
+        )
+        for (tenant, kind), count in sorted(self.snapshot.guardrails.items()):
+            guardrails.add_metric([tenant, kind], count)
+        yield guardrails
 
     def _box(self) -> Iterator[Metric]:
         status = self.snapshot.status

@@ -231,6 +231,8 @@ class TrafficStats:
         self.tenants: dict[str, Traffic] = {}
         self.versions: dict[tuple[str, str], Series] = {}
         """Per (tenant, adapter version); "" is the base model, or a `model` that did not resolve."""
+        self.guardrails: Counter[tuple[str, str]] = Counter()
+        """Requests a guardrail acted on, per (tenant, guardrail)."""
 
     def record(self, record: RequestRecord) -> None:
         """The sink: one request's outcome."""
@@ -245,6 +247,8 @@ class TrafficStats:
         tenant.add(record, now)
         version.add(record, now)
         self.total.add(record, now)
+        for kind in record.guardrails:
+            self.guardrails[record.tenant, kind] += 1
 
     def tenant(self, name: str) -> dict[str, Any]:
         """A tenant's `stats` (docs/admin-api.md) but `queued` and `running`, which admission knows."""

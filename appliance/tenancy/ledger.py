@@ -82,11 +82,14 @@ class RequestRecord:
     """It passed admission (rate limits, quota, queue bounds). The ledger books only these, with
     the tokens the engine processed (none for one that never left the queue); refusals are
     counted by telemetry alone, so that a flood of refused requests cannot grow the ledger."""
+    guardrails: tuple[str, ...] = ()
+    """Which of the tenant's guardrails acted (deny_input, deny_output, redact_output): counted by
+    telemetry; the ledger keeps the status and finish reason they gave."""
     ts: str = field(default_factory=_now)
 
     def row(self) -> dict[str, Any]:
         row = asdict(self)
-        del row["admitted"]
+        del row["admitted"], row["guardrails"]
         return row
 
 

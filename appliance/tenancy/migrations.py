@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 
 import sqlite_utils
 
+from . import auditchain
+
 Migration = Callable[[sqlite_utils.Database], None]
 MIGRATIONS: list[Migration] = []
 
@@ -244,3 +246,29 @@ def m020a_service_keys(db: sqlite_utils.Database) -> None:
     db.table("usage").add_column("key_kind", str)
     db.table("audit_log").add_column("key_id", str)
     db.table("audit_log").add_column("key_kind", str)
+
+
+@migration
+def m020b_audit_chain(db: sqlite_utils.Database) -> None:
+    # Each audit row chained to the one before it by a hash, from a random genesis made now; the
+    # rows already there are chained in their order (tenancy/auditchain.py).
+    auditchain.create(db)
+
+
+@migration
+def m020b_usage_monthly(db: sqlite_utils.Database) -> None:
+    # What `lorabox usage` reports of ledger rows deleted by retention (tenancy/retention.py), per
+    # tenant, month and box ('' for rows that named none), so a closed period's totals stay.
+    db.table("usage_monthly").create(
+        {
+            "tenant": str,
+            "month": str,
+            "box_id": str,
+            "requests": int,
+            "prompt_tokens": int,
+            "completion_tokens": int,
+            "cost": float,
+        },
+        pk=("tenant", "month", "box_id"),
+        not_null={"requests", "prompt_tokens", "completion_tokens", "cost"},
+    )

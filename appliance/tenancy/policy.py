@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,8 @@ from ..errors import PolicyError
 
 QUOTA_PERIODS = ("day", "week", "month")
 QUOTA_ACTIONS = ("reject", "throttle")
+PATTERN_FIELDS = ("deny_input", "deny_output")
+"""Guardrail pattern lists (serving/guardrails.py checks them)."""
 MAX_SYSTEM_PROMPT_CHARS = 32_768
 """A longer system prompt is refused when it is set: it is sent before every chat request of the
 tenant, so it costs every request its tokens (and its share of the context length)."""
@@ -87,6 +90,22 @@ class Policy:
     price_out: float = 0.0
     """Price per million completion tokens, for `lorabox usage`."""
 
+    deny_input: tuple[str, ...] = ()
+    """Patterns (RE2 syntax: linear time) that a request's messages or prompt must not match; a
+    request that does is refused (400 `content_policy_violation`), naming no pattern."""
+
+    deny_output: tuple[str, ...] = ()
+    """Patterns the generated text must not match: it is cut where a match would begin, and ends
+    with finish_reason `content_filter`. A match may span at most 256 characters."""
+
+    redact_output: tuple[str, ...] = ()
+    """Built-in detectors whose matches in the generated text become `[redacted]`: `email`,
+    `phone`, `card` (payment card numbers, Luhn-checked)."""
+
+    retention_days: int | None = None
+    """Days the tenant's usage rows are kept (at least 31: the quota's month); older ones are
+    deleted by a daily job after their totals are kept as monthly summaries. None: kept for good."""
+
     def view(self) -> dict[str, Any]:
         """As the admin API shows it: the system prompt only as whether there is one."""
         return dataclasses.asdict(self) | {"system_prompt": bool(self.system_prompt)}
@@ -118,6 +137,7 @@ _RANGES = {
     "max_n": _Range(int, 1, 128, False),
     "price_in": _Range(float, 0, 1_000_000, False),
     "price_out": _Range(float, 0, 1_000_000, False),
+    "retention_days": _Range(int, 31, 365_000, True),
 }
 
 
@@ -162,6 +182,11 @@ def parse_value(field: str, raw: Any) -> Any:
         except UnicodeEncodeError:
             raise PolicyError(field, "is not valid Unicode (an unpaired surrogate)") from None
         return raw
+    if field in PATTERN_FIELDS or field == "redact_output":
+        # Imported here: the config's example runs on the standard library alone (install.sh).
+        from ..serving.guardrails import check_detectors, check_patterns
+
+        return (check_patterns if field in PATTERN_FIELDS else check_detectors)(field, raw)
     choices = {"quota_period": QUOTA_PERIODS, "quota_action": QUOTA_ACTIONS}.get(field)
     if choices is not None:
         if raw not in choices:
@@ -187,7 +212,9 @@ def check_fields(fields: list[str] | tuple[str, ...]) -> None:
 
 def effective(defaults: Policy, own: dict[str, Any]) -> Policy:
     """The defaults with a tenant's own values on top (values already checked)."""
-    return dataclasses.replace(defaults, **{k: v for k, v in own.items() if k in FIELDS})
+    # Lists (as JSON keeps them) become the tuples a Policy holds.
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in own.items() if k in FIELDS}
+    return dataclasses.replace(defaults, **values)  # type: ignore[arg-type]
 
 
 def describe(field: str, value: Any) -> str:
@@ -197,4 +224,9 @@ def describe(field: str, value: Any) -> str:
             return "(none)"
         digest = hashlib.sha256(value.encode()).hexdigest()[:12]
         return f"{len(value)} characters, sha256 {digest}"
+    if isinstance(value, list | tuple):
+        shown = json.dumps(list(value), ensure_ascii=False)
+        if len(shown) <= 120:
+            return shown
+        return f"{len(value)} entries, sha256 {hashlib.sha256(shown.encode()).hexdigest()[:12]}"
     return "none" if value is None else str(value)

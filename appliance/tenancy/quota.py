@@ -130,6 +130,13 @@ class QuotaMeter:
         they cannot be asked: limits_fail_mode = "open")."""
         self._elsewhere[(tenant, period)] = _Use(self._current(tenant, period).start, max(0, tokens))
 
+    def forget(self, tenant: str) -> None:
+        """A removed tenant's use: gone, so that a tenant given its name later starts at zero."""
+        for table in (self._use, self._elsewhere):
+            for key in [k for k in table if k[0] == tenant]:
+                del table[key]
+        self._warned.pop(tenant, None)
+
     def reserved(self, tenant: str) -> int:
         return self._reserved.get(tenant, 0)
 

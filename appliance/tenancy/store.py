@@ -26,6 +26,7 @@ import sqlite_utils
 
 from ..errors import StoreError, StoreUnavailable
 from ..names import is_tenant_name, natural_key
+from . import auditchain
 from .audit import Change, local_user
 from .migrations import migrate
 from .policy import check_fields, describe, parse_values
@@ -607,6 +608,44 @@ class Store:
             self.audit(actor, "tenant_set", tenant, Change.of(*shown))
         return before, after
 
+    def remove_tenant(self, name: str, *, purge: bool = False, actor: str | None = None) -> dict[str, Any]:
+        """Remove a tenant in one transaction: its keys revoked (each audited) and deleted, its
+        policy, routes, pins and adapter registry gone, so that the name starts clean when reused.
+        Its usage rows are kept under an archived name (`acme~removed-<time>`, which no tenant can
+        take; retention applies to them as to any row) or, with `purge`, deleted with its monthly
+        summaries. Events and the audit log keep their history. Returns what was done."""
+        with self.writing():
+            if not self.get_tenant(name):
+                raise StoreError(f"no tenant named {name!r}")
+            revoked = [k["key_id"] for k in self.list_keys(name) if not k["revoked_at"]]
+            for key_id in revoked:
+                self.mark_revoked(key_id, name, actor=actor, revoked_at=None)
+            for table in ("api_keys", "tenant_policies", "routes", "adapter_versions", "base_acceptances"):
+                self.db.execute(f"delete from {table} where tenant = ?", [name])  # noqa: S608 (ours)
+            # Service keys that named it no longer do: a new tenant of that name is not theirs to reach
+            # (a key for every tenant, `tenants` NULL, reaches it as it reaches any new tenant).
+            for row in self.db.execute("select key_id, tenants from service_keys where tenants is not null"):
+                if name in (listed := json.loads(row[1])):
+                    scope = json.dumps([t for t in listed if t != name])
+                    self.db.execute("update service_keys set tenants = ? where key_id = ?", [scope, row[0]])
+            rows = self.db.execute("select count(*) from usage where tenant = ?", [name]).fetchone()[0]
+            if purge:
+                self.db.execute("delete from usage where tenant = ?", [name])
+                self.db.execute("delete from usage_monthly where tenant = ?", [name])
+                usage = f"{rows} rows deleted"
+            else:
+                archived = f"{name}~removed-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}"
+                self.db.execute("update usage set tenant = ? where tenant = ?", [archived, name])
+                self.db.execute("update usage_monthly set tenant = ? where tenant = ?", [archived, name])
+                usage = f"{rows} rows kept as {archived}"
+            self.db.execute("delete from tenants where name = ?", [name])
+            done = {"keys revoked": len(revoked), "usage": usage, "purge": purge}
+            self.record_event("tenant_removed", tenant=name, detail=usage)
+            self.audit(
+                actor, "tenant_remove", name, Change({"tenant": "present"}, {"tenant": "removed"} | done)
+            )
+        return done
+
     # -- the audit log --------------------------------------------------------------------------
 
     def audit(
@@ -618,12 +657,16 @@ class Store:
         *,
         key: tuple[str, str] | None = None,
     ) -> None:
-        """One audit row; `key`: the (key id, key kind) the action was about."""
-        self.db.table("audit_log").insert(
-            {"ts": _now(), "actor": actor or local_user(), "action": action, "tenant": tenant}
-            | change.columns()
-            | ({"key_id": key[0], "key_kind": key[1]} if key else {})
-        )
+        """One audit row, chained onto the last (tenancy/auditchain.py): in the caller's transaction,
+        which holds the write lock (`writing()`), else in one of its own. `key`: the (key id, key
+        kind) the action was about."""
+        with contextlib.nullcontext() if self.db.conn.in_transaction else self.writing():
+            table = self.db.table("audit_log").insert(
+                {"ts": _now(), "actor": actor or local_user(), "action": action, "tenant": tenant}
+                | change.columns()
+                | ({"key_id": key[0], "key_kind": key[1]} if key else {})
+            )
+            auditchain.seal(self.db, int(table.last_rowid or 0))
 
     def audit_log(self, tenant: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         """Newest first."""
@@ -669,12 +712,17 @@ class Store:
         name none: this box's own, booked before rows carried it). Cost uses the prices each
         request was served at."""
         period = {"": "''", "day": "substr(ts, 1, 10)", "month": "substr(ts, 1, 7)"}[by]
+        # Rows deleted by retention count as their monthly summaries, dated the 1st of the month.
         cursor = self.db.execute(
-            f"select {period} as period, tenant, count(*) as requests, "  # noqa: S608 (a fixed expression)
+            "with rows as (select ts, tenant, 1 as requests, prompt_tokens, completion_tokens, "  # noqa: S608 (fixed)
+            "(prompt_tokens * coalesce(price_in, 0) + completion_tokens * coalesce(price_out, 0)) / 1e6 "
+            "as cost, coalesce(box_id, :box) as box from usage "
+            "union all select month || '-01T00:00:00.000+00:00', tenant, requests, prompt_tokens, "
+            "completion_tokens, cost, coalesce(nullif(box_id, ''), :box) from usage_monthly) "
+            f"select {period} as period, tenant, sum(requests) as requests, "
             "sum(prompt_tokens) as prompt_tokens, sum(completion_tokens) as completion_tokens, "
-            "sum(prompt_tokens * coalesce(price_in, 0) + completion_tokens * coalesce(price_out, 0)) / 1e6 "
-            "as cost, replace(group_concat(distinct coalesce(box_id, :box)), ',', '+') as box_id "
-            "from usage where (:tenant is null or tenant = :tenant) "
+            "sum(cost) as cost, replace(group_concat(distinct box), ',', '+') as box_id "
+            "from rows where (:tenant is null or tenant = :tenant) "
             "and (:since is null or ts >= :since) and (:until is null or ts < :until) "
             "group by period, tenant order by period, tenant",
             {"tenant": tenant, "since": since, "until": until, "box": box},
