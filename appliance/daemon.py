@@ -41,6 +41,7 @@ from .adapters.watcher import DropWatcher
 from .api.admin import EXPORTER, PLAN, build_admin_app
 from .api.connections import ConnectionLimits, GuardedAppRunner, fit_to_file_limit
 from .api.errors import MAX_BODY_BYTES, openai_errors
+from .api.files import add_routes as add_file_routes
 from .api.metrics import (
     METRICS_SOURCES,
     MetricsSource,
@@ -52,6 +53,7 @@ from .api.metrics import (
 from .api.openai import add_routes
 from .api.overview import OVERVIEW, Overview
 from .api.services import SERVICES, Services
+from .batch.files import FileStore, all_file_ids
 from .config.settings import Settings
 from .engines.base import EngineOptions
 from .engines.health import EngineHealth
@@ -227,6 +229,10 @@ def build_app(
     sources: list[MetricsSource] = [overview_metrics, protocol_metrics]
     app[METRICS_SOURCES] = sources
     add_routes(app)
+    files = FileStore(settings.state_dir / "files")
+    for path in files.sweep(all_file_ids(store)):  # what a crash or a cut upload left
+        log.info("removed %s: no stored file names it", path)
+    add_file_routes(app, files)
     if settings.metrics_on_api_port:
         app.router.add_get("/metrics", metrics)
     app.cleanup_ctx.append(_watch_loop_lag)

@@ -251,8 +251,10 @@ class Settings:
     """The policy of every tenant that has not set its own value (`[tenant_defaults]` in the file;
     `LORABOX_DEFAULT_<FIELD>` in the environment): weight, rpm, tpm, max_concurrent, max_queued,
     quota_tokens, quota_period, quota_warn_pct, quota_action, throttle_rpm, throttle_tpm, quota_hard_pct,
-    max_tokens, max_n, system_prompt, price_in, price_out (tenancy/policy.py documents each; "none" is
-    no limit). Unset: no limits, weight 1, 32 queued, a quota refuses at 100% (quota_action "reject")."""
+    max_tokens, max_n, system_prompt, price_in, price_out, file_max_bytes, files_total_bytes,
+    batch_max_lines (tenancy/policy.py documents each; "none" is no limit). Unset: no limits, weight 1,
+    32 queued, a quota refuses at 100% (quota_action "reject"), files as OpenAI's (200 MiB a file,
+    50,000 lines), 2 GiB of files a tenant."""
 
     telemetry: bool = True
     """Count every request per tenant and adapter version (/metrics, the admin API, `lorabox tui`)

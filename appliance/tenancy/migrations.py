@@ -272,3 +272,23 @@ def m020b_usage_monthly(db: sqlite_utils.Database) -> None:
         pk=("tenant", "month", "box_id"),
         not_null={"requests", "prompt_tokens", "completion_tokens", "cost"},
     )
+
+
+@migration
+def m021a_files(db: sqlite_utils.Database) -> None:
+    # Files a tenant uploaded (`POST /v1/files`, batch/files.py): the bytes live on disk under
+    # <state_dir>/files/<tenant>/<id>.jsonl, written before the row; a row names a whole file.
+    db.table("files").create(
+        {
+            "id": str,
+            "tenant": str,
+            "filename": str,
+            "purpose": str,
+            "bytes": int,
+            "lines": int,
+            "created_at": int,
+        },
+        pk="id",
+        not_null={"tenant", "filename", "purpose", "bytes", "lines", "created_at"},
+    )
+    db.table("files").create_index(["tenant", "created_at"])

@@ -106,6 +106,18 @@ class Policy:
     """Days the tenant's usage rows are kept (at least 31: the quota's month); older ones are
     deleted by a daily job after their totals are kept as monthly summaries. None: kept for good."""
 
+    file_max_bytes: int = 200 << 20
+    """Bytes of one uploaded file (`POST /v1/files`) at most; a larger upload is refused (413) as
+    it streams in. Never unlimited. Default 200 MiB, as OpenAI's batch input files."""
+
+    files_total_bytes: int = 2 << 30
+    """Bytes of all of the tenant's stored files together at most (uploads in progress count);
+    an upload that would cross it is refused (413). Never unlimited."""
+
+    batch_max_lines: int = 50_000
+    """Lines (requests) of one batch input file at most; a file with more is refused when it is
+    uploaded (400). Never unlimited. Default 50,000, as OpenAI's."""
+
     def view(self) -> dict[str, Any]:
         """As the admin API shows it: the system prompt only as whether there is one."""
         return dataclasses.asdict(self) | {"system_prompt": bool(self.system_prompt)}
@@ -138,6 +150,9 @@ _RANGES = {
     "price_in": _Range(float, 0, 1_000_000, False),
     "price_out": _Range(float, 0, 1_000_000, False),
     "retention_days": _Range(int, 31, 365_000, True),
+    "file_max_bytes": _Range(int, 1, 1 << 40, False),
+    "files_total_bytes": _Range(int, 1, 1 << 44, False),
+    "batch_max_lines": _Range(int, 1, 10_000_000, False),
 }
 
 
