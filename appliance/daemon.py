@@ -39,6 +39,8 @@ from .adapters.residency import Plan, ResidencyTracker, lora_budget_bytes, plan
 from .adapters.versions import VersionManager
 from .adapters.watcher import DropWatcher
 from .api.admin import EXPORTER, PLAN, build_admin_app
+from .api.batches import add_routes as add_batch_routes
+from .api.batches import line_runner
 from .api.connections import ConnectionLimits, GuardedAppRunner, fit_to_file_limit
 from .api.errors import MAX_BODY_BYTES, openai_errors
 from .api.files import add_routes as add_file_routes
@@ -54,6 +56,7 @@ from .api.openai import add_routes
 from .api.overview import OVERVIEW, Overview
 from .api.services import SERVICES, Services
 from .batch.files import FileStore, all_file_ids
+from .batch.runner import BatchRunner
 from .config.settings import Settings
 from .engines.base import EngineOptions
 from .engines.health import EngineHealth
@@ -233,6 +236,20 @@ def build_app(
     for path in files.sweep(all_file_ids(store)):  # what a crash or a cut upload left
         log.info("removed %s: no stored file names it", path)
     add_file_routes(app, files)
+    runner = BatchRunner(
+        store,
+        writer,
+        files,
+        line_runner(services),
+        ready=lambda: (
+            services.generator is not None
+            and services.lifecycle.phase == "serving"
+            and services.ledger.unavailable is None
+        ),
+        max_running=lambda: (
+            settings.batch_max_running or max(1, services.admission.scheduler.max_running // 2)
+        ),
+    )
     if settings.metrics_on_api_port:
         app.router.add_get("/metrics", metrics)
     app.cleanup_ctx.append(_watch_loop_lag)
@@ -244,6 +261,8 @@ def build_app(
         app.cleanup_ctx.append(lambda _app: shared.running())
         revocations = RevocationSync(connect(settings.limits_backend), store, writer)
         app.cleanup_ctx.append(lambda _app: revocations.running())
+    # After the ledger's: at shutdown the runner commits its last results, then books their usage.
+    add_batch_routes(app, runner)
     app.on_cleanup.append(lambda _app: registry.close())
     app.on_cleanup.append(lambda _app: writer.close())
     app.on_cleanup.append(lambda _app: _close_store(store))

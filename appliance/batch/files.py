@@ -200,6 +200,20 @@ class FileStore:
         return removed
 
 
+def write_file(final: Path, lines: list[bytes]) -> None:
+    """A file made by the box (a batch's output), written as an upload is: whole, or not at all.
+    Blocking."""
+    _make_dir(final.parent)
+    partial = final.with_suffix(".partial")
+    handle = _open_new(partial)
+    try:
+        handle.writelines(lines)
+        _publish(handle, partial, final)
+    except BaseException:
+        _discard(handle, partial)
+        raise
+
+
 def _too_many_lines(cap: int) -> UploadRefused:
     return UploadRefused(400, f"The file has more than this tenant's limit of {cap} lines.", "too_many_lines")
 

@@ -247,6 +247,11 @@ class Settings:
     """This box's name in the usage ledger (every row carries it) and in the shared counters. Empty:
     made once from the host name and a random part, and kept in the state database."""
 
+    batch_max_running: int = 0
+    """Batch lines running at once at most, over all tenants' batches (OpenAI's Batch API,
+    `/v1/batches`): the rest of the engine's places stay free for interactive requests. 0: half of
+    the engine's places (`max_running`, or the engine's batch size), at least 1."""
+
     tenant_defaults: Policy = field(default_factory=Policy)
     """The policy of every tenant that has not set its own value (`[tenant_defaults]` in the file;
     `LORABOX_DEFAULT_<FIELD>` in the environment): weight, rpm, tpm, max_concurrent, max_queued,
@@ -377,6 +382,8 @@ class Settings:
             raise InvalidSetting("max_running", "must be >= 0 (0: the engine's batch size)")
         if self.max_queued < 0:
             raise InvalidSetting("max_queued", "must be >= 0")
+        if self.batch_max_running < 0:
+            raise InvalidSetting("batch_max_running", "must be >= 0 (0: half of the engine's places)")
         if self.limits_backend != "local" and not self.limits_backend.startswith(REDIS_SCHEMES):
             raise InvalidSetting(
                 "limits_backend",

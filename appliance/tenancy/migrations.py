@@ -292,3 +292,50 @@ def m021a_files(db: sqlite_utils.Database) -> None:
         not_null={"tenant", "filename", "purpose", "bytes", "lines", "created_at"},
     )
     db.table("files").create_index(["tenant", "created_at"])
+
+
+@migration
+def m021b_batches(db: sqlite_utils.Database) -> None:
+    # Batch jobs (batch/jobs.py): one row each, with OpenAI's lifecycle timestamps and counts, and
+    # the key that made it (its lines run as that key's requests).
+    db.table("batches").create(
+        {
+            "id": str,
+            "tenant": str,
+            "key_id": str,
+            "key_kind": str,
+            "endpoint": str,
+            "input_file_id": str,
+            "completion_window": str,
+            "metadata": str,
+            "status": str,
+            "errors": str,
+            "output_file_id": str,
+            "error_file_id": str,
+            "total": int,
+            "completed": int,
+            "failed": int,
+            "created_at": int,
+            "in_progress_at": int,
+            "expires_at": int,
+            "finalizing_at": int,
+            "completed_at": int,
+            "failed_at": int,
+            "expired_at": int,
+            "cancelling_at": int,
+            "cancelled_at": int,
+        },
+        pk="id",
+        not_null={"tenant", "key_id", "endpoint", "input_file_id", "status", "created_at", "expires_at"},
+        defaults={"total": 0, "completed": 0, "failed": 0},
+    )
+    db.table("batches").create_index(["tenant", "created_at"])
+    db.table("batches").create_index(["status"])
+    # Each input line, and once it has run its result (the output or error file's line, as JSON),
+    # committed in groups: a line with a result is never run again, one without is run (again).
+    db.table("batch_lines").create(
+        {"batch_id": str, "line": int, "custom_id": str, "body": str, "result": str, "error": int},
+        pk=("batch_id", "line"),
+        not_null={"batch_id", "line", "body"},
+    )
+    db.execute("create index batch_lines_pending on batch_lines (batch_id, line) where result is null")

@@ -1,0 +1,135 @@
+"""OpenAI's Batch API through the official client against the session's llama.cpp daemon: a
+200-line batch answers each line as the same request does interactively; bad lines become error
+lines; another tenant can neither see nor use the files and batches."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections import Counter
+from typing import Any
+
+import openai
+import pytest
+from openai import OpenAI
+
+from tests.conftest import Server
+
+PROMPTS = [f"Write one line about customer {n}'s order." for n in range(10)]
+MAX_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def server(llamacpp_server: Server) -> Server:
+    return llamacpp_server
+
+
+def client(server: Server, tenant: str) -> OpenAI:
+    return OpenAI(base_url=server.base_url, api_key=server.demo.keys[tenant], max_retries=0)
+
+
+def line(custom_id: str, body: dict[str, Any], url: str = "/v1/chat/completions") -> bytes:
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": body}).encode() + b"\n"
+
+
+def chat(prompt: str, model: str = "acme") -> dict[str, Any]:
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+    }
+
+
+def run_batch(acme: OpenAI, data: bytes) -> Any:
+    uploaded = acme.files.create(file=("day.jsonl", io.BytesIO(data)), purpose="batch")
+    batch = acme.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    assert batch.status == "validating"
+    deadline = time.monotonic() + 600
+    while batch.status not in ("completed", "failed", "expired", "cancelled"):
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.2)
+        batch = acme.batches.retrieve(batch.id)
+    return batch
+
+
+def read(acme: OpenAI, file_id: str | None) -> list[dict[str, Any]]:
+    if file_id is None:
+        return []
+    return [json.loads(x) for x in acme.files.content(file_id).content.splitlines()]
+
+
+def test_a_200_line_batch_answers_as_interactive_requests(server: Server) -> None:
+    acme = client(server, "acme")
+    interactive = {
+        p: acme.chat.completions.create(**chat(p)).choices[0].message.content
+        for p in PROMPTS  # type: ignore[call-overload]
+    }
+    data = b"".join(line(f"req-{i}", chat(PROMPTS[i % len(PROMPTS)])) for i in range(200))
+    batch = run_batch(acme, data)
+    assert batch.status == "completed", batch
+    assert batch.request_counts.total == batch.request_counts.completed == 200
+    assert batch.error_file_id is None
+    output = read(acme, batch.output_file_id)
+    assert Counter(x["custom_id"] for x in output) == Counter(f"req-{i}" for i in range(200))
+    for result in output:
+        i = int(result["custom_id"].removeprefix("req-"))
+        response = result["response"]
+        assert response["status_code"] == 200
+        assert response["body"]["object"] == "chat.completion"
+        assert response["body"]["choices"][0]["message"]["content"] == interactive[PROMPTS[i % len(PROMPTS)]]
+    assert batch in [b for b in acme.batches.list()]
+
+
+def test_bad_lines_become_error_lines_and_the_rest_completes(server: Server) -> None:
+    acme = client(server, "acme")
+    data = b"".join(
+        [
+            line("good-1", chat(PROMPTS[0])),
+            b'{"custom_id": "broken", "body": \n',
+            line("wrong-url", chat(PROMPTS[1]), url="/v1/completions"),
+            line("their-model", chat(PROMPTS[2], model="globex")),
+            line("streaming", chat(PROMPTS[3]) | {"stream": True}),
+            line("bad-param", chat(PROMPTS[4]) | {"temperature": "hot"}),
+            line("good-2", chat(PROMPTS[5])),
+        ]
+    )
+    batch = run_batch(acme, data)
+    assert batch.status == "completed", batch
+    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (
+        7,
+        2,
+        5,
+    )
+    assert {x["custom_id"] for x in read(acme, batch.output_file_id)} == {"good-1", "good-2"}
+    errors = {x["custom_id"]: x for x in read(acme, batch.error_file_id)}
+    assert set(errors) == {None, "wrong-url", "their-model", "streaming", "bad-param"}
+    assert errors[None]["error"]["code"] == "invalid_json"
+    assert errors["wrong-url"]["error"]["code"] == "invalid_url"
+    assert errors["their-model"]["response"]["status_code"] == 404
+    assert errors["their-model"]["response"]["body"]["error"]["code"] == "model_not_found"
+    assert errors["streaming"]["response"]["body"]["error"]["param"] == "stream"
+    assert errors["bad-param"]["response"]["body"]["error"]["param"] == "temperature"
+
+
+def test_another_tenant_cannot_see_or_use_a_batch(server: Server) -> None:
+    acme, globex = client(server, "acme"), client(server, "globex")
+    uploaded = acme.files.create(file=("a.jsonl", io.BytesIO(line("x", chat(PROMPTS[0])))), purpose="batch")
+    with pytest.raises(openai.NotFoundError):
+        globex.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+    batch = acme.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    with pytest.raises(openai.NotFoundError):
+        globex.batches.retrieve(batch.id)
+    with pytest.raises(openai.NotFoundError):
+        globex.batches.cancel(batch.id)
+    assert batch.id not in [b.id for b in globex.batches.list()]
+    with pytest.raises(openai.BadRequestError) as caught:
+        acme.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")  # type: ignore[arg-type]
+    assert caught.value.body["param"] == "endpoint"  # type: ignore[index]
