@@ -297,7 +297,12 @@ def build_admission(settings: Settings, store: Store, ledger: UsageLedger, box_i
         PolicyBook.load(store, settings.tenant_defaults),
         quota,
         # max_running is set once the engine runs (it depends on the engine's batch size).
-        FairScheduler(settings.max_running or 1, settings.max_queued, fair=settings.scheduler == "fair"),
+        FairScheduler(
+            settings.max_running or 1,
+            settings.max_queued,
+            fair=settings.scheduler == "fair",
+            max_background=settings.batch_max_running or None,
+        ),
         shared=shared,
     )
 

@@ -264,3 +264,16 @@ async def test_a_batch_past_its_window_expires_with_its_finished_lines(box: Box)
     assert done | expired == {f"c{i}" for i in range(10)}
     assert not done & expired
     assert {e["error"]["code"] for e in box.output(batch.error_file_id)} == {"batch_expired"}
+
+
+def test_batch_prices_default_to_half_the_interactive_ones() -> None:
+    from appliance.tenancy.policy import Policy, parse_value
+
+    policy = Policy(price_in=2.0, price_out=8.0)
+    assert policy.prices("default") == (2.0, 8.0)
+    assert policy.prices("batch") == (1.0, 4.0)
+    assert Policy(price_in=2.0, price_out=8.0, price_batch_in=0.5, price_batch_out=3.0).prices("batch") == (
+        0.5,
+        3.0,
+    )
+    assert parse_value("price_batch_in", "none") is None

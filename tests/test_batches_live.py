@@ -4,8 +4,10 @@ lines; another tenant can neither see nor use the files and batches."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import sqlite3
 import time
 from collections import Counter
 from typing import Any
@@ -82,6 +84,17 @@ def test_a_200_line_batch_answers_as_interactive_requests(server: Server) -> Non
         assert response["body"]["object"] == "chat.completion"
         assert response["body"]["choices"][0]["message"]["content"] == interactive[PROMPTS[i % len(PROMPTS)]]
     assert batch in [b for b in acme.batches.list()]
+    # Each line booked once in the usage ledger, as a batch line, with the batch's id.
+    deadline = time.monotonic() + 60
+    while (rows := ledger_rows(server, batch.id)) != Counter({("batch", 200): 200}):
+        assert time.monotonic() < deadline, rows
+        time.sleep(0.2)
+
+
+def ledger_rows(server: Server, batch_id: str) -> Counter[tuple[str, int]]:
+    with contextlib.closing(sqlite3.connect(f"file:{server.demo.database}?mode=ro", uri=True)) as db:
+        rows = db.execute("select tier, status from usage where batch_id = ?", [batch_id]).fetchall()
+    return Counter((tier, status) for tier, status in rows)
 
 
 def test_bad_lines_become_error_lines_and_the_rest_completes(server: Server) -> None:

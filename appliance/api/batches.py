@@ -171,7 +171,8 @@ def line_runner(services: Services) -> RunLine:
         if tenant is None or tenant.disabled:
             return Outcome(None, stop="The tenant was removed or disabled.")
         endpoint = jobs.ENDPOINTS[batch.endpoint]
-        trace = Trace(Caller(tenant, batch.key_id, batch.key_kind), endpoint, services.engine_name)
+        caller = Caller(tenant, batch.key_id, batch.key_kind)
+        trace = Trace(caller, endpoint, services.engine_name, tier="batch", batch_id=batch.id)
 
         def book() -> None:  # once the result is durable (batch/runner.py)
             if not trace.published:

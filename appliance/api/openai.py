@@ -130,6 +130,9 @@ class Trace:
     published: bool = False
     guardrails: set[str] = field(default_factory=set)
     """Which of the tenant's guardrails acted on the request before it ran (deny_input)."""
+    tier: str = "default"
+    """`batch` for a batch job's line: the scheduler's background band, the batch prices."""
+    batch_id: str | None = None
 
     def settle(self) -> None:
         """Give back what the request reserved and did not use (idempotent)."""
@@ -159,6 +162,7 @@ class Trace:
         result = self.result
         first = result.first_token_at if result else None
         policy = self.ticket.policy if self.ticket else None
+        price_in, price_out = policy.prices(self.tier) if policy else (0.0, 0.0)
         return RequestRecord(
             tenant=self.caller.tenant.name,
             key_id=self.caller.key_id,
@@ -173,8 +177,10 @@ class Trace:
             completion_tokens=result.completion_tokens if result else 0,
             ttft_ms=round((first - self.started) * 1000, 2) if first is not None else None,
             latency_ms=round((time.perf_counter() - self.started) * 1000, 2),
-            price_in=policy.price_in if policy else 0.0,
-            price_out=policy.price_out if policy else 0.0,
+            price_in=price_in,
+            price_out=price_out,
+            tier=self.tier,
+            batch_id=self.batch_id,
             admitted=self.admitted,
             guardrails=tuple(sorted(self.guardrails | (result.guardrails if result else set()))),
         )
@@ -477,11 +483,11 @@ async def running(
         # counters (Redis) the take is awaited.
         admission, reserve = services.admission, max_tokens * options.n
         adapter = parsed.model if target.adapter else ""  # as requests name it: the picker's key
-        key = trace.caller.key_limits
+        key, background = trace.caller.key_limits, trace.tier == "batch"
         ticket = trace.ticket = (
-            admission.admit(tenant, len(prompt_ids), reserve, adapter, key)
+            admission.admit(tenant, len(prompt_ids), reserve, adapter, key, background)
             if admission.shared is None
-            else await admission.admit_shared(tenant, len(prompt_ids), reserve, adapter, key)
+            else await admission.admit_shared(tenant, len(prompt_ids), reserve, adapter, key, background)
         )
     except Refusal as refusal:
         raise refused(refusal) from None

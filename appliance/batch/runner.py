@@ -13,7 +13,8 @@ committed one. A line's usage is booked after its result is committed, so a line
 after a crash was never booked, and no line is booked twice (a crash between the commit and the
 booking loses those rows instead: at most one group's).
 
-Knob: `max_running` (the setting `batch_max_running`; by default half the engine's places).
+Knob: `max_running` (the scheduler's band size, `batch_max_running`): lines handed to the band at
+once; the band itself decides when each starts (tenancy/scheduler.py).
 """
 
 from __future__ import annotations

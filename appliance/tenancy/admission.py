@@ -284,11 +284,18 @@ class Admission:
         return ask, standing
 
     def admit(
-        self, tenant: str, prompt_tokens: int, max_tokens: int, model: str = "", key: KeyLimits | None = None
+        self,
+        tenant: str,
+        prompt_tokens: int,
+        max_tokens: int,
+        model: str = "",
+        key: KeyLimits | None = None,
+        background: bool = False,
     ) -> Ticket:
         """Reserve and queue one request with this box's counters, or raise Refusal. Nothing is kept
         when it is refused. `model`: the adapter as the request names it ("" for the base model);
-        `key`: the service key's own limits, when a service key sent it."""
+        `key`: the service key's own limits, when a service key sent it; `background`: a batch
+        line, queued in the scheduler's background band."""
         policy = self.policies.get(tenant)
         ask, standing = self._ask(tenant, policy, prompt_tokens, max_tokens)
         key_ask = self._take_key(key, ask.tokens)
@@ -304,13 +311,20 @@ class Admission:
                 shared=False,
                 model=model,
                 key_ask=key_ask,
+                background=background,
             )
         except BaseException:
             self._give_back_key(key_ask)
             raise
 
     async def admit_shared(
-        self, tenant: str, prompt_tokens: int, max_tokens: int, model: str = "", key: KeyLimits | None = None
+        self,
+        tenant: str,
+        prompt_tokens: int,
+        max_tokens: int,
+        model: str = "",
+        key: KeyLimits | None = None,
+        background: bool = False,
     ) -> Ticket:
         """`admit` with the shared counters (there must be some): the take is awaited; when they do
         not answer, the local counters serve (fail open) or the request gets 503 (fail closed)."""
@@ -341,6 +355,7 @@ class Admission:
                         shared=True,
                         model=model,
                         key_ask=key_ask,
+                        background=background,
                     )
             if shared.fail_open:
                 counted = self.local.take(ask)
@@ -354,6 +369,7 @@ class Admission:
                     shared=False,
                     model=model,
                     key_ask=key_ask,
+                    background=background,
                 )
             raise Refusal(
                 503,
@@ -383,6 +399,7 @@ class Admission:
         shared: bool,
         model: str,
         key_ask: Ask | None = None,
+        background: bool = False,
     ) -> Ticket:
         """Step 3, for a request whose counters answered: refuse what they did not take, else queue."""
         now = self._clock()
@@ -399,6 +416,7 @@ class Admission:
                 max_queued=policy.max_queued,
                 prompt_tokens=prompt_tokens,
                 max_tokens=max_tokens,
+                background=background,
             )
         except QueueFull as full:
             self._give_back(ask, 0, shared=shared, requests=1)

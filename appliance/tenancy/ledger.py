@@ -82,6 +82,11 @@ class RequestRecord:
     """It passed admission (rate limits, quota, queue bounds). The ledger books only these, with
     the tokens the engine processed (none for one that never left the queue); refusals are
     counted by telemetry alone, so that a flood of refused requests cannot grow the ledger."""
+    tier: str = "default"
+    """The band that served it: `default` (interactive) or `batch` (a batch job's line, at the
+    tenant's batch prices)."""
+    batch_id: str | None = None
+    """The batch job a `batch` request was a line of."""
     guardrails: tuple[str, ...] = ()
     """Which of the tenant's guardrails acted (deny_input, deny_output, redact_output): counted by
     telemetry; the ledger keeps the status and finish reason they gave."""

@@ -339,3 +339,11 @@ def m021b_batches(db: sqlite_utils.Database) -> None:
         not_null={"batch_id", "line", "body"},
     )
     db.execute("create index batch_lines_pending on batch_lines (batch_id, line) where result is null")
+
+
+@migration
+def m021c_usage_tier(db: sqlite_utils.Database) -> None:
+    # Which band served a request: `default` (interactive) or `batch` (a line of a batch job, named
+    # by `batch_id`, billed at the tenant's batch prices). Older rows: interactive (NULL).
+    db.table("usage").add_column("tier", str)
+    db.table("usage").add_column("batch_id", str)
