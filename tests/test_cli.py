@@ -565,3 +565,29 @@ async def test_an_action_under_sudo_names_the_same_actor_through_the_socket_as_d
     assert through_socket == local_user()
     if os.getuid() == 0:
         assert through_socket == "root (sudo by alice)"
+
+
+def test_batches_lists_jobs_with_progress(run: Run, box: Box) -> None:
+    from appliance.batch import jobs
+    from appliance.tenancy.store import Store
+
+    run("tenant", "add", "acme")
+    run("tenant", "add", "globex")
+    with Store.open(box.database) as store:
+        for n, (tenant, status, total, completed, failed) in enumerate(
+            [("acme", "in_progress", 200, 50, 2), ("globex", "completed", 10, 10, 0)]
+        ):
+            batch = jobs.Batch(
+                f"batch_{n}", tenant, "k", "tenant", "/v1/chat/completions", "file-x", "24h", None, status,
+                None, None, None, total, completed, failed, 1_800_000_000 + n, None, 1_800_086_400, None,
+                None, None, None, None, None,
+            )  # fmt: skip
+            jobs.insert_batch(store, batch)
+    result = run("batches")
+    assert result.code == 0
+    rows = table(result.out)
+    assert [(r["ID"], r["STATUS"], r["PROGRESS"]) for r in rows] == [
+        ("batch_1", "completed", "10/10 100%"),
+        ("batch_0", "in_progress", "52/200 26%"),
+    ]
+    assert [r["ID"] for r in table(run("batches", "--tenant", "acme").out)] == ["batch_0"]

@@ -646,6 +646,23 @@ def cmd_events(args: argparse.Namespace) -> None:
         _table(list(reversed(store.events(args.limit))), ["ts", "kind", "tenant", "version", "detail"])
 
 
+def cmd_batches(args: argparse.Namespace) -> None:
+    from ..batch.jobs import list_batches
+
+    with Store.open(_settings(args).database_path) as store:
+        page, _ = list_batches(store, args.tenant, limit=args.limit)
+    rows = []
+    for batch in page:
+        done = batch.completed + batch.failed
+        share = f"{100 * done / batch.total:.0f}%" if batch.total else "-"
+        created = datetime.fromtimestamp(batch.created_at, UTC).strftime("%Y-%m-%d %H:%M")
+        rows.append(
+            {"id": batch.id, "tenant": batch.tenant, "status": batch.status, "endpoint": batch.endpoint,
+             "progress": f"{done}/{batch.total} {share}", "failed": batch.failed, "created": created}
+        )  # fmt: skip
+    _table(rows, ["id", "tenant", "status", "endpoint", "progress", "failed", "created"])
+
+
 def moment(option: str) -> Callable[[str], str]:
     """An argparse type: `7d`, `24h`, `30m`, `2w` ago (ASCII digits, within 100 years), or a date
     or time (ISO 8601, UTC unless it says otherwise), as the ledger writes times."""
@@ -1068,6 +1085,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("events", parents=[common], help="adapter and key events, newest last")
     p.add_argument("--limit", type=limit, default=50, help=f"at most {MAX_LIMIT}")
     p.set_defaults(func=cmd_events)
+
+    p = sub.add_parser(
+        "batches", parents=[common], help="batch jobs (/v1/batches), newest first, with progress"
+    )
+    p.add_argument("--tenant", type=tenant_name, help="only this tenant's")
+    p.add_argument("--limit", type=whole_number("--limit", 1, 100), default=20, help="at most 100")
+    p.set_defaults(func=cmd_batches)
 
     p = sub.add_parser("usage", parents=[common], help="requests, tokens and cost per tenant (the ledger)")
     p.add_argument("tenant", nargs="?", type=tenant_name)
