@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -21,10 +22,11 @@ from appliance.tenancy.writer import StoreWriter
 
 @dataclass
 class FakeCore:
-    """Answers each line with its prompt upper-cased; counts runs and bookings per custom_id."""
+    """Answers each line with its prompt upper-cased; counts runs and telemetry counts per prompt;
+    each line's usage row names its prompt as the model."""
 
     runs: Counter[str] = field(default_factory=Counter)
-    booked: Counter[str] = field(default_factory=Counter)
+    counted: Counter[str] = field(default_factory=Counter)
     gate: asyncio.Event | None = None
     """When set, lines wait for it (to hold them running)."""
     refuse: dict[str, Callable[[], Outcome | None]] = field(default_factory=dict)
@@ -38,10 +40,14 @@ class FakeCore:
         if prompt in self.refuse and (outcome := self.refuse[prompt]()) is not None:
             return outcome
 
-        def book() -> None:
-            self.booked[prompt] += 1
+        def count() -> None:
+            self.counted[prompt] += 1
 
-        return Outcome({"status_code": 200, "request_id": "r", "body": {"text": prompt.upper()}}, book=book)
+        usage = {"uid": uuid.uuid4().hex, "ts": "2026-12-07T00:00:00", "tenant": "acme", "key_id": "k1",
+                 "model": prompt, "endpoint": "completions", "engine": "fake", "status": 200, "tier": "batch",
+                 "batch_id": batch.id}  # fmt: skip
+        body = {"text": prompt.upper()}
+        return Outcome({"status_code": 200, "request_id": "r", "body": body}, usage=usage, count=count)
 
 
 @dataclass
@@ -79,6 +85,10 @@ class Box:
         )  # fmt: skip
         await self.writer.call(jobs.insert_batch, batch)
         return batch.id
+
+    def booked(self) -> Counter[str]:
+        """The usage rows in the ledger, per prompt."""
+        return Counter(row[0] for row in self.store.db.execute("select model from usage"))
 
     def batch(self, batch_id: str) -> jobs.Batch:
         found = jobs.get_batch(self.store, batch_id)
@@ -146,7 +156,8 @@ async def test_lines_run_once_and_bad_lines_become_error_lines(box: Box) -> None
         ("c7", "invalid_url"),
     ]
     assert set(box.core.runs.values()) == {1}
-    assert box.core.booked == box.core.runs
+    assert box.booked() == box.core.runs
+    assert box.core.counted == box.core.runs
     # The lines are gone with the batch's end; the output files are the tenant's, as OpenAI's.
     assert box.store.db.execute("select count(*) from batch_lines").fetchone()[0] == 0
     purposes = {
@@ -183,15 +194,14 @@ async def test_a_restart_neither_repeats_nor_loses_a_line(box: Box) -> None:
             task.cancel()
     committed = box.batch(batch_id).completed
     assert committed in (20, 30)  # whole groups only
-    booked_before = sum(core.booked.values())
-    assert booked_before == committed  # what was not committed was not booked either
+    assert sum(box.booked().values()) == committed  # what was not committed was not booked either
 
     async with box.runner(max_running=3, group=10).serving():
         batch = await box.until(batch_id, "completed")
     output = box.output(batch.output_file_id)
     assert Counter(line["custom_id"] for line in output) == Counter(f"c{i}" for i in range(40))
     assert batch.completed == 40
-    assert core.booked == Counter(f"p{i}" for i in range(40))  # each line booked once
+    assert box.booked() == Counter(f"p{i}" for i in range(40))  # each line booked once
     # The committed lines ran once; only the lost group's ran twice.
     assert sum(n - 1 for n in core.runs.values()) <= 10
 

@@ -174,7 +174,7 @@ def line_runner(services: Services) -> RunLine:
         caller = Caller(tenant, batch.key_id, batch.key_kind)
         trace = Trace(caller, endpoint, services.engine_name, tier="batch", batch_id=batch.id)
 
-        def book() -> None:  # once the result is durable (batch/runner.py)
+        def book() -> None:  # a line without a result: through the ledger, as any request
             if not trace.published:
                 trace.publish(services)
 
@@ -190,11 +190,18 @@ def line_runner(services: Services) -> RunLine:
                 async with running(services, generator, trace, target, parsed, prompt_ids) as run:
                     response = await run.collect()
         except APIError as exc:
-            return _refused(exc, book)
+            outcome = _refused(exc, book)
         except BaseException:
             book()
             raise
-        return Outcome({"status_code": 200, "request_id": response["id"], "body": response}, book=book)
+        else:
+            outcome = Outcome({"status_code": 200, "request_id": response["id"], "body": response})
+        if outcome.response is not None:  # its usage row is committed with it (batch/runner.py)
+            trace.published = True
+            record = trace.record()
+            outcome.usage = services.ledger.row(record) if record.admitted else None
+            outcome.count = lambda: services.count(record)
+        return outcome
 
     return run_line
 

@@ -294,10 +294,17 @@ def start(store: Store, batch_id: str) -> None:
         )
 
 
-def commit_results(store: Store, batch_id: str, results: list[tuple[int, str, bool]]) -> None:
+def commit_results(
+    store: Store,
+    batch_id: str,
+    results: list[tuple[int, str, bool]],
+    usage: list[dict[str, Any]] | None = None,
+) -> None:
     """One group of lines' results (line, result line as JSON, is an error), with the batch's
-    counts, in one transaction: all of them are durable, or none."""
+    counts and the lines' usage rows, in one transaction: all of them are durable, or none. So a
+    line is in the ledger exactly when its result is: never twice, never lost."""
     with store.writing():
+        store.record_usage(usage or [])
         store.db.conn.executemany(
             "update batch_lines set result = ?, error = ? where batch_id = ? and line = ? and result is null",
             [(result, int(error), batch_id, line) for line, result, error in results],

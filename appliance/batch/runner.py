@@ -7,11 +7,11 @@ shutting down). A line runs as the request it holds, through the same admission 
 interactive request (`RunLine`, api/batches.py); a line the box could not run now (503, a
 retryable 429) goes back to wait, and is not a result.
 
-Bound (durability): results are committed `group` lines at a time, or after `flush_s`; a crash
-loses at most the uncommitted results (those lines run again after the restart), never a
-committed one. A line's usage is booked after its result is committed, so a line that runs again
-after a crash was never booked, and no line is booked twice (a crash between the commit and the
-booking loses those rows instead: at most one group's).
+Bound (durability): results are committed `group` lines at a time, or after `flush_s`, each with
+its usage row in the same transaction; a crash loses at most the uncommitted results (those lines
+run again after the restart, and were not booked), never a committed one. So each line is in the
+output and in the usage ledger exactly once. (A line that ran without a result, cut or refused
+for now, is booked through the ledger as any request is: 499 or 503.)
 
 Knob: `max_running` (the scheduler's band size, `batch_max_running`): lines handed to the band at
 once; the band itself decides when each starts (tenancy/scheduler.py).
@@ -47,11 +47,26 @@ class Outcome:
     retry_after_s: float = 1.0
     stop: str | None = None
     """The batch stops at this line (the tenant's quota ran out): why, for the lines left."""
+    usage: dict[str, Any] | None = None
+    """The line's usage row (if it was admitted): committed with its result, in one transaction."""
+    count: Callable[[], None] = lambda: None
+    """Tells telemetry of the line: once its result is durable."""
     book: Callable[[], None] = lambda: None
-    """Books the line's usage: called once its result is durable (or at once, with no result)."""
+    """With no result: books the line's usage through the ledger (what it ran, if it ran)."""
 
 
 RunLine = Callable[[jobs.Batch, str], Awaitable[Outcome]]
+
+
+@dataclass(frozen=True)
+class _Done:
+    """A line's result, until it is committed."""
+
+    line: int
+    result: str
+    error: bool
+    usage: dict[str, Any] | None
+    count: Callable[[], None]
 
 
 @dataclass
@@ -61,7 +76,7 @@ class _Progress:
     cursor: int = 0
     """The last line taken; a line put back moves it back."""
     running: dict[int, asyncio.Task[None]] = field(default_factory=dict)
-    done: list[tuple[int, str, bool, Callable[[], None]]] = field(default_factory=list)
+    done: list[_Done] = field(default_factory=list)
     first_done_at: float = 0.0
     retry_at: float = 0.0
     stop: str | None = None
@@ -165,7 +180,7 @@ class BatchRunner:
             progress = self._progress.get(batch.id)
             if batch.status != "in_progress" or progress is None or progress.stop or progress.retry_at > now:
                 continue
-            taken = {line for line, *_ in progress.done} | set(progress.running)
+            taken = {done.line for done in progress.done} | set(progress.running)
             lines = [
                 ln for ln in self._pending(batch.id, progress.cursor, free + len(taken)) if ln[0] not in taken
             ]
@@ -208,19 +223,20 @@ class BatchRunner:
         result = jobs.result_line(custom_id, outcome.response, None)
         if not progress.done:
             progress.first_done_at = self.clock()
-        progress.done.append((line, json.dumps(result, ensure_ascii=False), outcome.error, outcome.book))
+        text = json.dumps(result, ensure_ascii=False)
+        progress.done.append(_Done(line, text, outcome.error, outcome.usage, outcome.count))
 
     async def _commit(self, batch_id: str, progress: _Progress) -> None:
         done, progress.done = progress.done, []
+        results = [(d.line, d.result, d.error) for d in done]
+        usage = [d.usage for d in done if d.usage is not None]
         try:
-            await self.writer.call(
-                jobs.commit_results, batch_id, [(ln, res, err) for ln, res, err, _ in done]
-            )
+            await self.writer.call(jobs.commit_results, batch_id, results, usage)
         except BaseException:
             progress.done = done + progress.done  # not durable: kept for the next try
             raise
-        for *_, book in done:
-            book()
+        for d in done:
+            d.count()
 
     async def _end(self, batch: jobs.Batch, status: str, code: str = "", message: str = "") -> None:
         """End the batch: its running lines cancelled, what finished committed, the lines left

@@ -194,7 +194,7 @@ class UsageLedger:
             self._refuse(reason)
             durable.set_exception(LedgerUnavailable(reason))
             return durable
-        row = record.row() | {"uid": uuid.uuid4().hex, "box_id": self.box_id or None}
+        row = self.row(record)
         if self.commit == "async":  # written by the tick, after the response
             durable.set_result(None)
             self._queued.append(_Pending(row, None))
@@ -202,6 +202,11 @@ class UsageLedger:
             self._queued.append(_Pending(row, durable))
             self._start_writing()
         return durable
+
+    def row(self, record: RequestRecord) -> dict[str, Any]:
+        """The usage row of a record, as the ledger writes it (with its uid and this box's id): for
+        a writer that commits it in a transaction of its own (a batch line's, with its result)."""
+        return record.row() | {"uid": uuid.uuid4().hex, "box_id": self.box_id or None}
 
     def event(self, kind: str, *, tenant: str = "", version: str = "", detail: str = "") -> None:
         """An event the request path raises (a quota warning), written with the next rows (kept
