@@ -16,7 +16,8 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.conftest import Server
+from appliance.api.adminclient import AdminClient
+from tests.conftest import Server, no_loop_stall
 
 PROMPTS = [f"Write one line about customer {n}'s order." for n in range(10)]
 MAX_TOKENS = 6
@@ -146,3 +147,39 @@ def test_another_tenant_cannot_see_or_use_a_batch(server: Server) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         acme.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")  # type: ignore[arg-type]
     assert caught.value.body["param"] == "endpoint"  # type: ignore[index]
+
+
+def test_a_100k_line_file_validates_without_stalling_and_cancel_keeps_the_finished(server: Server) -> None:
+    """Validation parses and stores 100,000 lines with the event loop never over 100 ms late; a
+    cancel then ends the batch within 5 s, its output holding the lines that finished."""
+    admin = AdminClient(server.demo.dir / "state" / "admin.sock")
+    admin.call("POST", "/admin/tenants/initech/policy", {"batch_max_lines": 100_000})
+    try:
+        initech = client(server, "initech")
+        data = b"".join(
+            line(f"n-{i}", chat(PROMPTS[i % len(PROMPTS)], model="initech")) for i in range(100_000)
+        )
+        with no_loop_stall(server.demo):
+            uploaded = initech.files.create(file=("big.jsonl", io.BytesIO(data)), purpose="batch")
+            batch = initech.batches.create(
+                input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
+            deadline = time.monotonic() + 300
+            while (batch := initech.batches.retrieve(batch.id)).request_counts.completed < 3:
+                assert time.monotonic() < deadline, batch
+                time.sleep(0.1)
+        assert batch.status == "in_progress"
+        assert batch.request_counts.total == 100_000
+        cancelling = initech.batches.cancel(batch.id)
+        assert cancelling.status in ("cancelling", "cancelled")
+        asked = time.monotonic()
+        while (batch := initech.batches.retrieve(batch.id)).status != "cancelled":
+            assert time.monotonic() - asked < 5, batch
+            time.sleep(0.05)
+    finally:
+        admin.call("POST", "/admin/tenants/initech/policy", {"reset": ["batch_max_lines"]})
+    output = read(initech, batch.output_file_id)
+    assert len(output) == batch.request_counts.completed
+    assert len(output) >= 3
+    assert len({x["custom_id"] for x in output}) == len(output)
+    assert all(x["response"]["status_code"] == 200 for x in output)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,18 @@ def set_status(store: Store, batch_id: str, status: str, **values: Any) -> None:
         store.db.table("batches").update(batch_id, {"status": status, **values})
 
 
+def fail_validation(store: Store, batch_id: str, errors: list[dict[str, Any]]) -> None:
+    """The input is not a batch: failed, with OpenAI's `errors`, and the lines copied so far gone."""
+    with store.writing():
+        store.db.execute("delete from batch_lines where batch_id = ?", [batch_id])
+        values = {
+            "status": "failed",
+            "failed_at": now(),
+            "errors": json.dumps({"object": "list", "data": errors}),
+        }
+        store.db.table("batches").update(batch_id, values)
+
+
 def cancel(store: Store, batch_id: str, tenant: str) -> Batch | None:
     """Mark an active batch `cancelling` (the runner ends it); an ended one is left as it is."""
     with store.writing():
@@ -201,29 +214,33 @@ class ValidationFailed(Exception):
         self.errors = errors
 
 
-def read_lines(path: Path, endpoint: str) -> list[Line]:
-    """The input file's lines, each a request or an error line. ValidationFailed if the file is
-    not a batch (no line, a duplicate custom_id). Blocking: run in a thread."""
-    lines: list[Line] = []
+def read_groups(path: Path, endpoint: str, size: int = INSERT_GROUP) -> Iterator[list[Line]]:
+    """The input file's lines in groups of `size`, each a request or an error line; raises
+    ValidationFailed (as it reaches the line) if the file is not a batch: a duplicate custom_id,
+    or no request at all. Blocking: each group is read in a thread. Groups, not the whole file: a
+    file of 100,000 lines held at once is enough live objects for the garbage collector's full
+    passes to hold every thread, the event loop included, for half a second."""
     seen: dict[str, int] = {}
+    group: list[Line] = []
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             if not raw.strip():
                 continue
-            lines.append(_line(number, raw, endpoint))
-            custom_id = lines[-1].custom_id
-            if custom_id is not None:
-                if custom_id in seen:
+            parsed = _line(number, raw, endpoint)
+            if parsed.custom_id is not None:
+                if parsed.custom_id in seen:
                     raise ValidationFailed(
                         [{"code": "duplicate_custom_id", "line": number, "param": "custom_id",
-                          "message": f"The custom_id {custom_id!r} of line {number} is also line "
-                                     f"{seen[custom_id]}'s; each request needs its own."}]
+                          "message": f"The custom_id {parsed.custom_id!r} of line {number} is also line "
+                                     f"{seen[parsed.custom_id]}'s; each request needs its own."}]
                     )  # fmt: skip
-                seen[custom_id] = number
-    if not lines:
-        raise ValidationFailed([{"code": "empty_file", "line": None, "param": "input_file_id",
-                                 "message": "The input file has no requests."}])  # fmt: skip
-    return lines
+                seen[parsed.custom_id] = number
+            group.append(parsed)
+            if len(group) == size:
+                yield group
+                group = []
+    if group:
+        yield group
 
 
 def _line(number: int, raw: bytes, endpoint: str) -> Line:

@@ -264,24 +264,28 @@ class BatchRunner:
             self._validating.pop(batch.id, None)
 
     async def _read_input(self, batch: jobs.Batch) -> None:
+        """Copy the input's lines into the batch's rows, a group at a time (read in a thread,
+        written by the store writer), then start it; or fail it, saying why."""
         path = self.files.path(batch.tenant, batch.input_file_id)
         try:
-            lines = await asyncio.to_thread(jobs.read_lines, path, batch.endpoint)
+            groups = jobs.read_groups(path, batch.endpoint)
+            first = True
+            while (group := await asyncio.to_thread(next, groups, None)) is not None:
+                await self.writer.call(jobs.add_lines, batch.id, group, first=first)
+                first = False
+            if first:
+                raise jobs.ValidationFailed(
+                    [{"code": "empty_file", "line": None, "param": "input_file_id",
+                      "message": "The input file has no requests."}]
+                )  # fmt: skip
         except jobs.ValidationFailed as exc:
-            errors = json.dumps({"object": "list", "data": exc.errors})
-            await self.writer.call(jobs.set_status, batch.id, "failed", errors=errors)
+            await self.writer.call(jobs.fail_validation, batch.id, exc.errors)
             return
         except OSError as exc:
             error = {"code": "invalid_input_file", "line": None, "param": "input_file_id",
                      "message": f"The input file could not be read: {exc.strerror}."}  # fmt: skip
-            await self.writer.call(
-                jobs.set_status, batch.id, "failed", errors=json.dumps({"object": "list", "data": [error]})
-            )
+            await self.writer.call(jobs.fail_validation, batch.id, [error])
             return
-        for start in range(0, len(lines), jobs.INSERT_GROUP):
-            await self.writer.call(
-                jobs.add_lines, batch.id, lines[start : start + jobs.INSERT_GROUP], first=start == 0
-            )
         await self.writer.call(jobs.start, batch.id)
         self.wake()
 
