@@ -100,6 +100,7 @@ def ledger_rows(server: Server, batch_id: str) -> Counter[tuple[str, int]]:
 
 def test_bad_lines_become_error_lines_and_the_rest_completes(server: Server) -> None:
     acme = client(server, "acme")
+    admin = AdminClient(server.demo.dir / "state" / "admin.sock")
     data = b"".join(
         [
             line("good-1", chat(PROMPTS[0])),
@@ -108,25 +109,29 @@ def test_bad_lines_become_error_lines_and_the_rest_completes(server: Server) -> 
             line("their-model", chat(PROMPTS[2], model="globex")),
             line("streaming", chat(PROMPTS[3]) | {"stream": True}),
             line("bad-param", chat(PROMPTS[4]) | {"temperature": "hot"}),
+            line("over-cap", chat(PROMPTS[6]) | {"max_tokens": 40}),
             line("good-2", chat(PROMPTS[5])),
         ]
     )
-    batch = run_batch(acme, data)
+    admin.call("POST", "/admin/tenants/acme/policy", {"max_tokens": 20})  # the tenant's cap
+    try:
+        batch = run_batch(acme, data)
+    finally:
+        admin.call("POST", "/admin/tenants/acme/policy", {"reset": ["max_tokens"]})
     assert batch.status == "completed", batch
-    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (
-        7,
-        2,
-        5,
-    )
+    counts = batch.request_counts
+    assert (counts.total, counts.completed, counts.failed) == (8, 2, 6)
     assert {x["custom_id"] for x in read(acme, batch.output_file_id)} == {"good-1", "good-2"}
     errors = {x["custom_id"]: x for x in read(acme, batch.error_file_id)}
-    assert set(errors) == {None, "wrong-url", "their-model", "streaming", "bad-param"}
+    assert set(errors) == {None, "wrong-url", "their-model", "streaming", "bad-param", "over-cap"}
     assert errors[None]["error"]["code"] == "invalid_json"
     assert errors["wrong-url"]["error"]["code"] == "invalid_url"
     assert errors["their-model"]["response"]["status_code"] == 404
     assert errors["their-model"]["response"]["body"]["error"]["code"] == "model_not_found"
     assert errors["streaming"]["response"]["body"]["error"]["param"] == "stream"
     assert errors["bad-param"]["response"]["body"]["error"]["param"] == "temperature"
+    assert errors["over-cap"]["response"]["status_code"] == 400
+    assert errors["over-cap"]["response"]["body"]["error"]["param"] == "max_tokens"
 
 
 def test_another_tenant_cannot_see_or_use_a_batch(server: Server) -> None:
