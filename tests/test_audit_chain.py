@@ -119,13 +119,13 @@ def test_an_export_of_a_tampered_log_is_refused(lorabox: Lorabox, database: Path
 
 
 def test_a_nullable_column_added_later_keeps_older_rows_valid(lorabox: Lorabox, database: Path) -> None:
-    """What a later migration adding an audit column (which key acted) does to the chain: nothing to
-    the rows before it; the rows after it cover the new column."""
+    """What a later migration adding an audit column (as key_id, which key acted, was) does to the
+    chain: nothing to the rows before it; the rows after it cover the new column."""
     with Store.open(database) as store:
-        store.db.table("audit_log").add_column("key_id", str)
+        store.db.table("audit_log").add_column("later", str)
     assert lorabox("audit", "--verify")[0] == 0
     lorabox("tenant", "set", "acme", "--rpm", "61")
-    sqlite3(database, "update audit_log set key_id = 'k1' where id = 5")
+    sqlite3(database, "update audit_log set later = 'k1' where id = 5")
     code, _, err = lorabox("audit", "--verify")
     assert code == 1
     assert "audit row 5 was edited" in err

@@ -37,6 +37,9 @@ KNOWN_BENIGN = (
     "NUMA binding: Using MEMBIND policy for memory allocation",
     # On CPU vLLM turns torch.compile's inductor off itself; lorabox asks for nothing else.
     "Inductor compilation was disabled by user settings",
+    # lorabox sets TORCH_COMPILE_DISABLE on CPU itself (engines/vllm.py: the logprobs kernel's first
+    # compile stalled the engine core 40 s); vLLM says so once per process.
+    "TORCH_COMPILE_DISABLE is set, disabling torch.compile",
     # Intel's OpenMP instead of the GNU one PyTorch ships with: no gain measured above the noise
     # (README, "Engines"); tcmalloc, which is faster, lorabox preloads itself (engines/vllm.py).
     "libiomp is not found in LD_PRELOAD",

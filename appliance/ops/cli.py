@@ -49,6 +49,7 @@ from ..tenancy.policy import (
 )
 from ..tenancy.quota import period_start, timestamp
 from ..tenancy.store import USAGE_COLUMNS, IssuedKey, Store, unavailable
+from . import filemodes
 
 EXIT_CONFIG = 78
 """A configuration error (sysexits' EX_CONFIG): a bad setting, the port in use, a context longer
@@ -215,6 +216,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
         raise LoraboxError("usage: lorabox demo [init] [DIR]")
     demo_dir = Path(words[0]) if words else DEFAULT_DEMO_DIR
     print(f">>> Writing the demo into {demo_dir} (tiny model, tenant adapters, keys)", flush=True)
+    # Its state as the daemon keeps it (filemodes.py), not written loose and then tightened, with
+    # a warning per file, at the daemon's start.
+    os.umask(filemodes.UMASK)
     keys = init_demo(demo_dir, force=args.force)
     config_path = demo_dir.resolve() / "lorabox.toml"
     if init_only:

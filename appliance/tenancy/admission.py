@@ -300,19 +300,10 @@ class Admission:
         ask, standing = self._ask(tenant, policy, prompt_tokens, max_tokens)
         key_ask = self._take_key(key, ask.tokens)
         try:
-            counted = self.local.take(ask)
-            return self._enter(
-                ask,
-                policy,
-                standing,
-                prompt_tokens,
-                max_tokens,
-                counted,
-                shared=False,
-                model=model,
-                key_ask=key_ask,
-                background=background,
+            enter = functools.partial(
+                self._enter, ask, standing, prompt_tokens, max_tokens, model, key_ask, background=background
             )
+            return enter(policy, self.local.take(ask), shared=False)
         except BaseException:
             self._give_back_key(key_ask)
             raise
@@ -333,6 +324,9 @@ class Admission:
         policy = self.policies.get(tenant)
         ask, standing = self._ask(tenant, policy, prompt_tokens, max_tokens)
         key_ask = self._take_key(key, ask.tokens)
+        enter = functools.partial(
+            self._enter, ask, standing, prompt_tokens, max_tokens, model, key_ask, background=background
+        )
         try:
             if shared.down is None:
                 take = asyncio.ensure_future(shared.take(ask))
@@ -343,34 +337,10 @@ class Admission:
                 except asyncio.CancelledError:  # the client left: what the take took goes back
                     take.add_done_callback(functools.partial(_undo, shared, ask))
                     raise
-                else:
-                    policy = self.policies.get(tenant)
-                    return self._enter(
-                        ask,
-                        policy,
-                        standing,
-                        prompt_tokens,
-                        max_tokens,
-                        counted,
-                        shared=True,
-                        model=model,
-                        key_ask=key_ask,
-                        background=background,
-                    )
+                else:  # the policy as it is now, after the wait
+                    return enter(self.policies.get(tenant), counted, shared=True)
             if shared.fail_open:
-                counted = self.local.take(ask)
-                return self._enter(
-                    ask,
-                    policy,
-                    standing,
-                    prompt_tokens,
-                    max_tokens,
-                    counted,
-                    shared=False,
-                    model=model,
-                    key_ask=key_ask,
-                    background=background,
-                )
+                return enter(policy, self.local.take(ask), shared=False)
             raise Refusal(
                 503,
                 "limits_unavailable",
@@ -390,15 +360,15 @@ class Admission:
     def _enter(
         self,
         ask: Ask,
-        policy: Policy,
         standing: Standing,
         prompt_tokens: int,
         max_tokens: int,
+        model: str,
+        key_ask: Ask | None,
+        policy: Policy,
         counted: Counted,
         *,
         shared: bool,
-        model: str,
-        key_ask: Ask | None = None,
         background: bool = False,
     ) -> Ticket:
         """Step 3, for a request whose counters answered: refuse what they did not take, else queue."""
