@@ -287,3 +287,28 @@ def test_batch_prices_default_to_half_the_interactive_ones() -> None:
         3.0,
     )
     assert parse_value("price_batch_in", "none") is None
+
+
+async def test_a_line_committed_twice_is_counted_and_booked_once(box: Box) -> None:
+    """A group already with the writer when the runner stopped is committed after all, and its lines
+    run again after the restart: their second results are not counted, nor booked, again."""
+    batch_id = await box.submit([request("c0", "p0"), request("c1", "p1")])
+    box.core.gate = asyncio.Event()  # validated, and its lines hang until the test is done
+    runner = box.runner(max_running=1, group=1)
+    async with runner.serving():
+        await box.until(batch_id, "in_progress")
+        line = box.store.db.execute(
+            "select min(line) from batch_lines where batch_id = ?", [batch_id]
+        ).fetchone()[0]
+        usage = {
+            "uid": "u", "ts": "2026-12-07T00:00:00", "tenant": "acme", "key_id": "k1", "model": "p0",
+            "adapter_version": "v1", "endpoint": "completions", "engine": "fake", "status": 200,
+            "finish_reason": "stop", "prompt_tokens": 1, "completion_tokens": 1, "latency_ms": 1.0,
+        }  # fmt: skip
+        for uid in ("first", "again"):
+            await box.writer.call(
+                jobs.commit_results, batch_id, [(line, '{"a": 1}', False, usage | {"uid": uid})]
+            )
+        assert box.batch(batch_id).completed == 1
+        assert box.booked() == Counter({"p0": 1})
+        box.core.gate.set()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -312,24 +312,28 @@ def start(store: Store, batch_id: str) -> None:
 
 
 def commit_results(
-    store: Store,
-    batch_id: str,
-    results: list[tuple[int, str, bool]],
-    usage: list[dict[str, Any]] | None = None,
+    store: Store, batch_id: str, results: Sequence[tuple[int, str, bool, dict[str, Any] | None]]
 ) -> None:
-    """One group of lines' results (line, result line as JSON, is an error), with the batch's
-    counts and the lines' usage rows, in one transaction: all of them are durable, or none. So a
-    line is in the ledger exactly when its result is: never twice, never lost."""
+    """One group of lines' results (line, result line as JSON, is an error, its usage row or None),
+    with the batch's counts and the lines' usage rows, in one transaction: all of them are durable,
+    or none. A line that has a result already (it ran again: a group in flight when the runner
+    stopped was committed after all) is left as it was, uncounted and unbooked, so a line is in
+    the ledger exactly when its result is: never twice, never lost."""
     with store.writing():
-        store.record_usage(usage or [])
-        store.db.conn.executemany(
-            "update batch_lines set result = ?, error = ? where batch_id = ? and line = ? and result is null",
-            [(result, int(error), batch_id, line) for line, result, error in results],
-        )
-        errors = sum(error for _, _, error in results)
+        usage, completed, failed = [], 0, 0
+        for line, result, error, row in results:
+            taken = store.db.execute(
+                "update batch_lines set result = ?, error = ? "
+                "where batch_id = ? and line = ? and result is null",
+                [result, int(error), batch_id, line],
+            ).rowcount
+            if taken:
+                failed, completed = failed + error, completed + (not error)
+                usage += [row] if row is not None else []
+        store.record_usage(usage)
         store.db.execute(
             "update batches set completed = completed + ?, failed = failed + ? where id = ?",
-            [len(results) - errors, errors, batch_id],
+            [completed, failed, batch_id],
         )
 
 
@@ -339,7 +343,7 @@ def fail_pending(store: Store, batch_id: str, code: str, message: str) -> None:
         "select line, custom_id from batch_lines where batch_id = ? and result is null", [batch_id]
     ).fetchall()
     results = [
-        (line, json.dumps(result_line(cid, None, {"code": code, "message": message})), True)
+        (line, json.dumps(result_line(cid, None, {"code": code, "message": message})), True, None)
         for line, cid in rows
     ]
     commit_results(store, batch_id, results)

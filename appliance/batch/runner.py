@@ -228,10 +228,9 @@ class BatchRunner:
 
     async def _commit(self, batch_id: str, progress: _Progress) -> None:
         done, progress.done = progress.done, []
-        results = [(d.line, d.result, d.error) for d in done]
-        usage = [d.usage for d in done if d.usage is not None]
+        results = [(d.line, d.result, d.error, d.usage) for d in done]
         try:
-            await self.writer.call(jobs.commit_results, batch_id, results, usage)
+            await self.writer.call(jobs.commit_results, batch_id, results)
         except BaseException:
             progress.done = done + progress.done  # not durable: kept for the next try
             raise
