@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import urllib.error
@@ -152,6 +154,23 @@ def reference(demo: Demo) -> Reference:
 @pytest.fixture(scope="session")
 def base_model_name() -> str:
     return DEMO_MODEL_NAME
+
+
+def serve_refused(config: Path, timeout_s: float) -> subprocess.CompletedProcess[str]:
+    """`lorabox serve --config config` run to its exit, as systemd runs it (no LORABOX_ variable of
+    the test's own); its stdout is the exit status and the engines imported by then (`78 []`)."""
+    serve = (
+        "import sys\nfrom appliance.ops.cli import main\n"
+        "print(main(sys.argv[1:]), sorted({'torch', 'vllm'} & set(sys.modules)))"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", serve, "serve", "--config", str(config)],
+        cwd=Path(__file__).resolve().parents[1],
+        env={k: v for k, v in os.environ.items() if not k.startswith("LORABOX_")},
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
 
 
 def post_json(url: str, body: Any, key: str | None = None, raw: bytes | None = None) -> tuple[int, Any]:

@@ -16,6 +16,7 @@ from appliance.config import settings as config_module
 from appliance.config.settings import Settings, load_config, setting_names
 from appliance.errors import ConfigError
 from appliance.ops.cli import EXIT_CONFIG
+from tests.conftest import serve_refused
 
 
 @pytest.fixture(autouse=True)
@@ -308,18 +309,7 @@ def test_a_port_in_use_is_one_line_naming_it_and_its_holder_before_any_engine_wo
         holder.listen()
         port = holder.getsockname()[1]
         path = write(tmp_path, f'port = {port}\nstate_dir = "{tmp_path / "state"}"\n')
-        serve = (  # the exit status, and whether torch or vLLM was imported by then
-            "import sys\nfrom appliance.ops.cli import main\n"
-            "print(main(sys.argv[1:]), sorted({'torch', 'vllm'} & set(sys.modules)))"
-        )
-        result = subprocess.run(
-            [sys.executable, "-c", serve, "serve", "--config", str(path)],
-            cwd=Path(__file__).resolve().parents[1],
-            env={k: v for k, v in os.environ.items() if not k.startswith("LORABOX_")},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        result = serve_refused(path, timeout_s=60)
     assert result.stdout == f"{EXIT_CONFIG} []\n", result.stderr
     me = " ".join(psutil.Process().cmdline())[:120]
     assert result.stderr == (

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ from appliance.demo.build import DEMO_DATA_DIR
 from appliance.errors import ConfigError
 from appliance.ops.cli import EXIT_CONFIG
 from appliance.testing.localserver import free_port
+from tests.conftest import serve_refused
 
 DEMO_MODEL = DEMO_DATA_DIR / "model"
 GIB = 1 << 30
@@ -125,18 +124,7 @@ def test_lorabox_serve_refuses_it_in_one_line_before_any_engine_work(tmp_path: P
         f'state_dir = "{tmp_path / "state"}"\nadapters_dir = "{tmp_path}"\nport = {free_port()}\n'
         "max_model_len = 4096\n"
     )
-    serve = (  # the exit status, and whether torch or vLLM was imported by then
-        "import sys\nfrom appliance.ops.cli import main\n"
-        "print(main(sys.argv[1:]), sorted({'torch', 'vllm'} & set(sys.modules)))"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", serve, "serve", "--config", str(path)],
-        cwd=Path(__file__).resolve().parents[1],
-        env={k: v for k, v in os.environ.items() if not k.startswith("LORABOX_")},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = serve_refused(path, timeout_s=120)
     assert result.stdout == f"{EXIT_CONFIG} []\n", result.stderr
     assert result.stderr.startswith(
         f"lorabox: {path}: max_model_len: 4096 is more than the model's context length, 1024"

@@ -7,36 +7,23 @@ import subprocess
 import sys
 
 from appliance.testing.loadclock import LoadClock
+from tests.starvation import run_starved
 
-STARVED = """
-import os, subprocess, sys, time
+IMPORTS = """
+import time
 from appliance.testing.loadclock import LoadClock
-
-cpu = min(os.sched_getaffinity(0))
-os.sched_setaffinity(0, {cpu})
-busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
-for process in busy:
-    os.sched_setaffinity(process.pid, {cpu})
-# The busy loops get nearly all of the one CPU: SCHED_IDLE runs only when they let it (nice 19
-# alone is not enough under EEVDF, which woke a sleeper 2-5 ms late).
-os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-try:
-    clock, asleep = LoadClock(), 0.0
-    while asleep < 10 and time.monotonic() - clock.began - asleep < 0.3:  # until kept waiting 0.3 s
-        time.sleep(0.025)
-        asleep += 0.025
-    print(asleep, time.monotonic() - clock.began, clock.elapsed_s())
-finally:
-    for process in busy:
-        process.kill()
+"""
+KEPT_WAITING = """
+clock, asleep = LoadClock(), 0.0
+while asleep < 10 and time.monotonic() - clock.began - asleep < 0.3:  # until kept waiting 0.3 s
+    time.sleep(0.025)
+    asleep += 0.025
+print(asleep, time.monotonic() - clock.began, clock.elapsed_s())
 """
 
 
 def test_time_kept_waiting_for_a_cpu_is_left_out_and_sleep_is_not() -> None:
-    command = [sys.executable, "-c", STARVED]
-    asleep, wall, elapsed = map(
-        float, subprocess.run(command, capture_output=True, text=True, timeout=120).stdout.split()
-    )
+    asleep, wall, elapsed = map(float, run_starved(IMPORTS, KEPT_WAITING))
     assert wall - asleep >= 0.3, "the thread was hardly kept waiting: the test proves nothing"
     assert asleep <= elapsed < asleep + (wall - asleep) / 2, (asleep, wall, elapsed)
 

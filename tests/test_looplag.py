@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import subprocess
-import sys
 import time
 
 from appliance.telemetry.looplag import LoopLagMonitor
 from tests.conftest import admin_status
+from tests.starvation import run_starved
 
 
 async def test_a_blocked_loop_is_a_stall_with_its_length_logged(caplog):
@@ -50,20 +49,11 @@ def test_start_up_does_not_hold_the_event_loop(server):
     assert max(stalls, default=0) < 500, stalls
 
 
-STARVED = """
-import asyncio, os, subprocess, sys, time
+IMPORTS = """
+import asyncio, time
 from appliance.telemetry.looplag import LoopLagMonitor
-
-cpu = min(os.sched_getaffinity(0))
-os.sched_setaffinity(0, {cpu})
-busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
-for process in busy:
-    os.sched_setaffinity(process.pid, {cpu})
-# The busy loops get nearly all of the one CPU: this loop waits, nothing holds it (SCHED_IDLE: nice 19
-# alone is not enough under EEVDF, which woke a sleeper a few ms late).
-os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-
-
+"""
+KEPT_WAITING = """
 async def main():
     monitor, worst = LoopLagMonitor(interval_s=0.01, stall_ms=100), 0.0
     async with monitor.running():
@@ -75,19 +65,13 @@ async def main():
                 break
     print(monitor.snapshot().stalls, worst)
 
-try:
-    asyncio.run(main())
-finally:
-    for process in busy:
-        process.kill()
+asyncio.run(main())
 """
 
 
 def test_a_loop_kept_waiting_for_a_cpu_is_not_a_stall():
     """A loop starved of CPU by other work (busy loops on its one CPU, at a higher priority) wakes
     up late, but nothing held it: what the machine's load costs is left out of the count."""
-    command = [sys.executable, "-c", STARVED]
-    out = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
-    stalls, worst_s = out.stdout.split()
+    stalls, worst_s = run_starved(IMPORTS, KEPT_WAITING)
     assert float(worst_s) > 0.15, "the loop was never kept waiting: the test proves nothing"
     assert int(stalls) == 0

@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from .. import background
 from .cpuwait import OwnThreadWait
 
 log = logging.getLogger(__name__)
@@ -75,10 +76,5 @@ class LoopLagMonitor:
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[LoopLagMonitor]:
-        task = asyncio.create_task(self._tick(), name="loop-lag monitor")
-        try:
+        async with background.running(self._tick(), name="loop-lag monitor"):
             yield self
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task

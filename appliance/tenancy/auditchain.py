@@ -54,17 +54,12 @@ def seal(db: sqlite_utils.Database, row_id: int) -> None:
 
 
 def _rows(db: sqlite_utils.Database, where: str = "", args: list[Any] | None = None) -> list[dict[str, Any]]:
-    cursor = db.execute(f"select * from audit_log {where}", args or [])  # noqa: S608 (ours)
-    columns = [c[0] for c in cursor.description]
-    return [dict(zip(columns, values, strict=True)) for values in cursor.fetchall()]
+    return list(db.query(f"select * from audit_log {where}", args or []))  # noqa: S608 (ours)
 
 
 def rows(db: sqlite_utils.Database) -> Iterator[dict[str, Any]]:
     """Every row with its hashes, oldest first (what `lorabox audit --export` writes)."""
-    cursor = db.execute("select * from audit_log order by id")
-    columns = [c[0] for c in cursor.description]
-    for values in cursor:
-        yield dict(zip(columns, values, strict=True))
+    return db.query("select * from audit_log order by id")
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,11 @@ round. Revoking goes through the writer thread, like every other write of the da
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+from .. import background
 from ..errors import LoraboxError
 from .redislimits import PREFIX
 from .store import Store
@@ -96,8 +96,5 @@ class RevocationSync:
                     log.debug("key revocations not exchanged this round: %s", exc)
                 await asyncio.sleep(self.every_s)
 
-        task = asyncio.create_task(loop())
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        async with background.running(loop()):
+            yield

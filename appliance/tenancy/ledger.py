@@ -14,7 +14,6 @@ spool instead (tenancy/spool.py), and is replayed into SQLite once it takes writ
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import sqlite3
@@ -26,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .. import background
 from ..config.settings import COMMIT_MODES
 from ..errors import LoraboxError, StoreError
 from .spool import UsageSpool, fsync_path
@@ -409,11 +409,8 @@ class UsageLedger:
                 await self.replay()
                 await self.sync()
 
-        task = asyncio.create_task(loop())
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task  # a write already on the writer thread finishes there, before the last one
+        async with background.running(loop()):  # a write on the writer thread finishes before the last one
+            yield
         await self.flush()
         await self.replay()
         await self.sync()

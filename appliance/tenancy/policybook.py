@@ -9,13 +9,13 @@ which checks the policies table every `every_s` on a thread of its own.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from .. import background
 from .policy import Policy, effective
 from .store import Store
 
@@ -90,11 +90,8 @@ class PolicyBook:
                         forget_marker()  # read again next time
                 await asyncio.sleep(every_s)
 
-        task = asyncio.create_task(loop())
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        async with background.running(loop()):
+            yield
         if connection:
             await asyncio.get_running_loop().run_in_executor(reader, connection[0].db.close)
         reader.shutdown()

@@ -13,11 +13,11 @@ The daemon runs it once a day (RETENTION_EVERY_S) on its writer thread; `retenti
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 
+from .. import background
 from ..errors import LoraboxError
 from .quota import timestamp
 from .store import Store
@@ -80,8 +80,5 @@ async def running(
                     log.info("retention: %d usage rows of %s summarised and deleted", count, tenant)
             await asyncio.sleep(every_s)
 
-    task = asyncio.create_task(loop())
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    async with background.running(loop()):
+        yield

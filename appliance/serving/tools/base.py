@@ -109,6 +109,18 @@ class JsonScanner:
         self._state[start] = (len(text), depth, in_string, escaped)
         return None
 
+    def object_end(self, text: str, start: int, final: bool) -> int | Taken | None:
+        """The index after the JSON object opening at text[start]; else `Taken([], 0)` while more
+        text may still make one (nothing, or an open object, there yet), None when it cannot."""
+        if start == len(text):
+            return None if final else Taken([], 0)
+        if text[start] != "{":
+            return None
+        end = self.end(text, start)
+        if end is None:
+            return None if final else Taken([], 0)
+        return end
+
 
 def skip_space(text: str, index: int) -> int:
     while index < len(text) and text[index] in _SPACE:

@@ -26,13 +26,9 @@ class Hermes:
 
     def take(self, region: str, final: bool, names: set[str], scanner: JsonScanner) -> Taken | None:
         start = skip_space(region, len(OPEN))
-        if start == len(region):
-            return None if final else Taken([], 0)
-        if region[start] != "{":
-            return None
-        end = scanner.end(region, start)
-        if end is None:
-            return None if final else Taken([], 0)
+        end = scanner.object_end(region, start, final)
+        if not isinstance(end, int):
+            return end
         close = skip_space(region, end)
         if not region.startswith(CLOSE, close):
             if final or len(region) - close >= len(CLOSE) or not CLOSE.startswith(region[close:]):

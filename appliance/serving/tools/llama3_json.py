@@ -24,13 +24,9 @@ class Llama3Json:
 
     def take(self, region: str, final: bool, names: set[str], scanner: JsonScanner) -> Taken | None:
         start = skip_space(region, len(PYTHON_TAG)) if region.startswith(PYTHON_TAG) else 0
-        if start == len(region):
-            return None if final else Taken([], 0)
-        if region[start] != "{":
-            return None
-        end = scanner.end(region, start)
-        if end is None:
-            return None if final else Taken([], 0)
+        end = scanner.object_end(region, start, final)
+        if not isinstance(end, int):
+            return end
         # Llama 3.1 documents "parameters"; some fine-tunes write "arguments".
         call = call_at(region, start, end, "parameters", names)
         call = call or call_at(region, start, end, "arguments", names)

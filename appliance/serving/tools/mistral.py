@@ -70,13 +70,9 @@ class Mistral:
         body = skip_space(region, args + len(ARGS))
         if name not in names:
             return None
-        if body == len(region):
-            return None if final else Taken([], 0)
-        if region[body] != "{":
-            return None
-        end = scanner.end(region, body)
-        if end is None:
-            return None if final else Taken([], 0)
+        end = scanner.object_end(region, body, final)
+        if not isinstance(end, int):
+            return end
         try:
             arguments = json.loads(region[body:end])
         except ValueError:

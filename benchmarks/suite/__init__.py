@@ -1,0 +1,1 @@
+"""What every benchmark shares: the load generator, percentiles and ratios, and the results folder."""
