@@ -45,13 +45,13 @@ def chat(prompt: str, model: str = "acme") -> dict[str, Any]:
     }
 
 
-def run_batch(acme: OpenAI, data: bytes) -> Any:
+def run_batch(acme: OpenAI, data: bytes, within_s: float = 600) -> Any:
     uploaded = acme.files.create(file=("day.jsonl", io.BytesIO(data)), purpose="batch")
     batch = acme.batches.create(
         input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
     )
     assert batch.status == "validating"
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + within_s
     while batch.status not in ("completed", "failed", "expired", "cancelled"):
         assert time.monotonic() < deadline, batch
         time.sleep(0.2)
@@ -188,3 +188,76 @@ def test_a_100k_line_file_validates_without_stalling_and_cancel_keeps_the_finish
     assert len(output) >= 3
     assert len({x["custom_id"] for x in output}) == len(output)
     assert all(x["response"]["status_code"] == 200 for x in output)
+
+
+def test_batch_lines_pass_the_rate_limits_and_stop_at_the_hard_quota(server: Server) -> None:
+    """RPM and TPM limit interactive traffic only: with one request a minute spent, a batch still
+    completes. The quota counts batch lines: one that would cross it stops the batch there, which
+    ends `failed`, the lines left as `insufficient_quota` errors and the finished ones kept."""
+    admin = AdminClient(server.demo.dir / "state" / "admin.sock")
+    globex = client(server, "globex")
+    admin.call("POST", "/admin/tenants/globex/policy", {"rpm": 1, "tpm": 100})
+    try:
+        globex.chat.completions.create(**chat(PROMPTS[0], model="globex"))  # type: ignore[call-overload]
+        with pytest.raises(openai.RateLimitError):
+            globex.chat.completions.create(**chat(PROMPTS[1], model="globex"))  # type: ignore[call-overload]
+        # Eight lines reserving about 8 x 40 tokens, more than the 100 a minute an interactive
+        # client may use.
+        lines = b"".join(line(f"r-{i}", chat(PROMPTS[i], model="globex")) for i in range(8))
+        batch = run_batch(globex, lines, within_s=120)  # rate limited, it would take 4 minutes
+        assert (batch.status, batch.request_counts.completed) == ("completed", 8), batch
+        with pytest.raises(openai.RateLimitError):  # the bucket is as the batch found it
+            globex.chat.completions.create(**chat(PROMPTS[1], model="globex"))  # type: ignore[call-overload]
+
+        used = admin.call("GET", "/admin/tenants/globex/policy")["quota"]["used_tokens"]
+        admin.call("POST", "/admin/tenants/globex/policy", {"quota_tokens": used + 100})
+        batch = run_batch(
+            globex, b"".join(line(f"q-{i}", chat(PROMPTS[i], model="globex")) for i in range(10))
+        )
+    finally:
+        admin.call("POST", "/admin/tenants/globex/policy", {"reset": ["rpm", "tpm", "quota_tokens"]})
+    counts = batch.request_counts
+    assert batch.status == "failed", batch
+    assert 1 <= counts.completed < 10, counts
+    assert counts.completed + counts.failed == 10, counts
+    finished = read(globex, batch.output_file_id)
+    assert len(finished) == counts.completed
+    assert all(x["response"]["status_code"] == 200 for x in finished)
+    errors = read(globex, batch.error_file_id)
+    assert {x["error"]["code"] for x in errors} == {"insufficient_quota"}, errors
+    assert {x["custom_id"] for x in errors} | {x["custom_id"] for x in finished} == {
+        f"q-{i}" for i in range(10)
+    }
+
+
+def test_a_flex_request_is_served_in_the_background_band_at_the_batch_price(server: Server) -> None:
+    admin = AdminClient(server.demo.dir / "state" / "admin.sock")
+    acme = client(server, "acme")
+    admin.call("POST", "/admin/tenants/acme/policy", {"price_in": 2.0, "price_out": 8.0})
+    try:
+        default = acme.chat.completions.create(**chat(PROMPTS[0]), service_tier="default")  # type: ignore[call-overload]
+        flex = acme.chat.completions.create(**chat(PROMPTS[0]), service_tier="flex")  # type: ignore[call-overload]
+        streamed = list(acme.chat.completions.create(**chat(PROMPTS[0]), service_tier="flex", stream=True))  # type: ignore[call-overload]
+    finally:
+        admin.call("POST", "/admin/tenants/acme/policy", {"reset": ["price_in", "price_out"]})
+    assert (default.service_tier, flex.service_tier) == ("default", "flex")
+    assert {chunk.service_tier for chunk in streamed} == {"flex"}
+    assert flex.choices[0].message.content == default.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as caught:
+        acme.chat.completions.create(**chat(PROMPTS[0]), service_tier="priority")  # type: ignore[call-overload]
+    assert caught.value.body["param"] == "service_tier"  # type: ignore[index]
+    deadline = time.monotonic() + 60
+    expected = Counter({("default", 2.0, 8.0): 1, ("flex", 1.0, 4.0): 2})
+    while (rows := priced(server)) != expected:
+        assert time.monotonic() < deadline, rows
+        time.sleep(0.2)
+
+
+def priced(server: Server) -> Counter[tuple[str, float, float]]:
+    """acme's rows booked at the prices the flex test set, and its flex rows."""
+    with contextlib.closing(sqlite3.connect(f"file:{server.demo.database}?mode=ro", uri=True)) as db:
+        rows = db.execute(
+            "select tier, price_in, price_out from usage where tenant = 'acme' and status = 200"
+            " and (price_in = 2.0 or tier = 'flex')"
+        ).fetchall()
+    return Counter((tier, price_in, price_out) for tier, price_in, price_out in rows)

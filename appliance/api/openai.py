@@ -30,7 +30,7 @@ from ..serving.lifecycle import InFlight, Interrupted
 from ..serving.structured import GrammarRefused, json_schema_grammar
 from ..serving.tokenization import PromptError
 from ..serving.tools import kept_tokens, literal_for
-from ..tenancy.admission import KeyLimits, Refusal, Ticket
+from ..tenancy.admission import BATCH, KeyLimits, Refusal, Ticket
 from ..tenancy.ledger import LedgerUnavailable, RequestRecord
 from ..tenancy.policy import Policy
 from ..tenancy.store import Tenant
@@ -131,7 +131,8 @@ class Trace:
     guardrails: set[str] = field(default_factory=set)
     """Which of the tenant's guardrails acted on the request before it ran (deny_input)."""
     tier: str = "default"
-    """`batch` for a batch job's line: the scheduler's background band, the batch prices."""
+    """`batch` for a batch job's line, `flex` for a request that asked for `service_tier: "flex"`:
+    both run in the scheduler's background band, at the batch prices (admission.BACKGROUND)."""
     batch_id: str | None = None
 
     def settle(self) -> None:
@@ -321,6 +322,7 @@ async def _respond(
     check_requests(services, trace.caller)
     parsed = await read_request(request, parse)
     trace.model = parsed.model
+    trace.tier = parsed.service_tier or trace.tier
     target, prompt_ids = await prompt(services, generator, trace, parsed, sticky_id(request, parsed))
     async with running(services, generator, trace, target, parsed, prompt_ids) as run:
         if not parsed.stream:
@@ -483,17 +485,19 @@ async def running(
         # counters (Redis) the take is awaited.
         admission, reserve = services.admission, max_tokens * options.n
         adapter = parsed.model if target.adapter else ""  # as requests name it: the picker's key
-        key, background = trace.caller.key_limits, trace.tier == "batch"
+        # Rate limits are interactive traffic's: a batch line meets neither the tenant's nor its key's.
+        key, tier = (trace.caller.key_limits if trace.tier != BATCH else None), trace.tier
         ticket = trace.ticket = (
-            admission.admit(tenant, len(prompt_ids), reserve, adapter, key, background)
+            admission.admit(tenant, len(prompt_ids), reserve, adapter, key, tier)
             if admission.shared is None
-            else await admission.admit_shared(tenant, len(prompt_ids), reserve, adapter, key, background)
+            else await admission.admit_shared(tenant, len(prompt_ids), reserve, adapter, key, tier)
         )
     except Refusal as refusal:
         raise refused(refusal) from None
     trace.admitted, trace.status = True, 200
     trace.adapter_version = target.adapter.version if target.adapter else ""
-    shape = Shape(chat, parsed.model, services.codec, options.logprobs is not None)
+    said = trace.tier if parsed.service_tier and trace.tier != BATCH else None  # the tier that served it
+    shape = Shape(chat, parsed.model, services.codec, options.logprobs is not None, said)
     reading = None
     if parsed.tools is not None and parsed.tools.reads_calls and services.tool_format is not None:
         keep = kept_tokens(services.tool_format, services.codec.tokenizer)

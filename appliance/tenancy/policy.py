@@ -126,8 +126,9 @@ class Policy:
     uploaded (400). Never unlimited. Default 50,000, as OpenAI's."""
 
     def prices(self, tier: str) -> tuple[float, float]:
-        """(in, out) per million tokens for requests of `tier` (`default` or `batch`)."""
-        if tier != "batch":
+        """(in, out) per million tokens for requests of `tier`: `default`, or `batch` and `flex`
+        (the background band's tiers) at the batch prices."""
+        if tier not in ("batch", "flex"):
             return self.price_in, self.price_out
         batch_in = self.price_batch_in if self.price_batch_in is not None else self.price_in / 2
         batch_out = self.price_batch_out if self.price_batch_out is not None else self.price_out / 2
