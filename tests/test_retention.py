@@ -57,6 +57,7 @@ def store(tmp_path: Path) -> Store:
         for tenant in ("acme", "globex"):
             rows.append(row(tenant, NOW - timedelta(days=day, hours=day % 7), 100 + day, 10 + day % 5))
     rows.append(row("acme", NOW - timedelta(days=150), 7, 3, box="box-b"))
+    rows.append(row("acme", NOW - timedelta(days=120), 50, 5) | {"tier": "batch", "batch_id": "batch_1"})
     store.record_usage(rows)
     return store
 
@@ -64,6 +65,7 @@ def store(tmp_path: Path) -> Store:
 def test_retention_deletes_old_rows_and_keeps_every_closed_periods_totals(store: Store) -> None:
     by_month = store.usage_report(by="month")
     total = store.usage_report()
+    assert ("acme", "batch", 1) in {(r["tenant"], r["tier"], r["requests"]) for r in total}
     deleted = retention.apply(store, {"acme": 40}.get, now=NOW)
     cutoff = timestamp(NOW - timedelta(days=40))
     assert deleted["acme"] > 0

@@ -48,7 +48,7 @@ from ..tenancy.policy import (
     parse_values,
 )
 from ..tenancy.quota import period_start, timestamp
-from ..tenancy.store import USAGE_COLUMNS, IssuedKey, Store, unavailable
+from ..tenancy.store import USAGE_COLUMNS, USAGE_COLUMNS_ADDED, IssuedKey, Store, unavailable
 from . import filemodes
 
 EXIT_CONFIG = 78
@@ -707,6 +707,7 @@ def cmd_usage(args: argparse.Namespace) -> None:
         rows = store.usage_report(tenant, args.since, args.until, args.by or "", box)
     columns = (["period"] if args.by else []) + [
         "tenant",
+        "tier",
         "requests",
         "prompt_tokens",
         "completion_tokens",
@@ -755,13 +756,14 @@ def _usage_export(path: str) -> list[dict[str, Any]]:
     """The rows of one `lorabox usage --rows` export; LoraboxError naming the file and line."""
     text = read_text_file(path, 1 << 30, f"--from {path}")
     reader = csv.DictReader(text.splitlines())
-    if reader.fieldnames is None or not set(USAGE_COLUMNS) <= set(reader.fieldnames):
+    needed = set(USAGE_COLUMNS) - set(USAGE_COLUMNS_ADDED)
+    if reader.fieldnames is None or not needed <= set(reader.fieldnames):
         raise LoraboxError(
             f"--from {path}: not a usage export (uid, box_id, ...): make one with `lorabox usage --rows`"
         )
     rows = []
     for number, raw in enumerate(reader, start=2):
-        row: dict[str, Any] = {c: (raw[c] if raw[c] != "" else None) for c in USAGE_COLUMNS}
+        row: dict[str, Any] = {c: (raw.get(c) or None) for c in USAGE_COLUMNS}
         try:
             if not row["uid"] or not row["tenant"] or not row["ts"]:
                 raise ValueError("uid, tenant and ts are needed")

@@ -347,3 +347,11 @@ def m021c_usage_tier(db: sqlite_utils.Database) -> None:
     # by `batch_id`, billed at the tenant's batch prices). Older rows: interactive (NULL).
     db.table("usage").add_column("tier", str)
     db.table("usage").add_column("batch_id", str)
+
+
+@migration
+def m021d_usage_monthly_tier(db: sqlite_utils.Database) -> None:
+    # Retention's monthly totals kept per tier too, so `lorabox usage` shows batch and interactive
+    # apart for summarised months as for single rows. Totals summarised before: interactive.
+    db.table("usage_monthly").add_column("tier", str, not_null_default="default")
+    db.table("usage_monthly").transform(pk=("tenant", "month", "box_id", "tier"))

@@ -35,8 +35,11 @@ KEY_PREFIX = "lbx"
 USAGE_COLUMNS = (
     "uid", "box_id", "ts", "tenant", "key_id", "model", "adapter_version", "endpoint", "engine", "status",
     "finish_reason", "prompt_tokens", "completion_tokens", "ttft_ms", "latency_ms", "price_in", "price_out",
+    "tier", "batch_id",
 )  # fmt: skip
 """A usage row as `lorabox usage --rows` exports it, and `lorabox usage --from` reads it back."""
+USAGE_COLUMNS_ADDED = ("tier", "batch_id")
+"""Columns exports made before them lack: read back as NULL (interactive, no batch)."""
 BUSY_TIMEOUT_MS = 5000
 """How long a connection waits for another one's write lock by default (the CLI's); the daemon's
 writers wait less, or not at all (tenancy/writer.py, tenancy/ledger.py)."""
@@ -707,24 +710,25 @@ class Store:
         by: str = "",
         box: str = "",
     ) -> list[dict[str, Any]]:
-        """Requests, tokens and cost per tenant (and per `day` or `month` when `by` says so) from
-        `since` up to `until` (ISO 8601 UTC), and the boxes that served them (`box` for rows that
-        name none: this box's own, booked before rows carried it). Cost uses the prices each
-        request was served at."""
+        """Requests, tokens and cost per tenant and tier (`default`, `flex`, `batch`; and per `day`
+        or `month` when `by` says so) from `since` up to `until` (ISO 8601 UTC), and the boxes that
+        served them (`box` for rows that name none: this box's own, booked before rows carried it).
+        Cost uses the prices each request was served at."""
         period = {"": "''", "day": "substr(ts, 1, 10)", "month": "substr(ts, 1, 7)"}[by]
         # Rows deleted by retention count as their monthly summaries, dated the 1st of the month.
         cursor = self.db.execute(
-            "with rows as (select ts, tenant, 1 as requests, prompt_tokens, completion_tokens, "  # noqa: S608 (fixed)
+            "with rows as (select ts, tenant, coalesce(tier, 'default') as tier, 1 as requests, "  # noqa: S608 (fixed)
+            "prompt_tokens, completion_tokens, "
             "(prompt_tokens * coalesce(price_in, 0) + completion_tokens * coalesce(price_out, 0)) / 1e6 "
             "as cost, coalesce(box_id, :box) as box from usage "
-            "union all select month || '-01T00:00:00.000+00:00', tenant, requests, prompt_tokens, "
+            "union all select month || '-01T00:00:00.000+00:00', tenant, tier, requests, prompt_tokens, "
             "completion_tokens, cost, coalesce(nullif(box_id, ''), :box) from usage_monthly) "
-            f"select {period} as period, tenant, sum(requests) as requests, "
+            f"select {period} as period, tenant, tier, sum(requests) as requests, "
             "sum(prompt_tokens) as prompt_tokens, sum(completion_tokens) as completion_tokens, "
             "sum(cost) as cost, replace(group_concat(distinct box), ',', '+') as box_id "
             "from rows where (:tenant is null or tenant = :tenant) "
             "and (:since is null or ts >= :since) and (:until is null or ts < :until) "
-            "group by period, tenant order by period, tenant",
+            "group by period, tenant, tier order by period, tenant, tier = 'batch', tier",
             {"tenant": tenant, "since": since, "until": until, "box": box},
         )
         columns = [c[0] for c in cursor.description]
