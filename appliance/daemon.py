@@ -47,6 +47,7 @@ from .api.files import add_routes as add_file_routes
 from .api.metrics import (
     METRICS_SOURCES,
     MetricsSource,
+    batch_metrics,
     build_metrics_app,
     metrics,
     overview_metrics,
@@ -229,7 +230,7 @@ def build_app(
     app[ON_READY] = on_ready or (lambda: None)
     app[STARTUP] = startup or StartupExtender(settings.start_timeout_s)  # not started: stop() is a no-op
     app[WATCHDOG] = Watchdog.for_health(services.health.snapshot)
-    sources: list[MetricsSource] = [overview_metrics, protocol_metrics]
+    sources: list[MetricsSource] = [overview_metrics, protocol_metrics, batch_metrics]
     app[METRICS_SOURCES] = sources
     add_routes(app)
     files = FileStore(settings.state_dir / "files")

@@ -9,6 +9,7 @@ import io
 import json
 import sqlite3
 import time
+import urllib.request
 from collections import Counter
 from typing import Any
 
@@ -17,6 +18,7 @@ import pytest
 from openai import OpenAI
 
 from appliance.api.adminclient import AdminClient
+from appliance.ops.report import status_text
 from tests.conftest import Server, no_loop_stall
 
 PROMPTS = [f"Write one line about customer {n}'s order." for n in range(10)]
@@ -175,6 +177,16 @@ def test_a_100k_line_file_validates_without_stalling_and_cancel_keeps_the_finish
                 time.sleep(0.1)
         assert batch.status == "in_progress"
         assert batch.request_counts.total == 100_000
+        # What the owner sees of it: the admin API (the TUI's batch panel), lorabox status, /metrics.
+        status = admin.call("GET", "/admin/status")
+        shown = {job["id"]: job for job in status["batches"]["jobs"]}[batch.id]
+        assert (shown["tenant"], shown["total"]) == ("initech", 100_000)
+        assert status["batches"]["band"]["places"] >= 1
+        assert f"initech {batch.id} in_progress: " in status_text(status, [])
+        with urllib.request.urlopen(f"{server.local.metrics_url}") as response:  # noqa: S310 (ours)
+            metrics = response.read().decode()
+        assert 'lorabox_batch_lines_remaining{tenant="initech"}' in metrics
+        assert "lorabox_batch_band_places " in metrics
         cancelling = initech.batches.cancel(batch.id)
         assert cancelling.status in ("cancelling", "cancelled")
         asked = time.monotonic()
