@@ -56,6 +56,7 @@ from .api.metrics import (
 from .api.openai import add_routes
 from .api.overview import OVERVIEW, Overview
 from .api.services import SERVICES, Services
+from .batch.files import FOLDER as FILES_FOLDER
 from .batch.files import FileStore, all_file_ids
 from .batch.runner import BatchRunner
 from .config.settings import Settings
@@ -233,7 +234,7 @@ def build_app(
     sources: list[MetricsSource] = [overview_metrics, protocol_metrics, batch_metrics]
     app[METRICS_SOURCES] = sources
     add_routes(app)
-    files = FileStore(settings.state_dir / "files")
+    files = FileStore(settings.state_dir / FILES_FOLDER)
     for path in files.sweep(all_file_ids(store)):  # what a crash or a cut upload left
         log.info("removed %s: no stored file names it", path)
     add_file_routes(app, files)

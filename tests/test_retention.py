@@ -5,6 +5,7 @@ would inherit."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -126,6 +127,8 @@ def leftovers(database: Path, name: str) -> dict[str, int]:
                 "adapter_versions",
                 "usage",
                 "usage_monthly",
+                "files",
+                "batches",
             )
         }
 
@@ -188,16 +191,27 @@ def test_a_reused_name_starts_clean_on_a_running_daemon(server: Server) -> None:
     client = OpenAI(base_url=server.base_url, api_key=key, max_retries=0)
     client.completions.create(model="lorabox-demo", prompt="Hello", max_tokens=3, temperature=0)
     assert admin.call("GET", f"/admin/tenants/{name}/policy")["quota"]["used_tokens"] > 0
+    request = {"model": "lorabox-demo", "prompt": "Hello", "max_tokens": 1}
+    line = json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": request})
+    uploaded = client.files.create(file=("day.jsonl", io.BytesIO(line.encode() + b"\n")), purpose="batch")
+    client.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h")
+    folder = server.demo.dir / "state" / "files" / name
+    assert (folder / f"{uploaded.id}.jsonl").exists()
 
     cli = [sys.executable, "-m", "appliance", "tenant", "remove", name, "--config", str(server.demo.config)]
     subprocess.run(cli, check=True, capture_output=True, timeout=60)
     with pytest.raises(openai.AuthenticationError):  # its key, at once
         client.completions.create(model="lorabox-demo", prompt="Hello", max_tokens=1)
 
+    assert not folder.exists()
     with Store.open(server.demo.database) as store:
         store.add_tenant(name, allow_base_model=True)
+        again = OpenAI(base_url=server.base_url, api_key=store.issue_key(name).plaintext, max_retries=0)
     report = admin.call("GET", f"/admin/tenants/{name}/policy")
     assert report["quota"]["used_tokens"] == 0
+    assert (again.files.list().data, again.batches.list().data) == ([], [])  # nothing of the old one's
+    with pytest.raises(openai.NotFoundError):
+        again.files.retrieve(uploaded.id)
     assert report["own"] == {}
     assert report["policy"]["rpm"] is None
 

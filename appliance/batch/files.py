@@ -24,6 +24,8 @@ from typing import Any
 from ..tenancy.store import Store
 
 FILE_ID = re.compile(r"file-[0-9a-f]{24}")
+FOLDER = "files"
+"""The files' folder under the state directory: <state_dir>/files/<tenant>/<id>.jsonl."""
 PURPOSES = ("batch",)
 CHUNK_BYTES = 64 << 10
 MAX_FILENAME_CHARS = 255

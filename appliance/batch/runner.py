@@ -142,7 +142,11 @@ class BatchRunner:
 
     async def step(self) -> None:
         """One pass over the active batches: validate, start lines, commit, end."""
-        for batch in jobs.active_batches(self.store):
+        active = jobs.active_batches(self.store)
+        for gone in set(self._progress) - {batch.id for batch in active}:  # its tenant was removed
+            for task in self._progress.pop(gone).running.values():
+                task.cancel()
+        for batch in active:
             if batch.status == "validating":
                 if batch.id not in self._validating:
                     self._validating[batch.id] = asyncio.create_task(self._validate(batch))

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..api.adminclient import AdminClient, AdminError, AdminUnavailable
+from ..batch.files import FOLDER as FILES_FOLDER
 from ..config.settings import Settings, load_config, setting_origin
 from ..errors import ConfigError, LoraboxError
 from ..gguf import EXPORT_QUANTS
@@ -411,7 +412,11 @@ def _tenant_remove(args: argparse.Namespace) -> None:
             raise LoraboxError(f"not confirmed (typed {typed[:40]!r}, not {name!r}): nothing was removed")
     with Store.open(settings.database_path) as store:
         done = store.remove_tenant(name, purge=args.purge)
-    print(f"removed tenant {name}: {done['keys revoked']} keys revoked, usage {done['usage']}")
+    print(
+        f"removed tenant {name}: {done['keys revoked']} keys revoked, usage {done['usage']}, "
+        f"{done['batches']} batch jobs and {done['files']} files deleted"
+    )
+    shutil.rmtree(settings.state_dir / FILES_FOLDER / name, ignore_errors=True)  # the files' bytes
     # A daemon that is not running starts from the database, where nothing of the tenant is left.
     with contextlib.suppress(AdminUnavailable):
         try:

@@ -616,13 +616,21 @@ class Store:
         policy, routes, pins and adapter registry gone, so that the name starts clean when reused.
         Its usage rows are kept under an archived name (`acme~removed-<time>`, which no tenant can
         take; retention applies to them as to any row) or, with `purge`, deleted with its monthly
-        summaries. Events and the audit log keep their history. Returns what was done."""
+        summaries. Its batch jobs and files' rows are deleted. Events and the audit log keep their
+        history. Returns what was done."""
         with self.writing():
             if not self.get_tenant(name):
                 raise StoreError(f"no tenant named {name!r}")
             revoked = [k["key_id"] for k in self.list_keys(name) if not k["revoked_at"]]
             for key_id in revoked:
                 self.mark_revoked(key_id, name, actor=actor, revoked_at=None)
+            # Its batch jobs and uploaded files too (the CLI deletes the files' bytes): a tenant given
+            # the name later must not list, read or run them.
+            self.db.execute(
+                "delete from batch_lines where batch_id in (select id from batches where tenant = ?)", [name]
+            )
+            batches = self.db.execute("delete from batches where tenant = ?", [name]).rowcount
+            files = self.db.execute("delete from files where tenant = ?", [name]).rowcount
             for table in ("api_keys", "tenant_policies", "routes", "adapter_versions", "base_acceptances"):
                 self.db.execute(f"delete from {table} where tenant = ?", [name])  # noqa: S608 (ours)
             # Service keys that named it no longer do: a new tenant of that name is not theirs to reach
@@ -642,7 +650,13 @@ class Store:
                 self.db.execute("update usage_monthly set tenant = ? where tenant = ?", [archived, name])
                 usage = f"{rows} rows kept as {archived}"
             self.db.execute("delete from tenants where name = ?", [name])
-            done = {"keys revoked": len(revoked), "usage": usage, "purge": purge}
+            done = {
+                "keys revoked": len(revoked),
+                "usage": usage,
+                "purge": purge,
+                "batches": batches,
+                "files": files,
+            }
             self.record_event("tenant_removed", tenant=name, detail=usage)
             self.audit(
                 actor, "tenant_remove", name, Change({"tenant": "present"}, {"tenant": "removed"} | done)
