@@ -248,9 +248,7 @@ def build_app(
             and services.lifecycle.phase == "serving"
             and services.ledger.unavailable is None
         ),
-        max_running=lambda: (
-            settings.batch_max_running or max(1, services.admission.scheduler.max_running // 2)
-        ),
+        max_running=lambda: services.admission.scheduler.band_places,
     )
     if settings.metrics_on_api_port:
         app.router.add_get("/metrics", metrics)
