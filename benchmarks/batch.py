@@ -1,14 +1,16 @@
 """Batch jobs: a batch's tokens/s on an otherwise idle box vs the same requests sent as plain
 concurrent requests, and interactive TTFT p50/p95 with and without a batch running.
 
-    .venv/bin/python benchmarks/batch.py [--demo DIR] [--lines 100] [--samples 20] [--engine llamacpp]
+    python -m benchmarks batch [--demo DIR] [--lines 200] [--rounds 4] [--samples 10] [--engine llamacpp]
+        [--batch-max-running N]
 
 One daemon (a demo directory: `--demo`, or one built in a temporary directory). Throughput: the
-same `--lines` chat requests of acme, once as a batch (create → completed, its output's completion
-tokens over the wall time) and once sent by `--clients` concurrent clients (default: the engine's
-places), in alternating order over `--rounds` rounds; the median ratio is printed. Latency: globex
-sends `--samples` streamed requests one at a time, alternately with no batch running and while a
-batch of acme runs, and the TTFT p50/p95 of each is printed.
+same `--lines` chat requests of acme, as a batch (create -> completed, its output's completion
+tokens over the wall time), as plain requests from as many concurrent clients as the band has
+places (what the batch machinery costs), and from as many as the engine has places (what the
+band's cap costs, by design), in rotating order over `--rounds` rounds; median ratios. Latency:
+globex sends `--samples` streamed requests one at a time, alternately with no batch running and
+while a batch of acme runs. Results: benchmarks/results/batch/.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from openai import AsyncOpenAI
 from appliance.api.adminclient import AdminClient
 from appliance.demo.build import init_demo
 from appliance.testing.localserver import LocalServer
+from benchmarks.suite.results import Results
+from benchmarks.suite.stats import percentile
 
 MAX_TOKENS = 24
 
@@ -87,31 +91,34 @@ async def ttft(client: AsyncOpenAI, i: int) -> float:
     return (first if first is not None else time.perf_counter() - began) * 1000
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-async def measure(server: LocalServer, keys: dict[str, str], args: argparse.Namespace, places: int) -> None:
+async def measure(
+    server: LocalServer, keys: dict[str, str], args: argparse.Namespace, places: int, band: int
+) -> Results:
+    results = Results(
+        "batch", {k: v for k, v in vars(args).items() if k != "demo"} | {"places": places, "band": band}
+    )
     acme = AsyncOpenAI(base_url=server.base_url, api_key=keys["acme"], max_retries=0)
     globex = AsyncOpenAI(base_url=server.base_url, api_key=keys["globex"], max_retries=0)
-    ratios = []
+    kinds = {"batch": 0, f"plain x{band}": band, f"plain x{places}": places}
+    rows = []
     for round_ in range(args.rounds):
-        order = ["batch", "plain"] if round_ % 2 == 0 else ["plain", "batch"]
-        rates = {}
+        order = list(kinds)[round_ % 3 :] + list(kinds)[: round_ % 3]  # each kind first in turn
+        row: dict[str, object] = {"round": round_}
         for kind in order:
-            offset = 10_000 * (round_ * 2 + order.index(kind))
+            offset = 10_000 * (round_ * 3 + order.index(kind))
+            clients = kinds[kind]
             took, tokens = (
-                await run_batch(acme, args.lines, offset)
-                if kind == "batch"
-                else await run_plain(acme, args.lines, args.clients or places, offset)
+                await run_plain(acme, args.lines, clients, offset)
+                if clients
+                else await run_batch(acme, args.lines, offset)
             )
-            rates[kind] = tokens / took
-        ratios.append(rates["batch"] / rates["plain"])
-        print(f"round {round_}: batch {rates['batch']:.1f} tok/s, plain {rates['plain']:.1f} tok/s")
-    print(
-        f"batch / plain tokens/s, idle box: median {statistics.median(ratios):.2f} over {args.rounds} rounds"
-    )
+            row[f"{kind} tok/s"] = tokens / took
+        rows.append(row)
+        print(row, flush=True)
+    results.add_table("Throughput, idle box (completion tokens/s)", rows)
+    for kind in list(kinds)[1:]:
+        ratio = statistics.median(float(r["batch tok/s"]) / float(r[f"{kind} tok/s"]) for r in rows)  # type: ignore[arg-type]
+        results.figures[f"batch / {kind} (median)"] = round(ratio, 3)
 
     alone: list[float] = []
     beside: list[float] = []
@@ -121,20 +128,28 @@ async def measure(server: LocalServer, keys: dict[str, str], args: argparse.Name
         await asyncio.sleep(0.5)  # the batch validated and its lines running
         beside.append(await ttft(globex, sample))
         await batch
-    for name, values in (("no batch", alone), ("batch running", beside)):
-        print(f"globex TTFT, {name}: p50 {pct(values, 0.5):.0f} ms, p95 {pct(values, 0.95):.0f} ms")
+    results.add_table(
+        "globex's time to first token (ms)",
+        [
+            {
+                "with": name,
+                "p50": percentile(values, 50),
+                "p95": percentile(values, 95),
+                "samples": len(values),
+            }
+            for name, values in (("no batch", alone), ("a batch running", beside))
+        ],
+    )
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo", type=Path, help="a demo directory (default: one built now)")
     parser.add_argument("--engine", default="llamacpp")
-    parser.add_argument("--lines", type=int, default=100)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--lines", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--samples", type=int, default=10)
-    parser.add_argument(
-        "--clients", type=int, default=0, help="plain requests' concurrency (0: the engine's places)"
-    )
     parser.add_argument(
         "--batch-max-running",
         type=int,
@@ -154,8 +169,10 @@ def main() -> None:
         try:
             admin = AdminClient(demo / "state" / "admin.sock")
             places = int(admin.call("GET", "/admin/tenants/acme/policy")["box"]["max_running"])
-            print(f"engine {admin.call('GET', '/admin/status')['engine']}, {places} places")
-            asyncio.run(measure(server, keys, args, places))
+            band = int(admin.call("GET", "/admin/status")["batches"]["band"]["places"])
+            print(f"engine {admin.call('GET', '/admin/status')['engine']}, {places} places, band {band}")
+            results = asyncio.run(measure(server, keys, args, places, band))
+            results.save()
         finally:
             server.stop()
 
