@@ -39,11 +39,15 @@ from .adapters.residency import Plan, ResidencyTracker, lora_budget_bytes, plan
 from .adapters.versions import VersionManager
 from .adapters.watcher import DropWatcher
 from .api.admin import EXPORTER, PLAN, build_admin_app
+from .api.batches import add_routes as add_batch_routes
+from .api.batches import line_runner
 from .api.connections import ConnectionLimits, GuardedAppRunner, fit_to_file_limit
 from .api.errors import MAX_BODY_BYTES, openai_errors
+from .api.files import add_routes as add_file_routes
 from .api.metrics import (
     METRICS_SOURCES,
     MetricsSource,
+    batch_metrics,
     build_metrics_app,
     metrics,
     overview_metrics,
@@ -52,6 +56,9 @@ from .api.metrics import (
 from .api.openai import add_routes
 from .api.overview import OVERVIEW, Overview
 from .api.services import SERVICES, Services
+from .batch.files import FOLDER as FILES_FOLDER
+from .batch.files import FileStore, all_file_ids
+from .batch.runner import BatchRunner
 from .config.settings import Settings
 from .engines.base import EngineOptions
 from .engines.health import EngineHealth
@@ -224,9 +231,25 @@ def build_app(
     app[ON_READY] = on_ready or (lambda: None)
     app[STARTUP] = startup or StartupExtender(settings.start_timeout_s)  # not started: stop() is a no-op
     app[WATCHDOG] = Watchdog.for_health(services.health.snapshot)
-    sources: list[MetricsSource] = [overview_metrics, protocol_metrics]
+    sources: list[MetricsSource] = [overview_metrics, protocol_metrics, batch_metrics]
     app[METRICS_SOURCES] = sources
     add_routes(app)
+    files = FileStore(settings.state_dir / FILES_FOLDER)
+    for path in files.sweep(all_file_ids(store)):  # what a crash or a cut upload left
+        log.info("removed %s: no stored file names it", path)
+    add_file_routes(app, files)
+    runner = BatchRunner(
+        store,
+        writer,
+        files,
+        line_runner(services),
+        ready=lambda: (
+            services.generator is not None
+            and services.lifecycle.phase == "serving"
+            and services.ledger.unavailable is None
+        ),
+        max_running=lambda: services.admission.scheduler.band_places,
+    )
     if settings.metrics_on_api_port:
         app.router.add_get("/metrics", metrics)
     app.cleanup_ctx.append(_watch_loop_lag)
@@ -238,6 +261,8 @@ def build_app(
         app.cleanup_ctx.append(lambda _app: shared.running())
         revocations = RevocationSync(connect(settings.limits_backend), store, writer)
         app.cleanup_ctx.append(lambda _app: revocations.running())
+    # After the ledger's: at shutdown the runner commits its last results, then books their usage.
+    add_batch_routes(app, runner)
     app.on_cleanup.append(lambda _app: registry.close())
     app.on_cleanup.append(lambda _app: writer.close())
     app.on_cleanup.append(lambda _app: _close_store(store))
@@ -272,7 +297,12 @@ def build_admission(settings: Settings, store: Store, ledger: UsageLedger, box_i
         PolicyBook.load(store, settings.tenant_defaults),
         quota,
         # max_running is set once the engine runs (it depends on the engine's batch size).
-        FairScheduler(settings.max_running or 1, settings.max_queued, fair=settings.scheduler == "fair"),
+        FairScheduler(
+            settings.max_running or 1,
+            settings.max_queued,
+            fair=settings.scheduler == "fair",
+            max_background=settings.batch_max_running or None,
+        ),
         shared=shared,
     )
 

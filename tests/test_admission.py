@@ -213,3 +213,18 @@ async def test_tenant_load_tells_telemetry_the_queue_the_policy_and_the_quota(cl
     load = gate.tenant_load("acme")
     assert (load["running"], load["queued"], load["quota"]["used_tokens"]) == (0, 0, 100)
     assert gate.tenant_load("nobody")["running"] == 0
+
+
+async def test_batch_lines_meet_no_rate_limit_but_count_towards_the_quota(clocks: Clocks) -> None:
+    gate = admission(clocks, rpm=1, tpm=100, quota_tokens=500)
+    gate.admit("acme", 10, 50)  # the minute's only request, 60 of its 100 tokens
+    assert refusal(gate.admit, "acme", 10, 10).code == "rate_limit_exceeded"
+    lines = [gate.admit("acme", 10, 90, tier="batch") for _ in range(4)]  # 100 each: over the tpm too
+    assert all(ticket.background for ticket in lines)
+    # The interactive buckets are as the batch found them: still empty, still refilling at 1/60 s.
+    refused = refusal(gate.admit, "acme", 10, 10)
+    assert (refused.code, refused.retry_after_s) == ("rate_limit_exceeded", pytest.approx(60.0))
+    # The quota counts everyone: 60 + 400 reserved of 500, so a fifth line (100) does not fit.
+    assert refusal(gate.admit, "acme", 10, 90, "", None, "batch").code == "insufficient_quota"
+    # flex is interactive traffic in the background band: rate limited.
+    assert refusal(gate.admit, "acme", 1, 1, "", None, "flex").code == "rate_limit_exceeded"

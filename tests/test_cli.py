@@ -274,12 +274,36 @@ def test_usage(run: Run, box: Box) -> None:
     assert result.code == 0
     lines = [line.split() for line in result.out.splitlines()]
     assert lines == [
-        ["TENANT", "REQUESTS", "PROMPT_TOKENS", "COMPLETION_TOKENS", "COST"],
-        ["acme", "2", "15", "5", "0.0000"],
-        ["globex", "1", "3", "2", "0.0000"],
+        ["TENANT", "TIER", "REQUESTS", "PROMPT_TOKENS", "COMPLETION_TOKENS", "COST"],
+        ["acme", "default", "2", "15", "5", "0.0000"],
+        ["globex", "default", "1", "3", "2", "0.0000"],
     ]
     only_globex = run("usage", "globex").out.splitlines()[1:]
-    assert [line.split() for line in only_globex] == [["globex", "1", "3", "2", "0.0000"]]
+    assert [line.split() for line in only_globex] == [["globex", "default", "1", "3", "2", "0.0000"]]
+
+
+def test_usage_shows_batch_and_flex_apart_from_interactive(run: Run, box: Box) -> None:
+    def row(tier: str | None, prompt: int, price: float) -> dict:  # type: ignore[type-arg]
+        return {"tenant": "acme", "tier": tier, "prompt_tokens": prompt, "completion_tokens": 0} | {
+            "price_in": price,
+            "batch_id": "batch_1" if tier == "batch" else None,
+        }
+
+    with Store.open(box.database) as store:
+        store.record_usage(
+            [
+                row(None, 1_000_000, 2.0),
+                row("default", 1_000_000, 2.0),
+                row("batch", 2_000_000, 1.0),
+                row("flex", 1_000_000, 1.0),
+            ]
+        )
+    assert [line.split() for line in run("usage").out.splitlines()] == [
+        ["TENANT", "TIER", "REQUESTS", "PROMPT_TOKENS", "COMPLETION_TOKENS", "COST"],
+        ["acme", "default", "2", "2000000", "0", "4.0000"],  # rows from before tiers: interactive
+        ["acme", "flex", "1", "1000000", "0", "1.0000"],
+        ["acme", "batch", "1", "2000000", "0", "2.0000"],
+    ]
 
 
 def test_usage_by_day_in_a_window_with_the_prices_each_request_was_served_at(run: Run, box: Box) -> None:
@@ -301,16 +325,16 @@ def test_usage_by_day_in_a_window_with_the_prices_each_request_was_served_at(run
         )
     result = run("usage", "--tenant", "acme", "--since", "2026-11-01", "--until", "2026-11-03", "--by", "day")
     assert [line.split() for line in result.out.splitlines()] == [
-        ["PERIOD", "TENANT", "REQUESTS", "PROMPT_TOKENS", "COMPLETION_TOKENS", "COST"],
-        ["2026-11-01", "acme", "2", "1500000", "1000000", "1.0000"],  # 0.2 + 0.6 + 0.5 * 0.4
-        ["2026-11-02", "acme", "1", "0", "2000000", "2.0000"],
+        ["PERIOD", "TENANT", "TIER", "REQUESTS", "PROMPT_TOKENS", "COMPLETION_TOKENS", "COST"],
+        ["2026-11-01", "acme", "default", "2", "1500000", "1000000", "1.0000"],  # 0.2 + 0.6 + 0.5 * 0.4
+        ["2026-11-02", "acme", "default", "1", "0", "2000000", "2.0000"],
     ]
     csv_lines = run("usage", "--since", "2026-11-01", "--by", "month", "--csv").out.splitlines()
     with Store.open(box.database) as store:
         box_id = store.box_id()  # rows booked without one are this box's
     assert csv_lines == [
-        "period,tenant,requests,prompt_tokens,completion_tokens,cost,box_id",
-        f"2026-11,acme,4,1500007,3000007,3.000014,{box_id}",
+        "period,tenant,tier,requests,prompt_tokens,completion_tokens,cost,box_id",
+        f"2026-11,acme,default,4,1500007,3000007,3.000014,{box_id}",
     ]
     assert run("usage", "--since", "7d").code == 0  # relative to now: nothing that old in this box
     assert_one_line_error(run("usage", "--since", "last tuesday"), "--since: use e.g. 7d")
@@ -565,3 +589,29 @@ async def test_an_action_under_sudo_names_the_same_actor_through_the_socket_as_d
     assert through_socket == local_user()
     if os.getuid() == 0:
         assert through_socket == "root (sudo by alice)"
+
+
+def test_batches_lists_jobs_with_progress(run: Run, box: Box) -> None:
+    from appliance.batch import jobs
+    from appliance.tenancy.store import Store
+
+    run("tenant", "add", "acme")
+    run("tenant", "add", "globex")
+    with Store.open(box.database) as store:
+        for n, (tenant, status, total, completed, failed) in enumerate(
+            [("acme", "in_progress", 200, 50, 2), ("globex", "completed", 10, 10, 0)]
+        ):
+            batch = jobs.Batch(
+                f"batch_{n}", tenant, "k", "tenant", "/v1/chat/completions", "file-x", "24h", None, status,
+                None, None, None, total, completed, failed, 1_800_000_000 + n, None, 1_800_086_400, None,
+                None, None, None, None, None,
+            )  # fmt: skip
+            jobs.insert_batch(store, batch)
+    result = run("batches")
+    assert result.code == 0
+    rows = table(result.out)
+    assert [(r["ID"], r["STATUS"], r["PROGRESS"]) for r in rows] == [
+        ("batch_1", "completed", "10/10 100%"),
+        ("batch_0", "in_progress", "52/200 26%"),
+    ]
+    assert [r["ID"] for r in table(run("batches", "--tenant", "acme").out)] == ["batch_0"]

@@ -286,10 +286,10 @@ def test_two_boxes_usage_merges_into_one_bill_each_row_once(
     assert code == 0
     assert "merged 4 rows from 3 files (2 repeated: counted once)" in err
     header, acme, globex = (line.split(",") for line in out.splitlines())
-    assert header == ["tenant", "requests", "prompt_tokens", "completion_tokens", "cost", "box_id"]
-    assert acme[:5] == ["acme", "3", "111", "56", "0.000223"]  # 10+1+100 prompt at 1, 5+1+50 at 2 per M
-    assert set(acme[5].split("+")) == {"box1", own_id, "box2"}
-    assert globex == ["globex", "1", "7", "0", "7e-06", "box2"]
+    assert header == ["tenant", "tier", "requests", "prompt_tokens", "completion_tokens", "cost", "box_id"]
+    assert acme[:6] == ["acme", "default", "3", "111", "56", "0.000223"]  # 10+1+100 at 1, 5+1+50 at 2 per M
+    assert set(acme[6].split("+")) == {"box1", own_id, "box2"}
+    assert globex == ["globex", "default", "1", "7", "0", "7e-06", "box2"]
     code, _, err = one.run(capsys, "usage", "--from", str(one.config))
     assert code == 1
     assert "not a usage export" in err

@@ -206,3 +206,19 @@ async def test_throttle_and_its_hard_ceiling_hold_across_boxes(redis_server: Red
         with pytest.raises(Refusal) as ceiling:
             await b.admit()
         assert (ceiling.value.code, ceiling.value.should_retry) == ("insufficient_quota", False)
+
+
+async def test_batch_lines_leave_the_shared_rate_limits_alone_and_take_from_the_quota(
+    redis_server: RedisServer,
+) -> None:
+    async with Box(redis_server.url, "box-a", False, rpm=1, tpm=1000, quota_tokens=300) as a:
+        await a.admit()  # the minute's only request (20 tokens)
+        lines = [await a.admission.admit_shared("acme", 10, 90, tier="batch") for _ in range(2)]
+        assert [ticket.shared for ticket in lines] == [True, True]
+        with pytest.raises(Refusal) as limited:
+            await a.admit()
+        assert limited.value.code == "rate_limit_exceeded"
+        assert 59.0 < limited.value.retry_after_s <= 60.0  # the bucket as the first request left it
+        with pytest.raises(Refusal) as over:  # 20 + 200 reserved of 300: a third line does not fit
+            await a.admission.admit_shared("acme", 10, 90, tier="batch")
+        assert over.value.code == "insufficient_quota"

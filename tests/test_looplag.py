@@ -7,6 +7,7 @@ import logging
 import re
 import time
 
+from appliance.telemetry.cpuwait import OtherThreadsWait
 from appliance.telemetry.looplag import LoopLagMonitor
 from tests.conftest import admin_status
 from tests.starvation import run_starved
@@ -75,3 +76,44 @@ def test_a_loop_kept_waiting_for_a_cpu_is_not_a_stall():
     stalls, worst_s = run_starved(IMPORTS, KEPT_WAITING)
     assert float(worst_s) > 0.15, "the loop was never kept waiting: the test proves nothing"
     assert int(stalls) == 0
+
+
+class MachineTookTheGilHolder(OtherThreadsWait):
+    """Another thread's readings as the kernel gives them when the machine took the CPU from it
+    for 300 ms while it held the GIL: its wait grows by that much between any two readings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wait_s = 0.0
+
+    def read(self) -> dict[int, float]:
+        self.wait_s += 0.3
+        return {1234: self.wait_s}
+
+
+async def test_a_loop_kept_waiting_by_a_thread_the_machine_stopped_is_not_a_stall():
+    """The loop's thread waited (here: blocked 250 ms) while another thread of the process, which
+    held the GIL, waited for a CPU as long: the machine's load, left out like the loop thread's own
+    wait for a CPU. (The kernel's counts themselves: test_a_thread_holding_the_gil... below.)"""
+    monitor = LoopLagMonitor(interval_s=0.01, stall_ms=100, other_threads=MachineTookTheGilHolder)
+    async with monitor.running():
+        await asyncio.sleep(0.05)
+        time.sleep(0.25)  # noqa: ASYNC251 (the loop's thread waiting, as for the GIL)
+        await asyncio.sleep(0.05)
+    assert monitor.snapshot().stalls == 0
+
+
+async def test_a_thread_holding_the_gil_in_one_long_call_is_a_stall():
+    """What the threads' CPU waits leave out is only what the machine took (the kernel's counts,
+    read for real): a thread that holds the GIL while it runs (one long call in C, which never
+    hands it over) holds the loop, and counts."""
+    began = time.thread_time()  # CPU time: what the call costs, however busy the machine is
+    sum(range(1_000_000))
+    count = int(1_000_000 * 0.3 / (time.thread_time() - began))  # about 300 ms of CPU in one C call
+    monitor = LoopLagMonitor(interval_s=0.01, stall_ms=100)
+    async with monitor.running():
+        await asyncio.sleep(0.05)
+        await asyncio.to_thread(sum, range(count))
+        await asyncio.sleep(0.05)
+    assert monitor.snapshot().stalls >= 1
+    assert monitor.snapshot().max_ms > 100

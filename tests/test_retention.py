@@ -5,6 +5,7 @@ would inherit."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -57,6 +58,7 @@ def store(tmp_path: Path) -> Store:
         for tenant in ("acme", "globex"):
             rows.append(row(tenant, NOW - timedelta(days=day, hours=day % 7), 100 + day, 10 + day % 5))
     rows.append(row("acme", NOW - timedelta(days=150), 7, 3, box="box-b"))
+    rows.append(row("acme", NOW - timedelta(days=120), 50, 5) | {"tier": "batch", "batch_id": "batch_1"})
     store.record_usage(rows)
     return store
 
@@ -64,6 +66,7 @@ def store(tmp_path: Path) -> Store:
 def test_retention_deletes_old_rows_and_keeps_every_closed_periods_totals(store: Store) -> None:
     by_month = store.usage_report(by="month")
     total = store.usage_report()
+    assert ("acme", "batch", 1) in {(r["tenant"], r["tier"], r["requests"]) for r in total}
     deleted = retention.apply(store, {"acme": 40}.get, now=NOW)
     cutoff = timestamp(NOW - timedelta(days=40))
     assert deleted["acme"] > 0
@@ -124,6 +127,8 @@ def leftovers(database: Path, name: str) -> dict[str, int]:
                 "adapter_versions",
                 "usage",
                 "usage_monthly",
+                "files",
+                "batches",
             )
         }
 
@@ -186,16 +191,27 @@ def test_a_reused_name_starts_clean_on_a_running_daemon(server: Server) -> None:
     client = OpenAI(base_url=server.base_url, api_key=key, max_retries=0)
     client.completions.create(model="lorabox-demo", prompt="Hello", max_tokens=3, temperature=0)
     assert admin.call("GET", f"/admin/tenants/{name}/policy")["quota"]["used_tokens"] > 0
+    request = {"model": "lorabox-demo", "prompt": "Hello", "max_tokens": 1}
+    line = json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": request})
+    uploaded = client.files.create(file=("day.jsonl", io.BytesIO(line.encode() + b"\n")), purpose="batch")
+    client.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h")
+    folder = server.demo.dir / "state" / "files" / name
+    assert (folder / f"{uploaded.id}.jsonl").exists()
 
     cli = [sys.executable, "-m", "appliance", "tenant", "remove", name, "--config", str(server.demo.config)]
     subprocess.run(cli, check=True, capture_output=True, timeout=60)
     with pytest.raises(openai.AuthenticationError):  # its key, at once
         client.completions.create(model="lorabox-demo", prompt="Hello", max_tokens=1)
 
+    assert not folder.exists()
     with Store.open(server.demo.database) as store:
         store.add_tenant(name, allow_base_model=True)
+        again = OpenAI(base_url=server.base_url, api_key=store.issue_key(name).plaintext, max_retries=0)
     report = admin.call("GET", f"/admin/tenants/{name}/policy")
     assert report["quota"]["used_tokens"] == 0
+    assert (again.files.list().data, again.batches.list().data) == ([], [])  # nothing of the old one's
+    with pytest.raises(openai.NotFoundError):
+        again.files.retrieve(uploaded.id)
     assert report["own"] == {}
     assert report["policy"]["rpm"] is None
 

@@ -27,6 +27,7 @@ from tui.screens.dialogs import ChoiceDialog, ConfirmDialog, PercentDialog
 from tui.screens.help import HelpScreen
 from tui.screens.main import MainScreen
 from tui.widgets.banner import ConnectionBanner
+from tui.widgets.batches import BatchPanel
 from tui.widgets.events import EventLog
 from tui.widgets.header import StatusHeader
 
@@ -389,3 +390,41 @@ async def test_the_header_says_why_llamacpp_serves_in_vllms_place(replay: AdminR
     assert [span.style for span in drawn.spans if fallback in drawn.plain[span.start : span.end]] == [
         "bold yellow"
     ]
+
+
+async def test_the_batch_panel_shows_the_band_and_each_jobs_progress_only_while_batches_run(
+    replay: AdminReplay,
+) -> None:
+    async with make_app().run_test(size=SIZE) as pilot:
+        app = await loaded(pilot)
+        panel = app.main.query_one(BatchPanel)
+        assert not panel.display  # no batch work: the overview is as it was
+        replay.status = replay.status | {
+            "batches": {
+                "band": {"places": 4, "running": 3, "queued": 7, "interactive_running": 1, "share": 0.75},
+                "active": 2,
+                "jobs": [
+                    {"id": "batch_a1", "tenant": "acme", "status": "in_progress", "total": 2000}
+                    | {"completed": 500, "failed": 20},
+                    {"id": "batch_g2", "tenant": "globex", "status": "validating", "total": 0}
+                    | {"completed": 0, "failed": 0},
+                ],
+            }
+        }
+        await until(pilot, lambda: panel.display, "the batch panel")
+        assert panel.border_title == "Batches: 2 active · band 3/4 places, 7 waiting, 75% of what runs"
+        drawn = app.main.query_one(BatchPanel).render()
+        console = app.console
+        lines = [
+            "".join(segment.text for segment in line)
+            for line in console.render_lines(drawn, console.options.update_width(150))  # type: ignore[arg-type]
+        ]
+        acme = next(line for line in lines if line.startswith("acme"))
+        assert "batch_a1" in acme
+        assert "in_progress" in acme
+        assert acme.rstrip().endswith("520/2,000, 20 failed")
+        assert acme.count("█") > 0
+        assert acme.count("░") > 2 * acme.count("█")  # 26% done
+        assert any(line.startswith("globex") and "validating" in line for line in lines)
+        replay.status = {k: v for k, v in replay.status.items() if k != "batches"}
+        await until(pilot, lambda: not panel.display, "the batch panel to go")

@@ -194,6 +194,60 @@ class Totals:
 
 
 @dataclass(frozen=True)
+class BatchJob:
+    id: str
+    tenant: str
+    status: str
+    total: int
+    completed: int
+    failed: int
+
+    @classmethod
+    def read(cls, raw: Any) -> BatchJob | None:
+        d = obj(raw)
+        if not (batch_id := text(d.get("id"))):
+            return None
+        return cls(
+            batch_id,
+            text(d.get("tenant")) or "",
+            text(d.get("status")) or "",
+            integer(d.get("total")) or 0,
+            integer(d.get("completed")) or 0,
+            integer(d.get("failed")) or 0,
+        )
+
+
+@dataclass(frozen=True)
+class Batches:
+    """`status.batches`: the background band and the batch jobs not yet ended."""
+
+    places: int | None = None
+    running: int = 0
+    queued: int = 0
+    share: float | None = None
+    active: int = 0
+    jobs: tuple[BatchJob, ...] = ()
+
+    @classmethod
+    def read(cls, raw: Any) -> Batches:
+        d = obj(raw)
+        band = obj(d.get("band"))
+        jobs = tuple(job for item in items(d.get("jobs")) if (job := BatchJob.read(item)) is not None)
+        return cls(
+            integer(band.get("places")),
+            integer(band.get("running")) or 0,
+            integer(band.get("queued")) or 0,
+            number(band.get("share")),
+            integer(d.get("active")) or len(jobs),
+            jobs,
+        )
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.jobs or self.running or self.queued)
+
+
+@dataclass(frozen=True)
 class Status:
     """`GET /admin/status`."""
 
@@ -213,6 +267,7 @@ class Status:
     adapters: dict[str, int] = field(default_factory=dict)
     device: Device = field(default_factory=Device)
     totals: Totals = field(default_factory=Totals)
+    batches: Batches = field(default_factory=Batches)
 
     @classmethod
     def read(cls, raw: Any) -> Status:
@@ -233,6 +288,7 @@ class Status:
             counts(d.get("adapters")) or {},
             Device.read(d.get("device")),
             Totals.read(d.get("totals")),
+            Batches.read(d.get("batches")),
         )
 
 

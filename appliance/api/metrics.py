@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from ..batch import overview as batch_overview
 from ..telemetry import protocol
 from ..telemetry.metrics import MetricsSnapshot, render
 from .overview import OVERVIEW, Overview
@@ -54,6 +55,13 @@ async def protocol_metrics(overview: Overview) -> bytes:
         kv_cache_blocks=stats.kv_cache_blocks if stats else None,
     )
     return await asyncio.to_thread(protocol.render, snapshot)
+
+
+async def batch_metrics(overview: Overview) -> bytes:
+    """The background band and the batch jobs not yet ended."""
+    services = overview.services
+    view = batch_overview.batches(services.store, services.admission.scheduler)
+    return await asyncio.to_thread(batch_overview.render, view)
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +30,7 @@ from ..serving.lifecycle import InFlight, Interrupted
 from ..serving.structured import GrammarRefused, json_schema_grammar
 from ..serving.tokenization import PromptError
 from ..serving.tools import kept_tokens, literal_for
-from ..tenancy.admission import KeyLimits, Refusal, Ticket
+from ..tenancy.admission import BATCH, KeyLimits, Refusal, Ticket
 from ..tenancy.ledger import LedgerUnavailable, RequestRecord
 from ..tenancy.policy import Policy
 from ..tenancy.store import Tenant
@@ -130,6 +130,10 @@ class Trace:
     published: bool = False
     guardrails: set[str] = field(default_factory=set)
     """Which of the tenant's guardrails acted on the request before it ran (deny_input)."""
+    tier: str = "default"
+    """`batch` for a batch job's line, `flex` for a request that asked for `service_tier: "flex"`:
+    both run in the scheduler's background band, at the batch prices (admission.BACKGROUND)."""
+    batch_id: str | None = None
 
     def settle(self) -> None:
         """Give back what the request reserved and did not use (idempotent)."""
@@ -159,6 +163,7 @@ class Trace:
         result = self.result
         first = result.first_token_at if result else None
         policy = self.ticket.policy if self.ticket else None
+        price_in, price_out = policy.prices(self.tier) if policy else (0.0, 0.0)
         return RequestRecord(
             tenant=self.caller.tenant.name,
             key_id=self.caller.key_id,
@@ -173,8 +178,10 @@ class Trace:
             completion_tokens=result.completion_tokens if result else 0,
             ttft_ms=round((first - self.started) * 1000, 2) if first is not None else None,
             latency_ms=round((time.perf_counter() - self.started) * 1000, 2),
-            price_in=policy.price_in if policy else 0.0,
-            price_out=policy.price_out if policy else 0.0,
+            price_in=price_in,
+            price_out=price_out,
+            tier=self.tier,
+            batch_id=self.batch_id,
             admitted=self.admitted,
             guardrails=tuple(sorted(self.guardrails | (result.guardrails if result else set()))),
         )
@@ -193,20 +200,27 @@ async def traced(request: web.Request, endpoint: str, handle: Handler) -> web.St
     services = request.app[SERVICES]
     trace = Trace(authenticate(request, services), endpoint, services.engine_name)
     tenant = trace.caller.tenant.name
-    try:
-        response = await handle(request, services, trace)
+    with recorded(trace, services):
+        try:
+            response = await handle(request, services, trace)
+        except APIError as exc:
+            exc.headers = services.admission.headers(tenant) | exc.headers
+            raise
         if not trace.admitted:
             trace.status = response.status
         if not response.prepared:
             for name, value in services.admission.headers(tenant).items():
                 response.headers.setdefault(name, value)
         return response
-    except APIError as exc:
-        if not trace.admitted:
-            trace.status = exc.status
-        exc.headers = services.admission.headers(tenant) | exc.headers
-        raise
-    except web.HTTPException as exc:
+
+
+@contextlib.contextmanager
+def recorded(trace: Trace, services: Services, publish: bool = True) -> Iterator[None]:
+    """The status of a request that ends before admission (admitted, it owns its status), and
+    its record settled and published however it ends (`publish` False: the caller publishes)."""
+    try:
+        yield
+    except (APIError, web.HTTPException) as exc:
         if not trace.admitted:
             trace.status = exc.status
         raise
@@ -216,7 +230,7 @@ async def traced(request: web.Request, endpoint: str, handle: Handler) -> web.St
         raise
     finally:
         trace.settle()
-        if not trace.published:
+        if publish and not trace.published:
             trace.publish(services)
 
 
@@ -257,15 +271,18 @@ def ready_generator(services: Services) -> Generator:
     return services.generator
 
 
-def resolve(request: web.Request, services: Services, tenant: Tenant, parsed: ParsedRequest) -> Target:
-    # A canary split is sticky per end user (or per client request id) when the client names one.
+def sticky_id(request: web.Request, parsed: ParsedRequest) -> str | None:
+    """What keeps a canary split sticky: the end user, or the client's request id, if named."""
     request_id = request.headers.get("X-Request-ID")
     if request_id is not None and not request_id.isascii():
         try:
             request_id.encode()
         except UnicodeEncodeError:  # aiohttp keeps undecodable header bytes as surrogates
             raise bad_request("The X-Request-ID header is not valid UTF-8.") from None
-    sticky = parsed.user or request_id
+    return parsed.user or request_id
+
+
+def resolve(services: Services, tenant: Tenant, parsed: ParsedRequest, sticky: str | None) -> Target:
     try:
         return services.catalog.resolve(tenant, parsed.model, sticky)
     except ModelNotFound as exc:
@@ -281,12 +298,56 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _chat(request: web.Request, services: Services, trace: Trace) -> web.StreamResponse:
+    return await _respond(request, services, trace, parse_chat, chat_prompt)
+
+
+async def _completion(request: web.Request, services: Services, trace: Trace) -> web.StreamResponse:
+    return await _respond(request, services, trace, parse_completion, completion_prompt)
+
+
+Prompt = Callable[
+    [Services, Generator, Trace, ParsedRequest, "str | None"], Awaitable[tuple[Target, list[int]]]
+]
+"""What an endpoint makes of a parsed request: its weights and its prompt's token ids."""
+
+
+async def _respond(
+    request: web.Request,
+    services: Services,
+    trace: Trace,
+    parse: Callable[[Any], ParsedRequest],
+    prompt: Prompt,
+) -> web.StreamResponse:
     generator = ready_generator(services)
-    tenant = trace.caller.tenant
     check_requests(services, trace.caller)
-    parsed = await read_request(request, parse_chat)
+    parsed = await read_request(request, parse)
     trace.model = parsed.model
-    target = resolve(request, services, tenant, parsed)
+    trace.tier = parsed.service_tier or trace.tier
+    target, prompt_ids = await prompt(services, generator, trace, parsed, sticky_id(request, parsed))
+    async with running(services, generator, trace, target, parsed, prompt_ids) as run:
+        if not parsed.stream:
+            body = await run.collect()
+            await trace.book(services, 200)
+            return web.json_response(body, headers=run.ticket.headers)
+        response, trace.status = await _stream(
+            request,
+            run.shape,
+            run.options.n,
+            run.chunks,
+            run.result,
+            parsed.include_usage,
+            run.in_flight,
+            run.ticket.headers,
+            lambda status: trace.book(services, status),
+        )
+        return response
+
+
+async def chat_prompt(
+    services: Services, generator: Generator, trace: Trace, parsed: ParsedRequest, sticky: str | None
+) -> tuple[Target, list[int]]:
+    tenant = trace.caller.tenant
+    target = resolve(services, tenant, parsed, sticky)
     system_prompt = services.admission.policy_for(tenant.name).system_prompt
     tools = None
     if parsed.tools is not None:
@@ -302,15 +363,13 @@ async def _chat(request: web.Request, services: Services, trace: Trace) -> web.S
         )
     except PromptError as exc:
         raise bad_request(str(exc), "messages") from exc
-    return await _complete(request, services, generator, trace, target, parsed, prompt_ids)
+    return target, prompt_ids
 
 
-async def _completion(request: web.Request, services: Services, trace: Trace) -> web.StreamResponse:
-    generator = ready_generator(services)
-    check_requests(services, trace.caller)
-    parsed = await read_request(request, parse_completion)
-    trace.model = parsed.model
-    target = resolve(request, services, trace.caller.tenant, parsed)
+async def completion_prompt(
+    services: Services, generator: Generator, trace: Trace, parsed: ParsedRequest, sticky: str | None
+) -> tuple[Target, list[int]]:
+    target = resolve(services, trace.caller.tenant, parsed, sticky)
     if isinstance(parsed.prompt, list):
         prompt_ids = parsed.prompt[: generator.max_model_len]  # as for text: past it, too long anyway
         check_token_ids(prompt_ids, len(services.codec.tokenizer))
@@ -319,7 +378,7 @@ async def _completion(request: web.Request, services: Services, trace: Trace) ->
     # Token ids are checked as the text they stand for: a pattern is not dodged by sending ids.
     text = parsed.prompt if isinstance(parsed.prompt, str) else services.codec.decode(prompt_ids)
     check_input(services, trace, [text], "prompt")
-    return await _complete(request, services, generator, trace, target, parsed, prompt_ids)
+    return target, prompt_ids
 
 
 def guardrail_invalid(exc: PolicyError) -> APIError:
@@ -376,15 +435,40 @@ def _max_tokens(generator: Generator, prompt_ids: list[int], asked: int | None, 
     return room if asked is not None or cap is None else min(room, cap)
 
 
-async def _complete(
-    request: web.Request,
+@dataclass
+class Run:
+    """A request admitted and started in the engine (see `running`)."""
+
+    shape: Shape
+    options: SamplingOptions
+    ticket: Ticket
+    in_flight: InFlight
+    result: GenerationResult
+    chunks: Any
+    """The engine's chunks (async iterator), each with its choice's index."""
+
+    async def collect(self) -> dict[str, Any]:
+        """The whole response body, as a request that does not stream gets it."""
+        choices = {i: Collected() for i in range(self.options.n)}
+        with self.in_flight.interruptible():
+            async for chunk in self.chunks:
+                choices[chunk.index].add(chunk)
+        return self.shape.body(choices, self.result)
+
+
+@contextlib.asynccontextmanager
+async def running(
     services: Services,
     generator: Generator,
     trace: Trace,
     target: Target,
     parsed: ParsedRequest,
     prompt_ids: list[int],
-) -> web.StreamResponse:
+) -> AsyncIterator[Run]:
+    """The request core, shared by every request and every batch line: the tenant's caps, its
+    output rules and grammar, admission (quota, limits: the ticket), the fair queue, then the
+    engine's chunks. The body of the `async with` turns them into a response and books it; an
+    engine failure or a shutdown that ends it is booked as 503 and raised as that APIError."""
     chat = trace.endpoint == "chat"
     if not prompt_ids:
         raise bad_request("The prompt is empty.", "messages" if chat else "prompt")
@@ -401,17 +485,19 @@ async def _complete(
         # counters (Redis) the take is awaited.
         admission, reserve = services.admission, max_tokens * options.n
         adapter = parsed.model if target.adapter else ""  # as requests name it: the picker's key
-        key = trace.caller.key_limits
+        # Rate limits are interactive traffic's: a batch line meets neither the tenant's nor its key's.
+        key, tier = (trace.caller.key_limits if trace.tier != BATCH else None), trace.tier
         ticket = trace.ticket = (
-            admission.admit(tenant, len(prompt_ids), reserve, adapter, key)
+            admission.admit(tenant, len(prompt_ids), reserve, adapter, key, tier)
             if admission.shared is None
-            else await admission.admit_shared(tenant, len(prompt_ids), reserve, adapter, key)
+            else await admission.admit_shared(tenant, len(prompt_ids), reserve, adapter, key, tier)
         )
     except Refusal as refusal:
         raise refused(refusal) from None
     trace.admitted, trace.status = True, 200
     trace.adapter_version = target.adapter.version if target.adapter else ""
-    shape = Shape(chat, parsed.model, services.codec, options.logprobs is not None)
+    said = trace.tier if parsed.service_tier and trace.tier != BATCH else None  # the tier that served it
+    shape = Shape(chat, parsed.model, services.codec, options.logprobs is not None, said)
     reading = None
     if parsed.tools is not None and parsed.tools.reads_calls and services.tool_format is not None:
         keep = kept_tokens(services.tool_format, services.codec.tokenizer)
@@ -433,25 +519,7 @@ async def _complete(
                 tools=reading,
                 guard=guard,
             )
-            if not parsed.stream:
-                choices = {i: Collected() for i in range(options.n)}
-                with in_flight.interruptible():
-                    async for chunk in chunks:
-                        choices[chunk.index].add(chunk)
-                await trace.book(services, 200)
-                return web.json_response(shape.body(choices, result), headers=ticket.headers)
-            response, trace.status = await _stream(
-                request,
-                shape,
-                options.n,
-                chunks,
-                result,
-                parsed.include_usage,
-                in_flight,
-                ticket.headers,
-                lambda status: trace.book(services, status),
-            )
-            return response
+            yield Run(shape, options, ticket, in_flight, result, chunks)
     except (Interrupted, EngineDead) as exc:
         error = _unavailable(exc)
         error.headers = ticket.headers

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from .. import __version__
 from ..adapters.residency import Residency
+from ..batch import overview as batch_overview
 from ..engines.base import EngineStats
 from ..telemetry.device import DeviceReading, DeviceSampler
 from ..telemetry.stats import TrafficStats
@@ -161,6 +162,7 @@ class Overview:
             "connections": dataclasses.asdict(services.connections),
             "ledger": dataclasses.asdict(services.ledger.health()),
             "limits": services.admission.limits_state() | {"box_id": services.box_id},
+            "batches": batch_overview.batches(services.store, services.admission.scheduler),
         }
 
     # -- tenants ------------------------------------------------------------------------------

@@ -55,6 +55,8 @@ class ParsedRequest:
     tools: ToolCalling | None = None  # chat
     prompt_chars: int = 0
     """Characters of text in messages and tools together (what rendering them costs)."""
+    service_tier: str | None = None
+    """`default` or `flex` (the scheduler's background band, at the batch prices), if asked for."""
 
 
 def _text(value: str, param: str, where: str | None = None) -> str:
@@ -280,8 +282,24 @@ def _check_prompt_size(size: int, param: str, unit: str) -> None:
         )
 
 
+def _service_tier(value: Any) -> str | None:
+    """OpenAI's tiers as lorabox has them: `auto` and `default` are the default tier, `flex` runs in
+    the capacity interactive requests leave (and costs what a batch line costs)."""
+    if value is None:
+        return None
+    if value in ("auto", "default"):
+        return "default"
+    if value == "flex":
+        return "flex"
+    raise bad_request(
+        f"'service_tier' must be one of 'auto', 'default' or 'flex' here, got {str(value)[:20]!r}.",
+        "service_tier",
+    )
+
+
 def parse_chat(body: Any) -> ParsedRequest:
     model, options, stream, include_usage, user = _common(body)
+    tier = _service_tier(body.get("service_tier"))
     options = replace(options, logprobs=_chat_logprobs(body))
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -306,6 +324,7 @@ def parse_chat(body: Any) -> ParsedRequest:
         content_schema=_response_format(body.get("response_format")),
         tools=tools,
         prompt_chars=size,
+        service_tier=tier,
     )
 
 
@@ -424,6 +443,7 @@ def _tool_choice(choice: Any, names: set[str]) -> str:
 
 def parse_completion(body: Any) -> ParsedRequest:
     model, options, stream, include_usage, user = _common(body)
+    tier = _service_tier(body.get("service_tier"))
     for name in CHAT_ONLY:
         if body.get(name) not in (None, False, [], {}):
             raise bad_request(f"'{name}' is for chat completions only.", name, "unsupported_parameter")
@@ -439,7 +459,14 @@ def parse_completion(body: Any) -> ParsedRequest:
         _check_prompt_size(len(prompt), "prompt", "items")
     if isinstance(prompt, list) and prompt and set(map(type, prompt)) == {int}:  # no bools; at C speed
         return ParsedRequest(
-            model, options, stream, include_usage, user, prompt=prompt, content_schema=schema
+            model,
+            options,
+            stream,
+            include_usage,
+            user,
+            prompt=prompt,
+            content_schema=schema,
+            service_tier=tier,
         )
     if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str) for p in prompt):
         raise bad_request("Send one prompt per request (batched prompts are not supported).", "prompt")
@@ -447,7 +474,14 @@ def parse_completion(body: Any) -> ParsedRequest:
         raise bad_request("'prompt' is required and must be a string.", "prompt")
     _check_prompt_size(len(prompt), "prompt", "characters")
     return ParsedRequest(
-        model, options, stream, include_usage, user, prompt=_text(prompt, "prompt"), content_schema=schema
+        model,
+        options,
+        stream,
+        include_usage,
+        user,
+        prompt=_text(prompt, "prompt"),
+        content_schema=schema,
+        service_tier=tier,
     )
 
 

@@ -69,12 +69,16 @@ class Services:
         """One request's outcome: booked by the ledger (if admitted), counted by every sink. The
         future is done once the ledger has committed the row."""
         committed = self.ledger.book(record)
+        self.count(record)
+        return committed
+
+    def count(self, record: RequestRecord) -> None:
+        """Tell every sink (telemetry) of one request's outcome; the ledger is not one of them."""
         for sink in self.sinks:
             try:
                 sink(record)
             except Exception:  # a counting bug must not fail the request it counts
                 log.exception("request record sink %r failed", sink)
-        return committed
 
 
 SERVICES = web.AppKey("services", Services)

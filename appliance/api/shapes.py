@@ -38,8 +38,11 @@ class Collected:
 class Shape:
     """One response's JSON: its id, and how its choices and chunks are written."""
 
-    def __init__(self, chat: bool, model: str, codec: TextCodec, logprobs: bool):
+    def __init__(
+        self, chat: bool, model: str, codec: TextCodec, logprobs: bool, service_tier: str | None = None
+    ):
         self.chat, self.model, self.codec, self.logprobs = chat, model, codec, logprobs
+        self.service_tier = service_tier  # said in every body and chunk when the request asked for one
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self._offsets: dict[int, int] = {}  # completions' text_offset, per choice
@@ -52,7 +55,7 @@ class Shape:
             "created": self.created,
             "model": self.model,
             "choices": choices,
-        }
+        } | ({"service_tier": self.service_tier} if self.service_tier else {})
 
     def body(self, choices: dict[int, Collected], result: GenerationResult) -> dict[str, Any]:
         rendered = []

@@ -247,12 +247,21 @@ class Settings:
     """This box's name in the usage ledger (every row carries it) and in the shared counters. Empty:
     made once from the host name and a random part, and kept in the state database."""
 
+    batch_max_running: int = 0
+    """Places of the fair queue's background band: batch lines (OpenAI's Batch API, `/v1/batches`)
+    running at once at most, over all tenants, and only in places interactive requests leave
+    (tenancy/scheduler.py). 0: half of the engine's places (`max_running`, or the engine's batch
+    size), at least 1."""
+
     tenant_defaults: Policy = field(default_factory=Policy)
     """The policy of every tenant that has not set its own value (`[tenant_defaults]` in the file;
     `LORABOX_DEFAULT_<FIELD>` in the environment): weight, rpm, tpm, max_concurrent, max_queued,
     quota_tokens, quota_period, quota_warn_pct, quota_action, throttle_rpm, throttle_tpm, quota_hard_pct,
-    max_tokens, max_n, system_prompt, price_in, price_out (tenancy/policy.py documents each; "none" is
-    no limit). Unset: no limits, weight 1, 32 queued, a quota refuses at 100% (quota_action "reject")."""
+    max_tokens, max_n, system_prompt, price_in, price_out, price_batch_in, price_batch_out,
+    file_max_bytes, files_total_bytes,
+    batch_max_lines (tenancy/policy.py documents each; "none" is no limit). Unset: no limits, weight 1,
+    32 queued, a quota refuses at 100% (quota_action "reject"), files as OpenAI's (200 MiB a file,
+    50,000 lines), 2 GiB of files a tenant."""
 
     telemetry: bool = True
     """Count every request per tenant and adapter version (/metrics, the admin API, `lorabox tui`)
@@ -375,6 +384,8 @@ class Settings:
             raise InvalidSetting("max_running", "must be >= 0 (0: the engine's batch size)")
         if self.max_queued < 0:
             raise InvalidSetting("max_queued", "must be >= 0")
+        if self.batch_max_running < 0:
+            raise InvalidSetting("batch_max_running", "must be >= 0 (0: half of the engine's places)")
         if self.limits_backend != "local" and not self.limits_backend.startswith(REDIS_SCHEMES):
             raise InvalidSetting(
                 "limits_backend",

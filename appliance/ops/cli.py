@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..api.adminclient import AdminClient, AdminError, AdminUnavailable
+from ..batch.files import FOLDER as FILES_FOLDER
 from ..config.settings import Settings, load_config, setting_origin
 from ..errors import ConfigError, LoraboxError
 from ..gguf import EXPORT_QUANTS
@@ -48,7 +49,7 @@ from ..tenancy.policy import (
     parse_values,
 )
 from ..tenancy.quota import period_start, timestamp
-from ..tenancy.store import USAGE_COLUMNS, IssuedKey, Store, unavailable
+from ..tenancy.store import USAGE_COLUMNS, USAGE_COLUMNS_ADDED, IssuedKey, Store, unavailable
 from . import filemodes
 
 EXIT_CONFIG = 78
@@ -411,7 +412,11 @@ def _tenant_remove(args: argparse.Namespace) -> None:
             raise LoraboxError(f"not confirmed (typed {typed[:40]!r}, not {name!r}): nothing was removed")
     with Store.open(settings.database_path) as store:
         done = store.remove_tenant(name, purge=args.purge)
-    print(f"removed tenant {name}: {done['keys revoked']} keys revoked, usage {done['usage']}")
+    print(
+        f"removed tenant {name}: {done['keys revoked']} keys revoked, usage {done['usage']}, "
+        f"{done['batches']} batch jobs and {done['files']} files deleted"
+    )
+    shutil.rmtree(settings.state_dir / FILES_FOLDER / name, ignore_errors=True)  # the files' bytes
     # A daemon that is not running starts from the database, where nothing of the tenant is left.
     with contextlib.suppress(AdminUnavailable):
         try:
@@ -650,6 +655,23 @@ def cmd_events(args: argparse.Namespace) -> None:
         _table(list(reversed(store.events(args.limit))), ["ts", "kind", "tenant", "version", "detail"])
 
 
+def cmd_batches(args: argparse.Namespace) -> None:
+    from ..batch.jobs import list_batches
+
+    with Store.open(_settings(args).database_path) as store:
+        page, _ = list_batches(store, args.tenant, limit=args.limit)
+    rows = []
+    for batch in page:
+        done = batch.completed + batch.failed
+        share = f"{100 * done / batch.total:.0f}%" if batch.total else "-"
+        created = datetime.fromtimestamp(batch.created_at, UTC).strftime("%Y-%m-%d %H:%M")
+        rows.append(
+            {"id": batch.id, "tenant": batch.tenant, "status": batch.status, "endpoint": batch.endpoint,
+             "progress": f"{done}/{batch.total} {share}", "failed": batch.failed, "created": created}
+        )  # fmt: skip
+    _table(rows, ["id", "tenant", "status", "endpoint", "progress", "failed", "created"])
+
+
 def moment(option: str) -> Callable[[str], str]:
     """An argparse type: `7d`, `24h`, `30m`, `2w` ago (ASCII digits, within 100 years), or a date
     or time (ISO 8601, UTC unless it says otherwise), as the ledger writes times."""
@@ -690,6 +712,7 @@ def cmd_usage(args: argparse.Namespace) -> None:
         rows = store.usage_report(tenant, args.since, args.until, args.by or "", box)
     columns = (["period"] if args.by else []) + [
         "tenant",
+        "tier",
         "requests",
         "prompt_tokens",
         "completion_tokens",
@@ -738,13 +761,14 @@ def _usage_export(path: str) -> list[dict[str, Any]]:
     """The rows of one `lorabox usage --rows` export; LoraboxError naming the file and line."""
     text = read_text_file(path, 1 << 30, f"--from {path}")
     reader = csv.DictReader(text.splitlines())
-    if reader.fieldnames is None or not set(USAGE_COLUMNS) <= set(reader.fieldnames):
+    needed = set(USAGE_COLUMNS) - set(USAGE_COLUMNS_ADDED)
+    if reader.fieldnames is None or not needed <= set(reader.fieldnames):
         raise LoraboxError(
             f"--from {path}: not a usage export (uid, box_id, ...): make one with `lorabox usage --rows`"
         )
     rows = []
     for number, raw in enumerate(reader, start=2):
-        row: dict[str, Any] = {c: (raw[c] if raw[c] != "" else None) for c in USAGE_COLUMNS}
+        row: dict[str, Any] = {c: (raw.get(c) or None) for c in USAGE_COLUMNS}
         try:
             if not row["uid"] or not row["tenant"] or not row["ts"]:
                 raise ValueError("uid, tenant and ts are needed")
@@ -1072,6 +1096,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("events", parents=[common], help="adapter and key events, newest last")
     p.add_argument("--limit", type=limit, default=50, help=f"at most {MAX_LIMIT}")
     p.set_defaults(func=cmd_events)
+
+    p = sub.add_parser(
+        "batches", parents=[common], help="batch jobs (/v1/batches), newest first, with progress"
+    )
+    p.add_argument("--tenant", type=tenant_name, help="only this tenant's")
+    p.add_argument("--limit", type=whole_number("--limit", 1, 100), default=20, help="at most 100")
+    p.set_defaults(func=cmd_batches)
 
     p = sub.add_parser("usage", parents=[common], help="requests, tokens and cost per tenant (the ledger)")
     p.add_argument("tenant", nargs="?", type=tenant_name)

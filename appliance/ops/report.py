@@ -101,6 +101,26 @@ def _limits(limits: Mapping[str, Any]) -> list[str]:
     return [f"limits   NOT SHARED for {duration(limits.get('down_s'))}: {limits['down']}; {action} ({where})"]
 
 
+def _batches(batches: Mapping[str, Any]) -> list[str]:
+    """A line only while batch work runs or waits: the band, then each job's progress."""
+    band = batches.get("band") or {}
+    jobs = batches.get("jobs") or []
+    if not jobs and not band.get("running") and not band.get("queued"):
+        return []
+    share = number((band.get("share") or 0) * 100, "%", 0)
+    line = (
+        f"batches  {number(batches.get('active'))} active; band {number(band.get('running'))}/"
+        f"{number(band.get('places'))} places, {number(band.get('queued'))} waiting, {share} of what runs"
+    )
+    progress = [
+        f"{job.get('tenant')} {job.get('id')} {job.get('status')}: "
+        f"{(job.get('completed') or 0) + (job.get('failed') or 0)}/{job.get('total') or 0} lines done, "
+        f"{job.get('failed') or 0} failed"
+        for job in jobs
+    ]
+    return [line] + [f"         {entry}" for entry in progress]
+
+
 def status_text(status: Mapping[str, Any], tenants: Sequence[Mapping[str, Any]]) -> str:
     engine = status.get("engine_stats") or {}
     adapters = status.get("adapters") or {}
@@ -123,6 +143,7 @@ def status_text(status: Mapping[str, Any], tenants: Sequence[Mapping[str, Any]])
         f"{number(totals.get('rps_10s'))} req/s, {number(totals.get('tps_10s'))} tok/s over 10 s",
         *_ledger(status.get("ledger") or {}),
         *_limits(status.get("limits") or {}),
+        *_batches(status.get("batches") or {}),
         "",
     ]
     rows = []

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 
 
 def thread_wait_s(pid: int, tid: int) -> float | None:
@@ -49,3 +50,47 @@ class OwnThreadWait:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+class OtherThreadsWait:
+    """The other threads of this process: how long each has waited for a CPU, read through kept
+    descriptors (the threads are listed again every `relist_every` readings; one new since then
+    counts from 0, which is right for a thread that started since). Where the kernel keeps no count,
+    every reading is empty."""
+
+    def __init__(self, relist_every: int = 20) -> None:
+        self.relist_every = relist_every
+        self._own = threading.get_native_id()
+        self._fds: dict[int, int] = {}
+        self._readings = 0
+
+    def _relist(self) -> None:
+        try:
+            tids = {int(name) for name in os.listdir("/proc/self/task")} - {self._own}
+        except OSError:
+            tids = set()
+        for tid in set(self._fds) - tids:
+            os.close(self._fds.pop(tid))
+        for tid in tids - set(self._fds):
+            with contextlib.suppress(OSError):
+                self._fds[tid] = os.open(f"/proc/self/task/{tid}/schedstat", os.O_RDONLY)
+
+    def read(self) -> dict[int, float]:
+        if self._readings % self.relist_every == 0:
+            self._relist()
+        self._readings += 1
+        waits = {}
+        for tid, fd in self._fds.items():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                waits[tid] = _parse(os.pread(fd, 64, 0))
+        return waits
+
+    @staticmethod
+    def most_waited_s(before: dict[int, float], after: dict[int, float]) -> float:
+        """The longest one thread waited for a CPU between two readings."""
+        return max((wait - before.get(tid, 0.0) for tid, wait in after.items()), default=0.0)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

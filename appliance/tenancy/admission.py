@@ -52,6 +52,10 @@ from .scheduler import FairScheduler, QueueFull, TenantLoad, Turn
 
 QUOTA_WARNING_HEADER = "x-lorabox-quota-warning"
 QUOTA_STATE_HEADER = "x-lorabox-quota-state"
+BATCH = "batch"
+BACKGROUND = frozenset({BATCH, "flex"})
+"""The tiers that run in the scheduler's background band: batch lines, and interactive requests
+that ask for it (`service_tier: "flex"`)."""
 THROTTLED_WEIGHT = 0.01
 """A throttled tenant's fair-share weight: the lowest a policy may set (policy.py)."""
 LIMITS_RETRY_S = 1.0
@@ -145,6 +149,11 @@ class Ticket:
     @property
     def reserved(self) -> int:
         return self.ask.tokens
+
+    @property
+    def background(self) -> bool:
+        """It waits in (and runs in) the scheduler's background band: a batch line, or flex."""
+        return self._turn.background
 
     @property
     def started(self) -> bool:
@@ -258,20 +267,24 @@ class Admission:
             headers=levels.headers(now),
         )
 
-    def _ask(self, tenant: str, policy: Policy, prompt_tokens: int, max_tokens: int) -> tuple[Ask, Standing]:
+    def _ask(
+        self, tenant: str, policy: Policy, prompt_tokens: int, max_tokens: int, tier: str = "default"
+    ) -> tuple[Ask, Standing]:
         """What the request asks of the counters, under which limits; refuses at once one that no
-        limit could ever fit."""
+        limit could ever fit. A batch line's ask has no rate limits (they are interactive traffic's)."""
         tokens = prompt_tokens + max_tokens
         standing = self.standing(tenant, policy, tokens)
+        limited = tier != BATCH
         ask = Ask(
             tenant,
             tokens,
-            rpm=standing.rpm,
-            tpm=standing.tpm,
+            rpm=standing.rpm if limited else None,
+            tpm=standing.tpm if limited else None,
             quota_tokens=standing.quota_tokens,
             quota_period=policy.quota_period,
+            rate_limited=limited,
         )
-        if standing.tpm is not None and ask.tokens > standing.tpm:
+        if ask.tpm is not None and ask.tokens > ask.tpm:
             raise Refusal(
                 429,
                 "rate_limit_exceeded",
@@ -284,32 +297,64 @@ class Admission:
         return ask, standing
 
     def admit(
-        self, tenant: str, prompt_tokens: int, max_tokens: int, model: str = "", key: KeyLimits | None = None
+        self,
+        tenant: str,
+        prompt_tokens: int,
+        max_tokens: int,
+        model: str = "",
+        key: KeyLimits | None = None,
+        tier: str = "default",
     ) -> Ticket:
         """Reserve and queue one request with this box's counters, or raise Refusal. Nothing is kept
         when it is refused. `model`: the adapter as the request names it ("" for the base model);
-        `key`: the service key's own limits, when a service key sent it."""
+        `key`: the service key's own limits, when a service key sent it; `tier`: `default`, or
+        `flex` (an interactive request queued in the scheduler's background band) or `batch` (a
+        batch line: the background band, and no rate limits)."""
         policy = self.policies.get(tenant)
-        ask, standing = self._ask(tenant, policy, prompt_tokens, max_tokens)
+        ask, standing = self._ask(tenant, policy, prompt_tokens, max_tokens, tier)
         key_ask = self._take_key(key, ask.tokens)
         try:
-            enter = functools.partial(self._enter, ask, standing, prompt_tokens, max_tokens, model, key_ask)
+            enter = functools.partial(
+                self._enter,
+                ask,
+                standing,
+                prompt_tokens,
+                max_tokens,
+                model,
+                key_ask,
+                background=tier in BACKGROUND,
+            )
             return enter(policy, self.local.take(ask), shared=False)
         except BaseException:
             self._give_back_key(key_ask)
             raise
 
     async def admit_shared(
-        self, tenant: str, prompt_tokens: int, max_tokens: int, model: str = "", key: KeyLimits | None = None
+        self,
+        tenant: str,
+        prompt_tokens: int,
+        max_tokens: int,
+        model: str = "",
+        key: KeyLimits | None = None,
+        tier: str = "default",
     ) -> Ticket:
         """`admit` with the shared counters (there must be some): the take is awaited; when they do
         not answer, the local counters serve (fail open) or the request gets 503 (fail closed)."""
         shared = self.shared
         assert shared is not None, "no shared limits backend"
         policy = self.policies.get(tenant)
-        ask, standing = self._ask(tenant, policy, prompt_tokens, max_tokens)
+        ask, standing = self._ask(tenant, policy, prompt_tokens, max_tokens, tier)
         key_ask = self._take_key(key, ask.tokens)
-        enter = functools.partial(self._enter, ask, standing, prompt_tokens, max_tokens, model, key_ask)
+        enter = functools.partial(
+            self._enter,
+            ask,
+            standing,
+            prompt_tokens,
+            max_tokens,
+            model,
+            key_ask,
+            background=tier in BACKGROUND,
+        )
         try:
             if shared.down is None:
                 take = asyncio.ensure_future(shared.take(ask))
@@ -352,6 +397,7 @@ class Admission:
         counted: Counted,
         *,
         shared: bool,
+        background: bool = False,
     ) -> Ticket:
         """Step 3, for a request whose counters answered: refuse what they did not take, else queue."""
         now = self._clock()
@@ -368,6 +414,7 @@ class Admission:
                 max_queued=policy.max_queued,
                 prompt_tokens=prompt_tokens,
                 max_tokens=max_tokens,
+                background=background,
             )
         except QueueFull as full:
             self._give_back(ask, 0, shared=shared, requests=1)

@@ -82,6 +82,11 @@ class RequestRecord:
     """It passed admission (rate limits, quota, queue bounds). The ledger books only these, with
     the tokens the engine processed (none for one that never left the queue); refusals are
     counted by telemetry alone, so that a flood of refused requests cannot grow the ledger."""
+    tier: str = "default"
+    """The band that served it: `default` (interactive) or `batch` (a batch job's line, at the
+    tenant's batch prices)."""
+    batch_id: str | None = None
+    """The batch job a `batch` request was a line of."""
     guardrails: tuple[str, ...] = ()
     """Which of the tenant's guardrails acted (deny_input, deny_output, redact_output): counted by
     telemetry; the ledger keeps the status and finish reason they gave."""
@@ -189,7 +194,7 @@ class UsageLedger:
             self._refuse(reason)
             durable.set_exception(LedgerUnavailable(reason))
             return durable
-        row = record.row() | {"uid": uuid.uuid4().hex, "box_id": self.box_id or None}
+        row = self.row(record)
         if self.commit == "async":  # written by the tick, after the response
             durable.set_result(None)
             self._queued.append(_Pending(row, None))
@@ -197,6 +202,11 @@ class UsageLedger:
             self._queued.append(_Pending(row, durable))
             self._start_writing()
         return durable
+
+    def row(self, record: RequestRecord) -> dict[str, Any]:
+        """The usage row of a record, as the ledger writes it (with its uid and this box's id): for
+        a writer that commits it in a transaction of its own (a batch line's, with its result)."""
+        return record.row() | {"uid": uuid.uuid4().hex, "box_id": self.box_id or None}
 
     def event(self, kind: str, *, tenant: str = "", version: str = "", detail: str = "") -> None:
         """An event the request path raises (a quota warning), written with the next rows (kept

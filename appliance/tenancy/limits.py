@@ -46,6 +46,9 @@ class Ask:
     quota_period: str = "month"
     counts_quota: bool = True
     """False for a service key's own buckets (admission.KeyLimits): rate limits only, no quota."""
+    rate_limited: bool = True
+    """False for a batch line: counted against the quota, never against the tenant's requests and
+    tokens per minute (those limit interactive traffic), and the buckets are left as they are."""
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,7 @@ class LocalLimits:
         """Take the ask if everything fits (or, with `force`, whatever the levels: the mirror of a
         take another backend granted). The waits say what is short."""
         now = self.clock()
-        buckets = self._fit(ask.tenant, ask.rpm, ask.tpm, now)
+        buckets = self._fit(ask.tenant, ask.rpm, ask.tpm, now) if ask.rate_limited else _Buckets()
         waits = {
             "requests": buckets.requests.wait_s(1, now) if buckets.requests else 0.0,
             "tokens": buckets.tokens.wait_s(ask.tokens, now) if buckets.tokens else 0.0,
@@ -152,7 +155,7 @@ class LocalLimits:
         """A taken ask ends having used `used` tokens: the rest of the reservation goes back to the
         tokens bucket (and `requests` to the requests bucket: a request that never ran)."""
         now = self.clock()
-        buckets = self._buckets.get(ask.tenant)
+        buckets = self._buckets.get(ask.tenant) if ask.rate_limited else None
         if buckets is not None and buckets.tokens is not None:
             buckets.tokens.give_back(max(0, ask.tokens - used), now)
         if buckets is not None and buckets.requests is not None and requests:

@@ -272,3 +272,86 @@ def m020b_usage_monthly(db: sqlite_utils.Database) -> None:
         pk=("tenant", "month", "box_id"),
         not_null={"requests", "prompt_tokens", "completion_tokens", "cost"},
     )
+
+
+@migration
+def m021a_files(db: sqlite_utils.Database) -> None:
+    # Files a tenant uploaded (`POST /v1/files`, batch/files.py): the bytes live on disk under
+    # <state_dir>/files/<tenant>/<id>.jsonl, written before the row; a row names a whole file.
+    db.table("files").create(
+        {
+            "id": str,
+            "tenant": str,
+            "filename": str,
+            "purpose": str,
+            "bytes": int,
+            "lines": int,
+            "created_at": int,
+        },
+        pk="id",
+        not_null={"tenant", "filename", "purpose", "bytes", "lines", "created_at"},
+    )
+    db.table("files").create_index(["tenant", "created_at"])
+
+
+@migration
+def m021b_batches(db: sqlite_utils.Database) -> None:
+    # Batch jobs (batch/jobs.py): one row each, with OpenAI's lifecycle timestamps and counts, and
+    # the key that made it (its lines run as that key's requests).
+    db.table("batches").create(
+        {
+            "id": str,
+            "tenant": str,
+            "key_id": str,
+            "key_kind": str,
+            "endpoint": str,
+            "input_file_id": str,
+            "completion_window": str,
+            "metadata": str,
+            "status": str,
+            "errors": str,
+            "output_file_id": str,
+            "error_file_id": str,
+            "total": int,
+            "completed": int,
+            "failed": int,
+            "created_at": int,
+            "in_progress_at": int,
+            "expires_at": int,
+            "finalizing_at": int,
+            "completed_at": int,
+            "failed_at": int,
+            "expired_at": int,
+            "cancelling_at": int,
+            "cancelled_at": int,
+        },
+        pk="id",
+        not_null={"tenant", "key_id", "endpoint", "input_file_id", "status", "created_at", "expires_at"},
+        defaults={"total": 0, "completed": 0, "failed": 0},
+    )
+    db.table("batches").create_index(["tenant", "created_at"])
+    db.table("batches").create_index(["status"])
+    # Each input line, and once it has run its result (the output or error file's line, as JSON),
+    # committed in groups: a line with a result is never run again, one without is run (again).
+    db.table("batch_lines").create(
+        {"batch_id": str, "line": int, "custom_id": str, "body": str, "result": str, "error": int},
+        pk=("batch_id", "line"),
+        not_null={"batch_id", "line", "body"},
+    )
+    db.execute("create index batch_lines_pending on batch_lines (batch_id, line) where result is null")
+
+
+@migration
+def m021c_usage_tier(db: sqlite_utils.Database) -> None:
+    # Which band served a request: `default` (interactive) or `batch` (a line of a batch job, named
+    # by `batch_id`, billed at the tenant's batch prices). Older rows: interactive (NULL).
+    db.table("usage").add_column("tier", str)
+    db.table("usage").add_column("batch_id", str)
+
+
+@migration
+def m021d_usage_monthly_tier(db: sqlite_utils.Database) -> None:
+    # Retention's monthly totals kept per tier too, so `lorabox usage` shows batch and interactive
+    # apart for summarised months as for single rows. Totals summarised before: interactive.
+    db.table("usage_monthly").add_column("tier", str, not_null_default="default")
+    db.table("usage_monthly").transform(pk=("tenant", "month", "box_id", "tier"))

@@ -90,6 +90,13 @@ class Policy:
     price_out: float = 0.0
     """Price per million completion tokens, for `lorabox usage`."""
 
+    price_batch_in: float | None = None
+    """Price per million prompt tokens of batch jobs' lines (`/v1/batches`); none: half of
+    `price_in`, as OpenAI's Batch API discount."""
+
+    price_batch_out: float | None = None
+    """Price per million completion tokens of batch jobs' lines; none: half of `price_out`."""
+
     deny_input: tuple[str, ...] = ()
     """Patterns (RE2 syntax: linear time) that a request's messages or prompt must not match; a
     request that does is refused (400 `content_policy_violation`), naming no pattern."""
@@ -105,6 +112,27 @@ class Policy:
     retention_days: int | None = None
     """Days the tenant's usage rows are kept (at least 31: the quota's month); older ones are
     deleted by a daily job after their totals are kept as monthly summaries. None: kept for good."""
+
+    file_max_bytes: int = 200 << 20
+    """Bytes of one uploaded file (`POST /v1/files`) at most; a larger upload is refused (413) as
+    it streams in. Never unlimited. Default 200 MiB, as OpenAI's batch input files."""
+
+    files_total_bytes: int = 2 << 30
+    """Bytes of all of the tenant's stored files together at most (uploads in progress count);
+    an upload that would cross it is refused (413). Never unlimited."""
+
+    batch_max_lines: int = 50_000
+    """Lines (requests) of one batch input file at most; a file with more is refused when it is
+    uploaded (400). Never unlimited. Default 50,000, as OpenAI's."""
+
+    def prices(self, tier: str) -> tuple[float, float]:
+        """(in, out) per million tokens for requests of `tier`: `default`, or `batch` and `flex`
+        (the background band's tiers) at the batch prices."""
+        if tier not in ("batch", "flex"):
+            return self.price_in, self.price_out
+        batch_in = self.price_batch_in if self.price_batch_in is not None else self.price_in / 2
+        batch_out = self.price_batch_out if self.price_batch_out is not None else self.price_out / 2
+        return batch_in, batch_out
 
     def view(self) -> dict[str, Any]:
         """As the admin API shows it: the system prompt only as whether there is one."""
@@ -137,7 +165,12 @@ _RANGES = {
     "max_n": _Range(int, 1, 128, False),
     "price_in": _Range(float, 0, 1_000_000, False),
     "price_out": _Range(float, 0, 1_000_000, False),
+    "price_batch_in": _Range(float, 0, 1_000_000, True),
+    "price_batch_out": _Range(float, 0, 1_000_000, True),
     "retention_days": _Range(int, 31, 365_000, True),
+    "file_max_bytes": _Range(int, 1, 1 << 40, False),
+    "files_total_bytes": _Range(int, 1, 1 << 44, False),
+    "batch_max_lines": _Range(int, 1, 10_000_000, False),
 }
 
 

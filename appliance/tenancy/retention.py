@@ -1,7 +1,7 @@
 """Retention: a tenant's ledger rows older than its `retention_days` go, their totals stay.
 
 Before rows are deleted, what `lorabox usage` reports of them (requests, prompt and completion
-tokens, cost at the prices they were served at, per month and box) is added to `usage_monthly`,
+tokens, cost at the prices they were served at, per month, box and tier) is added to `usage_monthly`,
 in the same transaction; `Store.usage_report` adds those rows back, so the totals of a closed
 period, and the bill, are what they were. What is lost is the detail: single rows, and days
 (`--by day` shows a summarised month on its first day).
@@ -40,13 +40,13 @@ def apply(store: Store, days_of: Callable[[str], int | None], now: datetime | No
         for tenant, days in sorted(retention.items()):
             cutoff = timestamp(now - timedelta(days=days))
             store.db.execute(
-                "insert into usage_monthly (tenant, month, box_id, requests, prompt_tokens, "
+                "insert into usage_monthly (tenant, month, box_id, tier, requests, prompt_tokens, "
                 "completion_tokens, cost) "
-                "select tenant, substr(ts, 1, 7), coalesce(box_id, ''), count(*), sum(prompt_tokens), "
-                "sum(completion_tokens), sum(prompt_tokens * coalesce(price_in, 0) "
+                "select tenant, substr(ts, 1, 7), coalesce(box_id, ''), coalesce(tier, 'default'), count(*), "
+                "sum(prompt_tokens), sum(completion_tokens), sum(prompt_tokens * coalesce(price_in, 0) "
                 "+ completion_tokens * coalesce(price_out, 0)) / 1e6 "
-                "from usage where tenant = ? and ts < ? group by 2, 3 "
-                "on conflict (tenant, month, box_id) do update set "
+                "from usage where tenant = ? and ts < ? group by 2, 3, 4 "
+                "on conflict (tenant, month, box_id, tier) do update set "
                 "requests = requests + excluded.requests, "
                 "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
                 "completion_tokens = completion_tokens + excluded.completion_tokens, "

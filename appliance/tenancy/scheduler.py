@@ -40,6 +40,18 @@ engine's batch size: the queue then holds requests back only when the engine is 
 
 FIFO mode starts requests in order of arrival, whoever sent them, within the same bounds.
 Synchronous apart from `wait`: one event loop, no locks.
+
+The background band (batch lines) runs only in the capacity interactive requests leave. Rule: a
+background request starts only when no interactive request could start (none waiting, or those
+waiting held back by their tenant's `max_concurrent`), when interactive and background requests
+running together are fewer than `max_running`, and when fewer than `max_background` background
+requests run. Interactive requests do not count the background ones: one that arrives starts as
+it would with no batch running (the fair queue never holds it back for a batch line); the engine
+then holds up to `max_running` + `max_background`, and where that is more than its batch size the
+newcomer waits inside the engine until a batch line ends. Within the band, tenants share by the
+same rule as above (VTC counters of their own, the same weights; never on top). Bound: a
+background request never delays an interactive one's start in the queue, and at most
+`max_background` of the engine's places are taken by the band. Knob: `max_background`.
 """
 
 from __future__ import annotations
@@ -74,6 +86,7 @@ class Turn:
     prompt_tokens: int
     arrived: float
     max_tokens: int = 0
+    background: bool = False
     granted: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     started: float | None = None
     done: bool = False
@@ -105,14 +118,22 @@ class FairScheduler:
         max_queued: int,
         fair: bool = True,
         clock: Callable[[], float] = time.monotonic,
+        max_background: int | None = None,
     ):
         self.max_running, self.max_queued, self.fair = max_running, max_queued, fair
+        self.max_background = max_background
+        """Background requests running at most; None: half of `max_running` (at least 1)."""
         self._clock = clock
         self._tenants: dict[str, _Tenant] = {}
         self._active: dict[str, _Tenant] = {}  # with requests queued or running
+        self._band: dict[str, _Tenant] = {}  # the background band's own states
+        self._band_active: dict[str, _Tenant] = {}
         self._last_idle_counter = 0.0
+        self._band_last_idle_counter = 0.0
         self.running = 0
         self.queued = 0
+        self.background_running = 0
+        self.background_queued = 0
         self._typical_run_s = self.TYPICAL_RUN_S
 
     # -- admission --------------------------------------------------------------------------------
@@ -126,9 +147,13 @@ class FairScheduler:
         max_queued: int,
         prompt_tokens: int,
         max_tokens: int = 0,
+        background: bool = False,
     ) -> Turn:
         """Queue a request, starting it at once if it may; raises QueueFull (and leaves no trace)
-        when it would have to wait and its tenant's queue, or the box's, is full."""
+        when it would have to wait and its tenant's queue, or the box's, is full. A background
+        request (the band) waits without a bound of the box's: its sender keeps its number bounded."""
+        if background:
+            return self._enter_band(tenant, weight, prompt_tokens, max_tokens, max_queued)
         state = self._tenants.get(tenant) or self._tenants.setdefault(tenant, _Tenant(tenant))
         if weight != state.weight:
             self._reweigh(state, weight)
@@ -148,6 +173,26 @@ class FairScheduler:
                 raise QueueFull("box", self._retry_after(self.queued + 1, self.max_running))
         return turn
 
+    def _enter_band(
+        self, tenant: str, weight: float, prompt_tokens: int, max_tokens: int, max_queued: int
+    ) -> Turn:
+        state = self._band.get(tenant) or self._band.setdefault(tenant, _Tenant(tenant))
+        if weight != state.weight:
+            self._reweigh(state, weight)
+        if not state.active:
+            self._wake_up(state)
+        turn = Turn(tenant, prompt_tokens, self._clock(), max_tokens, background=True)
+        state.queue.append(turn)
+        self.background_queued += 1
+        self._dispatch()
+        if not turn.granted.done() and len(state.queue) > max_queued:
+            self._withdraw(state, turn)
+            raise QueueFull("tenant", self._retry_after(len(state.queue) + 1, max(1, state.running)))
+        return turn
+
+    def _state(self, turn: Turn) -> _Tenant:
+        return (self._band if turn.background else self._tenants)[turn.tenant]
+
     async def wait(self, turn: Turn) -> None:
         """Until the request may run. Cancelled (client gone, server cut), it leaves the queue."""
         try:
@@ -156,25 +201,28 @@ class FairScheduler:
             if turn.granted.done():
                 self.leave(turn)  # started just as its caller went away
             else:
-                self._withdraw(self._tenants[turn.tenant], turn)
+                self._withdraw(self._state(turn), turn)
             raise
 
     def served(self, turn: Turn, completion_tokens: int) -> None:
         """Charge completion tokens as the engine produces them."""
-        state = self._tenants[turn.tenant]
+        state = self._state(turn)
         state.counter += 2 * completion_tokens / state.weight
 
     def leave(self, turn: Turn) -> None:
         """The request ended (or never started: then it leaves the queue). Idempotent."""
         if turn.done:
             return
-        state = self._tenants[turn.tenant]
+        state = self._state(turn)
         if turn.started is None:
             self._withdraw(state, turn)
             return
         turn.done = True
         state.running -= 1
-        self.running -= 1
+        if turn.background:
+            self.background_running -= 1
+        else:
+            self.running -= 1
         ran = self._clock() - turn.started
         self._typical_run_s += 0.1 * (ran - self._typical_run_s)
         if not state.active:
@@ -199,27 +247,42 @@ class FairScheduler:
         """The lead over the lowest counter is service / old weight: restated as service / new
         weight. (A tenant throttled at the lowest weight would otherwise carry the lead it ran up
         there, a hundred times its service, into its next period, and wait behind every other.)"""
-        floor = min((t.counter for t in self._active.values()), default=state.counter)
+        floor = min((t.counter for t in self._peers(state).values()), default=state.counter)
         if state.counter > floor:
             state.counter = floor + (state.counter - floor) * state.weight / weight
         state.weight = weight
 
     def _wake_up(self, state: _Tenant) -> None:
         """No banked credit: a tenant coming back starts where the others are now."""
-        floor = min((t.counter for t in self._active.values()), default=self._last_idle_counter)
+        band = self._in_band(state)
+        last = self._band_last_idle_counter if band else self._last_idle_counter
+        floor = min((t.counter for t in self._peers(state).values()), default=last)
         state.counter = max(state.counter, floor)
-        self._active[state.name] = state
+        self._peers(state)[state.name] = state
 
     def _gone_idle(self, state: _Tenant) -> None:
-        self._last_idle_counter = state.counter
-        del self._active[state.name]
+        if self._in_band(state):
+            self._band_last_idle_counter = state.counter
+        else:
+            self._last_idle_counter = state.counter
+        del self._peers(state)[state.name]
+
+    def _in_band(self, state: _Tenant) -> bool:
+        return self._band.get(state.name) is state
+
+    def _peers(self, state: _Tenant) -> dict[str, _Tenant]:
+        """The active states of the state's band (interactive, or background)."""
+        return self._band_active if self._in_band(state) else self._active
 
     def _withdraw(self, state: _Tenant, turn: Turn) -> None:
         if turn.done:
             return
         turn.done = True
         state.queue.remove(turn)
-        self.queued -= 1
+        if turn.background:
+            self.background_queued -= 1
+        else:
+            self.queued -= 1
         if not state.active:
             self._gone_idle(state)
         self._dispatch()  # it may have been holding back others of its tenant
@@ -229,6 +292,27 @@ class FairScheduler:
         return (state.counter, head) if self.fair else (head, 0.0)
 
     def _dispatch(self) -> None:
+        self._dispatch_interactive()
+        self._dispatch_band()
+
+    @property
+    def band_places(self) -> int:
+        return self.max_background if self.max_background is not None else max(1, self.max_running // 2)
+
+    def _dispatch_band(self) -> None:
+        """Background requests, in what interactive ones leave (see the rule above). Interactive
+        requests were dispatched first: one that could start still waits only when they hold
+        `max_running` places, and then no background request starts either."""
+        while (
+            self.background_running < self.band_places
+            and self.running + self.background_running < self.max_running
+        ):
+            ready = [t for t in self._band_active.values() if t.may_start()]
+            if not ready:
+                return
+            self._start(min(ready, key=self._order))
+
+    def _dispatch_interactive(self) -> None:
         while True:
             ready = [t for t in self._active.values() if t.may_start()]
             if not ready:
@@ -262,9 +346,13 @@ class FairScheduler:
 
     def _start(self, state: _Tenant) -> None:
         turn = state.queue.popleft()
-        self.queued -= 1
         state.running += 1
-        self.running += 1
+        if turn.background:
+            self.background_queued -= 1
+            self.background_running += 1
+        else:
+            self.queued -= 1
+            self.running += 1
         state.counter += turn.prompt_tokens / state.weight
         turn.started = self._clock()
         turn.granted.set_result(None)

@@ -35,8 +35,11 @@ KEY_PREFIX = "lbx"
 USAGE_COLUMNS = (
     "uid", "box_id", "ts", "tenant", "key_id", "model", "adapter_version", "endpoint", "engine", "status",
     "finish_reason", "prompt_tokens", "completion_tokens", "ttft_ms", "latency_ms", "price_in", "price_out",
+    "tier", "batch_id",
 )  # fmt: skip
 """A usage row as `lorabox usage --rows` exports it, and `lorabox usage --from` reads it back."""
+USAGE_COLUMNS_ADDED = ("tier", "batch_id")
+"""Columns exports made before them lack: read back as NULL (interactive, no batch)."""
 BUSY_TIMEOUT_MS = 5000
 """How long a connection waits for another one's write lock by default (the CLI's); the daemon's
 writers wait less, or not at all (tenancy/writer.py, tenancy/ledger.py)."""
@@ -613,13 +616,21 @@ class Store:
         policy, routes, pins and adapter registry gone, so that the name starts clean when reused.
         Its usage rows are kept under an archived name (`acme~removed-<time>`, which no tenant can
         take; retention applies to them as to any row) or, with `purge`, deleted with its monthly
-        summaries. Events and the audit log keep their history. Returns what was done."""
+        summaries. Its batch jobs and files' rows are deleted. Events and the audit log keep their
+        history. Returns what was done."""
         with self.writing():
             if not self.get_tenant(name):
                 raise StoreError(f"no tenant named {name!r}")
             revoked = [k["key_id"] for k in self.list_keys(name) if not k["revoked_at"]]
             for key_id in revoked:
                 self.mark_revoked(key_id, name, actor=actor, revoked_at=None)
+            # Its batch jobs and uploaded files too (the CLI deletes the files' bytes): a tenant given
+            # the name later must not list, read or run them.
+            self.db.execute(
+                "delete from batch_lines where batch_id in (select id from batches where tenant = ?)", [name]
+            )
+            batches = self.db.execute("delete from batches where tenant = ?", [name]).rowcount
+            files = self.db.execute("delete from files where tenant = ?", [name]).rowcount
             for table in ("api_keys", "tenant_policies", "routes", "adapter_versions", "base_acceptances"):
                 self.db.execute(f"delete from {table} where tenant = ?", [name])  # noqa: S608 (ours)
             # Service keys that named it no longer do: a new tenant of that name is not theirs to reach
@@ -639,7 +650,13 @@ class Store:
                 self.db.execute("update usage_monthly set tenant = ? where tenant = ?", [archived, name])
                 usage = f"{rows} rows kept as {archived}"
             self.db.execute("delete from tenants where name = ?", [name])
-            done = {"keys revoked": len(revoked), "usage": usage, "purge": purge}
+            done = {
+                "keys revoked": len(revoked),
+                "usage": usage,
+                "purge": purge,
+                "batches": batches,
+                "files": files,
+            }
             self.record_event("tenant_removed", tenant=name, detail=usage)
             self.audit(
                 actor, "tenant_remove", name, Change({"tenant": "present"}, {"tenant": "removed"} | done)
@@ -707,24 +724,25 @@ class Store:
         by: str = "",
         box: str = "",
     ) -> list[dict[str, Any]]:
-        """Requests, tokens and cost per tenant (and per `day` or `month` when `by` says so) from
-        `since` up to `until` (ISO 8601 UTC), and the boxes that served them (`box` for rows that
-        name none: this box's own, booked before rows carried it). Cost uses the prices each
-        request was served at."""
+        """Requests, tokens and cost per tenant and tier (`default`, `flex`, `batch`; and per `day`
+        or `month` when `by` says so) from `since` up to `until` (ISO 8601 UTC), and the boxes that
+        served them (`box` for rows that name none: this box's own, booked before rows carried it).
+        Cost uses the prices each request was served at."""
         period = {"": "''", "day": "substr(ts, 1, 10)", "month": "substr(ts, 1, 7)"}[by]
         # Rows deleted by retention count as their monthly summaries, dated the 1st of the month.
         cursor = self.db.execute(
-            "with rows as (select ts, tenant, 1 as requests, prompt_tokens, completion_tokens, "  # noqa: S608 (fixed)
+            "with rows as (select ts, tenant, coalesce(tier, 'default') as tier, 1 as requests, "  # noqa: S608 (fixed)
+            "prompt_tokens, completion_tokens, "
             "(prompt_tokens * coalesce(price_in, 0) + completion_tokens * coalesce(price_out, 0)) / 1e6 "
             "as cost, coalesce(box_id, :box) as box from usage "
-            "union all select month || '-01T00:00:00.000+00:00', tenant, requests, prompt_tokens, "
+            "union all select month || '-01T00:00:00.000+00:00', tenant, tier, requests, prompt_tokens, "
             "completion_tokens, cost, coalesce(nullif(box_id, ''), :box) from usage_monthly) "
-            f"select {period} as period, tenant, sum(requests) as requests, "
+            f"select {period} as period, tenant, tier, sum(requests) as requests, "
             "sum(prompt_tokens) as prompt_tokens, sum(completion_tokens) as completion_tokens, "
             "sum(cost) as cost, replace(group_concat(distinct box), ',', '+') as box_id "
             "from rows where (:tenant is null or tenant = :tenant) "
             "and (:since is null or ts >= :since) and (:until is null or ts < :until) "
-            "group by period, tenant order by period, tenant",
+            "group by period, tenant, tier order by period, tenant, tier = 'batch', tier",
             {"tenant": tenant, "since": since, "until": until, "box": box},
         )
         columns = [c[0] for c in cursor.description]

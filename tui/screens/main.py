@@ -12,6 +12,7 @@ from textual.widgets import Footer, Input
 
 from ..payload import Event, Status, Tenant
 from ..widgets.banner import ConnectionBanner
+from ..widgets.batches import BatchPanel
 from ..widgets.device import DevicePanel
 from ..widgets.events import EventLog
 from ..widgets.header import StatusHeader
@@ -33,6 +34,7 @@ class MainScreen(TenantScreen):
         yield StatusHeader(id="header")
         yield ConnectionBanner(id="banner")
         yield DevicePanel(id="device")
+        yield BatchPanel(id="batches")
         yield TenantTable(id="tenants")
         yield EventLog(id="events")
         yield Input(placeholder="filter tenants by name", id="filter")
@@ -56,6 +58,7 @@ class MainScreen(TenantScreen):
     def show_snapshot(self, status: Status, tenants: list[Tenant], feed: str) -> None:
         self.show_feed(status, feed)
         self.query_one(DevicePanel).show(status)
+        self.query_one(BatchPanel).show(status.batches)
         self.table.show(tenants)
 
     def show_feed(self, status: Status | None, feed: str) -> None:
