@@ -17,7 +17,8 @@ The added latency is against the same null engine called in-process (its `genera
 end, on the daemon's core): per request, the end-to-end p50 of a one-token request through the daemon
 less the in-process one; per token, the slope between one-token and `--max-tokens` requests through
 the daemon less the in-process slope. `--profile-clients N` then records the daemon with py-spy
-under N clients and lists where its time goes (self time by function, and by layer).
+under N clients, then under one client sending one-token requests, and lists where its time goes
+(self time by function, and by layer).
 
 Targets (issue 23): >= 20,000 streamed tokens/s on one core; added p50 latency <= 2 ms per request.
 """
@@ -238,20 +239,20 @@ def main() -> None:
                     pool, server.url, keys, clients, args.seconds, args.max_tokens, args.client_cpu, process
                 )
                 rows.append({"clients": clients} | summary)
-            profiled: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None
-            if args.profile_clients:
+            # The hot path under streamed load, then a request's own path (one token each, one client).
+            profiles = [(args.profile_clients, args.max_tokens), (1, 1)] if args.profile_clients else []
+            profiled = {}
+            assert results.folder is not None
+            for clients, max_tokens in profiles:
+                at = time.time() + 1
                 background = pool.submit(
-                    _client,
-                    server.url,
-                    keys,
-                    args.profile_clients,
-                    args.seconds + 4,
-                    args.max_tokens,
-                    args.client_cpu,
-                    time.time() + 1,
+                    _client, server.url, keys, clients, args.seconds + 4, max_tokens, args.client_cpu, at
                 )
                 time.sleep(3)
-                profiled = profile(server.process.pid, args.seconds, results.folder / "profile.txt")  # type: ignore[operator]
+                out = results.folder / f"profile-{clients}-clients-{max_tokens}-tokens.txt"
+                profiled[f"{clients} clients, {max_tokens} tokens each"] = profile(
+                    server.process.pid, args.seconds, out
+                )
                 background.result()
     daemon_1 = one["e2e_p50_ms"] / 1000
     daemon_n = many["e2e_p50_ms"] / 1000
@@ -286,12 +287,12 @@ def main() -> None:
     for r in rows:
         if r["errors"]:
             results.notes.append(f"{r['clients']} clients: errors {r['errors']}")
-    if profiled is not None:
-        top, by_layer = profiled
-        results.add_table(f"Daemon profile under {args.profile_clients} clients: by layer", by_layer)
-        results.add_table(f"Daemon profile under {args.profile_clients} clients: top functions", top)
+    for title, (top, by_layer) in profiled.items():
+        results.add_table(f"Daemon profile, {title}: by layer", by_layer)
+        results.add_table(f"Daemon profile, {title}: top functions", top)
+    if profiled:
         results.notes.append(
-            "profile.txt: py-spy's raw samples (collapsed stacks; flamegraph.pl or speedscope read them)"
+            "profile-*.txt: py-spy's raw samples (collapsed stacks; flamegraph.pl or speedscope read them)"
         )
     results.plot(
         "tokens_per_s.png",
