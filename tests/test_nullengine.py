@@ -5,6 +5,8 @@ gateway-ceiling benchmark measures."""
 from __future__ import annotations
 
 import json
+import shutil
+import sqlite3
 import sys
 import urllib.request
 from collections.abc import Iterator
@@ -13,12 +15,12 @@ from pathlib import Path
 import openai
 import pytest
 
-from appliance.demo.build import init_demo
 from appliance.engines.base import EngineOptions, GenerationRequest, TokenDelta
 from appliance.serving.tokenization import TextCodec
 from appliance.testing.localserver import LocalServer, ServerFailed
 from appliance.testing.nullengine import NullEngine
 from appliance.testing.nullserve import TEXT
+from tests.conftest import Demo
 
 CYCLE = [11, 12, 13, 14, 15]
 
@@ -69,29 +71,36 @@ def test_it_needs_tokens_to_emit() -> None:
 
 
 @pytest.fixture(scope="module")
-def null_server(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[LocalServer, dict[str, str], Path]]:
-    """The demo served with the null engine: a demo folder of its own (the shared `server` holds
-    the shared demo's state), no model loaded, ready in seconds."""
+def null_server(demo: Demo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalServer, Path]]:
+    """The shared demo served with the null engine: its model (only read), a copy of its adapters
+    and of its database (the shared `server` holds the demo's own state), ready in seconds."""
     directory = tmp_path_factory.mktemp("null-demo")
-    keys = init_demo(directory)
+    shutil.copytree(demo.dir / "adapters", directory / "adapters")
+    (directory / "state").mkdir()
+    with (
+        sqlite3.connect(demo.database) as source,
+        sqlite3.connect(directory / "state" / "lorabox.db") as copy,
+    ):
+        source.backup(copy)
+    config = demo.config.read_text()
+    config = config.replace(str(demo.dir / "adapters"), str(directory / "adapters"))
+    config = config.replace(str(demo.dir / "state"), str(directory / "state"))
+    (directory / "lorabox.toml").write_text(config)
     command = [sys.executable, "-m", "appliance.testing.nullserve"]
     try:
         server = LocalServer.start(directory / "lorabox.toml", directory / "server.log", command=command)
     except ServerFailed as exc:
         pytest.fail(str(exc))
-    yield server, keys, directory
+    yield server, directory
     server.stop()
 
 
-def test_the_daemon_serves_through_the_null_engine(
-    null_server: tuple[LocalServer, dict[str, str], Path],
-) -> None:
-    server, keys, directory = null_server
+def test_the_daemon_serves_through_the_null_engine(demo: Demo, null_server: tuple[LocalServer, Path]) -> None:
+    server, _ = null_server
+    keys = demo.keys
     with urllib.request.urlopen(f"{server.url}/readyz") as response:  # noqa: S310 (loopback)
         assert json.load(response)["engine"] == "null"
-    codec = TextCodec.from_model_dir(directory / "model")
+    codec = TextCodec.from_model_dir(demo.model_dir)
     cycle = codec.tokenizer.encode(TEXT, add_special_tokens=False)
     client = openai.OpenAI(base_url=server.base_url, api_key=keys["acme"])
     stream = client.completions.create(
