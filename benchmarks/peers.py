@@ -9,7 +9,10 @@ completions cycling over the tenants, each request under its tenant's model name
 answer `--max-tokens` long) goes to one at a time: for each round and each point (closed loop at
 each `--clients`, then open loop at each `--rates` requests/s), each server in turn, the order
 reversed every other round (ABC CBA), so that whatever else the machine runs hits all alike. Each
-point's figures are over all its rounds; the ratio is lorabox's over vllm serve's.
+point's figures are over all its rounds; the ratio is lorabox's over vllm serve's. Each row also
+says where the CPU went per completion token: the server's own process (the API server; for lorabox
+and vllm serve also vLLM's detokenisation, in that process) and its engine's processes (vLLM's
+engine core and worker; none for llama.cpp, which decodes in its one process).
 
 - lorabox: `lorabox serve` with the vLLM engine, `max_loras = 3` (one slot per tenant; on CPU its
   engine adds one for base-model requests), everything else as the demo configures it.
@@ -24,6 +27,17 @@ point's figures are over all its rounds; the ratio is lorabox's over vllm serve'
   answers are as long) nor usage in streams (its tokens are counted as chunks).
 
 Target (issue 23): lorabox >= 1.2x vllm serve's throughput at 8 and 32 clients, TTFT p99 no worse.
+
+Here (2026-12-07, the 2-core AMD EPYC shared with other jobs, load average 7-11; 64-token answers;
+benchmarks/results/peers/): lorabox / vllm serve throughput 0.94 at 1 client, 1.11 at 8, 1.04 at 32,
+0.98 and 1.02 at 1 and 4 req/s (an earlier run: 1.24, 0.92, 1.01); TTFT p99 lorabox / vllm serve
+1.66 at 8 clients (555 vs 334 ms) and 0.72 at 32 (318 vs 441 ms). The 1.2x is not met, and cannot
+be on this engine: both run the same vLLM engine, which used 2.1 ms of CPU per token in both at 8
+clients (0.70 vs 0.75 at 32), while lorabox's own process used 0.19 ms per token against vllm serve's
+API server's 0.19 (0.12 vs 0.13 at 32): the engine is ~90% of the cost, and the part lorabox owns
+costs what vllm serve's does. llama.cpp's server: 2x lorabox at one client (no batching overhead
+for one stream), then flat at ~330 tokens/s (one request at a time) with TTFT p99 of 2.7 s at 8 and
+7.7 s at 32 clients.
 """
 
 from __future__ import annotations
@@ -41,7 +55,7 @@ from appliance.serving.tokenization import TextCodec
 from appliance.testing.localserver import LocalServer
 from benchmarks.suite import loadgen
 from benchmarks.suite.results import Results
-from benchmarks.suite.servers import llamacpp_serve, vllm_serve
+from benchmarks.suite.servers import Peer, cpu_seconds, llamacpp_serve, vllm_serve
 from benchmarks.suite.stats import ratio
 
 TARGET = 1.2
@@ -57,9 +71,9 @@ def requests(server: str, keys: dict[str, str], max_tokens: int, eos: list[int])
 
 
 @contextlib.contextmanager
-def servers(names: list[str], demo_dir: Path, keys: dict[str, str]) -> Iterator[dict[str, str]]:
+def servers(names: list[str], demo_dir: Path, keys: dict[str, str]) -> Iterator[dict[str, Peer]]:
     """Every server asked for, started one after the other and all up until the block ends."""
-    urls: dict[str, str] = {}
+    urls: dict[str, Peer] = {}
     with contextlib.ExitStack() as stack:
         for name in names:
             print(f"starting {name}", flush=True)
@@ -68,7 +82,7 @@ def servers(names: list[str], demo_dir: Path, keys: dict[str, str]) -> Iterator[
                 config.write_text(config.read_text() + "max_loras = 3\n")
                 server = LocalServer.start(config, demo_dir / "lorabox.log", timeout_s=600)
                 stack.callback(server.stop)
-                urls[name] = server.url
+                urls[name] = Peer(server.url, server.process.pid)
             elif name == "vllm":
                 urls[name] = stack.enter_context(
                     vllm_serve(demo_dir, sorted(keys), demo_dir / "vllm.log", max_loras=4)
@@ -96,20 +110,24 @@ def main() -> None:
     points += [("rate", float(r)) for r in args.rates.split(",") if r]
     results = Results("peers", vars(args))
     runs: dict[tuple[str, str, float], list[loadgen.Run]] = {}
+    cpu: dict[tuple[str, str, float], dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="lorabox-peers-") as tmp:
         demo_dir = Path(tmp)
         keys = init_demo(demo_dir)
         eos = list(TextCodec.from_model_dir(demo_dir / "model").eos_token_ids)
         with servers(names, demo_dir, keys) as urls:
-            for name, url in urls.items():  # warm-up: every batch size's first step, every adapter
+            for name, peer in urls.items():  # warm-up: every batch size's first step, every adapter
                 for clients in (1, 8, 32):
                     loadgen.run(
-                        functools.partial(loadgen.closed_loop, url, requests(name, keys, 16, eos), clients, 2)
+                        functools.partial(
+                            loadgen.closed_loop, peer.url, requests(name, keys, 16, eos), clients, 2
+                        )
                     )
             for round_ in range(args.rounds):
                 for kind, value in points:
                     for name in names if round_ % 2 == 0 else names[::-1]:
-                        url, stream = urls[name], requests(name, keys, args.max_tokens, eos)
+                        url, stream = urls[name].url, requests(name, keys, args.max_tokens, eos)
+                        cpu_before = cpu_seconds(urls[name].pid)
                         if kind == "clients":
                             run = loadgen.run(
                                 functools.partial(loadgen.closed_loop, url, stream, int(value), args.seconds)
@@ -121,6 +139,10 @@ def main() -> None:
                                 )
                             )
                         runs.setdefault((name, kind, value), []).append(run)
+                        cpu_after = cpu_seconds(urls[name].pid)
+                        spent = cpu.setdefault((name, kind, value), {"front": 0.0, "engine": 0.0})
+                        for part in spent:
+                            spent[part] += cpu_after[part] - cpu_before[part]
                         summary = run.summary()
                         print(
                             f"round {round_} {kind}={value:g} {name}: {summary['tok_per_s']:.0f} tok/s "
@@ -135,6 +157,11 @@ def main() -> None:
             merged = runs[(name, kind, value)]
             run = loadgen.Run([o for r in merged for o in r.outcomes], sum(r.seconds for r in merged))
             summaries[name] = run.summary()
+            # Where the CPU went, per completion token: the server's own process (its API, and for
+            # lorabox and vllm serve vLLM's output processing) and its engine's processes.
+            tokens = sum(o.completion_tokens for o in run.ok()) or 1
+            for part, seconds in cpu[(name, kind, value)].items():
+                summaries[name][f"{part}_cpu_ms_per_tok"] = 1000 * seconds / tokens
             for error in run.errors()[:2]:
                 results.notes.append(f"{name} at {row_base['load']}: {error}")
         for name, s in summaries.items():
@@ -143,6 +170,7 @@ def main() -> None:
                 | {"server": name}
                 | {k: s[k] for k in ("tok_per_s", "req_per_s", "failed", "ttft_p50_ms", "ttft_p99_ms")}
                 | {k: s[k] for k in ("itl_p50_ms", "itl_p99_ms", "e2e_p50_ms")}
+                | {k: s[k] for k in ("front_cpu_ms_per_tok", "engine_cpu_ms_per_tok")}
             )
         if "lorabox" in summaries and "vllm" in summaries:
             lb, vl = summaries["lorabox"], summaries["vllm"]

@@ -12,7 +12,10 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 from appliance.testing.localserver import free_port
 
@@ -27,10 +30,30 @@ sys.exit(main())
 """
 
 
+@dataclass(frozen=True)
+class Peer:
+    url: str
+    pid: int
+    """The server's own process; an engine's processes are its children."""
+
+
+def cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds used so far by the process `pid` ("front": its API server) and by its
+    children together ("engine": an engine core and its workers)."""
+    used = {"front": 0.0, "engine": 0.0}
+    with contextlib.suppress(psutil.Error):
+        root = psutil.Process(pid)
+        used["front"] = sum(root.cpu_times()[:2])
+        for child in root.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                used["engine"] += sum(child.cpu_times()[:2])
+    return used
+
+
 @contextlib.contextmanager
 def running(
     command: list[str], log: Path, ready: str, env: dict[str, str], timeout_s: float = 600
-) -> Iterator[str]:
+) -> Iterator[Peer]:
     """`command` (which listens on the port in `ready`, a URL) until the block ends."""
     with log.open("w") as out:
         process = subprocess.Popen(
@@ -47,7 +70,7 @@ def running(
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{command[:4]} did not start in {timeout_s} s; see {log}")
             time.sleep(1)
-        yield ready.rsplit("/v1/", 1)[0]
+        yield Peer(ready.rsplit("/v1/", 1)[0], process.pid)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
@@ -67,7 +90,7 @@ def vllm_serve(
     max_loras: int,
     max_model_len: int = 1024,
     kv_cache_gib: int = 1,
-) -> Iterator[str]:
+) -> Iterator[Peer]:
     """`vllm serve` on the demo's model with each tenant's adapter under the tenant's name, float32,
     prefix caching on, `max_loras` slots; on CPU with the environment lorabox gives its own engine
     (tcmalloc preloaded, torch.compile off, the same KV cache)."""
@@ -86,12 +109,12 @@ def vllm_serve(
         "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
         "TORCH_COMPILE_DISABLE": "1",
     }
-    with running(command, log, f"http://127.0.0.1:{port}/v1/models", env) as url:
-        yield url
+    with running(command, log, f"http://127.0.0.1:{port}/v1/models", env) as peer:
+        yield peer
 
 
 @contextlib.contextmanager
-def llamacpp_serve(demo_dir: Path, adapter: str | None, log: Path, n_ctx: int = 1024) -> Iterator[str]:
+def llamacpp_serve(demo_dir: Path, adapter: str | None, log: Path, n_ctx: int = 1024) -> Iterator[Peer]:
     """llama-cpp-python's server on the demo's GGUF base model, with one tenant's adapter converted
     to a GGUF LoRA as lorabox's llama.cpp engine converts it. It holds one model with at most one
     LoRA, so every request is served with that adapter whatever its `model`; it decodes one request
@@ -110,5 +133,5 @@ def llamacpp_serve(demo_dir: Path, adapter: str | None, log: Path, n_ctx: int = 
             demo_dir / "adapters" / adapter / "v1", BaseGGUF.read(demo_dir / "model.gguf"), demo_dir
         )
         command += ["--lora_path", str(lora)]
-    with running(command, log, f"http://127.0.0.1:{port}/v1/models", dict(os.environ)) as url:
-        yield url
+    with running(command, log, f"http://127.0.0.1:{port}/v1/models", dict(os.environ)) as peer:
+        yield peer
