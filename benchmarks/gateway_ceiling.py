@@ -35,7 +35,8 @@ Here (2026-12-07, 2-core AMD EPYC shared with other jobs, one token per chunk, 2
 - The last full run (benchmarks/results/gateway-ceiling/) met CPU burners from other jobs (load
   average 10-12): the daemon got 26-35% of its core, 5,500-6,500 tokens/s measured, 17,000-30,000
   per daemon CPU-second; 512 concurrent streams served, none failed.
-- Added latency per one-token request, p50: 1.9 ms on the quietest run (load average 0.8), 3.6-9 ms
+- Added latency per one-token request, p50: 1.9 ms in a first trial on a quiet machine (load
+  average 0.8, before the fixes, results not kept), 3.6-9 ms
   under load 4-12 (the target is missed by 2-7 ms there). From the one-client profile, the request
   path is mostly waiting: the usage ledger's commit (usage_commit = "commit": the row committed
   before the last byte) on its writer thread and the hand-off to it and back, on the one core
