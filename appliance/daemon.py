@@ -157,7 +157,9 @@ def build_app(
     model_dir: Path,
     on_ready: Callable[[], None] | None = None,
     startup: StartupExtender | None = None,
+    select: Callable[[str, EngineOptions], Selection] = select_engine,
 ) -> web.Application:
+    """`select` picks the engine: select_engine, always, but for a test double (testing/nullserve.py)."""
     store = Store.connect(settings.database_path)
     filemodes.tighten(settings)  # what an older version left readable by every local user
     # The event loop's connection only reads: every write goes through `writer` or the ledger,
@@ -169,7 +171,7 @@ def build_app(
     sizes = plan_residency(settings, base, model_dir, store)
     log.info("residency plan: %s", sizes.reason)
     settings = dataclasses.replace(settings, max_loras=sizes.max_loras, max_cpu_loras=sizes.max_cpu_loras)
-    selection = select_engine(settings.engine, engine_options(settings, model_dir))
+    selection = select(settings.engine, engine_options(settings, model_dir))
     log.info("engine: %s", selection.reason)
     limits = AdapterLimits(max_rank=settings.max_lora_rank, support=selection.engine.adapter_support)
     folders = FolderRegistry(
@@ -499,13 +501,16 @@ def serve(
     listener: socket.socket,
     on_ready: Callable[[], None] | None = None,
     startup: StartupExtender | None = None,
+    select: Callable[[str, EngineOptions], Selection] = select_engine,
 ) -> NoReturn:
     """Serve until stopped; exits the process: 0 after SIGTERM/SIGINT, 1 after an engine failure.
 
     `listener` is the API's socket, bound before anything slow (api/bind.py); `startup`, already
     running, asks systemd for time until the engine is ready."""
     os.umask(filemodes.UMASK)  # what the daemon creates is the service's and its group's only
-    failure = asyncio.run(_serve(settings, build_app(settings, model_dir, on_ready, startup), listener))
+    failure = asyncio.run(
+        _serve(settings, build_app(settings, model_dir, on_ready, startup, select), listener)
+    )
     if failure is not None:
         print(
             f"lorabox: the engine failed ({failure}); exiting for systemd to restart lorabox", file=sys.stderr

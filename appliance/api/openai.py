@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -45,7 +44,7 @@ from .requests import (
     parse_completion,
 )
 from .services import SERVICES, Services
-from .shapes import Collected, Shape
+from .shapes import Collected, Shape, sse
 
 log = logging.getLogger(__name__)
 
@@ -576,8 +575,7 @@ async def _stream(
     usage_field = {"usage": None} if include_usage else {}
 
     async def send(payload: dict[str, Any] | str) -> None:
-        data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-        await response.write(f"data: {data}\n\n".encode())
+        await response.write(sse(payload))
 
     # The status line is gone already: an error is told in-band, as OpenAI does, then [DONE].
     error: APIError | None = None
@@ -587,6 +585,9 @@ async def _stream(
                 for index in range(n):
                     await send(shape.first(index) | usage_field)
             async for chunk in chunks:
+                if (event := shape.text_event(chunk, usage_field)) is not None:
+                    await response.write(event)
+                    continue
                 for payload in shape.chunks(chunk):
                     await send(payload | usage_field)
     except (asyncio.CancelledError, ConnectionResetError):

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..api.adminclient import AdminClient, AdminError, AdminUnavailable
 from ..batch.files import FOLDER as FILES_FOLDER
@@ -63,6 +63,10 @@ DEFAULT_DEMO_DIR = (
 READ_TIMEOUT_S = 10.0  # a file (or stdin) that gives nothing for this long is not waited for
 MAX_LIMIT = 10_000  # rows `events` and `audit` show at most (the admin API's cap too)
 MAX_AGO = {"d": 36_600, "h": 878_400, "m": 52_704_000, "w": 5_228}  # 100 years in each unit
+
+if TYPE_CHECKING:
+    from ..engines.base import EngineOptions
+    from ..engines.select import Selection
 
 
 # -- checking what the operator typed -------------------------------------------------------------
@@ -186,7 +190,13 @@ def _model_dir(settings: Settings) -> Path:
     return resolve(settings)
 
 
-def _serve(settings: Settings, on_ready: Callable[[], None] | None = None, verbose: bool = False) -> None:
+def _serve(
+    settings: Settings,
+    on_ready: Callable[[], None] | None = None,
+    verbose: bool = False,
+    select: Callable[[str, EngineOptions], Selection] | None = None,
+) -> None:
+    """`select`: the engine's choice, select_engine's unless a test double's (testing/nullserve.py)."""
     from ..api.bind import bind_api
     from .systemd import StartupExtender
 
@@ -199,7 +209,8 @@ def _serve(settings: Settings, on_ready: Callable[[], None] | None = None, verbo
 
     _setup_logging(settings.log_level, verbose)
     model_dir = _model_dir(settings)
-    serve(fit_context(settings, model_dir), model_dir, listener, on_ready=on_ready, startup=startup)
+    chosen = {"select": select} if select is not None else {}
+    serve(fit_context(settings, model_dir), model_dir, listener, on_ready=on_ready, startup=startup, **chosen)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

@@ -63,9 +63,12 @@ class LocalServer:
         kv_cache_gib: int = 1,
         env: dict[str, str] | None = None,
         settings: dict[str, object] | None = None,
+        command: list[str] | None = None,
     ) -> LocalServer:
         """`settings` override the config file's, as LORABOX_<NAME> environment variables; `env`
-        adds to (or overrides) the environment, e.g. `LORABOX_ENGINE` or `PYTHONPATH`."""
+        adds to (or overrides) the environment, e.g. `LORABOX_ENGINE` or `PYTHONPATH`. `command`
+        runs instead of `lorabox serve` (given `--config` after it), e.g. the null engine's
+        `python -m appliance.testing.nullserve`, or either under `taskset`."""
         port, metrics_port = free_port(), free_port()
         while metrics_port == port:  # the kernel may hand out the same free port twice
             metrics_port = free_port()
@@ -80,7 +83,7 @@ class LocalServer:
         began = time.monotonic()
         with log_path.open("wb") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "appliance", "serve", "--config", str(config)],
+                [*(command or [sys.executable, "-m", "appliance", "serve"]), "--config", str(config)],
                 env=environment,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -59,7 +59,8 @@ def cell(value: Any) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "n/a"
-        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}" if abs(value) < 1 else f"{value:.1f}"
+        # Three figures below 10: ratios (1.04 vs 0.96) are what a reader compares.
+        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
     return str(value)
 
 
