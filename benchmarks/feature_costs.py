@@ -1,5 +1,6 @@
-"""What each feature on the request path costs: telemetry, the ledger's commit mode (and its spool),
-fair vs FIFO scheduling, structured outputs, as throughput and latency ratios measured in one run.
+"""What each feature on the request path costs, as tokens/s and latency ratios in one run.
+
+Telemetry, the ledger's commit mode (and its spool), fair vs FIFO scheduling, structured outputs.
 
     python -m benchmarks feature-costs [--rounds 6] [--seconds 30] [--clients 4] [--max-tokens 64]
         [--engine llamacpp|vllm]

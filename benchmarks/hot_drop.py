@@ -1,5 +1,7 @@
-"""Hot drop: a new adapter version dropped into adapters/<tenant>/<version>/ → the first answer equal
-to HF transformers + PEFT's, p50/p95 over `--drops` drops.
+"""Hot drop: an adapter dropped → its first answer equal to HF transformers + PEFT's, p50/p95.
+
+A new adapter version dropped into adapters/<tenant>/<version>/, timed until the first answer equal
+to HF transformers + PEFT's, over `--drops` drops.
 
     python -m benchmarks hot-drop [--drops 20] [--engine vllm|llamacpp] [--max-tokens 16]
 

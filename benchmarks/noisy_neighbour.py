@@ -1,5 +1,7 @@
-"""A noisy neighbour, and what fairness costs: tenant B alone, then B while tenant A floods at ten
-times B's concurrency, fair scheduler against FIFO (and the ledger's commit mode, and vllm serve).
+"""A noisy neighbour (tenant B alone, then under tenant A's flood) and what fairness costs.
+
+Tenant B alone, then B while tenant A floods at ten times B's concurrency, fair scheduler against
+FIFO (and the ledger's commit mode, and vllm serve).
 
     python -m benchmarks noisy-neighbour [--b-clients 2] [--flood 10] [--seconds 20] [--max-running 4]
         [--max-tokens 64] [--runs fair,fifo,fair-async,vllm] [--engine auto|vllm|llamacpp]

@@ -1,5 +1,7 @@
-"""Many adapters: throughput, start time and memory with 5, 200 and 1000 registered (the same 5 hot),
-cold-load time, and residency hit rates with more tenants than GPU slots under a Zipf load.
+"""Many adapters: 5 vs 200 vs 1000 registered, cold loads, residency hit rates under a Zipf load.
+
+Throughput, start time and memory with 5, 200 and 1000 registered (the same 5 hot), cold-load time,
+and residency hit rates with more tenants than GPU slots under a Zipf load.
 
     python -m benchmarks scale [--counts 5,200,1000] [--rounds 8] [--seconds 40] [--clients 8]
         [--engine vllm|llamacpp] [--cold 20] [--requests 20000]
@@ -322,6 +324,9 @@ def main() -> None:
     )
     results.figures["slot_hit_rate_20_tenants_16_slots"] = next(
         r["slot_hit"] for r in at20 if r["gpu_slots"] == 16
+    )
+    results.figures[f"slot_hit_rate_20_tenants_{planned[200]}_slots_planned_for_200_on_24gb"] = next(
+        r["slot_hit"] for r in at20 if r["gpu_slots"] == planned[200]
     )
     results.plot(
         "residency.png",
