@@ -45,6 +45,7 @@ from appliance.testing.localserver import LocalServer, free_port
 from appliance.testing.tenantload import LoadProcess, LoadResult, start_together
 from benchmarks.suite import box
 from benchmarks.suite.results import Results, cell
+from benchmarks.suite.servers import ONE_DECODE_THREAD
 from benchmarks.suite.stats import percentile, ratio
 
 RUNS = {
@@ -223,6 +224,7 @@ def main() -> None:
             settings = RUNS[run] | {"max_running": args.max_running, "engine": args.engine}
             if args.engine == "llamacpp":
                 settings["llamacpp_parallel"] = args.llamacpp_parallel
+                settings |= ONE_DECODE_THREAD  # (with every layer on a GPU, the CPU threads idle anyway)
             # A's queue must hold its whole flood (the default bound, 32, would refuse some).
             (demo_dir / "lorabox.toml").write_text(
                 base_config
