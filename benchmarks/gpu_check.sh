@@ -43,7 +43,7 @@ bundle() {
 import importlib.metadata as md, re
 skip = re.compile(r"^(torch|triton|vllm.*|nvidia-.*|llama-cpp-python|lorabox)$")
 wanted, seen = ["lorabox", "pytest", "pytest-asyncio", "openai", "matplotlib", "numpy", "diskcache",
-                "jinja2", "typing-extensions", "scikit-build-core"], {}
+                "jinja2", "typing-extensions"], {}
 while wanted:
     name = re.split(r"[ ;<>=!~\[(]", wanted.pop())[0].lower().replace("_", "-")
     if name in seen or not name:
@@ -60,6 +60,9 @@ EOF
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         --platform linux_x86_64 --platform any -r "$dir/requirements.txt"
     "$py" -m pip download --no-deps --no-binary :all: -q -d "$wheelhouse" "llama-cpp-python==$LLAMACPP_VERSION"
+    # What building that sdist needs with no index (pip wheel --no-build-isolation): its build backend.
+    "$py" -m pip download --only-binary :all: -q -d "$wheelhouse" --python-version "$target" \
+        --platform manylinux_2_28_x86_64 --platform any scikit-build-core
     echo "$(find "$wheelhouse" -type f | wc -l) files, $(du -sh "$wheelhouse" | cut -f1) in $wheelhouse"
 }
 
@@ -215,7 +218,7 @@ step residency-doctor residency_and_doctor
     echo "# gpu_check.sh $(date -u '+%Y-%m-%d %H:%M UTC')$([ "$DRY" = 1 ] && echo ' (cpu dry run)')"
     echo
     sed -n 2p "$OUT/machine.txt" | sed 's/^/machine: /'
-    grep -h "," "$OUT/machine.txt" | tail -n 1
+    { grep -h "," "$OUT/machine.txt" || true; } | tail -n 1  # the GPU's line (none in a dry run)
     echo
     echo '| step | status | seconds |'
     echo '|---|---|---|'
