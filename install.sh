@@ -680,4 +680,5 @@ set_option() {
     esac
 }
 
-main "$@"
+# Sourced with LORABOX_INSTALL_FUNCTIONS=1 (benchmarks/gpu_check.sh): its functions, nothing run.
+[ "${LORABOX_INSTALL_FUNCTIONS:-}" = 1 ] || main "$@"

@@ -4,7 +4,7 @@
         [--mixes 0,1,8,20]
 
 One `lorabox serve` (the vLLM engine) on the demo with 17 tenants added to its 3 (rank-8 adapters
-on q_proj and v_proj, as the demo's, built by benchmarks/adapters.py add_tenants), its adapter
+on q_proj and v_proj, as the demo's, built by benchmarks/suite/box.py add_tenants), its adapter
 slots sized by the residency planner as for any box. The same closed-loop load (`--clients`
 streamed completions back to back, every answer `--max-tokens` long) is sent for each mix in turn:
 0 = every request to the base model; N = requests cycling over N tenants' adapters, each under its
@@ -40,8 +40,8 @@ from typing import Any
 
 from appliance.demo.build import DEMO_MODEL_NAME, init_demo
 from appliance.testing.localserver import LocalServer
-from benchmarks.adapters import add_tenants
 from benchmarks.suite import loadgen
+from benchmarks.suite.box import add_tenants
 from benchmarks.suite.results import Results
 from benchmarks.suite.stats import ratio
 

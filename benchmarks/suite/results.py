@@ -130,6 +130,28 @@ class Results:
         self.plots.append(filename)
         return path
 
+    def bars(self, filename: str, values: dict[str, float], ylabel: str, title: str) -> Path:
+        """One bar per named value (ratios side by side), saved as a PNG in the results folder."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, axes = plt.subplots(figsize=(7, 4.2), dpi=110)
+        axes.bar(range(len(values)), list(values.values()))
+        axes.set_xticks(range(len(values)), list(values), rotation=30, ha="right")
+        axes.axhline(1.0, color="grey", linewidth=0.8)
+        axes.set_ylabel(ylabel)
+        axes.set_title(title)
+        axes.grid(alpha=0.3, axis="y")
+        figure.tight_layout()
+        assert self.folder is not None
+        path = self.folder / filename
+        figure.savefig(path)
+        plt.close(figure)
+        self.plots.append(filename)
+        return path
+
     def save(self) -> Path:
         assert self.folder is not None
         document = {

@@ -90,19 +90,20 @@ def vllm_serve(
     max_loras: int,
     max_model_len: int = 1024,
     kv_cache_gib: int = 1,
+    model: Path | None = None,
+    dtype: str = "float32",
 ) -> Iterator[Peer]:
-    """`vllm serve` on the demo's model with each tenant's adapter under the tenant's name, float32,
-    prefix caching on, `max_loras` slots; on CPU with the environment lorabox gives its own engine
-    (tcmalloc preloaded, torch.compile off, the same KV cache)."""
+    """`vllm serve` on the demo's model (or `model`) with each tenant's adapter under the tenant's
+    name, prefix caching on, `max_loras` slots; on CPU with the environment lorabox gives its own
+    engine (tcmalloc preloaded, torch.compile off, the same KV cache)."""
     from appliance.engines.vllm import preload_tcmalloc
 
     port = free_port()
-    command = [sys.executable, "-c", VLLM_CLI, "serve", str(demo_dir / "model"), "--port", str(port)]
-    command += ["--dtype", "float32", "--max-model-len", str(max_model_len), "--enable-lora"]
+    command = [sys.executable, "-c", VLLM_CLI, "serve", str(model or demo_dir / "model"), "--port", str(port)]
+    command += ["--dtype", dtype, "--max-model-len", str(max_model_len), "--enable-lora"]
     command += ["--max-lora-rank", "16", "--max-loras", str(max_loras), "--enable-prefix-caching"]
     command += ["--disable-log-stats", "--lora-modules"]
     command += [f"{t}={demo_dir / 'adapters' / t / 'v1'}" for t in tenants]
-    env = dict(os.environ)
     preload_tcmalloc()  # sets LD_PRELOAD in this process's environment, as lorabox's engine does
     env = dict(os.environ) | {
         "VLLM_TARGET_DEVICE": "cpu",
