@@ -18,7 +18,7 @@ from ..batch.files import FILE_ID
 from ..batch.runner import BatchRunner, Outcome, RunLine
 from .body import read_json
 from .errors import APIError, bad_request, error_body
-from .files import no_such_file
+from .files import list_page, no_such_file
 from .openai import (
     Caller,
     Trace,
@@ -151,16 +151,7 @@ async def list_(request: web.Request) -> web.Response:
     if not 1 <= limit <= MAX_LIST_LIMIT:
         raise bad_request(f"'limit' must be between 1 and {MAX_LIST_LIMIT}.", "limit")
     page, more = jobs.list_batches(services.store, tenant, after=request.query.get("after"), limit=limit)
-    data = [batch.openai() for batch in page]
-    return web.json_response(
-        {
-            "object": "list",
-            "data": data,
-            "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None,
-            "has_more": more,
-        }
-    )
+    return list_page([batch.openai() for batch in page], more)
 
 
 def line_runner(services: Services) -> RunLine:

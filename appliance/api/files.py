@@ -7,6 +7,7 @@ files_total_bytes, batch_max_lines); an upload past a cap is refused as it strea
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 from aiohttp import BodyPartReader, web
 
@@ -143,7 +144,11 @@ async def list_(request: web.Request) -> web.Response:
         limit=limit,
         newest_first=order == "desc",
     )
-    data = [stored.openai() for stored in page]
+    return list_page([stored.openai() for stored in page], more)
+
+
+def list_page(data: list[dict[str, Any]], more: bool) -> web.Response:
+    """A page of a cursor-paginated list, as OpenAI's API answers one (files, batches)."""
     return web.json_response(
         {
             "object": "list",

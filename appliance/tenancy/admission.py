@@ -314,16 +314,7 @@ class Admission:
         ask, standing = self._ask(tenant, policy, prompt_tokens, max_tokens, tier)
         key_ask = self._take_key(key, ask.tokens)
         try:
-            enter = functools.partial(
-                self._enter,
-                ask,
-                standing,
-                prompt_tokens,
-                max_tokens,
-                model,
-                key_ask,
-                background=tier in BACKGROUND,
-            )
+            enter = self._entry(ask, standing, prompt_tokens, max_tokens, model, key_ask, tier)
             return enter(policy, self.local.take(ask), shared=False)
         except BaseException:
             self._give_back_key(key_ask)
@@ -345,16 +336,7 @@ class Admission:
         policy = self.policies.get(tenant)
         ask, standing = self._ask(tenant, policy, prompt_tokens, max_tokens, tier)
         key_ask = self._take_key(key, ask.tokens)
-        enter = functools.partial(
-            self._enter,
-            ask,
-            standing,
-            prompt_tokens,
-            max_tokens,
-            model,
-            key_ask,
-            background=tier in BACKGROUND,
-        )
+        enter = self._entry(ask, standing, prompt_tokens, max_tokens, model, key_ask, tier)
         try:
             if shared.down is None:
                 take = asyncio.ensure_future(shared.take(ask))
@@ -384,6 +366,28 @@ class Admission:
         """A request that took from its service key's buckets was refused after all: all goes back."""
         if key_ask is not None:
             self.local.give_back(key_ask, 0, requests=1)
+
+    def _entry(
+        self,
+        ask: Ask,
+        standing: Standing,
+        prompt_tokens: int,
+        max_tokens: int,
+        model: str,
+        key_ask: Ask | None,
+        tier: str,
+    ) -> Callable[..., Ticket]:
+        """Step 3 for this request, once its counters have answered: `enter(policy, counted, shared=)`."""
+        return functools.partial(
+            self._enter,
+            ask,
+            standing,
+            prompt_tokens,
+            max_tokens,
+            model,
+            key_ask,
+            background=tier in BACKGROUND,
+        )
 
     def _enter(
         self,
