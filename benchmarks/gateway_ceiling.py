@@ -35,6 +35,9 @@ Here (2026-12-07, 2-core AMD EPYC shared with other jobs, one token per chunk, 2
 - The last full run (benchmarks/results/gateway-ceiling/) met CPU burners from other jobs (load
   average 10-12): the daemon got 26-35% of its core, 5,500-6,500 tokens/s measured, 17,000-30,000
   per daemon CPU-second; 512 concurrent streams served, none failed.
+- On a quiet machine (load average 1.05, 07:59 UTC, with both fixes; the committed results):
+  27,126 / 29,112 / 29,729 / 31,434 / 45,803 tokens/s at 1 / 8 / 32 / 128 / 512 clients, the
+  daemon at 92-96% of its core; 1.46 ms added per one-token request p50, 26.7 us per token.
 - Added latency per one-token request, p50: 1.9 ms in a first trial on a quiet machine (load
   average 0.8, before the fixes, results not kept), 3.6-9 ms
   under load 4-12 (the target is missed by 2-7 ms there). From the one-client profile, the request
