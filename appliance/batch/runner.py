@@ -1,12 +1,9 @@
 """The batch runner: validates new batches, feeds their lines to the request core, commits the
 results in groups, ends batches (completed, failed, expired, cancelled) with their files.
 
-Rule: at most AHEAD x `max_running` lines are handed to the scheduler at once, over all batches,
-taken round-robin one batch at a time (oldest first), and none while the box is not serving
-(engine loading, ledger unavailable, shutting down). The band runs `max_running` of them; the rest
-wait in its queue, so a place that frees starts the next line at once (the scheduler's dispatch),
-not after the runner's next pass has read, parsed, tokenized and admitted one; a waiting line holds
-its quota reservation meanwhile. A line runs as the request it holds, through the same admission
+Rule: at most `max_running` lines run at once, over all batches, taken round-robin one batch at a
+time (oldest first), and none while the box is not serving (engine loading, ledger unavailable,
+shutting down). A line runs as the request it holds, through the same admission
 and core as an interactive request (`RunLine`, api/batches.py); a line the box could not run now
 (503, a retryable 429) goes back to wait, and is not a result.
 
@@ -38,9 +35,6 @@ from . import jobs
 from .files import FileStore
 
 log = logging.getLogger(__name__)
-
-AHEAD = 2
-"""Lines handed to the band per place it has: one running, one waiting to start when a place frees."""
 
 
 @dataclass
@@ -183,7 +177,7 @@ class BatchRunner:
 
     def _start_lines(self) -> None:
         """Fill the free places, one line from each batch in turn (oldest batch first)."""
-        free = AHEAD * self.max_running() - self.running
+        free = self.max_running() - self.running
         now = self.clock()
         queues = {}
         for batch in jobs.active_batches(self.store):
