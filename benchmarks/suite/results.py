@@ -122,13 +122,7 @@ class Results:
         axes.set_title(title)
         axes.grid(alpha=0.3)
         axes.legend()
-        figure.tight_layout()
-        assert self.folder is not None
-        path = self.folder / filename
-        figure.savefig(path)
-        plt.close(figure)
-        self.plots.append(filename)
-        return path
+        return self._save(figure, filename)
 
     def bars(self, filename: str, values: dict[str, float], ylabel: str, title: str) -> Path:
         """One bar per named value (ratios side by side), saved as a PNG in the results folder."""
@@ -144,6 +138,12 @@ class Results:
         axes.set_ylabel(ylabel)
         axes.set_title(title)
         axes.grid(alpha=0.3, axis="y")
+        return self._save(figure, filename)
+
+    def _save(self, figure: Any, filename: str) -> Path:
+        """A finished figure as a PNG in the results folder, listed in the README."""
+        import matplotlib.pyplot as plt
+
         figure.tight_layout()
         assert self.folder is not None
         path = self.folder / filename
