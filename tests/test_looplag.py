@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import os
 import re
+import threading
 import time
 
-from appliance.telemetry.cpuwait import OtherThreadsWait
+from appliance.telemetry.cpuwait import OtherThreadsWait, python_threads
 from appliance.telemetry.looplag import LoopLagMonitor
 from tests.conftest import admin_status
 from tests.starvation import run_starved
@@ -106,14 +109,53 @@ async def test_a_loop_kept_waiting_by_a_thread_the_machine_stopped_is_not_a_stal
 async def test_a_thread_holding_the_gil_in_one_long_call_is_a_stall():
     """What the threads' CPU waits leave out is only what the machine took (the kernel's counts,
     read for real): a thread that holds the GIL while it runs (one long call in C, which never
-    hands it over) holds the loop, and counts."""
+    hands it over) holds the loop, and counts. The monitor reads that thread alone: another thread
+    of this process that the busy machine kept waiting as long would hide the stall (the count
+    errs toward the machine, module docstring), and pytest's process has threads of its own."""
     began = time.thread_time()  # CPU time: what the call costs, however busy the machine is
     sum(range(1_000_000))
     count = int(1_000_000 * 0.3 / (time.thread_time() - began))  # about 300 ms of CPU in one C call
-    monitor = LoopLagMonitor(interval_s=0.01, stall_ms=100)
+    go = threading.Event()
+
+    def hold() -> None:
+        go.wait()
+        sum(range(count))
+
+    holder = threading.Thread(target=hold, name="gil-holder")
+    holder.start()
+    monitor = LoopLagMonitor(
+        interval_s=0.01,
+        stall_ms=100,
+        other_threads=lambda: OtherThreadsWait(threads=lambda: {holder.native_id}),
+    )
     async with monitor.running():
         await asyncio.sleep(0.05)
-        await asyncio.to_thread(sum, range(count))
+        go.set()
+        await asyncio.to_thread(holder.join)
         await asyncio.sleep(0.05)
     assert monitor.snapshot().stalls >= 1
     assert monitor.snapshot().max_ms > 100
+
+
+def test_only_the_threads_python_runs_are_read():
+    """Only a thread Python runs takes the GIL: the threads of C libraries (OpenMP's, llama.cpp's)
+    are not read, however long they wait for a CPU. (One of each here: a C thread started through
+    libc, asleep in sleep(1).)"""
+    libc = ctypes.CDLL(None)
+    c_thread = ctypes.c_ulong()
+    assert libc.pthread_create(ctypes.byref(c_thread), None, ctypes.cast(libc.sleep, ctypes.c_void_p), 1) == 0
+    parked = threading.Event()
+    thread = threading.Thread(target=parked.wait, name="parked")
+    thread.start()
+    try:
+        tids = {int(name) for name in os.listdir("/proc/self/task")}
+        others = OtherThreadsWait()
+        read, known = others.read(), python_threads()
+        others.close()
+    finally:
+        parked.set()
+        thread.join()
+        libc.pthread_join(c_thread, None)
+    assert len(tids - known) >= 1  # the C thread, at least: the test can tell
+    assert thread.native_id in read
+    assert set(read) == known - {threading.get_native_id()}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections.abc import Callable
 
 
 def thread_wait_s(pid: int, tid: int) -> float | None:
@@ -52,23 +53,28 @@ class OwnThreadWait:
             self._fd = None
 
 
-class OtherThreadsWait:
-    """The other threads of this process: how long each has waited for a CPU, read through kept
-    descriptors (the threads are listed again every `relist_every` readings; one new since then
-    counts from 0, which is right for a thread that started since). Where the kernel keeps no count,
-    every reading is empty."""
+def python_threads() -> set[int]:
+    """The native ids of the threads Python runs in this process (those `threading` knows)."""
+    return {thread.native_id for thread in threading.enumerate() if thread.native_id is not None}
 
-    def __init__(self, relist_every: int = 20) -> None:
+
+class OtherThreadsWait:
+    """The other threads Python runs in this process (`threads`: by default those `threading`
+    knows; only they take the GIL, so threads of C libraries, OpenMP's, llama.cpp's, a tokenizer's,
+    never hold the loop and are not read): how long each has waited for a CPU, read through kept
+    descriptors (the threads are listed again every `relist_every` readings; one new since then
+    counts from 0, which is right for a thread that started since). Where the kernel keeps no
+    count, every reading is empty."""
+
+    def __init__(self, relist_every: int = 20, threads: Callable[[], set[int]] = python_threads) -> None:
         self.relist_every = relist_every
+        self._threads = threads
         self._own = threading.get_native_id()
         self._fds: dict[int, int] = {}
         self._readings = 0
 
     def _relist(self) -> None:
-        try:
-            tids = {int(name) for name in os.listdir("/proc/self/task")} - {self._own}
-        except OSError:
-            tids = set()
+        tids = self._threads() - {self._own}
         for tid in set(self._fds) - tids:
             os.close(self._fds.pop(tid))
         for tid in tids - set(self._fds):
