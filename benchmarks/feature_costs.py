@@ -184,20 +184,14 @@ async def compile_ms(url: str, key: str) -> dict[str, float]:
         "temperature": 0,
     }
     took = {}
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession() as http:
         for name, body in [
             ("plain", base),
             ("schema, first (compiled)", base | {"response_format": json_schema(schema)}),
             ("schema, second (cached)", base | {"response_format": json_schema(schema)}),
         ]:
-            began = time.perf_counter()
-            async with session.post(
-                f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
-            ) as response:
-                await response.read()
-                if response.status != 200:
-                    raise RuntimeError(f"{name}: {response.status}")
-            took[name] = (time.perf_counter() - began) * 1000
+            request = loadgen.Request(key, body, "/v1/chat/completions", label=name)
+            took[name] = await loadgen.timed(url, request, http) * 1000
     return took
 
 

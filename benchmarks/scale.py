@@ -38,8 +38,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-
-import aiohttp
+from typing import Any
 
 from appliance.adapters.drops import BaseModelInfo
 from appliance.adapters.residency import ResidencyTracker, lora_budget_bytes, plan
@@ -100,18 +99,10 @@ def throughput(server: LocalServer, keys: dict[str, str], clients: int, seconds:
 
 async def one_token(url: str, key: str, model: str) -> float:
     body = {"model": model, "prompt": "Hello", "max_tokens": 1, "temperature": 0}
-    async with aiohttp.ClientSession() as session:
-        began = time.perf_counter()
-        async with session.post(
-            f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"}
-        ) as response:
-            await response.read()
-            if response.status != 200:
-                raise RuntimeError(f"{model}: {response.status}")
-        return time.perf_counter() - began
+    return await loadgen.timed(url, loadgen.Request(key, body, label=model))
 
 
-def cold_loads(server: LocalServer, keys: dict[str, str]) -> list[dict[str, float]]:
+def cold_loads(server: LocalServer, keys: dict[str, str]) -> list[dict[str, Any]]:
     rows = []
     for name, key in keys.items():
         cold = asyncio.run(one_token(server.url, key, name))
@@ -222,7 +213,7 @@ def main() -> None:
                 rounds[index][name] = throughput(fleet.use(name), keys[name], args.clients, window)
                 rss[name] = group_rss_mib(fleet.use(name))
                 print(f"round {index + 1}, {name} adapters: {rounds[index][name]:.0f} tok/s", flush=True)
-            rows = []
+            rows: list[dict[str, Any]] = []
             first = str(counts[0])
             for count in counts:
                 ratios = [r[str(count)] / r[first] for r in rounds]
@@ -286,7 +277,7 @@ def main() -> None:
             if cold is not None:
                 cold.stop()
 
-    cards = []
+    cards: list[dict[str, Any]] = []
     for gib in (24, 48):
         for adapters in (20, 200):
             slots, reason = planned_slots(gib, adapters)

@@ -13,6 +13,7 @@ benchmark reaches."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import random
@@ -150,6 +151,22 @@ def session(connections: int) -> aiohttp.ClientSession:
         connector=aiohttp.TCPConnector(limit=connections, force_close=False),
         timeout=aiohttp.ClientTimeout(total=None, sock_read=600),
     )
+
+
+async def timed(url: str, request: Request, http: aiohttp.ClientSession | None = None) -> float:
+    """Seconds one request (not streamed) takes to be answered whole; raises unless it is a 200.
+    A session of the caller's keeps its connection open between the requests it times."""
+    async with contextlib.AsyncExitStack() as stack:
+        if http is None:
+            http = await stack.enter_async_context(aiohttp.ClientSession())
+        began = time.perf_counter()
+        async with http.post(
+            url + request.path, json=request.body, headers={"Authorization": f"Bearer {request.key}"}
+        ) as response:
+            await response.read()
+            if response.status != 200:
+                raise RuntimeError(f"{request.label or request.path}: {response.status}")
+        return time.perf_counter() - began
 
 
 async def closed_loop(url: str, requests: Iterator[Request], clients: int, seconds: float) -> Run:

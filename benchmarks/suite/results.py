@@ -13,7 +13,7 @@ import os
 import platform
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,7 +99,7 @@ class Results:
     def plot(
         self,
         filename: str,
-        series: dict[str, Sequence[tuple[float, float]]],
+        series: Mapping[str, Sequence[tuple[float, float]]],
         xlabel: str,
         ylabel: str,
         title: str,
