@@ -83,3 +83,22 @@ def test_status_warns_when_llamacpp_serves_in_vllms_place() -> None:
     status = load("status_cpu.json") | {"engine": "llamacpp", "engine_fallback": "libnuma.so.1 is missing"}
     assert "WARNING  not vLLM: libnuma.so.1 is missing" in status_text(status, []).splitlines()
     assert "WARNING" not in status_text(load("status_cpu.json"), [])
+
+
+def test_status_shows_a_tenants_batch_lines_beside_its_requests() -> None:
+    """RUN and QUEUE: the interactive requests, then `+N` for the background band's (batch lines,
+    flex requests); a tenant without any shows the plain count."""
+    tenants = [
+        {
+            "name": "acme",
+            "stats": {"running": 2, "queued": 0, "background_running": 6, "background_queued": 1},
+        },
+        {"name": "globex", "stats": {"running": 1, "queued": 0, "background_running": 0}},
+    ]
+    lines = status_text(load("status_cpu.json"), tenants).splitlines()
+    header = next(line for line in lines if line.startswith("TENANT"))
+    run, queue = header.index("RUN"), header.index("QUEUE")
+    acme = next(line for line in lines if line.startswith("acme "))
+    globex = next(line for line in lines if line.startswith("globex "))
+    assert (acme[run:].split()[0], acme[queue:].split()[0]) == ("2+6", "0+1")
+    assert (globex[run:].split()[0], globex[queue:].split()[0]) == ("1", "0")

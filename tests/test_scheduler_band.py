@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from appliance.tenancy.scheduler import FairScheduler, Turn
+from appliance.tenancy.scheduler import FairScheduler, TenantLoad, Turn
 
 
 def enter(scheduler: FairScheduler, tenant: str, background: bool = False, weight: float = 1.0) -> Turn:
@@ -93,3 +93,22 @@ async def test_a_waiting_background_request_leaves_no_trace_when_cancelled() -> 
     scheduler.leave(first)
     assert scheduler.background_running == 0
     assert scheduler.load() == {}
+
+
+async def test_a_tenants_load_counts_its_background_band_apart() -> None:
+    """What the admin API and the TUI show per tenant: interactive requests as before, the band's
+    (batch lines, flex requests) beside them, and a tenant with only batch work is listed."""
+    scheduler = FairScheduler(max_running=4, max_queued=100)
+    lines = [enter(scheduler, "acme", background=True) for _ in range(5)]
+    chat = enter(scheduler, "acme")
+    enter(scheduler, "globex")
+    only_batch = [enter(scheduler, "initech", background=True) for _ in range(2)]
+    assert scheduler.tenant_load("acme") == TenantLoad(
+        queued=0, running=1, background_queued=3, background_running=2
+    )
+    assert scheduler.load()["initech"] == TenantLoad(0, 0, background_queued=2, background_running=0)
+    assert scheduler.load()["globex"] == TenantLoad(0, 1)
+    for turn in [*lines, chat, *only_batch]:
+        scheduler.leave(turn)
+    assert set(scheduler.load()) == {"globex"}
+    assert scheduler.tenant_load("acme") == TenantLoad(0, 0)

@@ -392,6 +392,23 @@ async def test_the_header_says_why_llamacpp_serves_in_vllms_place(replay: AdminR
     ]
 
 
+async def test_a_tenants_batch_lines_show_beside_its_requests(replay: AdminReplay) -> None:
+    """The run and queue cells: interactive requests, then `+N` (cyan) for the tenant's batch lines
+    and flex requests in the background band; a tenant with batch work alone is not shown idle."""
+    async with make_app().run_test(size=SIZE) as pilot:
+        app = await loaded(pilot)
+        assert cell(app, "acme", "running").plain == "2"
+        acme = next(t for t in replay.tenants if t["name"] == "acme")
+        acme["stats"] |= {"background_running": 6, "background_queued": 1}
+        stark = next(t for t in replay.tenants if t["name"] == "stark")
+        stark["stats"] = {"running": 0, "queued": 0, "background_running": 3}
+        await until(pilot, lambda: cell(app, "acme", "running").plain == "2+6", "the next stats tick")
+        assert cell(app, "acme", "queue").plain == "0+1"
+        assert cell(app, "acme", "running").spans[-1].style == "cyan"
+        await until(pilot, lambda: cell(app, "stark", "running").plain == "0+3", "stark's row")
+        assert cell(app, "stark", "queue").plain == "0"
+
+
 async def test_the_batch_panel_shows_the_band_and_each_jobs_progress_only_while_batches_run(
     replay: AdminReplay,
 ) -> None:

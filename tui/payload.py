@@ -344,6 +344,10 @@ class TenantStats:
     history_interval_s: float | None = None
     history_rps: tuple[float, ...] = ()
     history_tps: tuple[float, ...] = ()
+    background_queued: int | None = None
+    """Batch lines and flex requests waiting in the background band (not in `queued`)."""
+    background_running: int | None = None
+    """Batch lines and flex requests running (not in `running`)."""
 
     @classmethod
     def read(cls, raw: Any) -> TenantStats:
@@ -367,6 +371,8 @@ class TenantStats:
             number(history.get("interval_s")),
             numbers(history.get("rps")),
             numbers(history.get("tps")),
+            integer(d.get("background_queued")),
+            integer(d.get("background_running")),
         )
 
     @property

@@ -38,6 +38,9 @@ class TenantLoad:
     """The effective policy (the tenant's own, else the configured defaults)."""
     quota: dict[str, Any] | None
     """Tokens used in the current period, the limit and the share used."""
+    background_running: int = 0
+    """Batch lines and flex requests, which run in the scheduler's background band."""
+    background_queued: int = 0
 
 
 def admission_load(admission: Any, tenant: str) -> TenantLoad:
@@ -195,7 +198,13 @@ class Overview:
             "tier": placed[0].tier if placed else None,
             "policy": load.policy,
             "quota": load.quota,
-            "stats": self.traffic.tenant(tenant.name) | {"queued": load.queued, "running": load.running},
+            "stats": self.traffic.tenant(tenant.name)
+            | {
+                "queued": load.queued,
+                "running": load.running,
+                "background_queued": load.background_queued,
+                "background_running": load.background_running,
+            },
         }
 
     def tenants(self) -> list[dict[str, Any]]:

@@ -166,13 +166,18 @@ def status_text(status: Mapping[str, Any], tenants: Sequence[Mapping[str, Any]])
                 "5xx": sum((stats.get("errors") or {}).values()),
                 "4xx": sum((stats.get("client_errors") or {}).values()),
                 "429": stats.get("rejected"),
-                "run": stats.get("running"),
-                "queue": stats.get("queued"),
+                "run": _with_band(stats.get("running"), stats.get("background_running")),
+                "queue": _with_band(stats.get("queued"), stats.get("background_queued")),
                 "quota": number(quota.get("used_pct"), "%", 0) if tenant.get("quota") else NA,
             }
         )
     lines.append(table(rows, list(rows[0]) if rows else ["tenant"]))
     return "\n".join(lines)
+
+
+def _with_band(interactive: Any, background: Any) -> Any:
+    """`2+6`: 2 interactive requests and 6 of the background band (batch lines, flex requests)."""
+    return f"{interactive}+{background}" if isinstance(background, int) and background > 0 else interactive
 
 
 def ps_rows(adapters: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

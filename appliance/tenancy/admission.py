@@ -552,6 +552,8 @@ class Admission:
         return {
             "running": load.running,
             "queued": load.queued,
+            "background_running": load.background_running,
+            "background_queued": load.background_queued,
             "policy": self.policy_view(tenant),
             "quota": self.quota_view(tenant),
         }

@@ -76,6 +76,9 @@ class QueueFull(Exception):
 class TenantLoad:
     queued: int
     running: int
+    background_queued: int = 0
+    """The tenant's requests waiting in the background band (batch lines, flex requests)."""
+    background_running: int = 0
 
 
 @dataclass(eq=False)
@@ -232,11 +235,17 @@ class FairScheduler:
     # -- what telemetry reads ---------------------------------------------------------------------
 
     def load(self) -> dict[str, TenantLoad]:
-        return {name: TenantLoad(len(t.queue), t.running) for name, t in self._active.items()}
+        """Per tenant with requests queued or running, in either band."""
+        return {name: self.tenant_load(name) for name in self._active.keys() | self._band_active.keys()}
 
     def tenant_load(self, tenant: str) -> TenantLoad:
-        state = self._active.get(tenant)
-        return TenantLoad(len(state.queue), state.running) if state else TenantLoad(0, 0)
+        state, band = self._active.get(tenant), self._band_active.get(tenant)
+        return TenantLoad(
+            len(state.queue) if state else 0,
+            state.running if state else 0,
+            len(band.queue) if band else 0,
+            band.running if band else 0,
+        )
 
     def counters(self) -> dict[str, float]:
         return {name: t.counter for name, t in self._tenants.items()}

@@ -81,6 +81,15 @@ def _count(n: int | None, alert: str = "") -> Text:
     return _right(fmt.count(n), alert if n else "dim" if n == 0 else "")
 
 
+def _with_band(n: int | None, background: int | None) -> Text:
+    """Interactive requests, then `+N` for the tenant's batch lines and flex requests (the
+    background band), when it has any: a tenant whose batch runs is not idle."""
+    cell = _count(n, "bold")
+    if background:
+        cell.append(f"+{background}", style="cyan")
+    return cell
+
+
 def _version(t: Tenant) -> Text:
     cell = Text(fmt.text(t.active_version))
     if t.pinned_version:
@@ -119,8 +128,8 @@ COLUMNS = (
     Column("5xx", "5xx", 5, lambda t: _count(t.stats.server_errors, "bold red")),
     Column("4xx", "4xx", 5, lambda t: _count(t.stats.client_error_count, "yellow")),
     Column("429", "429", 5, lambda t: _count(t.stats.rejected, "yellow")),
-    Column("queue", "queue", 5, lambda t: _count(t.stats.queued, "bold")),
-    Column("running", "run", 4, lambda t: _count(t.stats.running, "bold")),
+    Column("queue", "queue", 5, lambda t: _with_band(t.stats.queued, t.stats.background_queued)),
+    Column("running", "run", 4, lambda t: _with_band(t.stats.running, t.stats.background_running)),
     Column("version", "version", 20, _version),
     Column("tier", "tier", 9, _tier),
     Column("quota", "quota", 6, _quota),
