@@ -82,6 +82,22 @@ def running(
             process.wait()
 
 
+def vllm_plugins_but_lorabox() -> str:
+    """VLLM_PLUGINS (an allow-list, for every group of plugins vLLM loads) naming each vLLM plugin
+    installed here but lorabox's, which the venv's entry points would give `vllm serve` too
+    (appliance/engines/vllm_plugin.py)."""
+    from importlib.metadata import entry_points
+
+    everything = entry_points()
+    names = {
+        e.name
+        for group in everything.groups
+        if group.startswith("vllm.")
+        for e in everything.select(group=group)
+    }
+    return ",".join(sorted(names - {"lorabox"})) or "none"
+
+
 @contextlib.contextmanager
 def vllm_serve(
     demo_dir: Path,
@@ -109,6 +125,7 @@ def vllm_serve(
         "VLLM_TARGET_DEVICE": "cpu",
         "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
         "TORCH_COMPILE_DISABLE": "1",
+        "VLLM_PLUGINS": vllm_plugins_but_lorabox(),  # the peer as vLLM ships it
     }
     with running(command, log, f"http://127.0.0.1:{port}/v1/models", env) as peer:
         yield peer
