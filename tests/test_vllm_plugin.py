@@ -3,6 +3,8 @@ worker's cached-adapter lookups give what vLLM's own do, on vLLM's own LRU cache
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from importlib.metadata import entry_points
 from types import SimpleNamespace
 
@@ -57,7 +59,29 @@ def test_the_daemons_vllm_loaded_it(server: Server):
     """The line the plugin logs where vLLM loads it in the daemon's own process (at INFO, which
     vLLM's worker does not pass on: that the worker runs it, py-spy showed, module docstring)."""
     log = server.local.log_path.read_text(errors="replace")
-    assert log.count("lorabox: vLLM's worker looks up cached LoRA adapters by key order") >= 1
+    assert "lorabox: vLLM plugin loaded" in log
+
+
+AFTER_IMPORT = """
+import sys
+from appliance.engines import vllm_plugin
+vllm_plugin.register()
+assert vllm_plugin.TARGET not in sys.modules, "register imported vLLM's LoRA worker"
+from vllm.lora.worker_manager import WorkerLoRAManager
+vllm_plugin.register()  # again: one finder, one patch
+finders = [f for f in sys.meta_path if isinstance(f, vllm_plugin.PatchOnImport)]
+print(getattr(WorkerLoRAManager.list_adapters, vllm_plugin.PATCHED, False), len(finders))
+"""
+
+
+def test_in_a_process_that_has_not_imported_the_worker_it_waits_for_its_import():
+    """vLLM loads its plugins in the daemon's process too: registering imports nothing of vLLM's
+    (importing the LoRA worker there held the daemon's event loop 344-431 ms), and the worker's
+    module is changed when a process imports it."""
+    done = subprocess.run(
+        [sys.executable, "-c", AFTER_IMPORT], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert done.stdout.split() == ["True", "1"]
 
 
 def test_a_vllm_whose_cache_keeps_no_order_keeps_its_own_lookups_and_says_so(monkeypatch, caplog):

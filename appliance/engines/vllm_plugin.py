@@ -17,11 +17,20 @@ scale`). Here the same set is built from the cache's own key order, in C.
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
 import logging
+import sys
+from collections.abc import Sequence
+from types import ModuleType
 from typing import Any
 
 log = logging.getLogger(__name__)
 
+TARGET = "vllm.lora.worker_manager"
+"""The module changed, in the processes that import it (vLLM's worker): vLLM loads its plugins in
+the daemon's process too, where importing it would hold the event loop (344-431 ms measured), so
+the change waits for the module's own import."""
 PATCHED = "_lorabox_keys_in_c"
 
 
@@ -35,16 +44,14 @@ def cached_adapter_ids(worker_manager: Any) -> set[int]:
     return set(order)
 
 
-def register() -> None:
-    """The plugin's entry point (vLLM may call it more than once in one process). Where this vLLM's
-    LoRA cache keeps no key order, vLLM's own lookups stay, and a warning says so: in vLLM's worker
-    it reaches the daemon's log through the engine-log filter (enginelog.py)."""
-    try:
-        from vllm.lora.worker_manager import WorkerLoRAManager
-        from vllm.utils.cache import LRUCache
-    except ImportError:  # a vLLM without this LoRA bookkeeping: nothing to change
-        return
-    if getattr(WorkerLoRAManager.list_adapters, PATCHED, False):
+def patch(worker_manager: ModuleType) -> None:
+    """Change `WorkerLoRAManager.list_adapters` in vLLM's module (once). Where this vLLM's LoRA
+    cache keeps no key order, vLLM's own lookups stay, and a warning says so: in vLLM's worker it
+    reaches the daemon's log through the engine-log filter (enginelog.py)."""
+    from vllm.utils.cache import LRUCache
+
+    manager_class = worker_manager.WorkerLoRAManager
+    if getattr(manager_class.list_adapters, PATCHED, False):
         return
     if not isinstance(getattr(LRUCache, "order", None), property):
         log.warning(
@@ -57,5 +64,35 @@ def register() -> None:
         return cached_adapter_ids(self)
 
     setattr(list_adapters, PATCHED, True)
-    WorkerLoRAManager.list_adapters = list_adapters  # type: ignore[method-assign]
-    log.info("lorabox: vLLM's worker looks up cached LoRA adapters by key order (vllm_plugin.py)")
+    manager_class.list_adapters = list_adapters
+
+
+class PatchOnImport(importlib.abc.MetaPathFinder):
+    """Finds TARGET as the path finder would, and patches it once its code has run."""
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname != TARGET:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module: ModuleType) -> None:
+            run(module)
+            patch(module)
+
+        spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
+def register() -> None:
+    """The plugin's entry point (vLLM may call it more than once in one process): patches TARGET
+    now if it is imported, else when it is."""
+    if TARGET in sys.modules:
+        patch(sys.modules[TARGET])
+    elif not any(isinstance(finder, PatchOnImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, PatchOnImport())
+        log.info("lorabox: vLLM plugin loaded: vLLM's LoRA worker will look up cached adapters by key order")
