@@ -53,20 +53,22 @@ class OwnThreadWait:
             self._fd = None
 
 
-def python_threads() -> set[int]:
-    """The native ids of the threads Python runs in this process (those `threading` knows)."""
-    return {thread.native_id for thread in threading.enumerate() if thread.native_id is not None}
+def process_threads() -> set[int]:
+    """The native ids of this process's threads, as the kernel lists them."""
+    try:
+        return {int(name) for name in os.listdir("/proc/self/task")}
+    except OSError:
+        return set()
 
 
 class OtherThreadsWait:
-    """The other threads Python runs in this process (`threads`: by default those `threading`
-    knows; only they take the GIL, so threads of C libraries, OpenMP's, llama.cpp's, a tokenizer's,
-    never hold the loop and are not read): how long each has waited for a CPU, read through kept
-    descriptors (the threads are listed again every `relist_every` readings; one new since then
-    counts from 0, which is right for a thread that started since). Where the kernel keeps no
-    count, every reading is empty."""
+    """The other threads of this process (`threads`: by default every one the kernel lists; a test
+    names its own): how long each has waited for a CPU, read through kept descriptors (the threads
+    are listed again every `relist_every` readings; one new since then counts from 0, which is
+    right for a thread that started since). Where the kernel keeps no count, every reading is
+    empty."""
 
-    def __init__(self, relist_every: int = 20, threads: Callable[[], set[int]] = python_threads) -> None:
+    def __init__(self, relist_every: int = 20, threads: Callable[[], set[int]] = process_threads) -> None:
         self.relist_every = relist_every
         self._threads = threads
         self._own = threading.get_native_id()

@@ -9,10 +9,10 @@ point an operator, and the tests, at code that did nothing wrong. A wake-up late
 threshold on that count is looked at once more: the loop's thread may have waited for the GIL,
 held by another thread of the process that the machine had taken the CPU from (a thread waiting
 for the GIL is not waiting for a CPU, so its own count misses it). The longest wait for a CPU of
-any other thread Python runs (only those take the GIL) meanwhile is left out too. A thread that
-holds the GIL while running (one long call in C) waits for nothing: that stall counts. Which thread
-held the GIL the kernel does not say, so the count errs toward the machine: on a busy machine a
-stall is missed where another Python thread waited for a CPU as long. A wake-up more than
+any other thread meanwhile is left out too. A thread that holds the GIL while running (one long
+call in C) waits for nothing: that stall counts. Which thread held the GIL the kernel does not
+say, so the count errs toward the machine: on a busy machine a stall is missed where another
+thread of the process waited for a CPU as long. A wake-up more than
 `stall_ms` late on that count is a stall: counted, and logged as a warning with its length, so a stall in
 production is visible in the log and (through `snapshot`) in the admin API and metrics.
 """
