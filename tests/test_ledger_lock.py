@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from appliance.api.adminclient import AdminClient, AdminError
+from appliance.tenancy.store import BUSY_TIMEOUT_MS
 from appliance.testing.localserver import LocalServer, http_status
 from tests.conftest import Demo
 from tests.ledgerbox import Clients, ForeignLock, open_box, p50, start, usage_rows
@@ -97,10 +98,13 @@ def test_a_foreign_write_lock_does_not_slow_any_tenant(killed_under_lock: tuple[
             f"{p * 1000:.0f} ms {name}"
             for p, name in ((before, "before"), (locked, "locked"), (after, "after"))
         )
-        print(f"{tenant}: p50 {shown}")
-        # Against the same daemon on either side of the lock (a busy machine moves both): the
-        # old ledger waited out SQLite's 5 s busy timeout on every write.
-        assert locked <= 1.5 * max(before, after), (tenant, before, locked, after)
+        print(f"{tenant}: p50 {shown} ({locked / max(before, after):.2f}x)")
+        # What a ledger that waits for the lock adds to every response: SQLite's busy timeout (the
+        # old ledger waited it out on every write, then failed). The bound is half of that, not a
+        # ratio to the phases around it: the machine's load moves a 0.1 s request's median by
+        # 2-3x between phases here (CI saw 120 -> 283 -> 125 ms), never by seconds.
+        added = locked - max(before, after)
+        assert added < BUSY_TIMEOUT_MS / 1000 / 2, (tenant, before, locked, after)
     refused = [a for a in clients.answers if not a.completed]
     assert refused == [], refused
 
