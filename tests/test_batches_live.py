@@ -200,6 +200,10 @@ def test_a_100k_line_file_validates_without_stalling_and_cancel_keeps_the_finish
             assert time.monotonic() < deadline, band
             time.sleep(0.05)
         assert band["running"] == band["queued"] == 0
+        with urllib.request.urlopen(f"{server.local.metrics_url}") as response:  # noqa: S310 (ours)
+            metrics = response.read().decode()
+        assert 'lorabox_tenant_background_running{tenant="initech"}' in metrics  # the band's, apart
+        assert 'lorabox_tenant_requests_running{tenant="initech"} 0.0' in metrics
         cancelling = initech.batches.cancel(batch.id)
         assert cancelling.status in ("cancelling", "cancelled")
         asked = time.monotonic()

@@ -38,7 +38,7 @@ def traffic() -> TrafficStats:
 
 
 def test_request_counter_is_named_and_labelled_as_dashboards_expect() -> None:
-    text = render(MetricsSnapshot.take(traffic(), status("status_cpu.json"), [("acme", 2, 1)]))
+    text = render(MetricsSnapshot.take(traffic(), status("status_cpu.json"), [("acme", 2, 1, 6, 40)]))
     found = samples(text)
     labels = lambda **kw: tuple(sorted(kw.items()))  # noqa: E731
     assert found[("lorabox_requests_total", labels(tenant="acme", version="v1", status="200"))] == 3
@@ -55,6 +55,8 @@ def test_request_counter_is_named_and_labelled_as_dashboards_expect() -> None:
     assert abs(found[("lorabox_time_to_first_token_seconds_sum", duration)] - 0.09) < 1e-9
     assert found[("lorabox_tenant_requests_running", labels(tenant="acme"))] == 2
     assert found[("lorabox_tenant_requests_queued", labels(tenant="acme"))] == 1
+    assert found[("lorabox_tenant_background_running", labels(tenant="acme"))] == 6
+    assert found[("lorabox_tenant_background_queued", labels(tenant="acme"))] == 40
     assert b"SECRET-KEY-ID" not in text
 
 

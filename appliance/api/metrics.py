@@ -33,7 +33,10 @@ METRICS_SOURCES: web.AppKey[list[MetricsSource]] = web.AppKey("metrics_sources")
 async def overview_metrics(overview: Overview) -> bytes:
     """lorabox's own families: traffic per tenant and version, the box, the engine, the device."""
     status = await overview.status()
-    loads = [(name, load.running, load.queued) for name, load in overview.loads().items()]
+    loads = [
+        (name, load.running, load.queued, load.background_running, load.background_queued)
+        for name, load in overview.loads().items()
+    ]
     snapshot = MetricsSnapshot.take(overview.traffic, status, loads, overview.services.admission.throttled)
     return await asyncio.to_thread(render, snapshot)
 

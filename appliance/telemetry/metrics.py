@@ -66,8 +66,9 @@ class MetricsSnapshot:
     series: list[SeriesCounts]
     status: Mapping[str, Any]
     """`GET /admin/status`'s payload."""
-    tenants: list[tuple[str, int, int]]
-    """(tenant, running, queued)."""
+    tenants: list[tuple[str, int, int, int, int]]
+    """(tenant, running, queued, background running, background queued): the interactive requests
+    and, apart, the background band's (batch lines, flex requests)."""
     throttled: Mapping[str, int] = field(default_factory=dict)
     """Requests admitted while their tenant was past its quota and throttled, per tenant."""
     guardrails: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -78,7 +79,7 @@ class MetricsSnapshot:
         cls,
         traffic: TrafficStats,
         status: Mapping[str, Any],
-        tenants: list[tuple[str, int, int]],
+        tenants: list[tuple[str, int, int, int, int]],
         throttled: Mapping[str, int] | None = None,
     ) -> MetricsSnapshot:
         """Copies the counters; call on the event loop (where they change)."""
@@ -167,9 +168,19 @@ class _Collector(Collector):
         queued = GaugeMetricFamily(
             "lorabox_tenant_requests_queued", "Requests queued, by tenant.", labels=["tenant"]
         )
-        for tenant, now_running, now_queued in self.snapshot.tenants:
-            running.add_metric([tenant], now_running)
-            queued.add_metric([tenant], now_queued)
+        band_running = GaugeMetricFamily(
+            "lorabox_tenant_background_running",
+            "Background requests running (batch lines, flex requests), by tenant.",
+            labels=["tenant"],
+        )
+        band_queued = GaugeMetricFamily(
+            "lorabox_tenant_background_queued",
+            "Background requests waiting for a place in the band, by tenant.",
+            labels=["tenant"],
+        )
+        for tenant, *now in self.snapshot.tenants:
+            for family, value in zip((running, queued, band_running, band_queued), now, strict=True):
+                family.add_metric([tenant], value)
         throttled = CounterMetricFamily(
             "lorabox_quota_throttled_requests",
             "Requests served while their tenant was past its quota (quota_action = throttle), by tenant.",
@@ -177,7 +188,7 @@ class _Collector(Collector):
         )
         for tenant, count in sorted(self.snapshot.throttled.items()):
             throttled.add_metric([tenant], count)
-        yield from (running, queued, throttled)
+        yield from (running, queued, band_running, band_queued, throttled)
         guardrails = CounterMetricFamily(
             "lorabox_guardrail_actions",
             "Requests a tenant's guardrail acted on, by tenant and kind (deny_input: refused; "
