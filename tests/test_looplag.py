@@ -7,6 +7,7 @@ import ctypes
 import logging
 import os
 import re
+import sys
 import threading
 import time
 
@@ -111,7 +112,13 @@ async def test_a_thread_holding_the_gil_in_one_long_call_is_a_stall():
     read for real): a thread that holds the GIL while it runs (one long call in C, which never
     hands it over) holds the loop, and counts. The monitor reads that thread alone: another thread
     of this process that the busy machine kept waiting as long would hide the stall (the count
-    errs toward the machine, module docstring), and pytest's process has threads of its own."""
+    errs toward the machine, module docstring), and pytest's process has threads of its own.
+
+    The GIL's switch interval is 1 s meanwhile: a thread waiting for the GIL wakes every interval
+    (5 ms by default) to ask for it, and on a busy machine each wake-up waits for a CPU, which
+    the loop thread's own count then leaves out although the holder's wait overlaps it (measured
+    with busy processes beside it: the holder's 300 ms counted as 134-214 ms, once under 100; with
+    1 s, 198-374 ms). With the interval the loop's thread sleeps until the holder lets go."""
     began = time.thread_time()  # CPU time: what the call costs, however busy the machine is
     sum(range(1_000_000))
     count = int(1_000_000 * 0.3 / (time.thread_time() - began))  # about 300 ms of CPU in one C call
@@ -128,10 +135,15 @@ async def test_a_thread_holding_the_gil_in_one_long_call_is_a_stall():
         stall_ms=100,
         other_threads=lambda: OtherThreadsWait(threads=lambda: {holder.native_id}),
     )
+    switch_interval = sys.getswitchinterval()
     async with monitor.running():
         await asyncio.sleep(0.05)
-        go.set()
-        await asyncio.to_thread(holder.join)
+        sys.setswitchinterval(1.0)
+        try:
+            go.set()
+            await asyncio.to_thread(holder.join)
+        finally:
+            sys.setswitchinterval(switch_interval)
         await asyncio.sleep(0.05)
     assert monitor.snapshot().stalls >= 1
     assert monitor.snapshot().max_ms > 100
