@@ -60,6 +60,7 @@ from .batch.files import FOLDER as FILES_FOLDER
 from .batch.files import FileStore, all_file_ids
 from .batch.runner import BatchRunner
 from .config.settings import Settings
+from .engines import openmp
 from .engines.base import EngineOptions
 from .engines.health import EngineHealth
 from .engines.select import Selection, select_engine, start_engine
@@ -508,6 +509,7 @@ def serve(
     `listener` is the API's socket, bound before anything slow (api/bind.py); `startup`, already
     running, asks systemd for time until the engine is ready."""
     os.umask(filemodes.UMASK)  # what the daemon creates is the service's and its group's only
+    openmp.passive()  # before build_app loads torch, and with it OpenMP (engines/openmp.py)
     failure = asyncio.run(
         _serve(settings, build_app(settings, model_dir, on_ready, startup, select), listener)
     )

@@ -80,7 +80,11 @@ def server(demo: Demo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ser
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     try:
         running = LocalServer.start(
-            demo.config, log_path, timeout_s=SERVER_START_TIMEOUT_S, settings=SERVER_SETTINGS
+            demo.config,
+            log_path,
+            timeout_s=SERVER_START_TIMEOUT_S,
+            settings=SERVER_SETTINGS,
+            env={"OMP_DISPLAY_ENV": "VERBOSE"},  # libgomp's settings, as it loads (test_openmp.py)
         )
     except ServerFailed as exc:
         pytest.fail(str(exc))
@@ -101,7 +105,8 @@ def start_llamacpp(box: Demo) -> LocalServer:
         box.config,
         box.dir / "server.log",
         timeout_s=SERVER_START_TIMEOUT_S,
-        env={"LORABOX_ENGINE": "llamacpp"},
+        # libgomp prints its settings when it loads (the wait policy among them: test_openmp.py).
+        env={"LORABOX_ENGINE": "llamacpp", "OMP_DISPLAY_ENV": "VERBOSE"},
     )
 
 

@@ -22,6 +22,7 @@ from ..gguf.adapterfile import dropped_gguf
 from ..gguf.layout import read_hf_config
 from ..gguf.lora import BaseGGUF, cached_lora
 from ..gguf.model import cached_model, float_type_for
+from . import openmp
 from .base import AdapterRef, AdapterSupport, EngineOptions, EngineStats, GenerationRequest, TokenDelta
 from .llamacpp_grammar import MatcherCache
 from .llamacpp_worker import DecodeWorker, Job, WorkerOptions
@@ -46,9 +47,10 @@ class LlamaCppEngine:
     def __init__(self, options: EngineOptions):
         # llama.cpp's CPU threads are OpenMP's, which spin between steps by default: in-process,
         # on a busy machine, they starved the event loop and each other (demo model, 2 shared
-        # cores: 5 tokens/s spinning, 350-900 passive). OpenMP reads this once, when it loads,
-        # which is here unless torch loaded it first.
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        # cores: 5 tokens/s spinning, 350-900 passive). OpenMP reads the policy once, when it
+        # loads: `lorabox serve` sets it before anything does (openmp.py); here for any other
+        # process that builds this engine before loading OpenMP.
+        openmp.passive()
         # Imported while the daemon is built, before the event loop serves: an import on a worker
         # thread holds the import machinery, and the loop stalls on its next import (measured).
         import llama_cpp  # noqa: F401

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AdapterError, EngineDead
+from . import openmp
 from .base import (
     AdapterRef,
     AdapterSupport,
@@ -218,6 +219,7 @@ class VLLMEngine:
             structured_outputs_config={"backend": "guidance"},  # type: ignore[arg-type]
         )
         readout = [scheduler_readout(self._keep_scheduler_stats)] if opts.collect_stats else None
+        openmp.leave_to_vllm()  # its processes' OpenMP as vLLM sets it up
         # Construction blocks for the whole model load; a thread keeps the event loop (and
         # /healthz) responsive meanwhile. AsyncLLM binds to the loop lazily, on first request.
         with filtered_output():  # what the engine's processes print: see enginelog.py
