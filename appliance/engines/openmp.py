@@ -10,7 +10,8 @@ libgomp reads OMP_WAIT_POLICY once, when it loads, and the first to load it in t
 llama.cpp but torch (through PEFT, imported while the daemon is built; llama.cpp then shares
 torch's libgomp): so `lorabox serve` sets the policy first thing, unless the operator set it.
 Measured (demo model, 2 cores, one busy process beside it): 60 structured-output requests took
-591 s with the policy set too late, 14 s passive; 4.6 s on a quiet machine.
+591 s with the policy set too late, 14 s passive. On a quiet machine spinning is faster (4.6 s
+against 18 s passive): an operator whose box runs nothing else can set OMP_WAIT_POLICY=ACTIVE.
 
 vLLM's engine processes set their OpenMP up themselves (thread binding; the spin it wants): they
 start without the policy lorabox set (`leave_to_vllm`), as vLLM ships.
