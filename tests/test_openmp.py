@@ -10,6 +10,7 @@ import psutil
 import pytest
 
 from appliance.engines import openmp
+from tests.conftest import Server
 
 
 @pytest.fixture
@@ -32,12 +33,17 @@ def test_passive_is_set_unless_the_operator_named_a_policy(fresh, monkeypatch) -
     assert os.environ[openmp.VARIABLE] == "ACTIVE"
 
 
+def spin_counts(server: Server) -> list[str]:
+    """GOMP_SPINCOUNT of each libgomp the daemon's processes loaded before it was ready, in order."""
+    log = server.local.log_path.read_text(errors="replace")
+    return re.findall(r"GOMP_SPINCOUNT = '(\d+)'", log.split("ready in", 1)[0])
+
+
 def test_the_llamacpp_daemons_openmp_sleeps_between_steps(llamacpp_server) -> None:
     """libgomp's own account (OMP_DISPLAY_ENV, conftest): the daemon's process loads two, in this
     order: sentencepiece's private copy (its own, at import, before anything of lorabox runs), then
     torch's `libgomp.so.1`, the one llama.cpp's CPU backend links to. That one spins not at all."""
-    log = llamacpp_server.local.log_path.read_text(errors="replace")
-    spins = re.findall(r"GOMP_SPINCOUNT = '(\d+)'", log.split("ready in", 1)[0])
+    spins = spin_counts(llamacpp_server)
     assert spins, "libgomp printed nothing: OMP_DISPLAY_ENV did not reach the daemon"
     assert spins[-1] == "0", spins
     mapped = {m.path for m in psutil.Process(llamacpp_server.local.process.pid).memory_maps()}
@@ -48,7 +54,6 @@ def test_vllms_processes_start_without_lorabox_s_policy(server) -> None:
     """libgomp's account again: the daemon's own (torch's, loaded after lorabox set the policy)
     sleeps; each of vLLM's processes loads its own with vLLM's settings, spinning as vLLM ships.
     (Their environment cannot be read instead: vLLM renames its processes over it.)"""
-    log = server.local.log_path.read_text(errors="replace")
-    spins = re.findall(r"GOMP_SPINCOUNT = '(\d+)'", log.split("ready in", 1)[0])
+    spins = spin_counts(server)
     assert spins.count("0") == 1, spins  # the daemon's
     assert spins.count("300000") >= 2, spins  # sentencepiece's in the daemon, and vLLM's processes'
