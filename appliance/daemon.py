@@ -234,7 +234,9 @@ def build_app(
     app[ON_READY] = on_ready or (lambda: None)
     app[STARTUP] = startup or StartupExtender(settings.start_timeout_s)  # not started: stop() is a no-op
     app[WATCHDOG] = Watchdog.for_health(services.health.snapshot)
-    sources: list[MetricsSource] = [overview_metrics, protocol_metrics, batch_metrics]
+    # The protocol's families first: a router picks by them, so they are read as the scrape comes,
+    # not after lorabox's own families have waited for the device reading (up to DeviceSampler.wait_s).
+    sources: list[MetricsSource] = [protocol_metrics, overview_metrics, batch_metrics]
     app[METRICS_SOURCES] = sources
     add_routes(app)
     files = FileStore(settings.state_dir / FILES_FOLDER)

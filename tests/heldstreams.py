@@ -9,6 +9,7 @@ was taken while it ran (every request of the tenant started before the first scr
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 import urllib.request
@@ -55,7 +56,8 @@ def gauge(families: dict[str, Any], name: str) -> float:
 
 
 class HeldStream:
-    """A streamed completion on a raw socket, read up to its first chunk; `drain` reads it to the end."""
+    """A streamed completion on a raw socket, read up to its first chunk; `drain` reads it to the end
+    and checks that it generated: no error told in-band (which a 200 stream ends with, then [DONE])."""
 
     def __init__(self, url: str, key: str, body: dict[str, Any]):
         host, port = url.removeprefix("http://").split(":")
@@ -73,21 +75,37 @@ class HeldStream:
             self.received += chunk
         assert self.received.startswith(b"HTTP/1.1 200"), self.received[:300]
 
+    def events(self) -> list[Any]:
+        """The events received so far, parsed ("[DONE]" as the string)."""
+        found = re.findall(rb"^data: (.*)$", self.received, flags=re.MULTILINE)
+        return [line.decode() if line == b"[DONE]" else json.loads(line) for line in found]
+
+    def summary(self) -> str:
+        """What it got, for a failure's message: how many chunks, how it finished."""
+        events = self.events()
+        ends = [c.get("finish_reason") for e in events if isinstance(e, dict) for c in e.get("choices", [])]
+        errors = [e["error"] for e in events if isinstance(e, dict) and "error" in e]
+        return f"{len(events)} events, finish {[f for f in ends if f]}, errors {errors}"
+
     def drain(self) -> bytes:
         """Reads to the end of the response (the server closes it after [DONE])."""
         while chunk := self.sock.recv(65536):
             self.received += chunk
         self.sock.close()
-        assert b"data: [DONE]" in self.received, self.received[-300:]
+        events = self.events()
+        assert events[-1:] == ["[DONE]"], self.received[-300:]
+        assert not any(isinstance(e, dict) and "error" in e for e in events), self.summary()
         return self.received
 
 
 @contextmanager
-def held_streams(url: str, key: str, model: str, count: int = 4) -> Iterator[list[HeldStream]]:
-    """`count` long streams of `model` running at once; drained (to [DONE]) on the way out."""
-    streams = [
-        HeldStream(url, key, {"model": model, "prompt": "Hello", "max_tokens": 400}) for _ in range(count)
-    ]
+def held_streams(
+    url: str, key: str, model: str, count: int = 4, max_tokens: int = 400
+) -> Iterator[list[HeldStream]]:
+    """`count` streams of `model` running at once, each generating `max_tokens` (the model's end of
+    sequence does not end them early); drained (to [DONE]) on the way out."""
+    body = {"model": model, "prompt": "Hello", "max_tokens": max_tokens, "ignore_eos": True}
+    streams = [HeldStream(url, key, body) for _ in range(count)]
     try:
         yield streams
     finally:
@@ -102,11 +120,19 @@ def in_flight_scrape(
     tries: int = 10,
 ) -> Any:
     """`scrape_all()` taken while a tenant's streams ran: opens streams, scrapes, and keeps the scrape
-    when `still_running()` (asked after it) says they had not all ended; else tries again."""
+    when `still_running()` (asked after it) says they had not all ended; else tries again. Failing,
+    it says what each try saw: how long the scrapes took, and what the streams got."""
+    seen = []
     for _ in range(tries):
-        with open_streams():
+        with open_streams() as streams:
+            started = time.monotonic()
             taken = scrape_all()
-            if still_running():
+            scraped = time.monotonic()
+            running = still_running()
+            asked = time.monotonic()
+            if running:
                 return taken
+        summaries = "; ".join(stream.summary() for stream in streams)
+        seen.append(f"scrape {scraped - started:.3f} s, asked {asked - scraped:.3f} s, streams: {summaries}")
         time.sleep(0.1)
-    raise AssertionError(f"no scrape caught the streams in flight in {tries} tries (a very fast engine?)")
+    raise AssertionError(f"no scrape caught the streams in flight in {tries} tries:\n" + "\n".join(seen))

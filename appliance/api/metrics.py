@@ -5,10 +5,11 @@ port that tenants reach (there `/metrics` is 404 unless `metrics_on_api_port` is
 needed, as for any Prometheus target: keep the listener on loopback or a management network.
 
 The text is the concatenation of the app's `METRICS_SOURCES`, each an async function that
-returns whole metric families in the text format: lorabox's own telemetry (telemetry/metrics.py)
-first, then the model server protocol's families under vLLM's names (telemetry/protocol.py), which
-routers such as the inference gateway's endpoint picker scrape. Each copies what it needs on the
-event loop and writes its text on a thread.
+returns whole metric families in the text format: the model server protocol's families under
+vLLM's names first (telemetry/protocol.py), which routers such as the inference gateway's endpoint
+picker scrape, so they are read as the scrape comes; then lorabox's own telemetry
+(telemetry/metrics.py), which may wait for a fresh device reading, and the batch families. Each
+copies what it needs on the event loop and writes its text on a thread.
 """
 
 from __future__ import annotations
