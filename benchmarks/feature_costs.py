@@ -44,7 +44,7 @@ from appliance.tenancy.ledger import RequestRecord, UsageLedger
 from appliance.tenancy.store import Store
 from appliance.testing.localserver import LocalServer
 from benchmarks.suite import box, loadgen
-from benchmarks.suite.fleet import ONE_DECODE_THREAD, Fleet, schedule
+from benchmarks.suite.fleet import Fleet, schedule
 from benchmarks.suite.results import Results
 from benchmarks.suite.stats import ratio
 
@@ -221,7 +221,7 @@ def main() -> None:
                 folder / "lorabox.toml",
                 folder / "server.log",
                 env={"LORABOX_ENGINE": args.engine},
-                settings=SETTINGS[name] | ONE_DECODE_THREAD,
+                settings=SETTINGS[name],
             )
 
         fleet = Fleet(start, one_at_a_time=args.one_at_a_time)

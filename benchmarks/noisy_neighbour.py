@@ -39,7 +39,6 @@ from appliance.demo.build import DEMO_MODEL_NAME
 from appliance.testing.localserver import LocalServer
 from appliance.testing.tenantload import LoadProcess, LoadResult, start_together
 from benchmarks.suite import box
-from benchmarks.suite.fleet import ONE_DECODE_THREAD
 from benchmarks.suite.results import Results, cell
 from benchmarks.suite.servers import vllm_serve
 from benchmarks.suite.stats import percentile, ratio
@@ -192,7 +191,6 @@ def main() -> None:
             settings = RUNS[run] | {"max_running": args.max_running, "engine": args.engine}
             if args.engine == "llamacpp":
                 settings["llamacpp_parallel"] = args.llamacpp_parallel
-                settings |= ONE_DECODE_THREAD  # (with every layer on a GPU, the CPU threads idle anyway)
             # A's queue must hold its whole flood (the default bound, 32, would refuse some).
             (demo_dir / "lorabox.toml").write_text(
                 base_config

@@ -45,7 +45,7 @@ from appliance.adapters.residency import ResidencyTracker, lora_budget_bytes, pl
 from appliance.tenancy.store import Store
 from appliance.testing.localserver import LocalServer
 from benchmarks.suite import box, loadgen
-from benchmarks.suite.fleet import ONE_DECODE_THREAD, Fleet, schedule
+from benchmarks.suite.fleet import Fleet, schedule
 from benchmarks.suite.results import Results
 from benchmarks.suite.stats import percentile
 
@@ -198,7 +198,6 @@ def main() -> None:
                 folder / "lorabox.toml",
                 folder / "server.log",
                 env={"LORABOX_ENGINE": args.engine},
-                settings=ONE_DECODE_THREAD,
             )
 
         fleet = Fleet(start, one_at_a_time=args.one_at_a_time)
@@ -252,7 +251,7 @@ def main() -> None:
                 folder / "lorabox.toml",
                 folder / "server-small-caches.log",
                 env={"LORABOX_ENGINE": args.engine},
-                settings={"max_loras": 4, "max_cpu_loras": 8} | ONE_DECODE_THREAD,
+                settings={"max_loras": 4, "max_cpu_loras": 8},
             )
             loads = cold_loads(cold, cold_keys)
             load_ms = [row["load_ms"] for row in loads]

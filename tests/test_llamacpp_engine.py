@@ -16,13 +16,19 @@ import pytest
 
 from appliance.demo.build import DEMO_TENANTS
 from appliance.engines.base import AdapterRef, EngineOptions, GenerationRequest
-from appliance.engines.llamacpp import LlamaCppEngine
+from appliance.engines.llamacpp import LlamaCppEngine, default_threads
 from appliance.errors import EngineDead
 from appliance.gguf.export import quantize
 from tests.conftest import Demo, Reference
 
 PROMPT = "The quick brown fox"
 TENANTS = [t.name for t in DEMO_TENANTS]
+
+
+def test_the_default_threads_leave_a_core_to_the_daemon() -> None:
+    """One per physical core the process may use, less one, at least one (physical, available)."""
+    cases = {(2, 2): 1, (1, 1): 1, (16, 32): 15, (16, 4): 3, (8, None): 7, (None, None): 1, (4, 0): 3}
+    assert {case: default_threads(*case) for case in cases} == cases
 
 
 def ref(demo: Demo, tenant: str) -> AdapterRef:

@@ -161,7 +161,8 @@ class Settings:
     more wait for a free one."""
 
     llamacpp_threads: int = 0
-    """CPU threads for llama.cpp. 0: one per core."""
+    """CPU threads for llama.cpp. 0: one per physical core, less one (the daemon's), at least one
+    (engines/llamacpp.py, `default_threads`, says why)."""
 
     log_level: str = "info"
     """`debug`, `info`, `warning` or `error`."""
@@ -364,7 +365,7 @@ class Settings:
         if self.llamacpp_parallel < 1:
             raise InvalidSetting("llamacpp_parallel", "must be >= 1")
         if self.llamacpp_threads < 0:
-            raise InvalidSetting("llamacpp_threads", "must be >= 0 (0: one per core)")
+            raise InvalidSetting("llamacpp_threads", "must be >= 0 (0: one per physical core, less one)")
         if self.metrics_listen:
             try:
                 _address(self.metrics_listen)

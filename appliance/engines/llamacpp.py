@@ -33,6 +33,31 @@ KV_BLOCK_TOKENS = 16
 router sizing its prefix index from `vllm:cache_config_info` counts in the units it expects."""
 
 
+def default_threads(physical: int | None, available: int | None) -> int:
+    """llama.cpp's CPU threads when `llamacpp_threads` is 0: one per physical core this process may
+    run on (`available`: its CPU affinity), less one, and at least one.
+
+    The core left over is the daemon's own: its event loop turns every step's tokens into the
+    stream and feeds the next step. ggml's threads meet at a barrier after each operation, so one
+    of them waiting for a core holds all the others; and with OpenMP passive (openmp.py) each
+    barrier wakes sleeping threads, which on an idle virtual CPU costs more than a small model's
+    operation. Measured on 2 cores (demo model, 4 streamed clients of 64 tokens, side by side, 4
+    rounds of 15 s): 1 thread 1,220-1,440 tokens/s; 2 threads 208-256 on the quiet machine and
+    640-890 beside one busy process; 2 threads spinning 10,000 rounds before sleeping
+    (GOMP_SPINCOUNT) 1,150-1,210 quiet and 44-51 beside the busy process. Boxes of more cores were
+    not measured: there the rule gives up one core of many; on a GPU the layers run there anyway."""
+    cores = min(physical or 1, available or physical or 1)
+    return max(1, cores - 1)
+
+
+def threads_here() -> int:
+    """`default_threads` for this machine and this process's CPU affinity."""
+    import psutil
+
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return default_threads(psutil.cpu_count(logical=False), available)
+
+
 def llamacpp_unavailable_reason() -> str | None:
     if importlib.util.find_spec("llama_cpp") is None:
         return "llama-cpp-python is not installed (install the `llamacpp` extra)"
@@ -75,12 +100,13 @@ class LlamaCppEngine:
             log.info("converting %s to GGUF (%s) unless cached in %s", model_dir, float_type, self.cache_dir)
             self.model_path = await asyncio.to_thread(cached_model, model_dir, self.cache_dir, float_type)
         self._base = await asyncio.to_thread(BaseGGUF.read, self.model_path)
+        threads = opts.threads or threads_here()
         worker = DecodeWorker(
             WorkerOptions(
                 model_path=self.model_path,
                 n_ctx_seq=opts.max_model_len,
                 parallel=opts.parallel,
-                threads=opts.threads or os.cpu_count() or 1,
+                threads=threads,
                 # An fp32 model is served with an f32 KV cache and without flash attention: either
                 # in f16 moves its logits from the fp32 reference by up to 2e-2, enough to flip a
                 # close greedy choice (measured on the demo).
@@ -94,11 +120,13 @@ class LlamaCppEngine:
         self._grammars = MatcherCache(worker.vocab)
         self._free = asyncio.Semaphore(opts.parallel)
         log.info(
-            "llama.cpp engine ready on %s: %s, %d sequences of %d tokens",
+            "llama.cpp engine ready on %s: %s, %d sequences of %d tokens, CPU threads: %d%s",
             self.device,
             self.model_path,
             opts.parallel,
             worker.n_ctx_seq,
+            threads,
+            "" if opts.threads else " (llamacpp_threads = 0: a core per thread, one left for the daemon)",
         )
 
     @property

@@ -3,7 +3,7 @@
 Side by side (the default), every daemon stays up and the configurations are measured in
 interleaved rounds (A B C, then C B A), so that a machine getting busier or quieter weighs on all
 alike; only the one being measured runs: an idle daemon is not idle on the CPU (its engine probe
-decodes every few seconds, and llama.cpp's threads spin a while after each), so the others are
+decodes every few seconds, and vLLM's OpenMP threads spin a while after each), so the others are
 stopped with SIGSTOP (their whole process group, the engine's processes too) and continued before
 their own turn. One at a time, each daemon is started when first needed once the previous one has
 been stopped for good, and measured in one stretch: a GPU holds the engine of one real model, not
@@ -18,11 +18,6 @@ import time
 from collections.abc import Callable, Iterable
 
 from appliance.testing.localserver import LocalServer, http_status
-
-# One llama.cpp decode thread: on a shared machine a second one spends its time spinning at ggml's
-# barrier for a peer that another process has the core of (measured: the same daemon 10-40x slower
-# from one phase to the next with 2 threads on 2 busy cores). vLLM ignores it.
-ONE_DECODE_THREAD: dict[str, object] = {"llamacpp_threads": 1}
 
 
 def _signal(servers: Iterable[LocalServer], sig: signal.Signals) -> None:
