@@ -498,6 +498,18 @@ def end_children() -> None:
                 child.kill()
 
 
+SWITCH_INTERVAL_S = 0.001
+"""How long a thread holding the GIL keeps it while another asks (Python's default: 5 ms). The
+event loop shares the GIL with the daemon's other threads (watchdog's, the executors', vLLM's
+output handler): each time the loop comes back from a socket or epoll it asks again, and with
+several threads busy it could wait a switch interval each time. Measured (2 cores, llama.cpp
+demo box, /healthz every 20 ms from another process while 10,000 empty version folders were made
+and removed in a tenant's adapters folder, 3 drops each): slowest /healthz 85-322 ms at 5 ms,
+39-44 ms at 1 ms. Throughput side by side (4 streamed clients, 4 rounds of 15 s): llama.cpp the
+same (5 ms against 1 ms: 0.92-1.06x), vLLM 0.85-0.94x (1 ms faster). The engine's own processes
+keep Python's default."""
+
+
 def serve(
     settings: Settings,
     model_dir: Path,
@@ -511,6 +523,7 @@ def serve(
     `listener` is the API's socket, bound before anything slow (api/bind.py); `startup`, already
     running, asks systemd for time until the engine is ready."""
     os.umask(filemodes.UMASK)  # what the daemon creates is the service's and its group's only
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     openmp.passive()  # before build_app loads torch, and with it OpenMP (engines/openmp.py)
     failure = asyncio.run(
         _serve(settings, build_app(settings, model_dir, on_ready, startup, select), listener)
