@@ -17,6 +17,8 @@ import os
 from collections.abc import AsyncGenerator
 from pathlib import Path
 
+import psutil
+
 from ..errors import EngineDead
 from ..gguf.adapterfile import dropped_gguf
 from ..gguf.layout import read_hf_config
@@ -52,8 +54,6 @@ def default_threads(physical: int | None, available: int | None) -> int:
 
 def threads_here() -> int:
     """`default_threads` for this machine and this process's CPU affinity."""
-    import psutil
-
     available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return default_threads(psutil.cpu_count(logical=False), available)
 
