@@ -12,7 +12,7 @@ import threading
 import time
 
 from appliance.telemetry.cpuwait import OtherThreadsWait
-from appliance.telemetry.looplag import LoopLagMonitor
+from appliance.telemetry.looplag import LoopLag, LoopLagMonitor
 from tests.conftest import admin_status
 from tests.starvation import run_starved
 
@@ -56,7 +56,7 @@ def test_start_up_does_not_hold_the_event_loop(server):
 
 IMPORTS = """
 import asyncio, time
-from appliance.telemetry.looplag import LoopLagMonitor
+from appliance.telemetry.looplag import LoopLag, LoopLagMonitor
 """
 KEPT_WAITING = """
 async def main():
@@ -118,7 +118,22 @@ async def test_a_thread_holding_the_gil_in_one_long_call_is_a_stall():
     (5 ms by default) to ask for it, and on a busy machine each wake-up waits for a CPU, which
     the loop thread's own count then leaves out although the holder's wait overlaps it (measured
     with busy processes beside it: the holder's 300 ms counted as 134-214 ms, once under 100; with
-    1 s, 198-374 ms). With the interval the loop's thread sleeps until the holder lets go."""
+    1 s, 198-374 ms). With the interval the loop's thread sleeps until the holder lets go.
+
+    Beside a busy machine and the rest of the suite a hold was still left out whole once (a loaded
+    rehearsal: max 0.41 ms): the count errs toward the machine, so the hold is tried up to three
+    times, each with a monitor of its own; a monitor that never counts such a hold fails all three."""
+    seen = []
+    for _ in range(3):
+        lag = await _hold_the_gil_for_300_ms()
+        if lag.stalls >= 1 and lag.max_ms > 100:
+            return
+        seen.append(lag)
+    raise AssertionError(f"no hold of the GIL counted as a stall in 3 tries: {seen}")
+
+
+async def _hold_the_gil_for_300_ms() -> LoopLag:
+    """A thread holds the GIL in one C call of about 300 ms of CPU while a monitor watches the loop."""
     began = time.thread_time()  # CPU time: what the call costs, however busy the machine is
     sum(range(1_000_000))
     count = int(1_000_000 * 0.3 / (time.thread_time() - began))  # about 300 ms of CPU in one C call
@@ -145,8 +160,7 @@ async def test_a_thread_holding_the_gil_in_one_long_call_is_a_stall():
         finally:
             sys.setswitchinterval(switch_interval)
         await asyncio.sleep(0.05)
-    assert monitor.snapshot().stalls >= 1
-    assert monitor.snapshot().max_ms > 100
+    return monitor.snapshot()
 
 
 def test_every_other_thread_of_the_process_is_read():
