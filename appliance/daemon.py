@@ -506,8 +506,10 @@ several threads busy it could wait a switch interval each time. Measured (2 core
 demo box, /healthz every 20 ms from another process while 10,000 empty version folders were made
 and removed in a tenant's adapters folder, 3 drops each): slowest /healthz 85-322 ms at 5 ms,
 39-44 ms at 1 ms. Throughput side by side (4 streamed clients, 4 rounds of 15 s): llama.cpp the
-same (5 ms against 1 ms: 0.92-1.06x), vLLM 0.85-0.94x (1 ms faster). The engine's own processes
-keep Python's default."""
+same (5 ms against 1 ms: 0.92-1.06x), vLLM 0.85-0.94x (1 ms faster). vLLM's processes keep
+Python's default where vLLM spawns them (on CPU it always does: its CPU platform sets
+VLLM_WORKER_MULTIPROC_METHOD=spawn); where it forks them (its default elsewhere) they inherit
+this process's interval (not measured on a GPU)."""
 
 
 def serve(
